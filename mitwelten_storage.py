@@ -1,0 +1,1679 @@
+#!/usr/bin/env python3
+"""mitwelten-storage: keep Mitwelten's research files safe across storage tiers.
+
+A PostgreSQL catalog knows every file (files_image, files_audio) and which storage backend holds
+which version of it (mm_files_image_storage, mm_files_audio_storage). Backends are S3 buckets
+(online tiers) and local archive disks. This tool registers backends, lists them, and copies
+batches of files between them so that one unaltered, checked original of every file always
+exists and the catalog always tells the truth.
+
+The module is laid out in sections, in the order a run needs them:
+
+    errors · configuration · catalog · backends · versions · runs · operations · command line
+
+Operations are plain functions (init_db, create_local_backend, create_s3_backend,
+list_backends, copy_batch) that the command line calls and the tests call too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import re
+import signal
+import stat
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import boto3
+import botocore.exceptions
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from psycopg2 import sql
+from tqdm import tqdm
+
+log = logging.getLogger('mitwelten_storage')
+
+TOOL_DIR = Path(__file__).resolve().parent
+SCHEMA_FILE = TOOL_DIR / 'sql' / 'schema.sql'
+DEFAULT_SCHEMA = 'prod'
+DEFAULT_JOBS = 8
+CHUNK = 1024 * 1024
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# =================================================================================================
+# Errors
+# =================================================================================================
+
+class StorageError(Exception):
+    """Base of every error this tool reports to its user as a message rather than a traceback."""
+
+
+class ConfigError(StorageError):
+    """Usage or configuration is wrong (unknown backend or batch, wrong disk, server down at
+    start). Nothing has been done; the command exits with status 2."""
+
+
+class RunAborted(StorageError):
+    """A run cannot go on (disk full, disk gone, server unreachable): the files in flight are
+    finished and recorded, the rest is left for the next run."""
+
+
+class FileFailure(StorageError):
+    """One file could not be handled; the run goes on with the others and exits with status 1."""
+
+    def __init__(self, message: str, object_name: str | None = None):
+        super().__init__(message)
+        self.object_name = object_name
+
+
+class ChecksumMismatch(FileFailure):
+    pass
+
+
+class UnsafeObjectName(FileFailure):
+    pass
+
+
+class SourceMissing(FileFailure):
+    pass
+
+
+def crash_point(name: str) -> None:
+    """Test hook for rule 5: with MITWELTEN_CRASH_AT=NAME:N in the environment, the process kills
+    itself with SIGKILL the N-th time it passes the point NAME, so the tests can crash a run at
+    each step that matters and check that running the command again ends well."""
+    if _CRASH_AT and _CRASH_AT[0] == name:
+        with _CRASH_LOCK:
+            _CRASH_AT[2] += 1
+            if _CRASH_AT[2] == _CRASH_AT[1]:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _parse_crash_at(value: str) -> list | None:
+    name, _, count = value.partition(':')
+    return [name, int(count or 1), 0] if name else None
+
+
+_CRASH_AT = _parse_crash_at(os.environ.get('MITWELTEN_CRASH_AT', ''))
+_CRASH_LOCK = threading.Lock()
+
+
+# =================================================================================================
+# Configuration
+# =================================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Where the catalog is: a libpq DSN ('' means libpq's own defaults: PGHOST, ~/.pgpass, …)
+    and the schema that holds Mitwelten's tables."""
+    dsn: str = ''
+    schema: str = DEFAULT_SCHEMA
+
+    @classmethod
+    def from_env(cls, dsn: str | None = None, schema: str | None = None) -> 'Settings':
+        return cls(dsn=dsn if dsn is not None else os.environ.get('MITWELTEN_DB', ''),
+                   schema=schema or os.environ.get('MITWELTEN_DB_SCHEMA') or DEFAULT_SCHEMA)
+
+
+def describe_dsn(dsn: str) -> str:
+    """The connection target without its password, for messages."""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
+    except psycopg2.ProgrammingError:
+        return 'the database given by --db / MITWELTEN_DB (not a valid connection string)'
+    host = params.get('host') or os.environ.get('PGHOST') or 'local socket'
+    port = params.get('port') or os.environ.get('PGPORT') or '5432'
+    dbname = params.get('dbname') or os.environ.get('PGDATABASE') or '(default database)'
+    user = params.get('user') or os.environ.get('PGUSER') or '(default user)'
+    return f"database '{dbname}' on {host}:{port} as {user}"
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Location:
+    """An S3 backend's url_prefix, `http[s]://HOST[:PORT]/BUCKET[/PREFIX]`, taken apart."""
+    endpoint: str     # http[s]://HOST[:PORT]
+    netloc: str       # HOST[:PORT]: also the name of the AWS profile used for this server
+    bucket: str
+    prefix: str       # '' or 'some/prefix/': prepended to object names to make keys
+
+    BUCKET_RE = re.compile(r'^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$')
+
+    @classmethod
+    def parse(cls, url: str) -> 'S3Location':
+        parts = urllib.parse.urlsplit(url.strip())
+        if parts.scheme not in ('http', 'https') or not parts.hostname:
+            raise ConfigError(f"S3 URL '{url}' must look like http[s]://HOST[:PORT]/BUCKET[/PREFIX]")
+        if parts.username or parts.password:
+            raise ConfigError('S3 URL must not contain credentials: put them in an AWS profile named after '
+                              f'the host ({parts.hostname}) or in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY')
+        if parts.query or parts.fragment:
+            raise ConfigError(f"S3 URL '{url}' must not have a query or fragment")
+        path = [p for p in parts.path.split('/') if p]
+        if not path:
+            raise ConfigError(f"S3 URL '{url}' names no bucket: http[s]://HOST[:PORT]/BUCKET[/PREFIX]")
+        bucket = path[0]
+        if not cls.BUCKET_RE.match(bucket) or '..' in bucket:
+            raise ConfigError(f"'{bucket}' in S3 URL '{url}' is not a valid bucket name")
+        if any(p in ('.', '..') for p in path[1:]):
+            raise ConfigError(f"S3 URL '{url}' has '.' or '..' in its prefix")
+        prefix = '/'.join(path[1:]) + '/' if len(path) > 1 else ''
+        netloc = parts.netloc.lower()
+        return cls(f'{parts.scheme}://{netloc}', netloc, bucket, prefix)
+
+    @property
+    def url(self) -> str:
+        return f'{self.endpoint}/{self.bucket}' + (f'/{self.prefix.rstrip("/")}' if self.prefix else '')
+
+
+def s3_session(location: S3Location) -> boto3.Session:
+    """boto3's standard credential chain, except that an AWS profile named exactly like the
+    server (`HOST:PORT`, else `HOST`) is used for it: several servers with different keys then
+    work side by side."""
+    session = boto3.Session()
+    host = location.netloc.split(':')[0]
+    for profile in (location.netloc, host):
+        if profile in session.available_profiles:
+            return boto3.Session(profile_name=profile)
+    return session
+
+
+# =================================================================================================
+# Catalog
+# =================================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """A kind of file in the catalog: its table and its storage table."""
+    name: str
+    files_table: str
+    storage_table: str
+
+
+GROUPS = {
+    'image': Group('image', 'files_image', 'mm_files_image_storage'),
+    'audio': Group('audio', 'files_audio', 'mm_files_audio_storage'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendRecord:
+    storage_id: int
+    url_prefix: str
+    type: str
+    priority: int
+    notes: str | None
+    created_at: dt.datetime
+
+    def describe(self) -> str:
+        return f'backend {self.storage_id} ({self.type} {self.url_prefix})'
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRecord:
+    """One file of a batch, as the selection yields it."""
+    file_id: int
+    object_name: str
+    file_size: int
+    sha256: str
+    stored_type: int = 0   # the version the source backend holds
+
+
+def connect_catalog(settings: Settings, *, require_tables: bool = True):
+    """A connection to the catalog with search_path set to the schema.
+
+    With `require_tables`, checks that the schema holds the storage tables, so that a wrong
+    --schema gives a clear message instead of failing halfway through a run."""
+    try:
+        conn = psycopg2.connect(settings.dsn, application_name='mitwelten-storage', connect_timeout=15)
+    except psycopg2.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else 'connection failed'
+        raise ConfigError(f'cannot connect to the catalog, {describe_dsn(settings.dsn)}: {reason} '
+                          '(set --db or MITWELTEN_DB)') from None
+    except psycopg2.ProgrammingError as exc:
+        raise ConfigError(f'--db / MITWELTEN_DB is not a valid connection string: {exc}') from None
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL('SET search_path TO {}').format(sql.Identifier(settings.schema)))
+        if require_tables:
+            cur.execute('SELECT to_regclass(%s)', ('storage_backend',))
+            if cur.fetchone()[0] is None:
+                conn.close()
+                raise ConfigError(f"schema '{settings.schema}' in {describe_dsn(settings.dsn)} has no "
+                                  'table storage_backend: run `mitwelten_storage.py init-db`, or name '
+                                  'the right schema with --schema / MITWELTEN_DB_SCHEMA')
+    conn.commit()
+    return conn
+
+
+BACKEND_COLUMNS = 'storage_id, url_prefix, type, priority, notes, created_at'
+
+
+def fetch_backend(conn, storage_id: int) -> BackendRecord:
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT {BACKEND_COLUMNS} FROM storage_backend WHERE storage_id = %s', (storage_id,))
+        row = cur.fetchone()
+    conn.commit()
+    if row is None:
+        raise ConfigError(f'no storage backend with id {storage_id} in the catalog (see `info`)')
+    return BackendRecord(*row)
+
+
+def fetch_backends(conn) -> list[BackendRecord]:
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT {BACKEND_COLUMNS} FROM storage_backend ORDER BY storage_id')
+        rows = cur.fetchall()
+    conn.commit()
+    return [BackendRecord(*row) for row in rows]
+
+
+class CatalogWriter:
+    """Collects the rows a run writes and commits them in batches.
+
+    A row is handed over only once its file is durable and checked at the backend (rule 1), so
+    committing later can lose rows to a crash but never record a file that is not there; the
+    next run finds such files at the target and records them."""
+
+    def __init__(self, conn, group: Group, every_rows: int = 500, every_seconds: float = 5.0):
+        self.conn = conn
+        self.group = group
+        self.every_rows = every_rows
+        self.every_seconds = every_seconds
+        self.inserts: list[tuple[int, int, int]] = []
+        self.last_flush = time.monotonic()
+        self.written = 0
+
+    def add(self, file_id: int, storage_id: int, version_type: int) -> None:
+        self.inserts.append((file_id, storage_id, version_type))
+
+    def maybe_flush(self) -> None:
+        if len(self.inserts) >= self.every_rows or (
+                self.inserts and time.monotonic() - self.last_flush >= self.every_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.inserts:
+            query = sql.SQL(
+                'INSERT INTO {} (file_id, storage_id, type, created_at, updated_at) VALUES %s '
+                'ON CONFLICT (file_id, storage_id) DO NOTHING').format(sql.Identifier(self.group.storage_table))
+            with self.conn.cursor() as cur:
+                psycopg2.extras.execute_values(cur, query.as_string(self.conn), self.inserts,
+                                               template='(%s, %s, %s, now(), now())', page_size=1000)
+            self.conn.commit()
+            crash_point('after-commit')
+            self.written += len(self.inserts)
+            self.inserts.clear()
+        self.last_flush = time.monotonic()
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+def load_batches(path: Path | None = None) -> dict:
+    """The batches defined in batches.py (next to this tool), by id."""
+    path = path or TOOL_DIR / 'batches.py'
+    if not path.exists():
+        raise ConfigError(f'{path} not found: it defines the batches')
+    spec = importlib.util.spec_from_file_location('batches', path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a researcher's edit broke the file: say where
+        raise ConfigError(f'{path} cannot be loaded: {type(exc).__name__}: {exc}') from None
+    batches = {}
+    for batch in getattr(module, 'BATCHES', []):
+        if batch.group not in GROUPS:
+            raise ConfigError(f"{path}: batch '{batch.id}' has group '{batch.group}'; use 'image' or 'audio'")
+        if batch.id in batches:
+            raise ConfigError(f"{path}: batch id '{batch.id}' is defined twice")
+        batches[batch.id] = batch
+    return batches
+
+
+def find_batch(batch_id: str, path: Path | None = None):
+    batches = load_batches(path)
+    if batch_id not in batches:
+        known = ', '.join(sorted(batches)) or '(none)'
+        raise ConfigError(f"unknown batch '{batch_id}'; batches.py defines: {known}")
+    return batches[batch_id]
+
+
+def batch_sql(batch) -> str:
+    """The batch's SELECT, ready to nest as a subquery. Its text is never passed through
+    psycopg2's parameter formatting, so a researcher can write LIKE 'FS1%' as it is."""
+    text = batch.sql.strip().rstrip(';').strip()
+    if not text:
+        raise ConfigError(f"batch '{batch.id}' has no SQL")
+    return text
+
+
+class Selection:
+    """The files of a batch that SOURCE holds (as version `version_type` or as the original)
+    and TARGET does not hold in any version, streamed from a server-side cursor: a production
+    batch holds 1.7 million files and is never loaded whole."""
+
+    def __init__(self, conn, batch, source_id: int, target_id: int, version_type: int, limit: int | None):
+        self.conn = conn
+        self.batch = batch
+        self.group = GROUPS[batch.group]
+        self.params = {'source': source_id, 'target': target_id,
+                       'types': (version_type, 0), 'type': version_type}
+        self.limit = limit
+
+    def _compose(self, head: str, tail: str) -> str:
+        with self.conn.cursor() as cur:
+            head = cur.mogrify(head, self.params).decode()
+            tail = cur.mogrify(tail, self.params).decode()
+        return f'{head}\n{batch_sql(self.batch)}\n{tail}'
+
+    def _run(self, cur, text: str) -> None:
+        try:
+            cur.execute(text)
+        except psycopg2.Error as exc:
+            self.conn.rollback()
+            detail = (exc.pgerror or str(exc)).strip().splitlines()[0]
+            raise ConfigError(f"batch '{self.batch.id}' (batches.py) cannot be selected: {detail}") from None
+
+    def counts(self) -> dict:
+        """How many files of the batch are left to do, and how many TARGET holds already."""
+        storage = self.group.storage_table
+        head = f'''
+            SELECT count(*) FILTER (WHERE t.file_id IS NULL),
+                   coalesce(sum(b.file_size) FILTER (WHERE t.file_id IS NULL), 0),
+                   count(*) FILTER (WHERE t.type = %(type)s),
+                   count(*) FILTER (WHERE t.type <> %(type)s),
+                   count(*)
+            FROM (SELECT DISTINCT ON (file_id) file_id, object_name, file_size, sha256 FROM ('''
+        tail = f''') AS raw ORDER BY file_id) AS b
+            JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s
+            LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s'''
+        with self.conn.cursor() as cur:
+            self._run(cur, self._compose(head, tail))
+            todo, todo_bytes, done, other, at_source = cur.fetchone()
+        self.conn.commit()
+        if self.limit is not None and todo > self.limit:
+            todo, todo_bytes = self.limit, None
+        return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
+                'at_source': at_source}
+
+    def __iter__(self) -> Iterator[FileRecord]:
+        storage = self.group.storage_table
+        head = 'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type FROM ('
+        tail = f''') AS b
+            JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s
+            WHERE NOT EXISTS (SELECT 1 FROM {storage} t
+                              WHERE t.file_id = b.file_id AND t.storage_id = %(target)s)
+            ORDER BY b.file_id'''
+        if self.limit is not None:
+            tail += f'\nLIMIT {int(self.limit)}'
+        cur = self.conn.cursor(name=f'selection_{uuid.uuid4().hex[:8]}')
+        cur.itersize = 2000
+        try:
+            self._run(cur, self._compose(head, tail))
+            last_id = None
+            for file_id, object_name, file_size, sha256, stored_type in cur:
+                if file_id == last_id:   # a batch whose joins repeat a file
+                    continue
+                last_id = file_id
+                yield FileRecord(file_id, object_name, int(file_size), (sha256 or '').strip().lower(),
+                                 stored_type)
+        finally:
+            with contextlib.suppress(psycopg2.Error):
+                cur.close()
+                self.conn.commit()
+
+
+# =================================================================================================
+# Backends
+# =================================================================================================
+
+DOT_FILE = '.mitwelten-storage-id'
+LOCK_FILE = '.mitwelten-storage.lock'
+TMP_SUFFIX = '.mwtmp'
+# Marks this process's temporary files: a run holds the disk's lock, so a temporary file without
+# this mark is a leftover of a killed run, and one with it belongs to a write in flight.
+RUN_MARK = uuid.uuid4().hex[:10]
+
+
+def safe_object_parts(object_name: str) -> list[str]:
+    """The path parts of an object name, refusing any name that could lead outside a backend's
+    root (rule 4): absolute names, '..', '.', empty parts, control characters."""
+    if not object_name or object_name.startswith('/'):
+        raise UnsafeObjectName(f'unsafe object name {object_name!r}: empty or absolute', object_name)
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in object_name):
+        raise UnsafeObjectName(f'unsafe object name {object_name!r}: control character', object_name)
+    parts = object_name.split('/')
+    if any(part in ('', '.', '..') for part in parts):
+        raise UnsafeObjectName(f"unsafe object name {object_name!r}: empty, '.' or '..' part", object_name)
+    return parts
+
+
+def sha256_hex_to_b64(sha256_hex: str) -> str:
+    return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+
+
+def full_fsync(fd: int) -> None:
+    """fsync that reaches the disk: on macOS plain fsync stops at the drive's cache."""
+    if hasattr(fcntl, 'F_FULLFSYNC'):
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
+    try:
+        full_fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_dot_file(root: Path) -> dict[str, str]:
+    """The key=value lines of a disk's .mitwelten-storage-id, as the earlier Mitwelten script
+    wrote them (storage_id, created_at, storage_dir, url_prefix, device_label)."""
+    values = {}
+    for line in (root / DOT_FILE).read_text(encoding='utf-8').splitlines():
+        line = line.strip()
+        if line and not line.startswith('#') and '=' in line:
+            key, value = line.split('=', 1)
+            values[key.strip()] = value.strip()
+    return values
+
+
+def parse_timestamp(text: str) -> dt.datetime | None:
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else None
+
+
+def dot_file_mismatch(root: Path, record: BackendRecord) -> str | None:
+    """Why the disk at `root` is not backend `record`, or None when its dot-file matches the
+    catalog row (storage_id and created_at)."""
+    dot_path = root / DOT_FILE
+    if not dot_path.is_file():
+        return f'{dot_path} not found: the disk of {record.describe()} is not mounted there'
+    try:
+        values = read_dot_file(root)
+    except (OSError, UnicodeDecodeError) as exc:
+        return f'cannot read {dot_path}: {exc}'
+    found_id = values.get('storage_id', '?')
+    created = parse_timestamp(values.get('created_at', ''))
+    if found_id != str(record.storage_id) or created != record.created_at:
+        return (f'wrong disk at {root}: its {DOT_FILE} says storage_id={found_id}, created_at='
+                f"{values.get('created_at', '?')}, but the catalog's backend {record.storage_id} was created "
+                f'at {record.created_at}')
+    return None
+
+
+class Backend:
+    """What every backend offers: streamed reads, atomic checked writes, and deletes of
+    objects named by their catalog object_name. LocalBackend and S3Backend implement it."""
+
+    record: BackendRecord
+    kind: str
+
+    def location(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f'backend {self.record.storage_id} ({self.kind} {self.location()})'
+
+    def check(self, writing: bool) -> None:
+        """Raise ConfigError unless the backend is reachable (and writable, if `writing`)."""
+        raise NotImplementedError
+
+    def size(self, object_name: str) -> int | None:
+        """The stored object's size, or None if it is not there."""
+        raise NotImplementedError
+
+    def read(self, object_name: str) -> Iterator[bytes]:
+        """The object's bytes in chunks; SourceMissing if it is not there."""
+        raise NotImplementedError
+
+    def write(self, object_name: str, chunks: Iterable[bytes], size: int, content_type: str,
+              sha256_hex: str | None = None) -> None:
+        """Store the object so that it is whole and durable under its final name when this
+        returns, and never partly there: if `chunks` raises, nothing stands under the name."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Held while a run writes to the backend."""
+        yield
+
+    def tidy(self, object_name: str) -> None:
+        """Remove what a killed run may have left beside the object (temporary files)."""
+
+
+class LocalBackend(Backend):
+    """An archive disk: ROOT/.mitwelten-storage-id, ROOT/README.md, ROOT/archive/<object name>."""
+
+    kind = 'local'
+
+    def __init__(self, record: BackendRecord, root: Path | None = None):
+        self.record = record
+        self.root = Path(root or record.url_prefix)
+        self.archive = self.root / 'archive'
+        self._checked_dirs: set[Path] = set()
+        self._cleaned_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+
+    def location(self) -> str:
+        return str(self.root)
+
+    def check(self, writing: bool) -> None:
+        if not self.root.is_dir():
+            hint = ('--target-path' if writing else '--source-path')
+            raise ConfigError(f'{self.describe()} is not mounted: {self.root} does not exist; '
+                              f'pass {hint} where the disk is mounted now')
+        problem = dot_file_mismatch(self.root, self.record)
+        if problem:
+            raise ConfigError(f'refusing to use {self.describe()}: {problem}')
+        storage_dir = read_dot_file(self.root).get('storage_dir') or 'archive'
+        if '/' in storage_dir or storage_dir in ('.', '..'):
+            raise ConfigError(f"{self.root / DOT_FILE}: storage_dir '{storage_dir}' must be a folder name")
+        self.archive = self.root / storage_dir
+        if not self.archive.is_dir():
+            raise ConfigError(f'{self.archive} is missing on {self.describe()}')
+        if writing and not os.access(self.archive, os.W_OK):
+            raise ConfigError(f'{self.archive} is not writable ({self.describe()})')
+
+    @contextlib.contextmanager
+    def writing(self):
+        # One writer per disk: any temporary file found during a run is then a leftover of a
+        # killed run, safe to remove.
+        lock_path = self.root / LOCK_FILE
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f'{self.describe()} is in use by another mitwelten-storage run '
+                              f'(lock {lock_path}); wait for it to finish') from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def path(self, object_name: str) -> Path:
+        return self.archive.joinpath(*safe_object_parts(object_name))
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create `directory` under the archive root, refusing to pass through symlinks, so no
+        object name can lead a write outside the root (rule 4)."""
+        if directory in self._checked_dirs:
+            return
+        created = []
+        current = self.archive
+        for part in directory.relative_to(self.archive).parts:
+            current = current / part
+            try:
+                os.mkdir(current)
+                created.append(current)
+            except FileExistsError:
+                pass
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                raise UnsafeObjectName(f'{current} is not a plain folder (a link or a file): refusing to write '
+                                       'through it')
+        for new_dir in created:   # make the new folders' entries durable too
+            fsync_dir(new_dir.parent)
+        with self._dirs_lock:
+            self._checked_dirs.add(directory)
+
+    def tidy(self, object_name: str) -> None:
+        directory = self.path(object_name).parent
+        if directory.is_dir():
+            self._remove_leftovers(directory)
+
+    def _remove_leftovers(self, directory: Path) -> None:
+        """Remove temporary files that a killed run left in `directory` (once per run; the
+        run holds the disk's lock, so no other run is writing them)."""
+        with self._dirs_lock:
+            if directory in self._cleaned_dirs:
+                return
+            self._cleaned_dirs.add(directory)
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(TMP_SUFFIX) and entry.name.startswith('.') and RUN_MARK not in entry.name \
+                        and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        log.info('removed leftover temporary file %s', entry.path)
+
+    def size(self, object_name: str) -> int | None:
+        try:
+            st = os.lstat(self.path(object_name))
+        except FileNotFoundError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def read(self, object_name: str) -> Iterator[bytes]:
+        path = self.path(object_name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
+        except FileNotFoundError:
+            raise SourceMissing(f'{path} is missing on {self.describe()}', object_name) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeObjectName(f'{path} is a symbolic link: refusing to read through it',
+                                       object_name) from None
+            raise
+        with open(fd, 'rb', buffering=0) as handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+    def write(self, object_name: str, chunks: Iterable[bytes], size: int, content_type: str,
+              sha256_hex: str | None = None) -> None:
+        final = self.path(object_name)
+        self._ensure_dir(final.parent)
+        self._remove_leftovers(final.parent)
+        # Temporary name in the same folder (rename stays atomic), hidden, and recognisable by
+        # its suffix for the clean-up above (rule 2).
+        tmp = final.with_name(f'.{final.name[:200]}.{RUN_MARK}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}')
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0), 0o644)
+        try:
+            with open(fd, 'wb', buffering=CHUNK) as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+                handle.flush()
+                full_fsync(handle.fileno())
+                written = os.fstat(handle.fileno()).st_size
+            if written != size:
+                raise FileFailure(f'{tmp}: wrote {written} bytes, expected {size}', object_name)
+            crash_point('before-rename')
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(final.parent)
+
+    def delete(self, object_name: str) -> None:
+        path = self.path(object_name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            fsync_dir(path.parent)
+
+
+def is_md5_etag(etag: str) -> bool:
+    return bool(re.fullmatch(r'[0-9a-f]{32}', etag))
+
+
+class S3Backend(Backend):
+    """A bucket (and optional key prefix) on an S3 server: AWS, MinIO, or any compatible one."""
+
+    kind = 's3'
+    # Up to this size an object is read into memory and written with one PUT whose checksums
+    # the server verifies; larger ones stream through the transfer manager's multipart upload.
+    SINGLE_PUT_LIMIT = 32 * 1024 * 1024
+
+    def __init__(self, record: BackendRecord, jobs: int = DEFAULT_JOBS):
+        self.record = record
+        self.where = S3Location.parse(record.url_prefix)
+        session = s3_session(self.where)
+        config = BotoConfig(
+            region_name=session.region_name or 'us-east-1',
+            max_pool_connections=max(10, jobs + 4),
+            retries={'max_attempts': 5, 'mode': 'standard'},
+            connect_timeout=10, read_timeout=120,
+            s3={'addressing_style': 'path'},
+        )
+        self.client = session.client('s3', endpoint_url=self.where.endpoint, config=config)
+        self.transfer_config = TransferConfig(multipart_threshold=self.SINGLE_PUT_LIMIT,
+                                              multipart_chunksize=16 * 1024 * 1024, max_concurrency=2)
+
+    def location(self) -> str:
+        return self.where.url
+
+    def key(self, object_name: str) -> str:
+        safe_object_parts(object_name)
+        return self.where.prefix + object_name
+
+    def check(self, writing: bool) -> None:
+        check_bucket(self.client, self.where, self.describe())
+
+    def size(self, object_name: str) -> int | None:
+        try:
+            head = self.client.head_object(Bucket=self.where.bucket, Key=self.key(object_name))
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get('Error', {}).get('Code') in ('404', 'NoSuchKey', 'NotFound'):
+                return None
+            raise
+        return head['ContentLength']
+
+    def read(self, object_name: str) -> Iterator[bytes]:
+        try:
+            response = self.client.get_object(Bucket=self.where.bucket, Key=self.key(object_name))
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get('Error', {}).get('Code') in ('404', 'NoSuchKey', 'NotFound'):
+                raise SourceMissing(f'object {self.key(object_name)} is missing in {self.describe()}',
+                                    object_name) from None
+            raise
+        body = response['Body']
+        try:
+            yield from body.iter_chunks(CHUNK)
+        finally:
+            body.close()
+
+    def write(self, object_name: str, chunks: Iterable[bytes], size: int, content_type: str,
+              sha256_hex: str | None = None) -> None:
+        key = self.key(object_name)
+        if size <= self.SINGLE_PUT_LIMIT:
+            data = b''.join(chunks)   # a checksum mismatch raises here, before anything is sent
+            extra = {'ChecksumSHA256': sha256_hex_to_b64(sha256_hex)} if sha256_hex else {}
+            response = self.client.put_object(Bucket=self.where.bucket, Key=key, Body=data,
+                                              ContentType=content_type, **extra)
+            # Servers that verify ChecksumSHA256 have refused a corrupted body already; for
+            # the others, a plain (unencrypted, single-part) object's ETag is its MD5.
+            etag = response.get('ETag', '').strip('"')
+            if not response.get('ServerSideEncryption') and is_md5_etag(etag) \
+                    and etag != hashlib.md5(data).hexdigest():
+                self._delete_key(key)
+                raise FileFailure(f'{self.describe()} stored {key} with a different MD5 than was sent',
+                                  object_name)
+        else:
+            self.client.upload_fileobj(ChunkReader(chunks), self.where.bucket, key,
+                                       ExtraArgs={'ContentType': content_type}, Config=self.transfer_config)
+            stored = self.size(object_name)
+            if stored != size:
+                self._delete_key(key)
+                raise FileFailure(f'{self.describe()} stored {key} with {stored} bytes, expected {size}',
+                                  object_name)
+
+    def _delete_key(self, key: str) -> None:
+        with contextlib.suppress(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+            self.client.delete_object(Bucket=self.where.bucket, Key=key)
+
+    def delete(self, object_name: str) -> None:
+        self.client.delete_object(Bucket=self.where.bucket, Key=self.key(object_name))
+
+
+class ChunkReader(io.RawIOBase):
+    """A read()-able view of a chunk iterator, for boto3's upload_fileobj."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = iter(chunks)
+        self._buffer = b''
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        if size < 0:
+            size = len(self._buffer)
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+
+def check_bucket(client, where: S3Location, what: str) -> None:
+    try:
+        client.head_bucket(Bucket=where.bucket)
+    except botocore.exceptions.NoCredentialsError:
+        raise ConfigError(f'no S3 credentials for {where.netloc}: set AWS_ACCESS_KEY_ID and '
+                          f"AWS_SECRET_ACCESS_KEY, or create an AWS profile named '{where.netloc}'") from None
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError) as exc:
+        raise ConfigError(f'cannot reach the S3 server {where.endpoint} ({what}): {exc}') from None
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get('Error', {}).get('Code')
+        if code in ('404', 'NoSuchBucket', 'NotFound'):
+            raise ConfigError(f"bucket '{where.bucket}' does not exist at {where.endpoint} ({what})") from None
+        if code in ('403', 'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch'):
+            raise ConfigError(f"access to bucket '{where.bucket}' at {where.endpoint} denied ({what}): "
+                              f"check the credentials (AWS profile '{where.netloc}' or the default ones)") from None
+        raise ConfigError(f"S3 error on bucket '{where.bucket}' at {where.endpoint} ({what}): {code}") from None
+
+
+def open_backend(record: BackendRecord, *, path: str | None = None, jobs: int = DEFAULT_JOBS) -> Backend:
+    if record.type == 'local':
+        return LocalBackend(record, Path(path).expanduser().absolute() if path else None)
+    if path:
+        raise ConfigError(f'{record.describe()} is an S3 backend: a path applies to local disks only')
+    if record.type == 's3':
+        return S3Backend(record, jobs=jobs)
+    raise ConfigError(f"{record.describe()} has type '{record.type}'; this tool knows 'local' and 's3'")
+
+
+# =================================================================================================
+# Versions
+# =================================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Version:
+    """One row of the version table: how a version of a file is named and stored."""
+    group: str
+    type: int
+    label: str
+    content_type: str | None          # None: the original keeps the content type of its name
+    name: Callable[[str], str]        # object name of this version, from the original's
+
+    def object_name(self, original_name: str) -> str:
+        return self.name(original_name)
+
+
+def same_name(name: str) -> str:
+    return name
+
+
+ORIGINAL_CONTENT_TYPES = {'.jpg': 'image/jpeg', '.jpeg': 'image/jpeg', '.png': 'image/png',
+                          '.wav': 'audio/wav', '.flac': 'audio/flac', '.mp3': 'audio/mpeg'}
+
+VERSIONS: dict[tuple[str, int], Version] = {
+    ('image', 0): Version('image', 0, 'original', None, same_name),
+    ('audio', 0): Version('audio', 0, 'original', None, same_name),
+}
+
+
+def find_version(group: str, version_type: int) -> Version:
+    try:
+        return VERSIONS[(group, version_type)]
+    except KeyError:
+        known = ', '.join(str(t) for g, t in sorted(VERSIONS) if g == group)
+        raise ConfigError(f'no version type {version_type} for {group} files; known types: {known}') from None
+
+
+def content_type_of(version: Version, object_name: str) -> str:
+    if version.content_type:
+        return version.content_type
+    return ORIGINAL_CONTENT_TYPES.get(Path(object_name).suffix.lower(), 'application/octet-stream')
+
+
+class CheckedStream:
+    """Passes a source's chunks through while hashing them; at the end, raises ChecksumMismatch
+    unless the size and sha256 match the catalog's. A writer that consumes it therefore never
+    finishes a file whose bytes are not the original's."""
+
+    def __init__(self, chunks: Iterable[bytes], record: FileRecord, progress: Callable[[int], None] | None = None):
+        self.chunks = chunks
+        self.record = record
+        self.progress = progress
+
+    def __iter__(self) -> Iterator[bytes]:
+        digest = hashlib.sha256()
+        total = 0
+        for chunk in self.chunks:
+            digest.update(chunk)
+            total += len(chunk)
+            if total > self.record.file_size:
+                raise ChecksumMismatch(f'larger at the source than the catalog\'s {self.record.file_size:,} bytes',
+                                       self.record.object_name)
+            if self.progress:
+                self.progress(len(chunk))
+            yield chunk
+        check_original(self.record, total, digest.hexdigest())
+
+
+def check_original(record: FileRecord, size: int, sha256_hex: str) -> None:
+    if size != record.file_size:
+        raise ChecksumMismatch(f'{size:,} bytes, the catalog says {record.file_size:,}: not the original',
+                               record.object_name)
+    if sha256_hex != record.sha256:
+        raise ChecksumMismatch(f'sha256 {sha256_hex} does not match the catalog\'s {record.sha256}: not the '
+                               'original', record.object_name)
+
+
+def hash_chunks(chunks: Iterable[bytes]) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+# =================================================================================================
+# Runs: progress, log file, interruption, outcome counts
+# =================================================================================================
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return '?'
+    for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
+        if abs(n) < 1000 or unit == 'TB':
+            return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+        n /= 1000
+    return f'{n:.1f} TB'
+
+
+def default_log_dir() -> Path:
+    if os.environ.get('MITWELTEN_LOG_DIR'):
+        return Path(os.environ['MITWELTEN_LOG_DIR'])
+    state = os.environ.get('XDG_STATE_HOME') or Path.home() / '.local' / 'state'
+    return Path(state) / 'mitwelten-storage' / 'logs'
+
+
+@dataclasses.dataclass
+class RunReport:
+    """What a run did, for its summary, its exit status and the tests."""
+    command: str
+    counts: dict = dataclasses.field(default_factory=dict)
+    failures: list = dataclasses.field(default_factory=list)   # (object_name, reason)
+    bytes_done: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    aborted: str | None = None
+    log_path: Path | None = None
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def exit_status(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILURES if (self.failures or self.aborted) else EXIT_OK
+
+    def count(self, outcome: str) -> int:
+        return self.counts.get(outcome, 0)
+
+
+class Run:
+    """The frame around a long operation: a log file with every file's outcome, a progress bar
+    in bytes, Ctrl-C handling, and the report. Use as a context manager."""
+
+    def __init__(self, command: str, title: str, total_files: int | None, total_bytes: int | None,
+                 log_dir: Path | None = None, show_progress: bool | None = None):
+        self.report = RunReport(command)
+        self.title = title
+        self.total_files = total_files
+        self.total_bytes = total_bytes
+        self.log_dir = Path(log_dir) if log_dir else default_log_dir()
+        self.show_progress = show_progress
+        self.stop_requested = False
+        self.started = time.monotonic()
+        self.files_done = 0
+        self._lock = threading.Lock()
+        self._log_file = None
+        self._old_handlers = {}
+        self.bar = None
+
+    # -- context ---------------------------------------------------------------------------------
+    def __enter__(self) -> 'Run':
+        stamp = dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.report.log_path = self.log_dir / f'{stamp}-{self.report.command}-{os.getpid()}.log'
+            self._log_file = open(self.report.log_path, 'a', encoding='utf-8', buffering=1)
+        except OSError as exc:
+            raise ConfigError(f'cannot write the log file in {self.log_dir}: {exc.strerror} '
+                              '(set MITWELTEN_LOG_DIR to a writable folder)') from None
+        self._log_file.write(f'# mitwelten-storage {self.title}\n# started {stamp}\n'
+                             '# time\toutcome\tfile_id\tbytes\tobject_name\tdetail\n')
+        self.bar = tqdm(total=self.total_bytes, unit='B', unit_scale=True, unit_divisor=1000,
+                        desc=self.report.command, disable=self._progress_disabled(), dynamic_ncols=True,
+                        smoothing=0.05, file=sys.stderr)
+        self._update_postfix()
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self.report.seconds = time.monotonic() - self.started
+        if self.bar is not None:
+            self.bar.close()
+        if self._log_file:
+            self._log_file.write(f'# ended after {self.report.seconds:.1f} s: {json.dumps(self.report.counts)}'
+                                 f'{", interrupted" if self.report.interrupted else ""}'
+                                 f'{", aborted: " + self.report.aborted if self.report.aborted else ""}\n')
+            self._log_file.close()
+
+    def _progress_disabled(self) -> bool | None:
+        if self.show_progress is None:
+            return None   # tqdm: shown on a terminal only
+        return not self.show_progress
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.report.interrupted = True
+        self.message('interrupted: finishing the files in flight and recording them '
+                     '(press Ctrl-C again to stop at once)')
+
+    # -- reporting -------------------------------------------------------------------------------
+    def message(self, text: str) -> None:
+        tqdm.write(text, file=sys.stderr)
+
+    def progress(self, nbytes: int) -> None:
+        self.bar.update(nbytes)
+
+    def _update_postfix(self) -> None:
+        total = f'/{self.total_files}' if self.total_files is not None else ''
+        failed = len(self.report.failures)
+        self.bar.set_postfix_str(f'files {self.files_done}{total}' + (f', failed {failed}' if failed else ''),
+                                 refresh=False)
+
+    def outcome(self, record: FileRecord, outcome: str, nbytes: int = 0, detail: str = '') -> None:
+        """Count and log one file's outcome."""
+        with self._lock:
+            self.report.counts[outcome] = self.report.counts.get(outcome, 0) + 1
+            self.report.bytes_done += nbytes
+            self.files_done += 1
+            now = dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%f')[:-3] + 'Z'
+            self._log_file.write(f'{now}\t{outcome}\t{record.file_id}\t{nbytes}\t{record.object_name}\t'
+                                 f'{detail}\n')
+            self._update_postfix()
+
+    def failure(self, record: FileRecord, reason: str) -> None:
+        self.report.failures.append((record.object_name, reason))
+        self.message(f'FAILED {record.object_name}: {reason}')
+        self.outcome(record, 'failed', 0, reason)
+
+    def log_line(self, text: str) -> None:
+        self._log_file.write(f'# {text}\n')
+
+
+def describe_exception(exc: BaseException) -> str:
+    """A one-line reason for a file's failure, with no credentials and no traceback."""
+    if isinstance(exc, StorageError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f' ({exc.filename})' if exc.filename else ''
+        return f'{exc.strerror or exc}{where}'
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get('Error', {})
+        return f"S3 {exc.operation_name}: {error.get('Code')} {error.get('Message', '')}".strip()
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return f'S3: {exc}'
+    return f'{type(exc).__name__}: {exc}'
+
+
+def fatal_reason(exc: BaseException, target: Backend) -> str | None:
+    """Why no further file can succeed (so the run stops), or None for a failure of one file."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f'{target.describe()} is full'
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EIO, errno.ENODEV, errno.ENXIO):
+        return f'{target.describe()}: {exc.strerror}; is the disk still attached?'
+    if isinstance(target, LocalBackend) and not target.archive.is_dir():
+        return f'{target.describe()} disappeared ({target.archive} is gone); is the disk still attached?'
+    return None
+
+
+CONNECTION_ERRORS = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError,
+                     botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)
+
+
+def run_parallel(items: Iterable, work: Callable, jobs: int, run: Run, on_done: Callable,
+                 after_each: Callable[[], None] = lambda: None) -> None:
+    """Run `work(item)` on `jobs` threads, feeding items as slots free up (so a selection of
+    millions is never held whole) and handing each finished future to `on_done` on this
+    thread. Stops feeding when the run is interrupted or aborted; the items in flight finish."""
+    iterator = iter(items)
+    pending: dict = {}
+    exhausted = False
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix='mitwelten')
+    try:
+        while True:
+            while not exhausted and not run.stop_requested and not run.report.aborted and len(pending) < jobs * 2:
+                item = next(iterator, None)
+                if item is None:
+                    exhausted = True
+                    break
+                pending[pool.submit(work, item)] = item
+            if not pending:
+                break
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_done(pending.pop(future), future)
+            after_each()
+    except KeyboardInterrupt:
+        # Second Ctrl-C: do not wait for the files in flight; their temporary files are
+        # cleaned up by the next run, and nothing unfinished is recorded.
+        run.report.interrupted = True
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+# =================================================================================================
+# Operations
+# =================================================================================================
+
+def init_db(settings: Settings) -> str:
+    """Create the schema (if missing) and apply sql/schema.sql; idempotent."""
+    conn = connect_catalog(settings, require_tables=False)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL('CREATE SCHEMA IF NOT EXISTS {}').format(sql.Identifier(settings.schema)))
+            cur.execute(sql.SQL('SET search_path TO {}').format(sql.Identifier(settings.schema)))
+            cur.execute(SCHEMA_FILE.read_text(encoding='utf-8'))
+            cur.execute('SELECT count(*) FROM pg_tables WHERE schemaname = %s', (settings.schema,))
+            tables = cur.fetchone()[0]
+        conn.commit()
+    except psycopg2.Error as exc:
+        conn.rollback()
+        detail = (exc.pgerror or str(exc)).strip().splitlines()[0]
+        raise ConfigError(f"cannot create the catalog schema '{settings.schema}': {detail}") from None
+    finally:
+        conn.close()
+    return f"catalog schema '{settings.schema}' is ready in {describe_dsn(settings.dsn)} ({tables} tables)"
+
+
+DISK_README = """\
+---
+title: Mitwelten Storage Backend
+storage_id: {storage_id}
+created_at: {created_at}
+device_label: {label}
+priority: {priority}
+storage_dir: archive
+---
+
+# Mitwelten archive disk {storage_id}: {label}
+
+This disk is storage backend **{storage_id}** of Mitwelten's research data catalog, created
+{created_at} (priority {priority}: {tier}). It holds original camera-trap images and audio
+recordings under `archive/`, each at the path of its object name in the catalog:
+object `0344-6782/2021-07-27/14/0344-6782_2021-07-27T14-42-33Z.jpg` is
+`archive/0344-6782/2021-07-27/14/0344-6782_2021-07-27T14-42-33Z.jpg`.
+
+- `.mitwelten-storage-id` identifies this disk to the catalog: do not edit or copy it.
+- Do not add, rename or delete files under `archive/` by hand: the catalog records what is
+  here, and `mitwelten_storage.py verify {storage_id}` checks it.
+- When the disk is mounted somewhere else than `{root}`, name where with `--source-path`,
+  `--target-path` or `--path`.
+
+Copy a batch onto this disk:
+
+    python mitwelten_storage.py copy -s SOURCE_ID -t {storage_id} BATCH
+"""
+
+PRIORITY_TIERS = {0: 'online S3, public', 1: 'online S3, not public', 2: 'offline archive disk'}
+
+
+def write_file_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}')
+    try:
+        with open(tmp, 'x', encoding='utf-8') as handle:
+            handle.write(text)
+            handle.flush()
+            full_fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def create_local_backend(settings: Settings, path: str, priority: int, label: str) -> BackendRecord:
+    """Register the folder at `path` (an archive disk's mount point) as a local backend: the
+    catalog row, the dot-file, README.md and archive/. Refuses, leaving nothing behind, a
+    missing folder, one that is already a backend, or a path already registered."""
+    root = Path(path).expanduser().absolute()
+    if not root.is_dir():
+        raise ConfigError(f'{root} does not exist or is not a folder: mount the disk first')
+    if (root / DOT_FILE).exists():
+        raise ConfigError(f'{root} is already a storage backend ({root / DOT_FILE} exists)')
+    for existing in ('README.md', 'archive'):
+        if (root / existing).exists():
+            raise ConfigError(f'{root / existing} already exists: refusing to overwrite it; '
+                              'use an empty disk or folder')
+    if not os.access(root, os.W_OK):
+        raise ConfigError(f'{root} is not writable')
+    label = ' '.join(label.split()).replace('\n', ',')[:128]
+    if not label:
+        raise ConfigError('the label (-n) must not be empty: name the disk as written on it')
+    conn = connect_catalog(settings)
+    created: list[Path] = []
+    try:
+        record = _insert_backend(conn, str(root), 'local', priority, label)
+        dot_lines = [f'storage_id={record.storage_id}', f'created_at={record.created_at}',
+                     'storage_dir=archive', f'url_prefix={root}', f'device_label={label}']
+        try:
+            write_file_atomically(root / DOT_FILE, '\n'.join(dot_lines) + '\n')
+            created.append(root / DOT_FILE)
+            write_file_atomically(root / 'README.md', DISK_README.format(
+                storage_id=record.storage_id, created_at=record.created_at.strftime('%Y-%m-%d %H:%M:%S %Z'),
+                label=label, priority=priority, tier=PRIORITY_TIERS.get(priority, 'custom tier'), root=root))
+            created.append(root / 'README.md')
+            os.mkdir(root / 'archive')
+            created.append(root / 'archive')
+            fsync_dir(root)
+            conn.commit()
+        except BaseException as exc:
+            conn.rollback()
+            for item in reversed(created):
+                with contextlib.suppress(OSError):
+                    item.rmdir() if item.is_dir() else item.unlink()
+            if isinstance(exc, OSError):
+                raise ConfigError(f'cannot write to {root}: {exc.strerror}') from None
+            raise
+        return record
+    finally:
+        conn.close()
+
+
+def create_s3_backend(settings: Settings, url: str, priority: int, notes: str) -> BackendRecord:
+    """Register a bucket (with optional prefix) as an S3 backend, after checking it exists."""
+    where = S3Location.parse(url)
+    session = s3_session(where)
+    client = session.client('s3', endpoint_url=where.endpoint,
+                            config=BotoConfig(region_name=session.region_name or 'us-east-1',
+                                              s3={'addressing_style': 'path'},
+                                              retries={'max_attempts': 2, 'mode': 'standard'},
+                                              connect_timeout=10, read_timeout=30))
+    check_bucket(client, where, f'new backend {where.url}')
+    conn = connect_catalog(settings)
+    try:
+        record = _insert_backend(conn, where.url, 's3', priority, notes.strip())
+        conn.commit()
+        return record
+    finally:
+        conn.close()
+
+
+def _insert_backend(conn, url_prefix: str, kind: str, priority: int, notes: str) -> BackendRecord:
+    with conn.cursor() as cur:
+        cur.execute('SELECT storage_id FROM storage_backend WHERE url_prefix IN (%s, %s)',
+                    (url_prefix, url_prefix.rstrip('/') + '/'))
+        row = cur.fetchone()
+        if row:
+            raise ConfigError(f'{url_prefix} is already registered as storage backend {row[0]}')
+        try:
+            cur.execute(f'INSERT INTO storage_backend (url_prefix, type, priority, notes) '
+                        f'VALUES (%s, %s, %s, %s) RETURNING {BACKEND_COLUMNS}', (url_prefix, kind, priority, notes))
+        except psycopg2.errors.UniqueViolation:
+            conn.rollback()
+            raise ConfigError(f'{url_prefix} is already registered as a storage backend') from None
+        return BackendRecord(*cur.fetchone())
+
+
+def version_counts(conn) -> dict[int, list[dict]]:
+    """Per backend: files per group and version, with the bytes of the originals (the catalog
+    records the size of originals only). One aggregate query per group."""
+    counts: dict[int, list[dict]] = {}
+    for group in GROUPS.values():
+        query = sql.SQL('SELECT s.storage_id, s.type, count(*), sum(f.file_size) FROM {} s '
+                        'JOIN {} f ON f.file_id = s.file_id GROUP BY s.storage_id, s.type '
+                        'ORDER BY s.storage_id, s.type').format(sql.Identifier(group.storage_table),
+                                                                 sql.Identifier(group.files_table))
+        with conn.cursor() as cur:
+            cur.execute(query)
+            for storage_id, version_type, files, size in cur:
+                version = VERSIONS.get((group.name, version_type))
+                counts.setdefault(storage_id, []).append({
+                    'group': group.name, 'type': version_type, 'version': version.label if version else 'unknown',
+                    'files': files, 'bytes': int(size) if version_type == 0 else None})
+    conn.commit()
+    return counts
+
+
+def list_backends(settings: Settings) -> list[dict]:
+    """Every backend, with its files per version and whether a local disk is online (its
+    dot-file found and matching at the recorded path)."""
+    conn = connect_catalog(settings)
+    try:
+        records = fetch_backends(conn)
+        counts = version_counts(conn)
+    finally:
+        conn.close()
+    listing = []
+    for record in records:
+        entry = {'storage_id': record.storage_id, 'type': record.type, 'url_prefix': record.url_prefix,
+                 'priority': record.priority, 'notes': record.notes,
+                 'created_at': record.created_at.isoformat(), 'versions': counts.get(record.storage_id, [])}
+        if record.type == 'local':
+            entry['online'] = dot_file_mismatch(Path(record.url_prefix), record) is None
+        listing.append(entry)
+    return listing
+
+
+def _open_pair(settings: Settings, source_id: int, target_id: int, source_path: str | None,
+               target_path: str | None, jobs: int):
+    if source_id == target_id:
+        raise ConfigError('source and target are the same backend')
+    conn = connect_catalog(settings)
+    try:
+        source = open_backend(fetch_backend(conn, source_id), path=source_path, jobs=jobs)
+        target = open_backend(fetch_backend(conn, target_id), path=target_path, jobs=jobs)
+    finally:
+        conn.close()
+    source.check(writing=False)
+    target.check(writing=True)
+    return source, target
+
+
+def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str, *, version_type: int = 0,
+               jobs: int = DEFAULT_JOBS, dry_run: bool = False, limit: int | None = None,
+               source_path: str | None = None, target_path: str | None = None,
+               log_dir: Path | None = None, show_progress: bool | None = None,
+               out: Callable[[str], None] = print) -> RunReport:
+    """Copy version `version_type` of every file in the batch that SOURCE holds and TARGET does
+    not: read, check, write at the target atomically, then record (file_id, TARGET, type)."""
+    if jobs < 1:
+        raise ConfigError('--jobs must be at least 1')
+    if limit is not None and limit < 0:
+        raise ConfigError('--limit must not be negative')
+    batch = find_batch(batch_id)
+    version = find_version(batch.group, version_type)
+    if version_type != 0:
+        raise ConfigError(f'copying version type {version_type} is not supported yet; copy originals (type 0)')
+    source, target = _open_pair(settings, source_id, target_id, source_path, target_path, jobs)
+
+    reader = connect_catalog(settings)
+    writer_conn = connect_catalog(settings)
+    try:
+        selection = Selection(reader, batch, source_id, target_id, version_type, limit)
+        counts = selection.counts()
+        title = (f"{version.label}s of batch '{batch.id}' from {source.describe()} "
+                 f'to {target.describe()}')
+        if dry_run:
+            return _dry_run(selection, counts, title, target, out)
+        catalog = CatalogWriter(writer_conn, GROUPS[batch.group])
+        with target.writing(), Run('copy', title, counts['todo'], counts['todo_bytes'], log_dir,
+                                   show_progress) as run:
+            run.log_line(f"batch {batch.id}: {counts['at_source']} files at the source, {counts['done']} at the "
+                         f"target already, {counts['todo']} to copy")
+            run.report.notes.extend(_selection_notes(counts, version_type))
+            work = lambda record: copy_file(record, source, target, version, run.progress)
+            consecutive_connection_errors = [0]
+
+            def on_done(record: FileRecord, future) -> None:
+                try:
+                    outcome, nbytes = future.result()
+                except Exception as exc:
+                    run.failure(record, describe_exception(exc))
+                    reason = fatal_reason(exc, target)
+                    if isinstance(exc, CONNECTION_ERRORS):
+                        consecutive_connection_errors[0] += 1
+                        if consecutive_connection_errors[0] >= 3 * jobs:
+                            reason = f'{consecutive_connection_errors[0]} transfers in a row could not connect'
+                    if reason and not run.report.aborted:
+                        run.report.aborted = reason
+                        run.message(f'stopping: {reason}')
+                    return
+                consecutive_connection_errors[0] = 0
+                catalog.add(record.file_id, target.record.storage_id, version.type)
+                run.outcome(record, outcome, nbytes)
+
+            try:
+                run_parallel(selection, work, jobs, run, on_done, catalog.maybe_flush)
+            finally:
+                _flush_or_explain(catalog, run)
+        out(format_summary(run.report, title))
+        return run.report
+    finally:
+        reader.close()
+        writer_conn.close()
+
+
+def _flush_or_explain(catalog: CatalogWriter, run: Run) -> None:
+    try:
+        catalog.flush()
+    except psycopg2.Error as exc:
+        pending = len(catalog.inserts)
+        run.report.aborted = (f'the catalog could not record {pending} files that are now at the target '
+                              f'({str(exc).strip().splitlines()[0]}); run the same command again to record them')
+        run.message(f'error: {run.report.aborted}')
+
+
+def _selection_notes(counts: dict, version_type: int) -> list[str]:
+    notes = []
+    if counts['done']:
+        notes.append(f"{counts['done']} of the batch's {counts['at_source']} files at the source were at the "
+                     'target already')
+    if counts['other_version']:
+        notes.append(f"{counts['other_version']} files skipped: the target holds another version of them "
+                     f'(one version per backend)')
+    return notes
+
+
+def copy_file(record: FileRecord, source: Backend, target: Backend, version: Version,
+              progress: Callable[[int], None]) -> tuple[str, int]:
+    """Copy one file's version from source to target; ('copied' | 'found', bytes)."""
+    object_name = version.object_name(record.object_name)
+    target.tidy(object_name)
+    if isinstance(target, LocalBackend) and target.size(object_name) == record.file_size:
+        # Written by a run that was killed before it could record the file: check it and record
+        # it without copying it again.
+        size, sha256_hex = hash_chunks(target.read(object_name))
+        if size == record.file_size and sha256_hex == record.sha256:
+            progress(size)
+            return 'found', size
+    chunks = CheckedStream(source.read(record.object_name), record, progress)
+    target.write(object_name, chunks, record.file_size, content_type_of(version, object_name), record.sha256)
+    crash_point('after-write')
+    return 'copied', record.file_size
+
+
+def _dry_run(selection: Selection, counts: dict, title: str, target: Backend, out) -> RunReport:
+    report = RunReport('copy')
+    out(f'dry run: would copy {title}')
+    for record in selection:
+        where = 'already at the target (would check and record it)' \
+            if isinstance(target, LocalBackend) and target.size(record.object_name) is not None else 'copy'
+        out(f'  {where}: {record.object_name} ({human_bytes(record.file_size)})')
+        report.counts['would copy'] = report.count('would copy') + 1
+        report.bytes_done += record.file_size
+    out(f"dry run: would copy {report.count('would copy')} files, {human_bytes(report.bytes_done)}; "
+        'nothing was written')
+    report.notes.extend(_selection_notes(counts, 0))
+    for note in report.notes:
+        out(f'  note: {note}')
+    return report
+
+
+def format_summary(report: RunReport, title: str) -> str:
+    seconds = max(report.seconds, 1e-9)
+    lines = [f'{report.command} {title}']
+    parts = [f'{n} {outcome}' for outcome, n in sorted(report.counts.items()) if n]
+    if parts:
+        lines.append(f"  {', '.join(parts)}; {human_bytes(report.bytes_done)} in {report.seconds:.1f} s "
+                     f'({human_bytes(report.bytes_done / seconds)}/s)')
+    else:
+        lines.append('  nothing to do')
+    for note in report.notes:
+        lines.append(f'  note: {note}')
+    if report.failures:
+        lines.append(f'  {len(report.failures)} failed:')
+        for object_name, reason in report.failures[:20]:
+            lines.append(f'    {object_name}: {reason}')
+        if len(report.failures) > 20:
+            lines.append(f'    … and {len(report.failures) - 20} more (see the log)')
+    if report.aborted:
+        lines.append(f'  stopped early: {report.aborted}')
+    if report.interrupted:
+        lines.append('  interrupted: the files in flight were finished and recorded; run the same command '
+                     'again to do the rest')
+    if report.log_path:
+        lines.append(f'  log: {report.log_path}')
+    return '\n'.join(lines)
+
+
+# =================================================================================================
+# Command line
+# =================================================================================================
+
+EPILOG = """\
+examples:
+  mitwelten_storage.py init-db
+  mitwelten_storage.py create -t local -p 2 -n "Archive 07 (WD 4TB)" /media/archive07
+  mitwelten_storage.py create -t s3 -p 0 -n "active, public" https://minio.example.org/mitwelten
+  mitwelten_storage.py info
+  mitwelten_storage.py info --batches
+  mitwelten_storage.py copy -s 1 -t 3 all_images --dry-run --limit 10
+  mitwelten_storage.py copy -s 1 -t 3 all_images --jobs 8
+
+database: --db DSN, else $MITWELTEN_DB, else libpq's defaults (PGHOST, PGUSER, ~/.pgpass, …);
+schema: --schema, else $MITWELTEN_DB_SCHEMA, else 'prod'. S3 credentials come from boto3's
+chain; an AWS profile named like the server's HOST:PORT (or HOST) is used for that server.
+exit status: 0 all done, 1 some files failed, 2 usage or configuration error, 130 interrupted.
+"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f'{self.prog}: error: {message}\n')
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must not be negative")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
+    return value
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog='mitwelten_storage.py', description=__doc__.split('\n\n')[0],
+                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--db', metavar='DSN', help='libpq connection string or URI of the catalog')
+    parser.add_argument('--schema', metavar='NAME', help="catalog schema (default: $MITWELTEN_DB_SCHEMA or 'prod')")
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+
+    commands.add_parser('init-db', help='create the catalog schema and tables (idempotent)')
+
+    create = commands.add_parser('create', help='register a new backend: a local disk or an S3 bucket',
+                                 epilog='examples:\n  create -t local -p 2 -n "Archive 07" /media/archive07\n'
+                                        '  create -t s3 -p 0 -n "active" http://minio:9000/mitwelten',
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    create.add_argument('-t', '--type', choices=('local', 's3'), required=True)
+    create.add_argument('-p', '--priority', type=non_negative_int, required=True,
+                        help='0 online S3 public, 1 online S3 not public, 2 offline archive disk')
+    create.add_argument('-n', '--notes', required=True, metavar='LABEL',
+                        help='for a disk, its label (as written on it); for S3, notes')
+    create.add_argument('location', metavar='PATH|URL',
+                        help='local: the folder where the disk is mounted; s3: http[s]://HOST[:PORT]/BUCKET[/PREFIX]')
+
+    info = commands.add_parser('info', help='list the backends (or, with --batches, the batches)')
+    info.add_argument('--batches', action='store_true', help='list the batches defined in batches.py')
+    info.add_argument('--json', action='store_true', help='print JSON instead of a table')
+
+    copy = commands.add_parser(
+        'copy', help='copy a batch of files from one backend to another',
+        epilog='examples:\n  copy -s 1 -t 3 all_images --dry-run\n  copy -s 1 -t 3 fs1_images --jobs 16\n'
+               '  copy -s 3 -t 4 all_images --source-path /Volumes/archive07',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    copy.add_argument('-s', '--source', type=int, required=True, metavar='ID', help='source storage id')
+    copy.add_argument('-t', '--target', type=int, required=True, metavar='ID', help='target storage id')
+    copy.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
+    copy.add_argument('--type', type=non_negative_int, default=0, dest='version_type', metavar='N',
+                      help='version to copy (default 0, the original)')
+    copy.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+                      help=f'parallel transfers (default {DEFAULT_JOBS})')
+    copy.add_argument('--dry-run', action='store_true', help='say what would be copied; write nothing')
+    copy.add_argument('--limit', type=non_negative_int, metavar='N', help='copy at most N files')
+    copy.add_argument('--source-path', metavar='P', help='where the source disk is mounted, if not at its recorded path')
+    copy.add_argument('--target-path', metavar='P', help='where the target disk is mounted, if not at its recorded path')
+    return parser
+
+
+def print_backends(listing: list[dict], out=print) -> None:
+    if not listing:
+        out('no storage backends yet: add one with `create`')
+        return
+    rows = [('ID', 'TYPE', 'PRIO', 'PATH OR URL', 'CREATED', 'STATUS', 'NOTES')]
+    for entry in listing:
+        status = ('online' if entry['online'] else 'offline') if entry['type'] == 'local' else ''
+        rows.append((str(entry['storage_id']), entry['type'], str(entry['priority']), entry['url_prefix'],
+                     entry['created_at'][:19].replace('T', ' '), status, (entry['notes'] or '').replace('\n', ' ')))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    out('  '.join(cell.ljust(width) for cell, width in zip(rows[0], widths)) + '  ' + rows[0][-1])
+    for row, entry in zip(rows[1:], listing):
+        out('  '.join(cell.ljust(width) for cell, width in zip(row, widths)) + '  ' + row[-1])
+        held = [f"{c['group']} {c['version']}s: {c['files']:,} files"
+                + (f", {human_bytes(c['bytes'])}" if c['bytes'] is not None else '') for c in entry['versions']]
+        out('      ' + ('; '.join(held) if held else 'no files recorded'))
+
+
+def print_batches(batches: dict, as_json: bool, out=print) -> None:
+    if as_json:
+        out(json.dumps([{'id': b.id, 'group': b.group, 'description': b.description} for b in batches.values()],
+                       indent=2))
+        return
+    width = max((len(b) for b in batches), default=2)
+    out(f"{'ID'.ljust(width)}  GROUP  DESCRIPTION")
+    for batch in batches.values():
+        out(f'{batch.id.ljust(width)}  {batch.group.ljust(5)}  {batch.description}')
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
+    settings = Settings.from_env(args.db, args.schema)
+    try:
+        if args.command == 'init-db':
+            print(init_db(settings))
+        elif args.command == 'create':
+            if args.type == 'local':
+                record = create_local_backend(settings, args.location, args.priority, args.notes)
+            else:
+                record = create_s3_backend(settings, args.location, args.priority, args.notes)
+            print(f'created storage backend {record.storage_id}: {record.type} {record.url_prefix} '
+                  f'(priority {record.priority})')
+        elif args.command == 'info':
+            if args.batches:
+                print_batches(load_batches(), args.json)
+            else:
+                listing = list_backends(settings)
+                print(json.dumps(listing, indent=2)) if args.json else print_backends(listing)
+        elif args.command == 'copy':
+            report = copy_batch(settings, args.source, args.target, args.batch, version_type=args.version_type,
+                                jobs=args.jobs, dry_run=args.dry_run, limit=args.limit,
+                                source_path=args.source_path, target_path=args.target_path)
+            return report.exit_status
+        return EXIT_OK
+    except ConfigError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (StorageError, psycopg2.Error, botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError, OSError) as exc:
+        print(f'error: {describe_exception(exc)}', file=sys.stderr)
+        return EXIT_FAILURES
+
+
+if __name__ == '__main__':
+    status = main()
+    if status == EXIT_INTERRUPTED:
+        # A second Ctrl-C leaves transfer threads running; do not wait for them at exit.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
