@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import errno
 import fcntl
+import gzip
 import hashlib
 import importlib.util
 import io
@@ -31,13 +32,18 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import stat
+import struct
+import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 import uuid
+import warnings
+import zlib
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -50,8 +56,18 @@ import psycopg2.extensions
 import psycopg2.extras
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
+from PIL import Image, UnidentifiedImageError
 from psycopg2 import sql
 from tqdm import tqdm
+
+with warnings.catch_warnings():
+    # pydub warns at import when ffmpeg is not on PATH (we point it at imageio-ffmpeg's binary)
+    # and, on Python 3.11 and 3.12, that the audioop module it uses is deprecated.
+    warnings.simplefilter('ignore', RuntimeWarning)
+    warnings.simplefilter('ignore', DeprecationWarning)
+    from pydub import AudioSegment
+    from pydub.audio_segment import extract_wav_headers, read_wav_audio
+    from pydub.exceptions import CouldntDecodeError
 
 log = logging.getLogger('mitwelten_storage')
 
@@ -239,7 +255,8 @@ class FileRecord:
     object_name: str
     file_size: int
     sha256: str
-    stored_type: int = 0   # the version the source backend holds
+    source_type: int = 0              # the version the source backend holds
+    target_type: int | None = None    # the version the target holds, if any (archive)
 
 
 def connect_catalog(settings: Settings, *, require_tables: bool = True):
@@ -290,42 +307,81 @@ def fetch_backends(conn) -> list[BackendRecord]:
 
 
 class CatalogWriter:
-    """Collects the rows a run writes and commits them in batches.
+    """Collects the row changes a run makes and commits them in batches: inserts (a backend now
+    holds a version), type changes (a backend's version replaced) and removals.
 
-    A row is handed over only once its file is durable and checked at the backend (rule 1), so
-    committing later can lose rows to a crash but never record a file that is not there; the
-    next run finds such files at the target and records them."""
+    A change is handed over only once the bytes it speaks of are durable and checked at the
+    backend (rule 1), so committing later can lose changes to a crash but never record a file
+    that is not there; the next run finds such files and records them then."""
 
     def __init__(self, conn, group: Group, every_rows: int = 500, every_seconds: float = 5.0):
         self.conn = conn
-        self.group = group
+        self.table = sql.Identifier(group.storage_table)
         self.every_rows = every_rows
         self.every_seconds = every_seconds
         self.inserts: list[tuple[int, int, int]] = []
+        self.type_changes: list[tuple[int, int, int, int]] = []
+        self.removals: list[tuple[int, int]] = []
         self.last_flush = time.monotonic()
-        self.written = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.inserts) + len(self.type_changes) + len(self.removals)
 
     def add(self, file_id: int, storage_id: int, version_type: int) -> None:
         self.inserts.append((file_id, storage_id, version_type))
 
+    def change_type(self, file_id: int, storage_id: int, old_type: int, new_type: int) -> None:
+        self.type_changes.append((file_id, storage_id, old_type, new_type))
+
+    def remove(self, file_id: int, storage_id: int) -> None:
+        self.removals.append((file_id, storage_id))
+
+    def due(self) -> bool:
+        return self.pending >= self.every_rows or (
+            self.pending > 0 and time.monotonic() - self.last_flush >= self.every_seconds)
+
     def maybe_flush(self) -> None:
-        if len(self.inserts) >= self.every_rows or (
-                self.inserts and time.monotonic() - self.last_flush >= self.every_seconds):
+        if self.due():
             self.flush()
 
     def flush(self) -> None:
-        if self.inserts:
-            query = sql.SQL(
-                'INSERT INTO {} (file_id, storage_id, type, created_at, updated_at) VALUES %s '
-                'ON CONFLICT (file_id, storage_id) DO NOTHING').format(sql.Identifier(self.group.storage_table))
+        if self.pending:
             with self.conn.cursor() as cur:
-                psycopg2.extras.execute_values(cur, query.as_string(self.conn), self.inserts,
-                                               template='(%s, %s, %s, now(), now())', page_size=1000)
+                if self.inserts:
+                    psycopg2.extras.execute_values(cur, sql.SQL(
+                        'INSERT INTO {} (file_id, storage_id, type, created_at, updated_at) VALUES %s '
+                        'ON CONFLICT (file_id, storage_id) DO NOTHING').format(self.table).as_string(cur),
+                        self.inserts, template='(%s, %s, %s, now(), now())', page_size=1000)
+                if self.type_changes:
+                    psycopg2.extras.execute_values(cur, sql.SQL(
+                        'UPDATE {} AS s SET type = v.new_type, updated_at = now() '
+                        'FROM (VALUES %s) AS v (file_id, storage_id, old_type, new_type) '
+                        'WHERE s.file_id = v.file_id AND s.storage_id = v.storage_id AND s.type = v.old_type'
+                    ).format(self.table).as_string(cur), self.type_changes, page_size=1000)
+                if self.removals:
+                    psycopg2.extras.execute_values(cur, sql.SQL(
+                        'DELETE FROM {} AS s USING (VALUES %s) AS v (file_id, storage_id) '
+                        'WHERE s.file_id = v.file_id AND s.storage_id = v.storage_id').format(self.table).as_string(cur),
+                        self.removals, page_size=1000)
             self.conn.commit()
             crash_point('after-commit')
-            self.written += len(self.inserts)
             self.inserts.clear()
+            self.type_changes.clear()
+            self.removals.clear()
         self.last_flush = time.monotonic()
+
+    def originals_elsewhere(self, file_ids: list[int], storage_id: int) -> dict[int, int]:
+        """How many committed rows record the original of each file on backends other than
+        `storage_id`: the checked copies that let an original leave it (rule 3)."""
+        if not file_ids:
+            return {}
+        with self.conn.cursor() as cur:
+            cur.execute(sql.SQL('SELECT file_id, count(*) FROM {} WHERE file_id = ANY(%s) AND storage_id <> %s '
+                                'AND type = 0 GROUP BY file_id').format(self.table), (file_ids, storage_id))
+            counts = dict(cur.fetchall())
+        self.conn.commit()
+        return counts
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -369,22 +425,31 @@ def batch_sql(batch) -> str:
 
 
 class Selection:
-    """The files of a batch that SOURCE holds (as version `version_type` or as the original)
-    and TARGET does not hold in any version, streamed from a server-side cursor: a production
-    batch holds 1.7 million files and is never loaded whole."""
+    """The files of a batch that SOURCE holds, streamed from a server-side cursor: a production
+    batch holds 1.7 million files and is never loaded whole.
 
-    def __init__(self, conn, batch, source_id: int, target_id: int, version_type: int, limit: int | None):
+    For `copy` (archive=False): files SOURCE holds as version `version_type` or as the original,
+    and TARGET holds in no version. For `archive`: files SOURCE (the active tier) holds as the
+    original, with whatever version TARGET (the archive) already holds of them."""
+
+    def __init__(self, conn, batch, source_id: int, target_id: int, version_type: int,
+                 limit: int | None = None, archive: bool = False):
         self.conn = conn
         self.batch = batch
         self.group = GROUPS[batch.group]
-        self.params = {'source': source_id, 'target': target_id,
-                       'types': (version_type, 0), 'type': version_type}
+        self.params = {'source': source_id, 'target': target_id, 'type': version_type,
+                       'types': (0,) if archive else (version_type, 0)}
+        self.todo = 'TRUE' if archive else 't.file_id IS NULL'
         self.limit = limit
 
-    def _compose(self, head: str, tail: str) -> str:
+    def _compose(self, head: str, tail: str, close: str = ') AS b') -> str:
+        storage = self.group.storage_table
+        joins = (f'{close}\n'
+                 f'JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s\n'
+                 f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n')
         with self.conn.cursor() as cur:
             head = cur.mogrify(head, self.params).decode()
-            tail = cur.mogrify(tail, self.params).decode()
+            tail = cur.mogrify(joins + tail, self.params).decode()
         return f'{head}\n{batch_sql(self.batch)}\n{tail}'
 
     def _run(self, cur, text: str) -> None:
@@ -396,20 +461,16 @@ class Selection:
             raise ConfigError(f"batch '{self.batch.id}' (batches.py) cannot be selected: {detail}") from None
 
     def counts(self) -> dict:
-        """How many files of the batch are left to do, and how many TARGET holds already."""
-        storage = self.group.storage_table
-        head = f'''
-            SELECT count(*) FILTER (WHERE t.file_id IS NULL),
-                   coalesce(sum(b.file_size) FILTER (WHERE t.file_id IS NULL), 0),
-                   count(*) FILTER (WHERE t.type = %(type)s),
-                   count(*) FILTER (WHERE t.type <> %(type)s),
-                   count(*)
-            FROM (SELECT DISTINCT ON (file_id) file_id, object_name, file_size, sha256 FROM ('''
-        tail = f''') AS raw ORDER BY file_id) AS b
-            JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s
-            LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s'''
+        """How many files of the batch are to do (and their bytes), how many TARGET holds as
+        the version asked for already, and how many in another version."""
+        head = (f'SELECT count(*) FILTER (WHERE {self.todo}),\n'
+                f'       coalesce(sum(b.file_size) FILTER (WHERE {self.todo}), 0),\n'
+                '       count(*) FILTER (WHERE t.type = %(type)s),\n'
+                '       count(*) FILTER (WHERE t.type <> %(type)s),\n'
+                '       count(*)\n'
+                'FROM (SELECT DISTINCT ON (file_id) file_id, object_name, file_size, sha256 FROM (')
         with self.conn.cursor() as cur:
-            self._run(cur, self._compose(head, tail))
+            self._run(cur, self._compose(head, '', close=') AS raw ORDER BY file_id) AS b'))
             todo, todo_bytes, done, other, at_source = cur.fetchone()
         self.conn.commit()
         if self.limit is not None and todo > self.limit:
@@ -418,26 +479,21 @@ class Selection:
                 'at_source': at_source}
 
     def __iter__(self) -> Iterator[FileRecord]:
-        storage = self.group.storage_table
-        head = 'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type FROM ('
-        tail = f''') AS b
-            JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s
-            WHERE NOT EXISTS (SELECT 1 FROM {storage} t
-                              WHERE t.file_id = b.file_id AND t.storage_id = %(target)s)
-            ORDER BY b.file_id'''
+        head = 'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type FROM ('
+        tail = f'WHERE {self.todo} ORDER BY b.file_id'
         if self.limit is not None:
-            tail += f'\nLIMIT {int(self.limit)}'
+            tail += f' LIMIT {int(self.limit)}'
         cur = self.conn.cursor(name=f'selection_{uuid.uuid4().hex[:8]}')
         cur.itersize = 2000
         try:
             self._run(cur, self._compose(head, tail))
             last_id = None
-            for file_id, object_name, file_size, sha256, stored_type in cur:
+            for file_id, object_name, file_size, sha256, source_type, target_type in cur:
                 if file_id == last_id:   # a batch whose joins repeat a file
                     continue
                 last_id = file_id
                 yield FileRecord(file_id, object_name, int(file_size), (sha256 or '').strip().lower(),
-                                 stored_type)
+                                 source_type, target_type)
         finally:
             with contextlib.suppress(psycopg2.Error):
                 cur.close()
@@ -557,10 +613,18 @@ class Backend:
         raise NotImplementedError
 
     def write(self, object_name: str, chunks: Iterable[bytes], size: int, content_type: str,
-              sha256_hex: str | None = None) -> None:
+              sha256_hex: str | None = None, tags: dict | None = None) -> None:
         """Store the object so that it is whole and durable under its final name when this
         returns, and never partly there: if `chunks` raises, nothing stands under the name."""
         raise NotImplementedError
+
+    def delete(self, object_name: str) -> None:
+        """Remove the object; removing one that is not there is not an error."""
+        raise NotImplementedError
+
+    def tags(self, object_name: str) -> dict | None:
+        """The object's tags, where the backend keeps tags (S3)."""
+        return None
 
     @contextlib.contextmanager
     def writing(self):
@@ -690,7 +754,7 @@ class LocalBackend(Backend):
                 yield chunk
 
     def write(self, object_name: str, chunks: Iterable[bytes], size: int, content_type: str,
-              sha256_hex: str | None = None) -> None:
+              sha256_hex: str | None = None, tags: dict | None = None) -> None:
         final = self.path(object_name)
         self._ensure_dir(final.parent)
         self._remove_leftovers(final.parent)
@@ -783,13 +847,16 @@ class S3Backend(Backend):
             body.close()
 
     def write(self, object_name: str, chunks: Iterable[bytes], size: int, content_type: str,
-              sha256_hex: str | None = None) -> None:
+              sha256_hex: str | None = None, tags: dict | None = None) -> None:
         key = self.key(object_name)
+        extra = {'ContentType': content_type}
+        if tags:
+            extra['Tagging'] = urllib.parse.urlencode(tags)
         if size <= self.SINGLE_PUT_LIMIT:
             data = b''.join(chunks)   # a checksum mismatch raises here, before anything is sent
-            extra = {'ChecksumSHA256': sha256_hex_to_b64(sha256_hex)} if sha256_hex else {}
-            response = self.client.put_object(Bucket=self.where.bucket, Key=key, Body=data,
-                                              ContentType=content_type, **extra)
+            if sha256_hex:
+                extra['ChecksumSHA256'] = sha256_hex_to_b64(sha256_hex)
+            response = self.client.put_object(Bucket=self.where.bucket, Key=key, Body=data, **extra)
             # Servers that verify ChecksumSHA256 have refused a corrupted body already; for
             # the others, a plain (unencrypted, single-part) object's ETag is its MD5.
             etag = response.get('ETag', '').strip('"')
@@ -799,8 +866,8 @@ class S3Backend(Backend):
                 raise FileFailure(f'{self.describe()} stored {key} with a different MD5 than was sent',
                                   object_name)
         else:
-            self.client.upload_fileobj(ChunkReader(chunks), self.where.bucket, key,
-                                       ExtraArgs={'ContentType': content_type}, Config=self.transfer_config)
+            self.client.upload_fileobj(ChunkReader(chunks), self.where.bucket, key, ExtraArgs=extra,
+                                       Config=self.transfer_config)
             stored = self.size(object_name)
             if stored != size:
                 self._delete_key(key)
@@ -813,6 +880,15 @@ class S3Backend(Backend):
 
     def delete(self, object_name: str) -> None:
         self.client.delete_object(Bucket=self.where.bucket, Key=self.key(object_name))
+
+    def tags(self, object_name: str) -> dict | None:
+        try:
+            response = self.client.get_object_tagging(Bucket=self.where.bucket, Key=self.key(object_name))
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get('Error', {}).get('Code') in ('NotImplemented', 'NoSuchKey', '404', 'NotFound'):
+                return None     # a server without tagging, or an object gone: nothing to carry over
+            raise
+        return {tag['Key']: tag['Value'] for tag in response.get('TagSet', [])} or None
 
 
 class ChunkReader(io.RawIOBase):
@@ -868,39 +944,311 @@ def open_backend(record: BackendRecord, *, path: str | None = None, jobs: int = 
 # =================================================================================================
 # Versions
 # =================================================================================================
+#
+# The version table: every version of a file the catalog can record, how its object name is
+# formed from the original's, its content type, how it is made from the original (in memory),
+# and how stored bytes of it are checked. Type 0 is the original everywhere.
+
+class ConversionError(FileFailure):
+    """A version could not be made from the original (or did not check out)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Version:
-    """One row of the version table: how a version of a file is named and stored."""
     group: str
     type: int
     label: str
-    content_type: str | None          # None: the original keeps the content type of its name
-    name: Callable[[str], str]        # object name of this version, from the original's
+    content_type: str | None                       # None: by the original's extension
+    name: Callable[[str], str]                     # the version's object name, from the original's
+    make: Callable[[bytes, FileRecord], bytes] | None     # original bytes -> version bytes, checked
+    check: Callable[[bytes, FileRecord], None]     # are these stored bytes a sound copy of the version?
 
     def object_name(self, original_name: str) -> str:
         return self.name(original_name)
+
+    def describe(self) -> str:
+        return f'{self.group} type {self.type} ({self.label})'
 
 
 def same_name(name: str) -> str:
     return name
 
 
-ORIGINAL_CONTENT_TYPES = {'.jpg': 'image/jpeg', '.jpeg': 'image/jpeg', '.png': 'image/png',
-                          '.wav': 'audio/wav', '.flac': 'audio/flac', '.mp3': 'audio/mpeg'}
+def with_extension(extension: str) -> Callable[[str], str]:
+    """'a/b/c.jpg' -> 'a/b/c.webp': the extension of the last part replaced (or added)."""
+    def name(original: str) -> str:
+        folder, _, base = original.rpartition('/')
+        stem = base.rsplit('.', 1)[0] if '.' in base.lstrip('.') else base
+        return f'{folder}/{stem}{extension}' if folder else f'{stem}{extension}'
+    return name
 
-VERSIONS: dict[tuple[str, int], Version] = {
-    ('image', 0): Version('image', 0, 'original', None, same_name),
-    ('audio', 0): Version('audio', 0, 'original', None, same_name),
-}
+
+def with_suffix(suffix: str) -> Callable[[str], str]:
+    return lambda original: original + suffix
+
+
+def check_original_bytes(data: bytes, record: FileRecord) -> None:
+    check_original(record, len(data), hashlib.sha256(data).hexdigest())
+
+
+# --- gzip ------------------------------------------------------------------------------------------
+
+def make_gzip(original: bytes, record: FileRecord) -> bytes:
+    # mtime=0: the same original always gives the same bytes.
+    packed = gzip.compress(original, compresslevel=9, mtime=0)
+    check_gzip(packed, record)
+    return packed
+
+
+def check_gzip(packed: bytes, record: FileRecord) -> None:
+    try:
+        unpacked = gzip.decompress(packed)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ConversionError(f'gzip version does not decompress: {exc}', record.object_name) from None
+    try:
+        check_original_bytes(unpacked, record)
+    except ChecksumMismatch as exc:
+        raise ConversionError(f'gzip version does not decompress to the original: {exc}',
+                              record.object_name) from None
+
+
+# --- WebP ------------------------------------------------------------------------------------------
+
+WEBP_QUALITY = 80
+
+
+def fitted_size(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """The size of an image of `size` scaled down (never up) to fit in `box`, aspect kept: the
+    same rounding as Pillow's thumbnail()."""
+    width, height = size
+    if width <= box[0] and height <= box[1]:
+        return size
+    if box[0] / width <= box[1] / height:
+        return box[0], max(1, round(height * box[0] / width))
+    return max(1, round(width * box[1] / height)), box[1]
+
+
+def downscaled(original: bytes, record: FileRecord, box: tuple[int, int]) -> tuple[Image.Image, dict]:
+    """The image fitted in `box` (downscaled only, aspect kept, pixels not rotated), and what
+    to carry over into its version: EXIF (orientation included) and the ICC profile.
+
+    A big JPEG is decoded at 1/2, 1/4 or 1/8 scale where that still covers the target
+    (Pillow's draft: the DCT does the first step of the downscale), then resampled with
+    LANCZOS. Truncated or unreadable images fail: LOAD_TRUNCATED_IMAGES stays off, so no
+    half-grey picture is ever made."""
+    try:
+        with Image.open(io.BytesIO(original)) as image:
+            target = fitted_size(image.size, box)
+            if image.format == 'JPEG' and target != image.size:
+                image.draft('RGB', target)
+            image.load()
+            keep = {key: image.info[key] for key in ('exif', 'icc_profile') if image.info.get(key)}
+            if image.mode not in ('RGB', 'RGBA'):
+                has_alpha = 'A' in image.mode or 'transparency' in image.info
+                image = image.convert('RGBA' if has_alpha else 'RGB')
+            if image.size != target:
+                image = image.resize(target, Image.Resampling.LANCZOS)
+            else:
+                image = image.copy()
+    except UnidentifiedImageError:
+        raise ConversionError('not an image that can be read (cannot make a WebP of it)', record.object_name) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ConversionError(f'cannot make a WebP of it: {exc}', record.object_name) from None
+    return image, keep
+
+
+def make_webp(original: bytes, record: FileRecord, box: tuple[int, int]) -> bytes:
+    """WebP of the original fitting in `box`, Pillow's encoder at quality 80."""
+    image, keep = downscaled(original, record, box)
+    out = io.BytesIO()
+    try:
+        image.save(out, 'WEBP', quality=WEBP_QUALITY, **keep)
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f'cannot encode the WebP version: {exc}', record.object_name) from None
+    webp = out.getvalue()
+    check_webp(webp, record, box, expected_size=image.size)
+    return webp
+
+
+def check_webp(data: bytes, record: FileRecord, box: tuple[int, int],
+               expected_size: tuple[int, int] | None = None) -> None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            form, size = image.format, image.size
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ConversionError(f'WebP version does not decode: {exc}', record.object_name) from None
+    if form != 'WEBP':
+        raise ConversionError(f'version is {form}, not WebP', record.object_name)
+    if size[0] > box[0] or size[1] > box[1] or (expected_size and size != expected_size):
+        raise ConversionError(f'WebP version is {size[0]}×{size[1]}, expected '
+                              f'{expected_size or box}', record.object_name)
+
+
+# --- FLAC ------------------------------------------------------------------------------------------
+
+PCM_FORMATS = {16: 's16le', 24: 's24le'}   # what ffmpeg's FLAC encoder keeps exactly, by bits per sample
+_FFMPEG: list[str] = []
+
+
+def ffmpeg_executable() -> str:
+    """ffmpeg from PATH, else the one in the imageio-ffmpeg wheel: nothing to install by hand."""
+    if not _FFMPEG:
+        found = shutil.which('ffmpeg')
+        if not found:
+            import imageio_ffmpeg
+            found = imageio_ffmpeg.get_ffmpeg_exe()
+        _FFMPEG.append(found)
+        AudioSegment.converter = found     # pydub uses the same binary
+    return _FFMPEG[0]
+
+
+def run_ffmpeg(args: list[str], data: bytes, record: FileRecord, what: str) -> bytes:
+    """ffmpeg with the input on stdin and the output on stdout: no temporary files."""
+    try:
+        result = subprocess.run([ffmpeg_executable(), '-hide_banner', '-loglevel', 'error', *args],
+                                input=data, capture_output=True, check=False)
+    except OSError as exc:
+        raise ConversionError(f'cannot run ffmpeg to {what}: {exc.strerror}', record.object_name) from None
+    if result.returncode != 0 or not result.stdout:
+        reason = result.stderr.decode(errors='replace').strip().splitlines()
+        raise ConversionError(f'ffmpeg could not {what}: {reason[-1] if reason else "no output"}',
+                              record.object_name)
+    return result.stdout
+
+
+@dataclasses.dataclass(frozen=True)
+class PcmAudio:
+    channels: int
+    sample_rate: int
+    bits: int
+    samples: bytes          # interleaved, signed little-endian, as in the WAV's data chunk
+
+    @property
+    def frames(self) -> int:
+        return len(self.samples) // (self.channels * self.bits // 8)
+
+
+def read_wav(original: bytes, record: FileRecord) -> PcmAudio:
+    """The PCM samples of a WAV recording (through pydub's WAV reader), refusing what FLAC cannot
+    hold losslessly and recordings whose data is cut short."""
+    try:
+        headers = extract_wav_headers(original)
+        wav = read_wav_audio(original, headers)
+    except (CouldntDecodeError, struct.error, IndexError, ValueError) as exc:
+        raise ConversionError(f'not a WAV recording: {exc}', record.object_name) from None
+    if wav.bits_per_sample not in PCM_FORMATS:
+        raise ConversionError(f'unsupported sample format: {wav.bits_per_sample}-bit PCM (FLAC versions are made '
+                              f'of 16- and 24-bit recordings)', record.object_name)
+    if not 1 <= wav.channels <= 8 or not 1 <= wav.sample_rate <= 655350:
+        raise ConversionError(f'unsupported WAV: {wav.channels} channels at {wav.sample_rate} Hz',
+                              record.object_name)
+    declared = headers[-1].size
+    frame_bytes = wav.channels * wav.bits_per_sample // 8
+    if len(wav.raw_data) < declared or len(wav.raw_data) % frame_bytes:
+        raise ConversionError(f'truncated recording: {len(wav.raw_data):,} bytes of samples, the WAV header '
+                              f'says {declared:,}', record.object_name)
+    return PcmAudio(wav.channels, wav.sample_rate, wav.bits_per_sample, wav.raw_data)
+
+
+def flac_stream_info(flac: bytes) -> dict:
+    """The STREAMINFO block at the start of a FLAC stream."""
+    if flac[:4] != b'fLaC' or len(flac) < 42 or flac[4] & 0x7F != 0:
+        raise ValueError('no FLAC STREAMINFO block')
+    info = flac[8:42]
+    return {'sample_rate': int.from_bytes(info[10:13], 'big') >> 4,
+            'channels': ((info[12] >> 1) & 0x07) + 1,
+            'bits': (((info[12] & 0x01) << 4) | (info[13] >> 4)) + 1,
+            'frames': ((info[13] & 0x0F) << 32) | int.from_bytes(info[14:18], 'big'),
+            'md5': info[18:34]}
+
+
+def complete_stream_info(flac: bytes, audio: PcmAudio) -> bytes:
+    """ffmpeg writing to a pipe cannot go back to fill in STREAMINFO's sample count and MD5;
+    fill them in from the original, so the FLAC checks itself (`flac -t`, and `verify`)."""
+    patched = bytearray(flac)
+    frames = audio.frames
+    patched[8 + 13] = (patched[8 + 13] & 0xF0) | ((frames >> 32) & 0x0F)
+    patched[8 + 14:8 + 18] = (frames & 0xFFFFFFFF).to_bytes(4, 'big')
+    patched[8 + 18:8 + 34] = hashlib.md5(audio.samples).digest()
+    return bytes(patched)
+
+
+def make_flac(original: bytes, record: FileRecord) -> bytes:
+    """Lossless FLAC of a WAV recording, counted only once it decodes to exactly the original's
+    samples (16- and 24-bit, any channel count and sample rate)."""
+    audio = read_wav(original, record)
+    flac = run_ffmpeg(['-f', 'wav', '-i', 'pipe:0', '-map_metadata', '0', '-c:a', 'flac',
+                       '-compression_level', '5', '-f', 'flac', 'pipe:1'], original, record, 'encode FLAC')
+    try:
+        flac = complete_stream_info(flac, audio)
+        info = flac_stream_info(flac)
+    except (ValueError, IndexError) as exc:
+        raise ConversionError(f'FLAC version is malformed: {exc}', record.object_name) from None
+    if (info['channels'], info['sample_rate'], info['bits']) != (audio.channels, audio.sample_rate, audio.bits):
+        raise ConversionError(f"FLAC version is {info['channels']} channels, {info['sample_rate']} Hz, "
+                              f"{info['bits']} bits; the recording is {audio.channels}, {audio.sample_rate} Hz, "
+                              f'{audio.bits} bits', record.object_name)
+    decoded = decode_flac(flac, audio.bits, record)
+    if decoded != audio.samples:
+        raise ConversionError('FLAC version does not decode to the original samples', record.object_name)
+    return flac
+
+
+def decode_flac(flac: bytes, bits: int, record: FileRecord) -> bytes:
+    pcm = PCM_FORMATS[bits]
+    return run_ffmpeg(['-f', 'flac', '-i', 'pipe:0', '-f', pcm, '-c:a', f'pcm_{pcm}', 'pipe:1'],
+                      flac, record, 'decode the FLAC version')
+
+
+def check_flac(flac: bytes, record: FileRecord) -> None:
+    """A stored FLAC decodes, and its samples match the MD5 its STREAMINFO carries."""
+    try:
+        info = flac_stream_info(flac)
+    except (ValueError, IndexError) as exc:
+        raise ConversionError(f'not a FLAC stream: {exc}', record.object_name) from None
+    if info['bits'] not in PCM_FORMATS:
+        raise ConversionError(f"FLAC version has {info['bits']}-bit samples", record.object_name)
+    decoded = decode_flac(flac, info['bits'], record)
+    frames = len(decoded) // (info['channels'] * info['bits'] // 8)
+    if info['frames'] and frames != info['frames']:
+        raise ConversionError(f"FLAC version decodes to {frames:,} frames, its header says {info['frames']:,}",
+                              record.object_name)
+    if any(info['md5']) and hashlib.md5(decoded).digest() != info['md5']:
+        raise ConversionError('FLAC version does not decode to the samples its MD5 records', record.object_name)
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+ORIGINAL = 'original'
+WEBP_LARGE, WEBP_SMALL = (1920, 1440), (640, 480)
+
+
+def _webp(box):
+    return (lambda data, record: make_webp(data, record, box)), (lambda data, record: check_webp(data, record, box))
+
+
+VERSIONS: dict[tuple[str, int], Version] = {(v.group, v.type): v for v in [
+    Version('image', 0, ORIGINAL, None, same_name, None, check_original_bytes),
+    Version('image', 1, 'WebP 1920×1440', 'image/webp', with_extension('.webp'), *_webp(WEBP_LARGE)),
+    Version('image', 2, 'WebP 640×480', 'image/webp', with_extension('.webp'), *_webp(WEBP_SMALL)),
+    Version('image', 10, 'gzip -9', 'application/gzip', with_suffix('.gz'), make_gzip, check_gzip),
+    Version('audio', 0, ORIGINAL, None, same_name, None, check_original_bytes),
+    Version('audio', 1, 'FLAC', 'audio/flac', with_extension('.flac'), make_flac, check_flac),
+    Version('audio', 10, 'gzip -9', 'application/gzip', with_suffix('.gz'), make_gzip, check_gzip),
+]}
 
 
 def find_version(group: str, version_type: int) -> Version:
     try:
         return VERSIONS[(group, version_type)]
     except KeyError:
-        known = ', '.join(str(t) for g, t in sorted(VERSIONS) if g == group)
+        known = ', '.join(f'{t} ({v.label})' for (g, t), v in sorted(VERSIONS.items()) if g == group)
         raise ConfigError(f'no version type {version_type} for {group} files; known types: {known}') from None
+
+
+ORIGINAL_CONTENT_TYPES = {'.jpg': 'image/jpeg', '.jpeg': 'image/jpeg', '.png': 'image/png', '.tif': 'image/tiff',
+                          '.tiff': 'image/tiff', '.wav': 'audio/wav', '.flac': 'audio/flac', '.mp3': 'audio/mpeg'}
 
 
 def content_type_of(version: Version, object_name: str) -> str:
@@ -941,6 +1289,11 @@ def check_original(record: FileRecord, size: int, sha256_hex: str) -> None:
     if sha256_hex != record.sha256:
         raise ChecksumMismatch(f'sha256 {sha256_hex} does not match the catalog\'s {record.sha256}: not the '
                                'original', record.object_name)
+
+
+def read_original(backend: 'Backend', record: FileRecord, progress: Callable[[int], None] | None = None) -> bytes:
+    """The original's bytes, read once and checked against the catalog's size and sha256."""
+    return b''.join(CheckedStream(backend.read(record.object_name), record, progress))
 
 
 def hash_chunks(chunks: Iterable[bytes]) -> tuple[int, str]:
@@ -1014,6 +1367,7 @@ class Run:
         self._lock = threading.Lock()
         self._log_file = None
         self._old_handlers = {}
+        self._connection_failures = 0
         self.bar = None
 
     # -- context ---------------------------------------------------------------------------------
@@ -1078,6 +1432,8 @@ class Run:
     def outcome(self, record: FileRecord, outcome: str, nbytes: int = 0, detail: str = '') -> None:
         """Count and log one file's outcome."""
         with self._lock:
+            if outcome != 'failed':
+                self._connection_failures = 0
             self.report.counts[outcome] = self.report.counts.get(outcome, 0) + 1
             self.report.bytes_done += nbytes
             self.files_done += 1
@@ -1086,10 +1442,29 @@ class Run:
                                  f'{detail}\n')
             self._update_postfix()
 
+    @property
+    def stopping(self) -> bool:
+        return self.stop_requested or bool(self.report.aborted)
+
     def failure(self, record: FileRecord, reason: str) -> None:
         self.report.failures.append((record.object_name, reason))
         self.message(f'FAILED {record.object_name}: {reason}')
         self.outcome(record, 'failed', 0, reason)
+
+    def file_failed(self, record: FileRecord, exc: BaseException, backend: 'Backend') -> None:
+        """Name the file's failure; stop the run when no further file can succeed (the disk is
+        full or gone, the server has stopped answering)."""
+        self.failure(record, describe_exception(exc))
+        reason = fatal_reason(exc, backend)
+        if isinstance(exc, CONNECTION_ERRORS):
+            self._connection_failures += 1
+            if self._connection_failures >= 24:
+                reason = f'{self._connection_failures} transfers in a row could not reach the S3 server'
+        else:
+            self._connection_failures = 0
+        if reason and not self.report.aborted:
+            self.report.aborted = reason
+            self.message(f'stopping: {reason}')
 
     def log_line(self, text: str) -> None:
         self._log_file.write(f'# {text}\n')
@@ -1125,36 +1500,52 @@ CONNECTION_ERRORS = (botocore.exceptions.EndpointConnectionError, botocore.excep
                      botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)
 
 
-def run_parallel(items: Iterable, work: Callable, jobs: int, run: Run, on_done: Callable,
-                 after_each: Callable[[], None] = lambda: None) -> None:
-    """Run `work(item)` on `jobs` threads, feeding items as slots free up (so a selection of
-    millions is never held whole) and handing each finished future to `on_done` on this
-    thread. Stops feeding when the run is interrupted or aborted; the items in flight finish."""
-    iterator = iter(items)
-    pending: dict = {}
-    exhausted = False
-    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix='mitwelten')
-    try:
-        while True:
-            while not exhausted and not run.stop_requested and not run.report.aborted and len(pending) < jobs * 2:
-                item = next(iterator, None)
-                if item is None:
-                    exhausted = True
+class Pipeline:
+    """Work for a run on `jobs` threads. Items are fed from an iterator as slots free up (so a
+    selection of millions is never held whole); each finished piece of work is handed to its
+    handler on this thread, which may submit follow-up work. Stops feeding when the run is
+    interrupted or aborted; the work in flight finishes."""
+
+    def __init__(self, jobs: int, run: Run):
+        self.jobs = jobs
+        self.run = run
+        self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix='mitwelten')
+        self.pending: dict = {}
+
+    def submit(self, work: Callable, item, on_done: Callable) -> None:
+        self.pending[self.pool.submit(work, item)] = (item, on_done)
+
+    def drive(self, items: Iterable, work: Callable, on_done: Callable,
+              between: Callable[[bool], None] = lambda idle: None, held: Callable[[], int] = lambda: 0) -> None:
+        """`between(idle)` runs after every round, with idle=True once nothing is in flight and
+        nothing more will be fed; `held()` counts items waiting outside the pool (they hold
+        memory, so they count against the number in flight)."""
+        iterator = iter(items)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and not self.run.stopping and len(self.pending) + held() < self.jobs * 2:
+                    item = next(iterator, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    self.submit(work, item, on_done)
+                if self.pending:
+                    done, _ = wait(self.pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        item, handler = self.pending.pop(future)
+                        handler(item, future)
+                idle = not self.pending and (exhausted or self.run.stopping)
+                between(idle)
+                if idle and not self.pending:
                     break
-                pending[pool.submit(work, item)] = item
-            if not pending:
-                break
-            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in done:
-                on_done(pending.pop(future), future)
-            after_each()
-    except KeyboardInterrupt:
-        # Second Ctrl-C: do not wait for the files in flight; their temporary files are
-        # cleaned up by the next run, and nothing unfinished is recorded.
-        run.report.interrupted = True
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+        except KeyboardInterrupt:
+            # Second Ctrl-C: do not wait for the work in flight; its temporary files are cleaned
+            # up by the next run, and nothing unfinished is recorded.
+            self.run.report.interrupted = True
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        self.pool.shutdown(wait=True)
 
 
 # =================================================================================================
@@ -1352,7 +1743,7 @@ def list_backends(settings: Settings) -> list[dict]:
 
 
 def _open_pair(settings: Settings, source_id: int, target_id: int, source_path: str | None,
-               target_path: str | None, jobs: int):
+               target_path: str | None, jobs: int, source_writing: bool = False):
     if source_id == target_id:
         raise ConfigError('source and target are the same backend')
     conn = connect_catalog(settings)
@@ -1361,9 +1752,16 @@ def _open_pair(settings: Settings, source_id: int, target_id: int, source_path: 
         target = open_backend(fetch_backend(conn, target_id), path=target_path, jobs=jobs)
     finally:
         conn.close()
-    source.check(writing=False)
+    source.check(writing=source_writing)
     target.check(writing=True)
     return source, target
+
+
+def _check_run_options(jobs: int, limit: int | None) -> None:
+    if jobs < 1:
+        raise ConfigError('--jobs must be at least 1')
+    if limit is not None and limit < 0:
+        raise ConfigError('--limit must not be negative')
 
 
 def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str, *, version_type: int = 0,
@@ -1372,55 +1770,45 @@ def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str
                log_dir: Path | None = None, show_progress: bool | None = None,
                out: Callable[[str], None] = print) -> RunReport:
     """Copy version `version_type` of every file in the batch that SOURCE holds and TARGET does
-    not: read, check, write at the target atomically, then record (file_id, TARGET, type)."""
-    if jobs < 1:
-        raise ConfigError('--jobs must be at least 1')
-    if limit is not None and limit < 0:
-        raise ConfigError('--limit must not be negative')
+    not: the bytes where SOURCE holds that version, made in memory from SOURCE's original
+    otherwise. Each file is read, checked, written at the target atomically, then recorded."""
+    _check_run_options(jobs, limit)
     batch = find_batch(batch_id)
     version = find_version(batch.group, version_type)
-    if version_type != 0:
-        raise ConfigError(f'copying version type {version_type} is not supported yet; copy originals (type 0)')
     source, target = _open_pair(settings, source_id, target_id, source_path, target_path, jobs)
-
     reader = connect_catalog(settings)
     writer_conn = connect_catalog(settings)
     try:
         selection = Selection(reader, batch, source_id, target_id, version_type, limit)
         counts = selection.counts()
-        title = (f"{version.label}s of batch '{batch.id}' from {source.describe()} "
-                 f'to {target.describe()}')
+        title = f"{version.label} versions of batch '{batch.id}' from {source.describe()} to {target.describe()}"
+        if version.type == 0:
+            title = f"originals of batch '{batch.id}' from {source.describe()} to {target.describe()}"
+        notes = _selection_notes(counts)
         if dry_run:
-            return _dry_run(selection, counts, title, target, out)
+            return _dry_run('copy', selection, title, notes, out,
+                            lambda r: 'copy' if r.source_type == version.type else f'make {version.label} of')
         catalog = CatalogWriter(writer_conn, GROUPS[batch.group])
         with target.writing(), Run('copy', title, counts['todo'], counts['todo_bytes'], log_dir,
                                    show_progress) as run:
             run.log_line(f"batch {batch.id}: {counts['at_source']} files at the source, {counts['done']} at the "
                          f"target already, {counts['todo']} to copy")
-            run.report.notes.extend(_selection_notes(counts, version_type))
-            work = lambda record: copy_file(record, source, target, version, run.progress)
-            consecutive_connection_errors = [0]
+            run.report.notes.extend(notes)
+            copy_tags = isinstance(source, S3Backend) and isinstance(target, S3Backend)
 
             def on_done(record: FileRecord, future) -> None:
                 try:
                     outcome, nbytes = future.result()
                 except Exception as exc:
-                    run.failure(record, describe_exception(exc))
-                    reason = fatal_reason(exc, target)
-                    if isinstance(exc, CONNECTION_ERRORS):
-                        consecutive_connection_errors[0] += 1
-                        if consecutive_connection_errors[0] >= 3 * jobs:
-                            reason = f'{consecutive_connection_errors[0]} transfers in a row could not connect'
-                    if reason and not run.report.aborted:
-                        run.report.aborted = reason
-                        run.message(f'stopping: {reason}')
+                    run.file_failed(record, exc, target)
                     return
-                consecutive_connection_errors[0] = 0
                 catalog.add(record.file_id, target.record.storage_id, version.type)
                 run.outcome(record, outcome, nbytes)
 
             try:
-                run_parallel(selection, work, jobs, run, on_done, catalog.maybe_flush)
+                Pipeline(jobs, run).drive(
+                    selection, lambda record: copy_file(record, source, target, version, run.progress, copy_tags),
+                    on_done, between=lambda idle: catalog.flush() if idle else catalog.maybe_flush())
             finally:
                 _flush_or_explain(catalog, run)
         out(format_summary(run.report, title))
@@ -1434,13 +1822,12 @@ def _flush_or_explain(catalog: CatalogWriter, run: Run) -> None:
     try:
         catalog.flush()
     except psycopg2.Error as exc:
-        pending = len(catalog.inserts)
-        run.report.aborted = (f'the catalog could not record {pending} files that are now at the target '
+        run.report.aborted = (f'the catalog could not record {catalog.pending} changes for files already written '
                               f'({str(exc).strip().splitlines()[0]}); run the same command again to record them')
         run.message(f'error: {run.report.aborted}')
 
 
-def _selection_notes(counts: dict, version_type: int) -> list[str]:
+def _selection_notes(counts: dict) -> list[str]:
     notes = []
     if counts['done']:
         notes.append(f"{counts['done']} of the batch's {counts['at_source']} files at the source were at the "
@@ -1452,38 +1839,269 @@ def _selection_notes(counts: dict, version_type: int) -> list[str]:
 
 
 def copy_file(record: FileRecord, source: Backend, target: Backend, version: Version,
-              progress: Callable[[int], None]) -> tuple[str, int]:
-    """Copy one file's version from source to target; ('copied' | 'found', bytes)."""
+              progress: Callable[[int], None], copy_tags: bool = False) -> tuple[str, int]:
+    """Copy one file's version from source to target: ('copied' | 'made' | 'found', bytes)."""
     object_name = version.object_name(record.object_name)
     target.tidy(object_name)
-    if isinstance(target, LocalBackend) and target.size(object_name) == record.file_size:
-        # Written by a run that was killed before it could record the file: check it and record
-        # it without copying it again.
-        size, sha256_hex = hash_chunks(target.read(object_name))
-        if size == record.file_size and sha256_hex == record.sha256:
-            progress(size)
-            return 'found', size
-    chunks = CheckedStream(source.read(record.object_name), record, progress)
-    target.write(object_name, chunks, record.file_size, content_type_of(version, object_name), record.sha256)
+    content_type = content_type_of(version, object_name)
+    if found_at(target, record, version):
+        progress(record.file_size)
+        return 'found', record.file_size
+    if record.source_type == version.type:
+        tags = source.tags(object_name) if copy_tags else None
+        if version.type == 0:
+            chunks = CheckedStream(source.read(record.object_name), record, progress)
+            target.write(object_name, chunks, record.file_size, content_type, record.sha256, tags)
+            crash_point('after-write')
+            return 'copied', record.file_size
+        data = b''.join(source.read(object_name))
+        progress(len(data))
+        version.check(data, record)
+        target.write(object_name, [data], len(data), content_type, tags=tags)
+        return 'copied', len(data)
+    original = read_original(source, record, progress)
+    data = version.make(original, record)
+    target.write(object_name, [data], len(data), content_type,
+                 tags=source.tags(record.object_name) if copy_tags else None)
     crash_point('after-write')
-    return 'copied', record.file_size
+    return 'made', len(data)
 
 
-def _dry_run(selection: Selection, counts: dict, title: str, target: Backend, out) -> RunReport:
-    report = RunReport('copy')
-    out(f'dry run: would copy {title}')
+def found_at(backend: Backend, record: FileRecord, version: Version) -> bool:
+    """Whether a disk already holds a sound copy of the version, unrecorded (a run was killed
+    before it could record it): then it is recorded without being written again. Only where
+    stored bytes can be checked strictly without the original (the original, gzip)."""
+    if not isinstance(backend, LocalBackend) or version.type not in (0, 10):
+        return False
+    object_name = version.object_name(record.object_name)
+    size = backend.size(object_name)
+    if size is None or (version.type == 0 and size != record.file_size):
+        return False
+    try:
+        version.check(b''.join(backend.read(object_name)), record)
+    except FileFailure:
+        return False    # not sound: it is written over
+    return True
+
+
+def _dry_run(command: str, selection: Selection, title: str, notes: list[str], out,
+             action: Callable[[FileRecord], str]) -> RunReport:
+    report = RunReport(command)
+    out(f'dry run: would {command} {title}')
     for record in selection:
-        where = 'already at the target (would check and record it)' \
-            if isinstance(target, LocalBackend) and target.size(record.object_name) is not None else 'copy'
-        out(f'  {where}: {record.object_name} ({human_bytes(record.file_size)})')
-        report.counts['would copy'] = report.count('would copy') + 1
+        out(f'  {action(record)}: {record.object_name} ({human_bytes(record.file_size)})')
+        report.counts['would do'] = report.count('would do') + 1
         report.bytes_done += record.file_size
-    out(f"dry run: would copy {report.count('would copy')} files, {human_bytes(report.bytes_done)}; "
+    out(f"dry run: would {command} {report.count('would do')} files, {human_bytes(report.bytes_done)}; "
         'nothing was written')
-    report.notes.extend(_selection_notes(counts, 0))
+    report.notes.extend(notes)
     for note in report.notes:
         out(f'  note: {note}')
     return report
+
+
+# --- archive -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ArchiveStep:
+    """What the first half of `archive` did for one file, for the second half."""
+    record: FileRecord
+    version_bytes: bytes | None = None
+    tags: dict | None = None
+    archived_now: bool = False       # this run wrote (or found) the original at ARCHIVE: record it
+    missing: bool = False            # the original is no longer at ACTIVE (an earlier run was cut off)
+    version_present: bool = False    # ... and the replacement version is there, sound
+
+
+def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id: str, *,
+                  replace_with: int | None = None, delete_original: bool = False, min_copies: int = 1,
+                  jobs: int = DEFAULT_JOBS, dry_run: bool = False, limit: int | None = None,
+                  active_path: str | None = None, archive_path: str | None = None,
+                  log_dir: Path | None = None, show_progress: bool | None = None,
+                  out: Callable[[str], None] = print) -> RunReport:
+    """The model process, one pass and one download per file: read the original from ACTIVE and
+    check it; make version N in memory (--replace-with N); write the original to ARCHIVE and
+    record it; then, while at least `min_copies` checked originals are recorded on other
+    backends, put version N in the original's place at ACTIVE, or delete the original there.
+
+    Order per file, chosen so that a kill at any moment followed by the same command ends well:
+    the archive row is committed before anything at ACTIVE changes; the version is written
+    before the original is deleted; the ACTIVE row changes only after both. A run cut off after
+    the delete finds the original gone, the version there and the copies recorded, and only
+    fixes the row."""
+    _check_run_options(jobs, limit)
+    if (replace_with is None) == (not delete_original):
+        raise ConfigError('say what happens at ACTIVE: --replace-with N or --delete-original')
+    if min_copies < 1:
+        raise ConfigError('--min-copies must be at least 1: an original never leaves ACTIVE without a copy')
+    batch = find_batch(batch_id)
+    version = find_version(batch.group, replace_with) if replace_with is not None else None
+    if version is not None and version.type == 0:
+        raise ConfigError('--replace-with 0 would replace the original with itself; name a version such as 1')
+    active, archive = _open_pair(settings, active_id, archive_id, active_path, archive_path, jobs,
+                                 source_writing=True)
+    reader = connect_catalog(settings)
+    writer_conn = connect_catalog(settings)
+    try:
+        selection = Selection(reader, batch, active_id, archive_id, 0, limit, archive=True)
+        counts = selection.counts()
+        then = f'replacing them with {version.label} versions' if version else 'deleting them there'
+        title = f"originals of batch '{batch.id}' from {active.describe()} to {archive.describe()}, {then}"
+        notes = []
+        if counts['other_version']:
+            notes.append(f"{counts['other_version']} files fail: the archive holds another version of them")
+        if dry_run:
+            at_active = 'replace' if version else 'delete'
+            return _dry_run('archive', selection, title, notes, out,
+                            lambda r: at_active if r.target_type == 0 else f'archive and {at_active}')
+        catalog = CatalogWriter(writer_conn, GROUPS[batch.group], every_rows=200, every_seconds=2.0)
+        with archive.writing(), active.writing(), Run('archive', title, counts['todo'], counts['todo_bytes'],
+                                                      log_dir, show_progress) as run:
+            run.report.notes.extend(notes)
+            pipeline = Pipeline(jobs, run)
+            awaiting: list[ArchiveStep] = []   # first half done; waiting for the archive rows' commit
+            kept = [0]
+
+            original = VERSIONS[(batch.group, 0)]
+
+            def first_half(record: FileRecord) -> ArchiveStep:
+                return archive_first_half(record, active, archive, original, version, run.progress)
+
+            def second_half(step: ArchiveStep) -> str:
+                return archive_second_half(step, active, version)
+
+            def after_first(record: FileRecord, future) -> None:
+                try:
+                    step = future.result()
+                except Exception as exc:
+                    run.file_failed(record, exc, archive)
+                    return
+                if step.archived_now:
+                    catalog.add(record.file_id, archive.record.storage_id, 0)
+                awaiting.append(step)
+
+            def after_second(step: ArchiveStep, future) -> None:
+                record = step.record
+                try:
+                    outcome = future.result()
+                except Exception as exc:
+                    run.file_failed(record, exc, active)
+                    return
+                if outcome == 'replaced':
+                    catalog.change_type(record.file_id, active.record.storage_id, 0, version.type)
+                else:
+                    catalog.remove(record.file_id, active.record.storage_id)
+                detail = (f'archived at {archive.record.storage_id}' if step.archived_now else
+                          'the original had left ACTIVE in an earlier run that was cut off; row corrected'
+                          if step.missing else 'archived earlier')
+                run.outcome(record, outcome, record.file_size, detail)
+
+            def between(idle: bool) -> None:
+                if awaiting and (idle or len(awaiting) >= jobs or catalog.due()):
+                    # Rule 3: the archive rows are committed before any original leaves ACTIVE,
+                    # and only originals with enough checked copies recorded elsewhere leave.
+                    catalog.flush()
+                    copies = catalog.originals_elsewhere([s.record.file_id for s in awaiting],
+                                                         active.record.storage_id)
+                    for step in awaiting:
+                        found = copies.get(step.record.file_id, 0)
+                        if found >= min_copies:
+                            pipeline.submit(second_half, step, after_second)
+                        elif step.missing:
+                            run.file_failed(step.record, FileFailure(
+                                f'the original is missing at {active.describe()} and only {found} checked '
+                                f'originals are recorded elsewhere', step.record.object_name), active)
+                        else:
+                            kept[0] += 1
+                            run.outcome(step.record, 'kept', step.record.file_size,
+                                        f'{found} checked originals recorded elsewhere, --min-copies {min_copies}'
+                                        + (f'; archived at {archive.record.storage_id}' if step.archived_now else ''))
+                    awaiting.clear()
+                elif idle or catalog.due():
+                    catalog.flush()
+
+            try:
+                pipeline.drive(selection, first_half, after_first, between=between, held=lambda: len(awaiting))
+            finally:
+                _flush_or_explain(catalog, run)
+            if kept[0]:
+                run.report.notes.append(f'{kept[0]} originals kept at ACTIVE: fewer than --min-copies {min_copies} '
+                                        'checked originals are recorded on other backends')
+        out(format_summary(run.report, title))
+        return run.report
+    finally:
+        reader.close()
+        writer_conn.close()
+
+
+def archive_first_half(record: FileRecord, active: Backend, archive: Backend, original_version: Version,
+                       version: Version | None, progress: Callable[[int], None]) -> ArchiveStep:
+    """Read the original from ACTIVE once and check it; make the version; write the original
+    to ARCHIVE (unless it is recorded there already). Nothing at ACTIVE changes here."""
+    step = ArchiveStep(record)
+    if record.target_type not in (None, 0):
+        raise FileFailure(f'{archive.describe()} holds version {record.target_type} of this file, so its original '
+                          'cannot be archived there', record.object_name)
+    archived = record.target_type == 0
+    if archived and version is None:
+        progress(record.file_size)      # recorded at ARCHIVE already: nothing to read
+        return step
+    archive.tidy(record.object_name)
+    try:
+        original = read_original(active, record, progress)
+    except SourceMissing:
+        step.missing = True
+        if version is not None:
+            step.version_present = version_sound_at(active, record, version)
+        return step
+    if version is not None:
+        step.version_bytes = version.make(original, record)
+        step.tags = active.tags(record.object_name)
+    if not archived:
+        if not found_at(archive, record, original_version):
+            archive.write(record.object_name, [original], record.file_size,
+                          content_type_of(original_version, record.object_name), record.sha256)
+            crash_point('after-archive-write')
+        step.archived_now = True
+    return step
+
+
+def version_sound_at(backend: Backend, record: FileRecord, version: Version) -> bool:
+    object_name = version.object_name(record.object_name)
+    if backend.size(object_name) is None:
+        return False
+    try:
+        version.check(b''.join(backend.read(object_name)), record)
+    except FileFailure:
+        return False
+    return True
+
+
+def archive_second_half(step: ArchiveStep, active: Backend, version: Version | None) -> str:
+    """With the original's copies recorded elsewhere: put the version in its place at ACTIVE
+    (written before the original is deleted), or delete it. Returns 'replaced' or 'deleted'."""
+    record = step.record
+    if step.missing:
+        # An earlier run was cut off after removing the original: only the row is left to fix.
+        if version is None:
+            return 'deleted'
+        if step.version_present:
+            return 'replaced'
+        raise FileFailure(f'the original is missing at {active.describe()} and its {version.label} version is not '
+                          'there either; its original is archived: copy it back, or run `verify --fix`',
+                          record.object_name)
+    if version is not None:
+        version_name = version.object_name(record.object_name)
+        active.write(version_name, [step.version_bytes], len(step.version_bytes),
+                     content_type_of(version, version_name), tags=step.tags)
+        crash_point('after-version-write')
+        if version_name != record.object_name:
+            active.delete(record.object_name)
+        crash_point('after-original-delete')
+        return 'replaced'
+    active.delete(record.object_name)
+    crash_point('after-original-delete')
+    return 'deleted'
 
 
 def format_summary(report: RunReport, title: str) -> str:
@@ -1526,6 +2144,8 @@ examples:
   mitwelten_storage.py info --batches
   mitwelten_storage.py copy -s 1 -t 3 all_images --dry-run --limit 10
   mitwelten_storage.py copy -s 1 -t 3 all_images --jobs 8
+  mitwelten_storage.py copy -s 1 -t 2 all_images --type 2          # WebP 640x480 made from the originals
+  mitwelten_storage.py archive -s 1 -t 3 fs1_images --replace-with 1
 
 database: --db DSN, else $MITWELTEN_DB, else libpq's defaults (PGHOST, PGUSER, ~/.pgpass, …);
 schema: --schema, else $MITWELTEN_DB_SCHEMA, else 'prod'. S3 credentials come from boto3's
@@ -1598,6 +2218,33 @@ def build_parser() -> ArgumentParser:
     copy.add_argument('--limit', type=non_negative_int, metavar='N', help='copy at most N files')
     copy.add_argument('--source-path', metavar='P', help='where the source disk is mounted, if not at its recorded path')
     copy.add_argument('--target-path', metavar='P', help='where the target disk is mounted, if not at its recorded path')
+
+    archive = commands.add_parser(
+        'archive', help='archive originals from the active tier and replace them there with a version (or delete them)',
+        description='For every file of the batch whose original ACTIVE holds: read it once and check it, write '
+                    'it to ARCHIVE and record it, then put version N in its place at ACTIVE (--replace-with N) '
+                    'or delete it there (--delete-original). An original leaves ACTIVE only while at least '
+                    '--min-copies checked originals are recorded on other backends.',
+        epilog='examples:\n  archive -s 1 -t 3 fs1_images --replace-with 1\n'
+               '  archive -s 1 -t 3 fs1_audio --replace-with 1 --min-copies 2\n'
+               '  archive -s 2 -t 3 all_images --delete-original --dry-run\n\n'
+               'versions: image 1 WebP 1920x1440, 2 WebP 640x480, 10 gzip -9; audio 1 FLAC, 10 gzip -9',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    archive.add_argument('-s', '--source', type=int, required=True, metavar='ACTIVE', help='active storage id')
+    archive.add_argument('-t', '--target', type=int, required=True, metavar='ARCHIVE', help='archive storage id')
+    archive.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
+    then = archive.add_mutually_exclusive_group(required=True)
+    then.add_argument('--replace-with', type=non_negative_int, metavar='N',
+                      help='put version N in place of the original at ACTIVE')
+    then.add_argument('--delete-original', action='store_true', help='delete the original at ACTIVE')
+    archive.add_argument('--min-copies', type=positive_int, default=1, metavar='N',
+                         help='checked originals that must be recorded on other backends (default 1)')
+    archive.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+                         help=f'parallel transfers (default {DEFAULT_JOBS})')
+    archive.add_argument('--dry-run', action='store_true', help='say what would be done; change nothing')
+    archive.add_argument('--limit', type=non_negative_int, metavar='N', help='archive at most N files')
+    archive.add_argument('--source-path', metavar='P', help='where ACTIVE is mounted, if a disk not at its recorded path')
+    archive.add_argument('--target-path', metavar='P', help='where the archive disk is mounted, if not at its recorded path')
     return parser
 
 
@@ -1614,7 +2261,7 @@ def print_backends(listing: list[dict], out=print) -> None:
     out('  '.join(cell.ljust(width) for cell, width in zip(rows[0], widths)) + '  ' + rows[0][-1])
     for row, entry in zip(rows[1:], listing):
         out('  '.join(cell.ljust(width) for cell, width in zip(row, widths)) + '  ' + row[-1])
-        held = [f"{c['group']} {c['version']}s: {c['files']:,} files"
+        held = [f"{c['group']} {c['version']}: {c['files']:,} files"
                 + (f", {human_bytes(c['bytes'])}" if c['bytes'] is not None else '') for c in entry['versions']]
         out('      ' + ('; '.join(held) if held else 'no files recorded'))
 
@@ -1654,6 +2301,12 @@ def main(argv: list[str] | None = None) -> int:
             report = copy_batch(settings, args.source, args.target, args.batch, version_type=args.version_type,
                                 jobs=args.jobs, dry_run=args.dry_run, limit=args.limit,
                                 source_path=args.source_path, target_path=args.target_path)
+            return report.exit_status
+        elif args.command == 'archive':
+            report = archive_batch(settings, args.source, args.target, args.batch, replace_with=args.replace_with,
+                                   delete_original=args.delete_original, min_copies=args.min_copies,
+                                   jobs=args.jobs, dry_run=args.dry_run, limit=args.limit,
+                                   active_path=args.source_path, archive_path=args.target_path)
             return report.exit_status
         return EXIT_OK
     except ConfigError as exc:

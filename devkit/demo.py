@@ -98,11 +98,23 @@ def main() -> int:
         say('And the recordings')
         run_tool('copy', '-s', 1, '-t', 2, 'all_audio', '--jobs', 4, env=env)
 
-        say(f'Where the files landed: the disk at {disk}')
+        say('Archive: originals stay on the disk (already there and recorded: not written again); the active '
+            'bucket gets WebP 1920x1440 versions in their place')
+        run_tool('archive', '-s', 1, '-t', 2, 'all_images', '--replace-with', 1, env=env)
+        say('... and the recordings become FLAC online, only once each FLAC decodes to exactly the original samples')
+        run_tool('archive', '-s', 1, '-t', 2, 'all_audio', '--replace-with', 1, env=env)
+        say('The active bucket now holds the compressed versions')
+        listing = s3.list_objects_v2(Bucket='mitwelten-active').get('Contents', [])
+        for obj in listing[:6]:
+            print(f"  s3://mitwelten-active/{obj['Key']}  ({obj['Size']:,} bytes)")
+        print(f'  … {len(listing)} objects, {sum(o["Size"] for o in listing) / 1e6:.1f} MB in all '
+              f'(the originals were {total / 1e6:.1f} MB)')
+
+        say(f'Where the originals are: the disk at {disk}')
         show_tree(disk)
         print(f'\n  {disk / ".mitwelten-storage-id"}:')
         print('    ' + (disk / '.mitwelten-storage-id').read_text().strip().replace('\n', '\n    '))
-        say('The catalog now records both copies')
+        say('The catalog: the originals on the disk, the compressed versions online')
         run_tool('info', env=env)
         say('Stopping the services')
     print(f'  done. The archive disk and the logs stay in {DEMO_DIR} for you to look at.')

@@ -12,10 +12,10 @@ import dataclasses
 import datetime as dt
 import hashlib
 import io
-import math
 import random
-import struct
 import wave
+
+import numpy as np
 
 import psycopg2.extras
 from PIL import Image, ImageDraw, ImageFilter
@@ -79,34 +79,38 @@ def make_jpeg(width: int, height: int, when: dt.datetime, rng: random.Random, or
 
 def make_wav(seconds: float, rate: int = 48000, channels: int = 1, bit_depth: int = 16,
              rng: random.Random | None = None) -> bytes:
-    """A PCM WAV recording: bird-like chirps over noise."""
+    """A PCM WAV recording (8-, 16-, 24- or 32-bit): bird-like chirps over noise."""
     rng = rng or random.Random()
-    frames = int(seconds * rate)
+    noise = np.random.default_rng(rng.getrandbits(64))
+    t = np.arange(int(seconds * rate)) / rate
+    chirp = rng.uniform(2000, min(6000, rate / 3))
+    base = 0.3 * np.sin(2 * np.pi * (chirp + 800 * np.sin(7 * t)) * t) * (0.5 + 0.5 * np.sin(3 * t))
+    signal = np.stack([base + noise.normal(0, 0.05, t.size) + 0.05 * c for c in range(channels)], axis=1)
     peak = (1 << (bit_depth - 1)) - 1
-    chirp = rng.uniform(2000, 6000)
-    samples = bytearray()
-    pack = {16: lambda v: struct.pack('<h', v), 24: lambda v: struct.pack('<i', v)[:3],
-            32: lambda v: struct.pack('<i', v)}[bit_depth]
-    for i in range(frames):
-        t = i / rate
-        base = 0.3 * math.sin(2 * math.pi * (chirp + 800 * math.sin(7 * t)) * t) * (0.5 + 0.5 * math.sin(3 * t))
-        for channel in range(channels):
-            value = base + rng.gauss(0, 0.05) + 0.05 * channel
-            samples += pack(max(-peak, min(peak, int(value * peak))))
+    values = np.clip(np.round(signal * peak), -peak, peak).astype('<i4')
+    if bit_depth == 8:
+        data = (values + 128).astype(np.uint8).tobytes()
+    elif bit_depth == 16:
+        data = values.astype('<i2').tobytes()
+    elif bit_depth == 24:
+        data = values.astype('<i4').view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+    else:
+        data = values.tobytes()
     out = io.BytesIO()
     with wave.open(out, 'wb') as wav:
         wav.setnchannels(channels)
         wav.setsampwidth(bit_depth // 8)
         wav.setframerate(rate)
-        wav.writeframes(bytes(samples))
+        wav.writeframes(data)
     return out.getvalue()
 
 
-def sample_images(count: int, width: int = 320, height: int = 240, seed: int = 1) -> list[SampleFile]:
+def sample_images(count: int, width: int = 320, height: int = 240, seed: int = 1, start: int = 0) -> list[SampleFile]:
+    """`count` camera-trap images; `start` shifts their times (and names) past an earlier call's."""
     rng = random.Random(seed)
     cams = [n for n in NODES if n[1].endswith('Cam')]
     files = []
-    for i in range(count):
+    for i in range(start, start + count):
         label, _, _, period_start = cams[i % len(cams)]
         when = dt.datetime(period_start.year, 7, 27, 14, 42, 33, tzinfo=UTC) + dt.timedelta(seconds=37 * i)
         name = f"{label}/{when:%Y-%m-%d}/{when:%H}/{label}_{when:%Y-%m-%dT%H-%M-%S}Z.jpg"
@@ -116,11 +120,11 @@ def sample_images(count: int, width: int = 320, height: int = 240, seed: int = 1
 
 
 def sample_recordings(count: int, seconds: float = 0.5, rate: int = 48000, channels: int = 1,
-                      bit_depth: int = 16, seed: int = 2) -> list[SampleFile]:
+                      bit_depth: int = 16, seed: int = 2, start: int = 0) -> list[SampleFile]:
     rng = random.Random(seed)
     moths = [n for n in NODES if n[1] == 'Audiomoth']
     files = []
-    for i in range(count):
+    for i in range(start, start + count):
         label, _, _, period_start = moths[i % len(moths)]
         when = dt.datetime(period_start.year, 7, 27, 5, 0, 0, tzinfo=UTC) + dt.timedelta(minutes=10 * i)
         name = f"{label}/{when:%Y-%m-%d}/{when:%H}/{label}_{when:%Y-%m-%dT%H-%M-%S}Z.wav"

@@ -230,7 +230,7 @@ def test_info_lists_backends_as_table_and_json(world):
     assert lines[1].split()[:4] == [str(s3_id), 's3', '0', world.s3_url(world.backend(s3_id).url_prefix
                                                                            .rsplit('/', 1)[1])]
     image_bytes = ms.human_bytes(sum(len(f.data) for f in images))
-    assert lines[2].strip() == (f'image originals: 3 files, {image_bytes}; audio originals: 2 files, '
+    assert lines[2].strip() == (f'image original: 3 files, {image_bytes}; audio original: 2 files, '
                                 f'{ms.human_bytes(sum(len(f.data) for f in recordings))}')
     assert lines[3].split()[:4] == [str(local_id), 'local', '2', str(disk)] and 'online' in lines[3]
     assert lines[4].strip() == 'no files recorded'
