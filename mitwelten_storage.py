@@ -24,10 +24,12 @@ import dataclasses
 import datetime as dt
 import errno
 import fcntl
+import glob
 import gzip
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import os
@@ -548,6 +550,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_output(path: Path):
+    """A file written under a temporary name in the same folder, fsynced, then renamed into
+    place: `path` is either its old self or the whole new file, never half written (rule 2)."""
+    tmp = path.with_name(f'.{path.name}.{RUN_MARK}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}')
+    try:
+        with open(tmp, 'x', encoding='utf-8') as handle:
+            yield handle
+            handle.flush()
+            full_fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
 def read_dot_file(root: Path) -> dict[str, str]:
     """The key=value lines of a disk's .mitwelten-storage-id, as the earlier Mitwelten script
     wrote them (storage_id, created_at, storage_dir, url_prefix, device_label)."""
@@ -585,6 +605,38 @@ def dot_file_mismatch(root: Path, record: BackendRecord) -> str | None:
                 f"{values.get('created_at', '?')}, but the catalog's backend {record.storage_id} was created "
                 f'at {record.created_at}')
     return None
+
+
+DEFAULT_MOUNT_ROOTS = ('/Volumes', '/media/*', '/run/media/*/*', '/mnt')
+
+
+def mount_roots() -> list[str]:
+    """Where disks get mounted (glob patterns): macOS, Linux desktops, by hand.
+    MITWELTEN_MOUNT_ROOTS (separated by ':') replaces the list."""
+    configured = os.environ.get('MITWELTEN_MOUNT_ROOTS')
+    if configured is not None:
+        return [root for root in configured.split(os.pathsep) if root]
+    return list(DEFAULT_MOUNT_ROOTS)
+
+
+def find_disk(record: BackendRecord) -> Path | None:
+    """The folder, under the mount roots, whose dot-file matches the backend: each root itself
+    and the folders in it (a disk, or a backend folder at the top of a disk)."""
+    for pattern in mount_roots():
+        for candidate in sorted(glob.glob(os.path.expanduser(pattern))):
+            places = [Path(candidate)]
+            with contextlib.suppress(OSError), os.scandir(candidate) as entries:
+                places += sorted(Path(e.path) for e in entries if not e.name.startswith('.') and e.is_dir())
+            for place in places:
+                with contextlib.suppress(OSError):
+                    if (place / DOT_FILE).is_file() and dot_file_mismatch(place, record) is None:
+                        return place
+    return None
+
+
+def notice(text: str) -> None:
+    """A message for the user that is neither a result nor an error."""
+    tqdm.write(f'note: {text}', file=sys.stderr)
 
 
 class Backend:
@@ -642,8 +694,10 @@ class LocalBackend(Backend):
 
     def __init__(self, record: BackendRecord, root: Path | None = None):
         self.record = record
+        self.given_path = root is not None        # --path / --source-path / --target-path
         self.root = Path(root or record.url_prefix)
         self.archive = self.root / 'archive'
+        self.found_elsewhere = False
         self._checked_dirs: set[Path] = set()
         self._cleaned_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
@@ -652,12 +706,22 @@ class LocalBackend(Backend):
         return str(self.root)
 
     def check(self, writing: bool) -> None:
-        if not self.root.is_dir():
-            hint = ('--target-path' if writing else '--source-path')
-            raise ConfigError(f'{self.describe()} is not mounted: {self.root} does not exist; '
-                              f'pass {hint} where the disk is mounted now')
+        """Find the disk and make sure it is this backend: its dot-file must match the catalog
+        row (storage_id and created_at). Not at its recorded path, the disk is looked for under
+        the usual mount roots; a path given by the user is used as it is."""
         problem = dot_file_mismatch(self.root, self.record)
+        if problem and not self.given_path:
+            found = find_disk(self.record)
+            if found:
+                notice(f'{self.describe()} is not at its recorded path; found it at {found} (its {DOT_FILE} '
+                       'matches)')
+                self.root, self.found_elsewhere, problem = found, True, None
         if problem:
+            hint = '--target-path' if writing else '--source-path'
+            if not self.root.is_dir():
+                raise ConfigError(f'{self.describe()} is not mounted: {self.root} does not exist and no disk with '
+                                  f'its {DOT_FILE} is mounted under {", ".join(mount_roots())}; pass {hint} (or '
+                                  '--path) where the disk is mounted now')
             raise ConfigError(f'refusing to use {self.describe()}: {problem}')
         storage_dir = read_dot_file(self.root).get('storage_dir') or 'archive'
         if '/' in storage_dir or storage_dir in ('.', '..'):
@@ -1604,19 +1668,9 @@ Copy a batch onto this disk:
 PRIORITY_TIERS = {0: 'online S3, public', 1: 'online S3, not public', 2: 'offline archive disk'}
 
 
-def write_file_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}')
-    try:
-        with open(tmp, 'x', encoding='utf-8') as handle:
-            handle.write(text)
-            handle.flush()
-            full_fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as handle:
+        handle.write(text)
 
 
 def create_local_backend(settings: Settings, path: str, priority: int, label: str) -> BackendRecord:
@@ -1644,9 +1698,9 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
         dot_lines = [f'storage_id={record.storage_id}', f'created_at={record.created_at}',
                      'storage_dir=archive', f'url_prefix={root}', f'device_label={label}']
         try:
-            write_file_atomically(root / DOT_FILE, '\n'.join(dot_lines) + '\n')
+            _write_text(root / DOT_FILE, '\n'.join(dot_lines) + '\n')
             created.append(root / DOT_FILE)
-            write_file_atomically(root / 'README.md', DISK_README.format(
+            _write_text(root / 'README.md', DISK_README.format(
                 storage_id=record.storage_id, created_at=record.created_at.strftime('%Y-%m-%d %H:%M:%S %Z'),
                 label=label, priority=priority, tier=PRIORITY_TIERS.get(priority, 'custom tier'), root=root))
             created.append(root / 'README.md')
@@ -1723,8 +1777,8 @@ def version_counts(conn) -> dict[int, list[dict]]:
 
 
 def list_backends(settings: Settings) -> list[dict]:
-    """Every backend, with its files per version and whether a local disk is online (its
-    dot-file found and matching at the recorded path)."""
+    """Every backend, with its files per version and, for a disk, whether it is online: its
+    dot-file found and matching at the recorded path, or else under the mount roots."""
     conn = connect_catalog(settings)
     try:
         records = fetch_backends(conn)
@@ -1737,7 +1791,10 @@ def list_backends(settings: Settings) -> list[dict]:
                  'priority': record.priority, 'notes': record.notes,
                  'created_at': record.created_at.isoformat(), 'versions': counts.get(record.storage_id, [])}
         if record.type == 'local':
-            entry['online'] = dot_file_mismatch(Path(record.url_prefix), record) is None
+            at_recorded_path = dot_file_mismatch(Path(record.url_prefix), record) is None
+            mounted_at = Path(record.url_prefix) if at_recorded_path else find_disk(record)
+            entry['online'] = mounted_at is not None
+            entry['mounted_at'] = str(mounted_at) if mounted_at else None
         listing.append(entry)
     return listing
 
@@ -1829,6 +1886,8 @@ def _flush_or_explain(catalog: CatalogWriter, run: Run) -> None:
 
 def _selection_notes(counts: dict) -> list[str]:
     notes = []
+    if not counts['at_source']:
+        notes.append('the source holds none of the files of this batch, as that version or as the original')
     if counts['done']:
         notes.append(f"{counts['done']} of the batch's {counts['at_source']} files at the source were at the "
                      'target already')
@@ -2104,6 +2163,460 @@ def archive_second_half(step: ArchiveStep, active: Backend, version: Version | N
     return 'deleted'
 
 
+# --- verify --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class HeldFile:
+    """A file the catalog records on a backend: which group, which version, under which name."""
+    group: str
+    record: FileRecord
+    version_type: int
+
+    @property
+    def version(self) -> Version | None:
+        return VERSIONS.get((self.group, self.version_type))
+
+    @property
+    def stored_name(self) -> str:
+        return self.version.object_name(self.record.object_name) if self.version else self.record.object_name
+
+
+def held_files(conn, storage_id: int, batch=None) -> tuple[Iterator[HeldFile], dict]:
+    """Every file the catalog records on the backend (of the batch, if given), streamed in
+    folder order: by the folders of the name, part by part, then by name (COLLATE "C" orders
+    like Python's str), so a disk's folders can be walked alongside. Also the totals."""
+    groups = [GROUPS[batch.group]] if batch else list(GROUPS.values())
+    parts = []
+    for group in groups:
+        source = f'({batch_sql(batch)})' if batch else group.files_table
+        parts.append(f"SELECT '{group.name}' AS grp, f.file_id, f.object_name, f.file_size, f.sha256, s.type "
+                     f'FROM {group.storage_table} s JOIN {source} AS f ON f.file_id = s.file_id '
+                     f'WHERE s.storage_id = {int(storage_id)}')
+    union = '\nUNION ALL\n'.join(parts)
+    folders = "(string_to_array(object_name, '/'))[1:cardinality(string_to_array(object_name, '/')) - 1]"
+    totals_query = (f'SELECT count(*), coalesce(sum(file_size) FILTER (WHERE type = 0), 0), '
+                    f'count(*) FILTER (WHERE type <> 0) FROM ({union}) AS held')
+    with conn.cursor() as cur:
+        try:
+            cur.execute(totals_query)
+        except psycopg2.Error as exc:
+            conn.rollback()
+            detail = (exc.pgerror or str(exc)).strip().splitlines()[0]
+            raise ConfigError(f"batch '{batch.id}' (batches.py) cannot be selected: {detail}") from None
+        files, original_bytes, versions = cur.fetchone()
+    conn.commit()
+
+    def stream() -> Iterator[HeldFile]:
+        cur = conn.cursor(name=f'held_{uuid.uuid4().hex[:8]}')
+        cur.itersize = 2000
+        try:
+            cur.execute(f'SELECT * FROM ({union}) AS held ORDER BY {folders} COLLATE "C", object_name COLLATE "C"')
+            for group, file_id, object_name, file_size, sha256, version_type in cur:
+                yield HeldFile(group, FileRecord(file_id, object_name, int(file_size),
+                                                 (sha256 or '').strip().lower()), version_type)
+        finally:
+            with contextlib.suppress(psycopg2.Error):
+                cur.close()
+                conn.commit()
+    return stream(), {'files': files, 'original_bytes': original_bytes, 'versions': versions}
+
+
+def disk_folders(archive_root: Path) -> Iterator[tuple[tuple[str, ...], list[os.DirEntry]]]:
+    """Every folder under the archive root with the entries in it that are not folders, in the
+    order held_files() yields names: parent before children, siblings sorted."""
+    def walk(folder: Path, parts: tuple[str, ...]):
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError:
+            entries = []
+        yield parts, [e for e in entries if not e.is_dir(follow_symlinks=False)]
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from walk(Path(entry.path), parts + (entry.name,))
+    yield from walk(archive_root, ())
+
+
+def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = None, *, fix: bool = False,
+                   path: str | None = None, jobs: int = DEFAULT_JOBS, log_dir: Path | None = None,
+                   show_progress: bool | None = None, out: Callable[[str], None] = print) -> RunReport:
+    """Check every file the catalog records on the backend (in the batch, if given): there, and
+    sound (originals hash to the catalog's sha256, gzip versions decompress to it, WebP and FLAC
+    versions decode). On a disk, without a batch, also list the files the catalog does not know.
+    With `fix`, remove the catalog rows of missing and corrupt files (never a file)."""
+    _check_run_options(jobs, None)
+    batch = find_batch(batch_id) if batch_id else None
+    conn = connect_catalog(settings)
+    try:
+        backend = open_backend(fetch_backend(conn, storage_id), path=path, jobs=jobs)
+    finally:
+        conn.close()
+    backend.check(writing=False)
+    reader = connect_catalog(settings)
+    writer_conn = connect_catalog(settings)
+    try:
+        files, totals = held_files(reader, storage_id, batch)
+        title = f'{backend.describe()}' + (f", batch '{batch.id}'" if batch else '')
+        found: dict[str, list] = {'missing': [], 'corrupt': [], 'unknown': [], 'unchecked': []}
+        # Versions' sizes are not in the catalog: with versions on the backend, count files only.
+        total_bytes = totals['original_bytes'] if not totals['versions'] else None
+        with Run('verify', title, totals['files'], total_bytes, log_dir, show_progress) as run:
+            def finding(kind: str, held: HeldFile | None, name: str, reason: str = '') -> None:
+                found[kind].append((held, name, reason))
+                run.report.failures.append((name, reason or kind))
+                if held:
+                    run.outcome(held.record, kind, 0, reason)
+                run.message(f'{kind.upper()} {name}' + (f': {reason}' if reason else ''))
+
+            def on_done(held: HeldFile, future) -> None:
+                try:
+                    nbytes = future.result()
+                except SourceMissing:
+                    finding('missing', held, held.stored_name)
+                except FileFailure as exc:
+                    finding('corrupt', held, held.stored_name, str(exc))
+                except Exception as exc:
+                    finding('unchecked', held, held.stored_name, describe_exception(exc))
+                else:
+                    run.outcome(held.record, 'sound', nbytes)
+
+            def checkable(held: HeldFile) -> bool:
+                if held.version is None:
+                    finding('unchecked', held, held.record.object_name,
+                            f'version type {held.version_type} is unknown to this tool')
+                    return False
+                try:
+                    safe_object_parts(held.stored_name)
+                except UnsafeObjectName as exc:
+                    finding('corrupt', held, held.stored_name, str(exc))
+                    return False
+                return True
+
+            items = (held for held in files if checkable(held))
+            if isinstance(backend, LocalBackend) and batch is None:
+                items = _walk_alongside(items, backend, finding)
+            Pipeline(jobs, run).drive(items, lambda held: verify_file(backend, held, run.progress), on_done)
+            removed = _remove_rows(writer_conn, storage_id, found, run) if fix and not run.stop_requested else None
+        out(format_verify_report(run.report, title, found, removed, bool(batch), backend))
+        return run.report
+    finally:
+        reader.close()
+        writer_conn.close()
+
+
+def _walk_alongside(items: Iterator[HeldFile], backend: LocalBackend, finding: Callable) -> Iterator[HeldFile]:
+    """Merge the catalog's files (in folder order) with a walk of the disk's folders, one folder
+    at a time: what only the catalog has is missing, what only the disk has is unknown, what
+    both have is checked. Memory holds one folder, whatever the size of the disk."""
+    def by_folder(held_items):
+        for folder, group in itertools.groupby(held_items, key=lambda h: tuple(h.stored_name.split('/')[:-1])):
+            yield folder, list(group)
+
+    catalog, disk = by_folder(items), disk_folders(backend.archive)
+    cat, here = next(catalog, None), next(disk, None)
+    while cat is not None or here is not None:
+        if here is None or (cat is not None and cat[0] < here[0]):
+            for held in cat[1]:
+                finding('missing', held, held.stored_name)
+            cat = next(catalog, None)
+        elif cat is None or here[0] < cat[0]:
+            for entry in here[1]:
+                _unknown(finding, here[0], entry)
+            here = next(disk, None)
+        else:
+            entries = {entry.name: entry for entry in here[1]}
+            for held in cat[1]:
+                entry = entries.pop(held.stored_name.rsplit('/', 1)[-1], None)
+                if entry is None:
+                    finding('missing', held, held.stored_name)
+                else:
+                    yield held
+            for entry in entries.values():
+                _unknown(finding, here[0], entry)
+            cat, here = next(catalog, None), next(disk, None)
+
+
+def _unknown(finding: Callable, folder: tuple[str, ...], entry: os.DirEntry) -> None:
+    name = '/'.join(folder + (entry.name,))
+    if entry.name.endswith(TMP_SUFFIX):
+        finding('unknown', None, name, 'a temporary file left by an interrupted run: safe to delete')
+    elif entry.is_symlink():
+        finding('unknown', None, name, 'a symbolic link')
+    else:
+        finding('unknown', None, name)
+
+
+def verify_file(backend: Backend, held: HeldFile, progress: Callable[[int], None]) -> int:
+    """Read the stored file once and check it; returns the bytes read."""
+    record, version = held.record, held.version
+    if version.type == 0:
+        for _ in CheckedStream(backend.read(record.object_name), record, progress):
+            pass
+        return record.file_size
+    data = b''.join(backend.read(held.stored_name))
+    progress(len(data))
+    version.check(data, record)
+    return len(data)
+
+
+def _remove_rows(conn, storage_id: int, found: dict, run: Run) -> list[HeldFile]:
+    removed = [held for kind in ('missing', 'corrupt') for held, _, _ in found[kind] if held is not None]
+    for group in GROUPS.values():
+        writer = CatalogWriter(conn, group)
+        for held in removed:
+            if held.group == group.name:
+                writer.remove(held.record.file_id, storage_id)
+        writer.flush()
+    for held in removed:
+        run.log_line(f'--fix removed the row of file {held.record.file_id} ({held.stored_name})')
+    return removed
+
+
+def format_verify_report(report: RunReport, title: str, found: dict, removed: list | None, with_batch: bool,
+                         backend: Backend) -> str:
+    lines = [f'verify {title}']
+    sound = report.count('sound')
+    problems = sum(len(entries) for entries in found.values())
+    lines.append(f'  {sound:,} files sound; {human_bytes(report.bytes_done)} read in {report.seconds:.1f} s'
+                 + ('' if problems else '; all is well'))
+    headings = {'missing': 'missing (recorded, not there)', 'corrupt': 'corrupt (there, but not sound)',
+                'unknown': f'unknown (under {getattr(backend, "archive", "archive/")}, not in the catalog)',
+                'unchecked': 'could not be checked'}
+    for kind, heading in headings.items():
+        if found[kind]:
+            lines.append(f'  {len(found[kind])} {heading}:')
+            for _, name, reason in found[kind][:50]:
+                lines.append(f'    {name}' + (f': {reason}' if reason else ''))
+            if len(found[kind]) > 50:
+                lines.append(f'    … and {len(found[kind]) - 50} more (see the log)')
+    if isinstance(backend, LocalBackend) and with_batch:
+        lines.append('  (unknown files are looked for when the whole backend is verified, without a batch)')
+    if removed is not None:
+        lines.append(f'  --fix: removed the catalog rows of {len(removed)} missing or corrupt files (no file was '
+                     'touched); `copy` puts them back' if removed else '  --fix: no rows to remove')
+    elif found['missing'] or found['corrupt']:
+        lines.append('  run again with --fix to remove the rows of the missing and corrupt files, then `copy` '
+                     'to put them back')
+    if report.interrupted:
+        lines.append('  interrupted: not every file was checked')
+    if report.log_path:
+        lines.append(f'  log: {report.log_path}')
+    return '\n'.join(lines)
+
+
+# --- report --------------------------------------------------------------------------------------
+
+REPORT_FILES = ('manifest-sha256.txt', 'REPORT.md', 'archive_index.db')
+
+
+def manifest_line(sha256_hex: str, relative_path: str) -> str:
+    """A line `sha256sum -c` accepts: names with a backslash or newline are escaped, and the
+    line then starts with a backslash (GNU coreutils' convention)."""
+    if '\\' in relative_path or '\n' in relative_path:
+        escaped = relative_path.replace('\\', '\\\\').replace('\n', '\\n')
+        return f'\\{sha256_hex}  {escaped}\n'
+    return f'{sha256_hex}  {relative_path}\n'
+
+
+def write_report(settings: Settings, storage_id: int, *, path: str | None = None,
+                 out: Callable[[str], None] = print) -> dict:
+    """Write onto a local disk what makes it readable without the database: a sha256 manifest
+    of its originals, REPORT.md, and archive_index.db (SQLite) with the catalog rows of
+    everything on it. Each file is written atomically."""
+    conn = connect_catalog(settings)
+    try:
+        record = fetch_backend(conn, storage_id)
+        backend = open_backend(record, path=path)
+        if not isinstance(backend, LocalBackend):
+            raise ConfigError(f'{record.describe()} is an S3 backend: `report` writes onto a local disk')
+        backend.check(writing=True)
+        with backend.writing():
+            made = dt.datetime.now(dt.timezone.utc)
+            manifest = _write_manifest(conn, backend)
+            summary = _write_index(conn, backend, made)
+            _write_report_md(conn, backend, settings, made, manifest, summary)
+    finally:
+        conn.close()
+    for name in REPORT_FILES:
+        out(f'wrote {backend.root / name}')
+    out(f"  {manifest['originals']:,} originals in the manifest ({human_bytes(manifest['bytes'])}); check them "
+        f'without the database: cd {backend.root} && sha256sum -c manifest-sha256.txt')
+    return {'manifest': manifest, **summary, 'root': backend.root}
+
+
+def _write_manifest(conn, backend: LocalBackend) -> dict:
+    """manifest-sha256.txt: `<sha256>  archive/<object name>` for every original recorded on the
+    disk (the BagIt manifest convention), which `sha256sum -c` accepts from the disk's root."""
+    originals = size = 0
+    prefix = backend.archive.name
+    with atomic_output(backend.root / 'manifest-sha256.txt') as manifest:
+        for group in GROUPS.values():
+            cur = conn.cursor(name=f'manifest_{uuid.uuid4().hex[:8]}')
+            cur.itersize = 5000
+            cur.execute(sql.SQL('SELECT f.object_name, f.sha256, f.file_size FROM {} s JOIN {} f '
+                                'ON f.file_id = s.file_id WHERE s.storage_id = %s AND s.type = 0 '
+                                'ORDER BY f.object_name COLLATE "C"').format(
+                sql.Identifier(group.storage_table), sql.Identifier(group.files_table)), (backend.record.storage_id,))
+            for object_name, sha256_hex, file_size in cur:
+                manifest.write(manifest_line(sha256_hex.strip().lower(), f'{prefix}/{object_name}'))
+                originals += 1
+                size += file_size
+            cur.close()
+            conn.commit()
+    return {'originals': originals, 'bytes': size}
+
+
+def _sqlite_value(value):
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return json.dumps(value)
+    if isinstance(value, psycopg2.extras.Range):
+        return json.dumps([_sqlite_value(value.lower), _sqlite_value(value.upper)])
+    if value is None or isinstance(value, (int, float, str, bytes)):
+        return value
+    return str(value)
+
+
+def _copy_query(conn, index, table: str, query: sql.Composable, params=()) -> int:
+    """Stream a query's rows into a new SQLite table of the same column names."""
+    cur = conn.cursor(name=f'index_{uuid.uuid4().hex[:8]}')
+    cur.itersize = 5000
+    cur.execute(query, params)
+    rows = iter(cur)
+    first = next(rows, None)      # a named cursor describes its columns once it has fetched
+    columns = [d[0] for d in cur.description]
+    index.execute(f'CREATE TABLE {table} ({", ".join(columns)})')
+    insert = f'INSERT INTO {table} VALUES ({", ".join("?" for _ in columns)})'
+    count = 0
+    for row in itertools.chain([first] if first is not None else [], rows):
+        index.execute(insert, [_sqlite_value(v) for v in row])
+        count += 1
+    cur.close()
+    conn.commit()
+    return count
+
+
+def _write_index(conn, backend: LocalBackend, made: dt.datetime) -> dict:
+    import sqlite3
+    final = backend.root / 'archive_index.db'
+    tmp = final.with_name(f'.{final.name}.{RUN_MARK}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}')
+    storage_id = backend.record.storage_id
+    counts = {}
+    try:
+        index = sqlite3.connect(tmp)
+        with index:
+            for group in GROUPS.values():
+                counts[group.files_table] = _copy_query(conn, index, group.files_table, sql.SQL(
+                    'SELECT f.*, s.type AS version_type FROM {} s JOIN {} f ON f.file_id = s.file_id '
+                    'WHERE s.storage_id = %s ORDER BY f.file_id').format(
+                    sql.Identifier(group.storage_table), sql.Identifier(group.files_table)), (storage_id,))
+            on_disk = sql.SQL(' UNION ').join(
+                sql.SQL('SELECT f.deployment_id FROM {} s JOIN {} f ON f.file_id = s.file_id WHERE s.storage_id = {}')
+                .format(sql.Identifier(g.storage_table), sql.Identifier(g.files_table), sql.Literal(storage_id))
+                for g in GROUPS.values())
+            counts['deployments'] = _copy_query(conn, index, 'deployments', sql.SQL(
+                'SELECT d.deployment_id, d.node_id, d.location::text AS location, d.description, '
+                'lower(d.period) AS period_start, upper(d.period) AS period_end FROM deployments d '
+                'WHERE d.deployment_id IN ({}) ORDER BY d.deployment_id').format(on_disk))
+            counts['nodes'] = _copy_query(conn, index, 'nodes', sql.SQL(
+                'SELECT n.* FROM nodes n WHERE n.node_id IN (SELECT node_id FROM deployments '
+                'WHERE deployment_id IN ({})) ORDER BY n.node_id').format(on_disk))
+            counts['tags'] = _copy_query(conn, index, 'deployment_tags', sql.SQL(
+                'SELECT md.deployments_deployment_id AS deployment_id, t.name AS tag FROM mm_tags_deployments md '
+                'JOIN tags t ON t.tag_id = md.tags_tag_id WHERE md.deployments_deployment_id IN ({}) '
+                'ORDER BY 1, 2').format(on_disk))
+            index.execute('CREATE TABLE about (key, value)')
+            index.executemany('INSERT INTO about VALUES (?, ?)', [
+                ('storage_id', storage_id), ('url_prefix', backend.record.url_prefix),
+                ('device_label', backend.record.notes), ('made_at', made.isoformat()),
+                ('versions', json.dumps({f'{g}:{t}': v.label for (g, t), v in VERSIONS.items()}))])
+            for group in GROUPS.values():
+                index.execute(f'CREATE INDEX {group.files_table}_object_name ON {group.files_table} (object_name)')
+                index.execute(f'CREATE INDEX {group.files_table}_time ON {group.files_table} (time)')
+        index.close()
+        with open(tmp, 'rb+') as handle:
+            full_fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+    return counts
+
+
+def _write_report_md(conn, backend: LocalBackend, settings: Settings, made: dt.datetime, manifest: dict,
+                     summary: dict) -> None:
+    storage_id = backend.record.storage_id
+    with conn.cursor() as cur:
+        contents, deployments = [], []
+        first = last = None
+        for group in GROUPS.values():
+            cur.execute(sql.SQL('SELECT s.type, count(*), sum(f.file_size), min(f.time), max(f.time) FROM {} s '
+                                'JOIN {} f ON f.file_id = s.file_id WHERE s.storage_id = %s GROUP BY s.type '
+                                'ORDER BY s.type').format(sql.Identifier(group.storage_table),
+                                                          sql.Identifier(group.files_table)), (storage_id,))
+            for version_type, files, size, earliest, latest in cur.fetchall():
+                version = VERSIONS.get((group.name, version_type))
+                contents.append((group.name, version_type, version.label if version else 'unknown', files,
+                                 int(size) if version_type == 0 else None))
+                first = earliest if first is None else min(first, earliest)
+                last = latest if last is None else max(last, latest)
+        on_disk = sql.SQL(' UNION ALL ').join(
+            sql.SQL('SELECT f.deployment_id, f.time FROM {} s JOIN {} f ON f.file_id = s.file_id '
+                    'WHERE s.storage_id = {}').format(sql.Identifier(g.storage_table), sql.Identifier(g.files_table),
+                                                     sql.Literal(storage_id)) for g in GROUPS.values())
+        cur.execute(sql.SQL(
+            'SELECT d.deployment_id, n.node_label, n.type, d.description, lower(d.period), upper(d.period), '
+            'count(*), min(x.time), max(x.time), '
+            "(SELECT string_agg(t.name, ', ' ORDER BY t.name) FROM mm_tags_deployments md JOIN tags t "
+            'ON t.tag_id = md.tags_tag_id WHERE md.deployments_deployment_id = d.deployment_id) '
+            'FROM ({}) x JOIN deployments d ON d.deployment_id = x.deployment_id JOIN nodes n ON n.node_id = d.node_id '
+            'GROUP BY d.deployment_id, n.node_label, n.type ORDER BY n.node_label, d.deployment_id').format(on_disk))
+        deployments = cur.fetchall()
+    conn.commit()
+    day = lambda value: '' if value is None or not isinstance(value, dt.datetime) else value.strftime('%Y-%m-%d')
+    moment = lambda value: value.astimezone(dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC') if value else '–'
+    total_files = sum(row[3] for row in contents)
+    lines = [
+        f'# Mitwelten archive disk {storage_id}: {backend.record.notes or ""}'.rstrip(),
+        '',
+        f'Report made {moment(made)} by mitwelten-storage from the catalog (schema `{settings.schema}`). It describes',
+        'what the catalog records on this disk; `manifest-sha256.txt` and `archive_index.db` beside it make the disk',
+        'readable and checkable without the database.',
+        '',
+        '## Contents',
+        '',
+        '| group | type | version | files | bytes |',
+        '|---|---|---|---:|---:|',
+    ]
+    for group, version_type, label, files, size in contents:
+        lines.append(f'| {group} | {version_type} | {label} | {files:,} | '
+                     f'{human_bytes(size) if size is not None else "(not recorded)"} |')
+    lines += ['', f'{total_files:,} files in all; originals: {manifest["originals"]:,} files, '
+                  f'{human_bytes(manifest["bytes"])} ({manifest["bytes"]:,} bytes).', '',
+              f'First sample: {moment(first)}. Last sample: {moment(last)}.', '',
+              f'## Deployments ({len(deployments)}, from {len({row[1] for row in deployments})} nodes)', '',
+              '| deployment | node | node type | tags | description | period | files | samples from | to |',
+              '|---:|---|---|---|---|---|---:|---|---|']
+    for dep_id, label, kind, description, start, end, files, earliest, latest, tags in deployments:
+        period = f'{day(start) or "…"} to {day(end) or "…"}'
+        text = (description or '').replace('|', '/').replace('\n', ' ')
+        lines.append(f'| {dep_id} | {label} | {kind} | {tags or ""} | {text} | {period} | {files:,} | '
+                     f'{moment(earliest)} | {moment(latest)} |')
+    lines += ['', '## Without the database', '',
+              'Check every original against its sha256 (from this folder):', '',
+              '    sha256sum -c manifest-sha256.txt', '',
+              'Search the catalog rows of the files here (SQLite):', '',
+              '    sqlite3 archive_index.db "SELECT object_name, time FROM files_image WHERE deployment_id = 1"', '',
+              f'`archive_index.db` holds the tables files_image ({summary["files_image"]:,} rows), files_audio '
+              f'({summary["files_audio"]:,}), deployments ({summary["deployments"]:,}), nodes ({summary["nodes"]:,}) '
+              'and deployment_tags; `version_type` says which version of a file is here (0 is the original).', '']
+    with atomic_output(backend.root / 'REPORT.md') as report:
+        report.write('\n'.join(lines))
+
+
 def format_summary(report: RunReport, title: str) -> str:
     seconds = max(report.seconds, 1e-9)
     lines = [f'{report.command} {title}']
@@ -2146,6 +2659,8 @@ examples:
   mitwelten_storage.py copy -s 1 -t 3 all_images --jobs 8
   mitwelten_storage.py copy -s 1 -t 2 all_images --type 2          # WebP 640x480 made from the originals
   mitwelten_storage.py archive -s 1 -t 3 fs1_images --replace-with 1
+  mitwelten_storage.py verify 3 --fix
+  mitwelten_storage.py report 3
 
 database: --db DSN, else $MITWELTEN_DB, else libpq's defaults (PGHOST, PGUSER, ~/.pgpass, …);
 schema: --schema, else $MITWELTEN_DB_SCHEMA, else 'prod'. S3 credentials come from boto3's
@@ -2245,6 +2760,31 @@ def build_parser() -> ArgumentParser:
     archive.add_argument('--limit', type=non_negative_int, metavar='N', help='archive at most N files')
     archive.add_argument('--source-path', metavar='P', help='where ACTIVE is mounted, if a disk not at its recorded path')
     archive.add_argument('--target-path', metavar='P', help='where the archive disk is mounted, if not at its recorded path')
+
+    verify = commands.add_parser(
+        'verify', help='check the files the catalog records on a backend',
+        description='Checks every file the catalog records on STORAGE (in BATCH, if given): there, and sound '
+                    '(originals hash to the catalog sha256, gzip versions decompress to it, WebP and FLAC versions '
+                    'decode). Lists what is missing or corrupt and, on a disk, files the catalog does not know.',
+        epilog='examples:\n  verify 3\n  verify 3 fs1_images --path /Volumes/archive07\n  verify 3 --fix',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument('storage', type=int, metavar='STORAGE', help='storage id')
+    verify.add_argument('batch', nargs='?', help='only the files of this batch')
+    verify.add_argument('--fix', action='store_true',
+                        help='remove the catalog rows of missing and corrupt files (never a file), so `copy` puts '
+                             'them back')
+    verify.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
+    verify.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+                        help=f'files checked in parallel (default {DEFAULT_JOBS})')
+
+    report = commands.add_parser(
+        'report', help='write REPORT.md, a sha256 manifest and a SQLite index onto a disk',
+        description='Writes onto a local disk what makes it readable without the database: REPORT.md, '
+                    'manifest-sha256.txt (for `sha256sum -c` from the disk\'s root) and archive_index.db (SQLite).',
+        epilog='example:\n  report 3\n  cd /media/archive07 && sha256sum -c manifest-sha256.txt',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument('storage', type=int, metavar='STORAGE', help='storage id of a local disk')
+    report.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
     return parser
 
 
@@ -2254,7 +2794,11 @@ def print_backends(listing: list[dict], out=print) -> None:
         return
     rows = [('ID', 'TYPE', 'PRIO', 'PATH OR URL', 'CREATED', 'STATUS', 'NOTES')]
     for entry in listing:
-        status = ('online' if entry['online'] else 'offline') if entry['type'] == 'local' else ''
+        status = ''
+        if entry['type'] == 'local':
+            status = 'offline' if not entry['online'] else 'online' if entry['mounted_at'] == entry['url_prefix'] \
+                else 'moved'
+
         rows.append((str(entry['storage_id']), entry['type'], str(entry['priority']), entry['url_prefix'],
                      entry['created_at'][:19].replace('T', ' '), status, (entry['notes'] or '').replace('\n', ' ')))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -2264,6 +2808,8 @@ def print_backends(listing: list[dict], out=print) -> None:
         held = [f"{c['group']} {c['version']}: {c['files']:,} files"
                 + (f", {human_bytes(c['bytes'])}" if c['bytes'] is not None else '') for c in entry['versions']]
         out('      ' + ('; '.join(held) if held else 'no files recorded'))
+        if entry.get('mounted_at') and entry['mounted_at'] != entry['url_prefix']:
+            out(f"      mounted at {entry['mounted_at']}, not at its recorded path")
 
 
 def print_batches(batches: dict, as_json: bool, out=print) -> None:
@@ -2302,6 +2848,11 @@ def main(argv: list[str] | None = None) -> int:
                                 jobs=args.jobs, dry_run=args.dry_run, limit=args.limit,
                                 source_path=args.source_path, target_path=args.target_path)
             return report.exit_status
+        elif args.command == 'verify':
+            return verify_backend(settings, args.storage, args.batch, fix=args.fix, path=args.path,
+                                  jobs=args.jobs).exit_status
+        elif args.command == 'report':
+            write_report(settings, args.storage, path=args.path)
         elif args.command == 'archive':
             report = archive_batch(settings, args.source, args.target, args.batch, replace_with=args.replace_with,
                                    delete_original=args.delete_original, min_copies=args.min_copies,

@@ -116,6 +116,17 @@ def main() -> int:
         print('    ' + (disk / '.mitwelten-storage-id').read_text().strip().replace('\n', '\n    '))
         say('The catalog: the originals on the disk, the compressed versions online')
         run_tool('info', env=env)
+
+        say('Check the disk: every original hashed against the catalog, every file accounted for')
+        run_tool('verify', 2, env=env)
+        say('Make the disk readable without the database: REPORT.md, a sha256 manifest, a SQLite index')
+        run_tool('report', 2, env=env)
+        check = subprocess.run(['sha256sum', '-c', '--quiet', 'manifest-sha256.txt'], cwd=disk,
+                               capture_output=True, text=True) if shutil.which('sha256sum') else None
+        if check is not None:
+            print(f'$ cd {disk} && sha256sum -c manifest-sha256.txt   -> '
+                  + ('every original OK' if check.returncode == 0 else check.stdout + check.stderr))
+        print('\n' + '\n'.join((disk / 'REPORT.md').read_text().splitlines()[:16]) + '\n  …')
         say('Stopping the services')
     print(f'  done. The archive disk and the logs stay in {DEMO_DIR} for you to look at.')
     return 0

@@ -24,6 +24,11 @@ from devkit import sample_data  # noqa: E402
 from devkit.services import throwaway_services  # noqa: E402
 
 
+# The tests never look for disks under the machine's own mount roots; a test that wants disks
+# found sets MITWELTEN_MOUNT_ROOTS itself.
+os.environ['MITWELTEN_MOUNT_ROOTS'] = ''
+
+
 @pytest.fixture(scope='session')
 def services():
     with throwaway_services(pg_dsn=os.environ.get('MITWELTEN_TEST_DB')) as svc:
@@ -47,7 +52,8 @@ class World:
     def env(self) -> dict:
         env = dict(os.environ)
         env.update(MITWELTEN_DB=self.services.pg_dsn, MITWELTEN_DB_SCHEMA=self.schema,
-                   MITWELTEN_LOG_DIR=str(self.log_dir), PYTHONUNBUFFERED='1')
+                   MITWELTEN_LOG_DIR=str(self.log_dir), PYTHONUNBUFFERED='1',
+                   MITWELTEN_MOUNT_ROOTS=os.environ['MITWELTEN_MOUNT_ROOTS'])
         env.pop('MITWELTEN_CRASH_AT', None)
         return env
 
