@@ -316,8 +316,10 @@ class CatalogWriter:
     backend (rule 1), so committing later can lose changes to a crash but never record a file
     that is not there; the next run finds such files and records them then."""
 
-    def __init__(self, conn, group: Group, every_rows: int = 500, every_seconds: float = 5.0):
+    def __init__(self, conn, group: Group, every_rows: int = 500, every_seconds: float = 5.0,
+                 backends: tuple = ()):
         self.conn = conn
+        self.backends = backends       # synced before every commit: what is recorded is durable
         self.table = sql.Identifier(group.storage_table)
         self.every_rows = every_rows
         self.every_seconds = every_seconds
@@ -349,6 +351,8 @@ class CatalogWriter:
 
     def flush(self) -> None:
         if self.pending:
+            for backend in self.backends:
+                backend.sync()
             with self.conn.cursor() as cur:
                 if self.inserts:
                     psycopg2.extras.execute_values(cur, sql.SQL(
@@ -444,9 +448,9 @@ class Selection:
         self.todo = 'TRUE' if archive else 't.file_id IS NULL'
         self.limit = limit
 
-    def _compose(self, head: str, tail: str, close: str = ') AS b') -> str:
+    def _compose(self, head: str, tail: str) -> str:
         storage = self.group.storage_table
-        joins = (f'{close}\n'
+        joins = (') AS b\n'
                  f'JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s\n'
                  f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n')
         with self.conn.cursor() as cur:
@@ -470,9 +474,9 @@ class Selection:
                 '       count(*) FILTER (WHERE t.type = %(type)s),\n'
                 '       count(*) FILTER (WHERE t.type <> %(type)s),\n'
                 '       count(*)\n'
-                'FROM (SELECT DISTINCT ON (file_id) file_id, object_name, file_size, sha256 FROM (')
+                'FROM (')
         with self.conn.cursor() as cur:
-            self._run(cur, self._compose(head, '', close=') AS raw ORDER BY file_id) AS b'))
+            self._run(cur, self._compose(head, ''))
             todo, todo_bytes, done, other, at_source = cur.fetchone()
         self.conn.commit()
         if self.limit is not None and todo > self.limit:
@@ -512,6 +516,7 @@ TMP_SUFFIX = '.mwtmp'
 # Marks this process's temporary files: a run holds the disk's lock, so a temporary file without
 # this mark is a leftover of a killed run, and one with it belongs to a write in flight.
 RUN_MARK = uuid.uuid4().hex[:10]
+_TMP_NUMBERS = itertools.count()
 
 
 def safe_object_parts(object_name: str) -> list[str]:
@@ -686,6 +691,9 @@ class Backend:
     def tidy(self, object_name: str) -> None:
         """Remove what a killed run may have left beside the object (temporary files)."""
 
+    def sync(self) -> None:
+        """Make the writes and deletes so far durable: called before the catalog records them."""
+
 
 class LocalBackend(Backend):
     """An archive disk: ROOT/.mitwelten-storage-id, ROOT/README.md, ROOT/archive/<object name>."""
@@ -700,6 +708,7 @@ class LocalBackend(Backend):
         self.found_elsewhere = False
         self._checked_dirs: set[Path] = set()
         self._cleaned_dirs: set[Path] = set()
+        self._unsynced_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
 
     def location(self) -> str:
@@ -824,13 +833,14 @@ class LocalBackend(Backend):
         self._remove_leftovers(final.parent)
         # Temporary name in the same folder (rename stays atomic), hidden, and recognisable by
         # its suffix for the clean-up above (rule 2).
-        tmp = final.with_name(f'.{final.name[:200]}.{RUN_MARK}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}')
+        tmp = final.with_name(f'.{final.name[:200]}.{RUN_MARK}-{next(_TMP_NUMBERS)}{TMP_SUFFIX}')
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0), 0o644)
         try:
-            with open(fd, 'wb', buffering=CHUNK) as handle:
+            with open(fd, 'wb', buffering=0) as handle:    # chunks are large: no second buffer
                 for chunk in chunks:
-                    handle.write(chunk)
-                handle.flush()
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[handle.write(view):]
                 full_fsync(handle.fileno())
                 written = os.fstat(handle.fileno()).st_size
             if written != size:
@@ -841,13 +851,25 @@ class LocalBackend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        fsync_dir(final.parent)
+        self._changed(final.parent)
 
     def delete(self, object_name: str) -> None:
         path = self.path(object_name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-            fsync_dir(path.parent)
+            self._changed(path.parent)
+
+    def _changed(self, directory: Path) -> None:
+        with self._dirs_lock:
+            self._unsynced_dirs.add(directory)
+
+    def sync(self) -> None:
+        # The renames and removals since the last commit reach the disk in one go per folder,
+        # before the catalog records them (rule 1): one fsync per folder, not per file.
+        with self._dirs_lock:
+            directories, self._unsynced_dirs = self._unsynced_dirs, set()
+        for directory in directories:
+            fsync_dir(directory)
 
 
 def is_md5_etag(etag: str) -> bool:
@@ -872,6 +894,9 @@ class S3Backend(Backend):
             retries={'max_attempts': 5, 'mode': 'standard'},
             connect_timeout=10, read_timeout=120,
             s3={'addressing_style': 'path'},
+            # The tool checks every byte itself (sha256 against the catalog) and sends
+            # ChecksumSHA256 with its uploads; botocore's own CRC32 on top only costs CPU.
+            request_checksum_calculation='when_required', response_checksum_validation='when_required',
         )
         self.client = session.client('s3', endpoint_url=self.where.endpoint, config=config)
         self.transfer_config = TransferConfig(multipart_threshold=self.SINGLE_PUT_LIMIT,
@@ -906,7 +931,10 @@ class S3Backend(Backend):
             raise
         body = response['Body']
         try:
-            yield from body.iter_chunks(CHUNK)
+            if response.get('ContentLength', self.SINGLE_PUT_LIMIT + 1) <= self.SINGLE_PUT_LIMIT:
+                yield body.read()     # one call for a camera image: far less per-byte Python
+            else:
+                yield from body.iter_chunks(8 * CHUNK)
         finally:
             body.close()
 
@@ -1136,9 +1164,13 @@ def make_webp(original: bytes, record: FileRecord, box: tuple[int, int]) -> byte
 
 def check_webp(data: bytes, record: FileRecord, box: tuple[int, int],
                expected_size: tuple[int, int] | None = None) -> None:
+    """A WebP version decodes, at a size that fits the box. Just made (`expected_size` given),
+    the encoder's own output is checked by its header alone: decoding it again would cost a
+    tenth of the conversion, and `verify` decodes every stored one."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.load()
+            if expected_size is None:
+                image.load()
             form, size = image.format, image.size
     except (OSError, SyntaxError, ValueError) as exc:
         raise ConversionError(f'WebP version does not decode: {exc}', record.object_name) from None
@@ -1506,6 +1538,16 @@ class Run:
                                  f'{detail}\n')
             self._update_postfix()
 
+    def set_totals(self, counts: dict) -> None:
+        """The progress bar's totals, once the selection has been counted."""
+        if counts and self.total_files is None:
+            self.total_files = counts['todo']
+            self.total_bytes = counts['todo_bytes']
+            if self.total_bytes is not None and self.bar is not None:
+                self.bar.total = self.total_bytes
+                self.bar.refresh()
+            self._update_postfix()
+
     @property
     def stopping(self) -> bool:
         return self.stop_requested or bool(self.report.aborted)
@@ -1799,19 +1841,37 @@ def list_backends(settings: Settings) -> list[dict]:
     return listing
 
 
-def _open_pair(settings: Settings, source_id: int, target_id: int, source_path: str | None,
-               target_path: str | None, jobs: int, source_writing: bool = False):
+def _open_pair(conn, source_id: int, target_id: int, source_path: str | None, target_path: str | None,
+               jobs: int, source_writing: bool = False):
     if source_id == target_id:
         raise ConfigError('source and target are the same backend')
-    conn = connect_catalog(settings)
-    try:
-        source = open_backend(fetch_backend(conn, source_id), path=source_path, jobs=jobs)
-        target = open_backend(fetch_backend(conn, target_id), path=target_path, jobs=jobs)
-    finally:
-        conn.close()
+    source = open_backend(fetch_backend(conn, source_id), path=source_path, jobs=jobs)
+    target = open_backend(fetch_backend(conn, target_id), path=target_path, jobs=jobs)
     source.check(writing=source_writing)
     target.check(writing=True)
     return source, target
+
+
+def count_in_background(settings: Settings, selection: 'Selection') -> tuple[threading.Thread, dict]:
+    """The selection's counts, on a connection of their own, while the run already transfers:
+    on a batch of a million files the count takes seconds the first file need not wait for.
+    Only the progress bar's totals and the summary's notes depend on them."""
+    counts: dict = {}
+
+    def work() -> None:
+        try:
+            conn = connect_catalog(settings)
+            try:
+                counts.update(Selection(conn, selection.batch, selection.params['source'],
+                                        selection.params['target'], selection.params['type'], selection.limit,
+                                        archive=selection.todo == 'TRUE').counts())
+            finally:
+                conn.close()
+        except (StorageError, psycopg2.Error):
+            pass
+    thread = threading.Thread(target=work, name='counts', daemon=True)
+    thread.start()
+    return thread, counts
 
 
 def _check_run_options(jobs: int, limit: int | None) -> None:
@@ -1832,25 +1892,21 @@ def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str
     _check_run_options(jobs, limit)
     batch = find_batch(batch_id)
     version = find_version(batch.group, version_type)
-    source, target = _open_pair(settings, source_id, target_id, source_path, target_path, jobs)
     reader = connect_catalog(settings)
-    writer_conn = connect_catalog(settings)
+    writer_conn = None
     try:
+        source, target = _open_pair(reader, source_id, target_id, source_path, target_path, jobs)
         selection = Selection(reader, batch, source_id, target_id, version_type, limit)
-        counts = selection.counts()
         title = f"{version.label} versions of batch '{batch.id}' from {source.describe()} to {target.describe()}"
         if version.type == 0:
             title = f"originals of batch '{batch.id}' from {source.describe()} to {target.describe()}"
-        notes = _selection_notes(counts)
         if dry_run:
-            return _dry_run('copy', selection, title, notes, out,
+            return _dry_run('copy', selection, title, _selection_notes(selection.counts()), out,
                             lambda r: 'copy' if r.source_type == version.type else f'make {version.label} of')
-        catalog = CatalogWriter(writer_conn, GROUPS[batch.group])
-        with target.writing(), Run('copy', title, counts['todo'], counts['todo_bytes'], log_dir,
-                                   show_progress) as run:
-            run.log_line(f"batch {batch.id}: {counts['at_source']} files at the source, {counts['done']} at the "
-                         f"target already, {counts['todo']} to copy")
-            run.report.notes.extend(notes)
+        counting, counts = count_in_background(settings, selection)
+        writer_conn = connect_catalog(settings)
+        catalog = CatalogWriter(writer_conn, GROUPS[batch.group], backends=(target,))
+        with target.writing(), Run('copy', title, None, None, log_dir, show_progress) as run:
             copy_tags = isinstance(source, S3Backend) and isinstance(target, S3Backend)
 
             def on_done(record: FileRecord, future) -> None:
@@ -1862,17 +1918,31 @@ def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str
                 catalog.add(record.file_id, target.record.storage_id, version.type)
                 run.outcome(record, outcome, nbytes)
 
+            def between(idle: bool) -> None:
+                run.set_totals(counts)
+                catalog.flush() if idle else catalog.maybe_flush()
+
             try:
                 Pipeline(jobs, run).drive(
                     selection, lambda record: copy_file(record, source, target, version, run.progress, copy_tags),
-                    on_done, between=lambda idle: catalog.flush() if idle else catalog.maybe_flush())
+                    on_done, between=between)
             finally:
                 _flush_or_explain(catalog, run)
+                _note_counts(run, counting, counts, _selection_notes)
         out(format_summary(run.report, title))
         return run.report
     finally:
         reader.close()
-        writer_conn.close()
+        if writer_conn is not None:
+            writer_conn.close()
+
+
+def _note_counts(run: Run, counting: threading.Thread, counts: dict, notes: Callable[[dict], list]) -> None:
+    counting.join(timeout=30)
+    if counts:
+        run.log_line(f"batch: {counts['at_source']} files at the source, {counts['done']} of them at the target "
+                     f"already, {counts['todo']} to do")
+        run.report.notes.extend(notes(counts))
 
 
 def _flush_or_explain(catalog: CatalogWriter, run: Run) -> None:
@@ -1940,6 +2010,7 @@ def found_at(backend: Backend, record: FileRecord, version: Version) -> bool:
         version.check(b''.join(backend.read(object_name)), record)
     except FileFailure:
         return False    # not sound: it is written over
+    fsync_dir(backend.path(object_name).parent)    # the killed run may not have synced its rename
     return True
 
 
@@ -1997,26 +2068,27 @@ def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id:
     version = find_version(batch.group, replace_with) if replace_with is not None else None
     if version is not None and version.type == 0:
         raise ConfigError('--replace-with 0 would replace the original with itself; name a version such as 1')
-    active, archive = _open_pair(settings, active_id, archive_id, active_path, archive_path, jobs,
-                                 source_writing=True)
     reader = connect_catalog(settings)
-    writer_conn = connect_catalog(settings)
+    writer_conn = None
     try:
+        active, archive = _open_pair(reader, active_id, archive_id, active_path, archive_path, jobs,
+                                     source_writing=True)
         selection = Selection(reader, batch, active_id, archive_id, 0, limit, archive=True)
-        counts = selection.counts()
         then = f'replacing them with {version.label} versions' if version else 'deleting them there'
         title = f"originals of batch '{batch.id}' from {active.describe()} to {archive.describe()}, {then}"
-        notes = []
-        if counts['other_version']:
-            notes.append(f"{counts['other_version']} files fail: the archive holds another version of them")
+
+        def archive_notes(counts: dict) -> list[str]:
+            return ([f"{counts['other_version']} files fail: the archive holds another version of them"]
+                    if counts['other_version'] else [])
         if dry_run:
             at_active = 'replace' if version else 'delete'
-            return _dry_run('archive', selection, title, notes, out,
+            return _dry_run('archive', selection, title, archive_notes(selection.counts()), out,
                             lambda r: at_active if r.target_type == 0 else f'archive and {at_active}')
-        catalog = CatalogWriter(writer_conn, GROUPS[batch.group], every_rows=200, every_seconds=2.0)
-        with archive.writing(), active.writing(), Run('archive', title, counts['todo'], counts['todo_bytes'],
-                                                      log_dir, show_progress) as run:
-            run.report.notes.extend(notes)
+        counting, counts = count_in_background(settings, selection)
+        writer_conn = connect_catalog(settings)
+        catalog = CatalogWriter(writer_conn, GROUPS[batch.group], every_rows=200, every_seconds=2.0,
+                                backends=(archive, active))
+        with archive.writing(), active.writing(), Run('archive', title, None, None, log_dir, show_progress) as run:
             pipeline = Pipeline(jobs, run)
             awaiting: list[ArchiveStep] = []   # first half done; waiting for the archive rows' commit
             kept = [0]
@@ -2056,6 +2128,7 @@ def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id:
                 run.outcome(record, outcome, record.file_size, detail)
 
             def between(idle: bool) -> None:
+                run.set_totals(counts)
                 if awaiting and (idle or len(awaiting) >= jobs or catalog.due()):
                     # Rule 3: the archive rows are committed before any original leaves ACTIVE,
                     # and only originals with enough checked copies recorded elsewhere leave.
@@ -2083,6 +2156,7 @@ def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id:
                 pipeline.drive(selection, first_half, after_first, between=between, held=lambda: len(awaiting))
             finally:
                 _flush_or_explain(catalog, run)
+                _note_counts(run, counting, counts, archive_notes)
             if kept[0]:
                 run.report.notes.append(f'{kept[0]} originals kept at ACTIVE: fewer than --min-copies {min_copies} '
                                         'checked originals are recorded on other backends')
@@ -2090,7 +2164,8 @@ def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id:
         return run.report
     finally:
         reader.close()
-        writer_conn.close()
+        if writer_conn is not None:
+            writer_conn.close()
 
 
 def archive_first_half(record: FileRecord, active: Backend, archive: Backend, original_version: Version,
