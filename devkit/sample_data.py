@@ -77,6 +77,53 @@ def make_jpeg(width: int, height: int, when: dt.datetime, rng: random.Random, or
     return out.getvalue()
 
 
+class CameraFrames:
+    """16 MP camera-trap JPEGs of about 4.5 MB, like the Mitwelten cameras', made quickly: one
+    scene with the statistics of a photograph (detail at every scale, its strength falling with
+    frequency roughly as in natural images, 1/f^0.8) plus sensor noise in brightness and colour;
+    a different crop, a few objects and the camera's EXIF per frame. For the benchmarks."""
+
+    def __init__(self, width: int = 4656, height: int = 3496, seed: int = 1):
+        self.width, self.height = width, height
+        self.rng = np.random.default_rng(seed)
+        margin = 64
+        shape = (height + margin, width + margin)
+        scene = np.zeros(shape + (3,), np.float32)
+        for scale in (256, 128, 64, 32, 16, 8, 4, 2):
+            rows, cols = shape[0] // scale + 2, shape[1] // scale + 2
+            noise = np.uint8(np.clip(self.rng.normal(0, 1, (rows, cols, 3)) * 40 + 128, 0, 255))
+            layer = Image.fromarray(noise).resize((cols * scale, rows * scale), Image.Resampling.BICUBIC)
+            amplitude = 90 * (scale / 256) ** 0.8
+            scene += (np.asarray(layer, np.float32)[:shape[0], :shape[1]] - 128) / 40 * amplitude
+        scene += self.rng.normal(0, 3.0, shape)[..., None].astype(np.float32)     # sensor noise, brightness
+        scene += self.rng.normal(0, 2.0, scene.shape).astype(np.float32)          # ... and colour
+        self.scene = np.uint8(np.clip(scene + np.array([90, 130, 60], np.float32), 0, 255))
+
+    def frame(self, when: dt.datetime, quality: int = 93) -> bytes:
+        dx, dy = (int(v) for v in self.rng.integers(0, 64, 2))
+        image = Image.fromarray(self.scene[dy:dy + self.height, dx:dx + self.width])
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x, y, r = (int(v) for v in self.rng.integers((0, 0, 40), (self.width, self.height, 300)))
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in self.rng.integers(60, 255, 3)))
+        exif = Image.Exif()
+        exif[0x010F], exif[0x0110], exif[0x0112] = 'Raspberry Pi', 'HQ Camera IMX477', 1
+        exif.get_ifd(0x8769)[0x9003] = when.strftime('%Y:%m:%d %H:%M:%S')
+        out = io.BytesIO()
+        image.save(out, 'JPEG', quality=quality, exif=exif)
+        return out.getvalue()
+
+
+def camera_images(count: int, seed: int = 1, start: int = 0) -> list[SampleFile]:
+    """`count` 16 MP camera-trap images of about 4.5 MB each, named and timed like sample_images()."""
+    frames = CameraFrames(seed=seed)
+    files = sample_images(count, width=8, height=8, seed=seed, start=start)
+    for f in files:
+        f.data = frames.frame(f.time)
+        f.resolution = (frames.width, frames.height)
+    return files
+
+
 def make_wav(seconds: float, rate: int = 48000, channels: int = 1, bit_depth: int = 16,
              rng: random.Random | None = None) -> bytes:
     """A PCM WAV recording (8-, 16-, 24- or 32-bit): bird-like chirps over noise."""
