@@ -50,17 +50,16 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import boto3
 import botocore.exceptions
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config as BotoConfig
 from PIL import Image, UnidentifiedImageError
 from psycopg2 import sql
 from tqdm import tqdm
+# boto3 itself is imported where an S3 backend is opened: it takes a tenth of a second to load,
+# which a run from disk to disk (a researcher at a workstation) need not pay.
 
 with warnings.catch_warnings():
     # pydub warns at import when ffmpeg is not on PATH (we point it at imageio-ffmpeg's binary)
@@ -207,16 +206,26 @@ class S3Location:
         return f'{self.endpoint}/{self.bucket}' + (f'/{self.prefix.rstrip("/")}' if self.prefix else '')
 
 
-def s3_session(location: S3Location) -> boto3.Session:
+def s3_session(location: S3Location):
     """boto3's standard credential chain, except that an AWS profile named exactly like the
     server (`HOST:PORT`, else `HOST`) is used for it: several servers with different keys then
     work side by side."""
+    import boto3
     session = boto3.Session()
     host = location.netloc.split(':')[0]
     for profile in (location.netloc, host):
         if profile in session.available_profiles:
             return boto3.Session(profile_name=profile)
     return session
+
+
+def s3_client(location: S3Location, **options):
+    """An S3 client for the server of `location`, with its credentials (see s3_session)."""
+    from botocore.config import Config
+    session = s3_session(location)
+    return session.client('s3', endpoint_url=location.endpoint,
+                          config=Config(region_name=session.region_name or 'us-east-1',
+                                        s3={'addressing_style': 'path'}, **options))
 
 
 # =================================================================================================
@@ -885,20 +894,18 @@ class S3Backend(Backend):
     SINGLE_PUT_LIMIT = 32 * 1024 * 1024
 
     def __init__(self, record: BackendRecord, jobs: int = DEFAULT_JOBS):
+        from boto3.s3.transfer import TransferConfig
         self.record = record
         self.where = S3Location.parse(record.url_prefix)
-        session = s3_session(self.where)
-        config = BotoConfig(
-            region_name=session.region_name or 'us-east-1',
+        self.client = s3_client(
+            self.where,
             max_pool_connections=max(10, jobs + 4),
             retries={'max_attempts': 5, 'mode': 'standard'},
             connect_timeout=10, read_timeout=120,
-            s3={'addressing_style': 'path'},
             # The tool checks every byte itself (sha256 against the catalog) and sends
             # ChecksumSHA256 with its uploads; botocore's own CRC32 on top only costs CPU.
             request_checksum_calculation='when_required', response_checksum_validation='when_required',
         )
-        self.client = session.client('s3', endpoint_url=self.where.endpoint, config=config)
         self.transfer_config = TransferConfig(multipart_threshold=self.SINGLE_PUT_LIMIT,
                                               multipart_chunksize=16 * 1024 * 1024, max_concurrency=2)
 
@@ -1045,6 +1052,10 @@ class ConversionError(FileFailure):
     """A version could not be made from the original (or did not check out)."""
 
 
+CPU_SLOTS = threading.BoundedSemaphore(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                                       else os.cpu_count() or 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class Version:
     group: str
@@ -1060,6 +1071,12 @@ class Version:
 
     def describe(self) -> str:
         return f'{self.group} type {self.type} ({self.label})'
+
+    def made_from(self, original: bytes, record: FileRecord) -> bytes:
+        # Conversions take a CPU slot: more of them at once than there are cores would not go
+        # faster, only hold more decoded pictures and sample buffers in memory.
+        with CPU_SLOTS:
+            return self.make(original, record)
 
 
 def same_name(name: str) -> str:
@@ -1200,17 +1217,42 @@ def ffmpeg_executable() -> str:
 
 
 def run_ffmpeg(args: list[str], data: bytes, record: FileRecord, what: str) -> bytes:
-    """ffmpeg with the input on stdin and the output on stdout: no temporary files."""
+    """ffmpeg with the input on stdin and the output on stdout: no temporary files.
+
+    Not subprocess.run(input=…): its communicate() feeds the pipe 4 KiB at a time, and with
+    several conversions at once those thousands of small writes per recording fight over the
+    GIL (measured: more system time than ffmpeg's own encoding). Here the pipes are widened
+    to 1 MiB where Linux allows it and each stream has its own thread doing large writes."""
     try:
-        result = subprocess.run([ffmpeg_executable(), '-hide_banner', '-loglevel', 'error', *args],
-                                input=data, capture_output=True, check=False)
+        process = subprocess.Popen([ffmpeg_executable(), '-hide_banner', '-nostdin', '-loglevel', 'error', *args],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as exc:
         raise ConversionError(f'cannot run ffmpeg to {what}: {exc.strerror}', record.object_name) from None
-    if result.returncode != 0 or not result.stdout:
-        reason = result.stderr.decode(errors='replace').strip().splitlines()
+    for pipe in (process.stdin, process.stdout):
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 1024 * 1024)
+    stderr: list[bytes] = []
+
+    def feed() -> None:
+        with contextlib.suppress(BrokenPipeError):    # ffmpeg gave up early: its stderr says why
+            process.stdin.write(data)
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.close()
+
+    threads = [threading.Thread(target=feed, daemon=True),
+               threading.Thread(target=lambda: stderr.append(process.stderr.read()), daemon=True)]
+    for thread in threads:
+        thread.start()
+    output = process.stdout.read()
+    for thread in threads:
+        thread.join()
+    process.stdout.close()
+    process.stderr.close()
+    if process.wait() != 0 or not output:
+        reason = b''.join(stderr).decode(errors='replace').strip().splitlines()
         raise ConversionError(f'ffmpeg could not {what}: {reason[-1] if reason else "no output"}',
                               record.object_name)
-    return result.stdout
+    return output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1766,12 +1808,7 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
 def create_s3_backend(settings: Settings, url: str, priority: int, notes: str) -> BackendRecord:
     """Register a bucket (with optional prefix) as an S3 backend, after checking it exists."""
     where = S3Location.parse(url)
-    session = s3_session(where)
-    client = session.client('s3', endpoint_url=where.endpoint,
-                            config=BotoConfig(region_name=session.region_name or 'us-east-1',
-                                              s3={'addressing_style': 'path'},
-                                              retries={'max_attempts': 2, 'mode': 'standard'},
-                                              connect_timeout=10, read_timeout=30))
+    client = s3_client(where, retries={'max_attempts': 2, 'mode': 'standard'}, connect_timeout=10, read_timeout=30)
     check_bucket(client, where, f'new backend {where.url}')
     conn = connect_catalog(settings)
     try:
@@ -1989,7 +2026,7 @@ def copy_file(record: FileRecord, source: Backend, target: Backend, version: Ver
         target.write(object_name, [data], len(data), content_type, tags=tags)
         return 'copied', len(data)
     original = read_original(source, record, progress)
-    data = version.make(original, record)
+    data = version.made_from(original, record)
     target.write(object_name, [data], len(data), content_type,
                  tags=source.tags(record.object_name) if copy_tags else None)
     crash_point('after-write')
@@ -2189,7 +2226,7 @@ def archive_first_half(record: FileRecord, active: Backend, archive: Backend, or
             step.version_present = version_sound_at(active, record, version)
         return step
     if version is not None:
-        step.version_bytes = version.make(original, record)
+        step.version_bytes = version.made_from(original, record)
         step.tags = active.tags(record.object_name)
     if not archived:
         if not found_at(archive, record, original_version):
