@@ -1052,8 +1052,10 @@ class ConversionError(FileFailure):
     """A version could not be made from the original (or did not check out)."""
 
 
-CPU_SLOTS = threading.BoundedSemaphore(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-                                       else os.cpu_count() or 2)
+# One more than the cores: a conversion also waits (on ffmpeg's pipes, on the GIL), and a core
+# should not idle meanwhile (FLAC of 20 recordings on 2 cores: 2.74 s with 2 slots, 2.61 with 3).
+CPU_SLOTS = threading.BoundedSemaphore(1 + (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                                            else os.cpu_count() or 2))
 
 
 @dataclasses.dataclass(frozen=True)
