@@ -892,6 +892,7 @@ class S3Backend(Backend):
     # Up to this size an object is read into memory and written with one PUT whose checksums
     # the server verifies; larger ones stream through the transfer manager's multipart upload.
     SINGLE_PUT_LIMIT = 32 * 1024 * 1024
+    WHOLE_READ_LIMIT = 8 * 1024 * 1024
 
     def __init__(self, record: BackendRecord, jobs: int = DEFAULT_JOBS):
         from boto3.s3.transfer import TransferConfig
@@ -938,10 +939,12 @@ class S3Backend(Backend):
             raise
         body = response['Body']
         try:
-            if response.get('ContentLength', self.SINGLE_PUT_LIMIT + 1) <= self.SINGLE_PUT_LIMIT:
-                yield body.read()     # one call for a camera image: far less per-byte Python
+            # A camera image in one read: far less per-byte Python than 1 MiB chunks. Larger
+            # objects stream in pieces of that size, so memory stays bounded by --jobs.
+            if response.get('ContentLength', self.WHOLE_READ_LIMIT + 1) <= self.WHOLE_READ_LIMIT:
+                yield body.read()
             else:
-                yield from body.iter_chunks(8 * CHUNK)
+                yield from body.iter_chunks(self.WHOLE_READ_LIMIT)
         finally:
             body.close()
 

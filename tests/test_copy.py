@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import os
 import shutil
@@ -100,6 +101,28 @@ def test_copy_local_to_s3_and_local_to_local(world):
         assert world.s3_bytes(bucket, f.object_name) == f.data
     assert archive_files(other_disk) == expected(files)
     assert world.rows(s3_id) == world.rows(other_id) == {f.file_id: 0 for f in files}
+
+
+def test_large_originals_stream_in_pieces_both_ways(world):
+    """A 40 MB recording is larger than one read (8 MB) and one PUT (32 MB): it streams from S3
+    in pieces and goes back up as a multipart upload, with the same bytes and checks."""
+    data = os.urandom(40 * 1024 * 1024 + 123)
+    assert len(data) > ms.S3Backend.SINGLE_PUT_LIMIT > ms.S3Backend.WHOLE_READ_LIMIT
+    big = sample_data.SampleFile('audio', '4258-6870/2021-07-27/05/4258-6870_2021-07-27T05-00-00Z.wav', data,
+                                 dt.datetime(2021, 7, 27, 5, tzinfo=dt.timezone.utc),
+                                 '4258-6870', sample_rate=48000, channels=1, bit_depth=16, duration=440.0)
+    bucket = world.new_bucket()
+    source = world.create_s3_backend(bucket)
+    sample_data.upload(world.s3, bucket, [big], '')
+    sample_data.add_to_catalog(world.conn, [big], source)
+    disk_id, disk = world.create_local_backend()
+    other_bucket = world.new_bucket()
+    target = world.create_s3_backend(other_bucket)
+    assert world.cli('copy', '-s', source, '-t', disk_id, 'all_audio').returncode == 0
+    assert world.cli('copy', '-s', disk_id, '-t', target, 'all_audio').returncode == 0
+    assert (disk / 'archive' / big.object_name).read_bytes() == data
+    assert world.s3_bytes(other_bucket, big.object_name) == data
+    assert world.rows(disk_id, 'audio') == world.rows(target, 'audio') == {big.file_id: 0}
 
 
 def test_copy_only_the_batch_and_only_what_the_source_holds(world):
