@@ -230,6 +230,35 @@ def tree_bytes(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
+def tool_copy(stage: Stage, name: str, source_id: int, batch: str, *options: str):
+    """A contender: the tool copying into a fresh disk; output lands in its archive/ folder."""
+    def start() -> tuple[list[str], Path, Path]:
+        disk_id, disk = stage.fresh_disk(name)
+        return TOOL + ['copy', '-s', str(source_id), '-t', str(disk_id), batch, *options], disk / 'archive', disk
+    return start
+
+
+def into_fresh_dir(stage: Stage, name: str, make_argv):
+    """A contender writing into a fresh folder of its own."""
+    def start() -> tuple[list[str], Path, Path]:
+        folder = stage.fresh_dir(name)
+        return make_argv(folder), folder, folder
+    return start
+
+
+def alternate(commands: dict, rounds: int, env: dict, after) -> list[Contender]:
+    """Each contender once per round, the order rotating between rounds so no one always goes
+    first; `after(name, output_folder, root)` checks what each run left."""
+    contenders = {name: Contender(name) for name in commands}
+    names = list(commands)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            argv, folder, root = commands[name]()
+            contenders[name].samples.append(measure(argv, env, cwd=ROOT))
+            after(name, folder, root)
+    return list(contenders.values())
+
+
 # --- 1. copy ----------------------------------------------------------------------------------------
 
 def bench_copy(stage: Stage, images: list, rounds: int, title: str, bucket: str) -> list[str]:
@@ -239,32 +268,23 @@ def bench_copy(stage: Stage, images: list, rounds: int, title: str, bucket: str)
     rclone_remote = (f':s3,provider=Other,endpoint="{endpoint}",access_key_id={os.environ["AWS_ACCESS_KEY_ID"]},'
                      f'secret_access_key={os.environ["AWS_SECRET_ACCESS_KEY"]}:{bucket}')
     commands = {
-        'mitwelten-storage copy (sha256-checked, fsynced, recorded)':
-            lambda: (lambda disk: TOOL + ['copy', '-s', str(source), '-t', str(disk[0]), 'all_images'],
-                     stage.fresh_disk('tool')),
-        's5cmd cp': lambda: (lambda d: [str(BIN / 's5cmd'), '--endpoint-url', endpoint, 'cp', f's3://{bucket}/*',
-                                        f'{d}/'], stage.fresh_dir('s5cmd')),
-        'rclone copy': lambda: (lambda d: [str(BIN / 'rclone'), 'copy', rclone_remote, str(d)],
-                                stage.fresh_dir('rclone')),
-        'aws s3 cp --recursive': lambda: (lambda d: [str(BIN / 'aws'), 's3', 'cp', '--recursive', '--quiet',
-                                                     '--endpoint-url', endpoint, f's3://{bucket}', str(d)],
-                                          stage.fresh_dir('aws')),
-        'earlier Mitwelten loop': lambda: (lambda d: [sys.executable, '-m', 'bench.baselines', 'copy', endpoint,
-                                                      bucket, str(d)], stage.fresh_dir('earlier')),
+        'mitwelten-storage copy (sha256-checked, fsynced, recorded)': tool_copy(stage, 'tool', source, 'all_images'),
+        's5cmd cp': into_fresh_dir(stage, 's5cmd', lambda d: [str(BIN / 's5cmd'), '--endpoint-url', endpoint, 'cp',
+                                                               f's3://{bucket}/*', f'{d}/']),
+        'rclone copy': into_fresh_dir(stage, 'rclone', lambda d: [str(BIN / 'rclone'), 'copy', rclone_remote, str(d)]),
+        'aws s3 cp --recursive': into_fresh_dir(stage, 'aws', lambda d: [str(BIN / 'aws'), 's3', 'cp', '--recursive',
+                                                                         '--quiet', '--endpoint-url', endpoint,
+                                                                         f's3://{bucket}', str(d)]),
+        'earlier Mitwelten loop': into_fresh_dir(stage, 'earlier', lambda d: [sys.executable, '-m', 'bench.baselines',
+                                                                              'copy', endpoint, bucket, str(d)]),
     }
-    contenders = {name: Contender(name) for name in commands}
-    names = list(commands)
-    for round_ in range(rounds):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            make_argv, place = commands[name]()
-            argv = make_argv(place)
-            contenders[name].samples.append(measure(argv, stage.env, cwd=ROOT))
-            folder = place[1] / 'archive' if isinstance(place, tuple) else place
-            expected = (len(images), sum(len(f.data) for f in images))
-            if tree_bytes(folder) != expected:
-                raise RuntimeError(f'{name} copied {tree_bytes(folder)} (files, bytes), expected {expected}')
-            shutil.rmtree(place[1] if isinstance(place, tuple) else place)
-    order = list(contenders.values())
+    expected = (len(images), sum(len(f.data) for f in images))
+
+    def check(name: str, folder: Path, root: Path) -> None:
+        if tree_bytes(folder) != expected:
+            raise RuntimeError(f'{name} copied {tree_bytes(folder)} (files, bytes), expected {expected}')
+        shutil.rmtree(root)
+    order = alternate(commands, rounds, stage.env, check)
     return print_table(title, order, megabytes, len(images), 's5cmd cp')
 
 
@@ -280,26 +300,23 @@ def bench_webp(stage: Stage, images: list, rounds: int) -> list[str]:
     for version_type, box in ((1, ms.WEBP_LARGE), (2, ms.WEBP_SMALL)):
         outputs = {}
         commands = {
-            'mitwelten-storage copy --type': lambda: (lambda t: TOOL + ['copy', '-s', str(disk_id), '-t', str(t[0]),
-                                                                       'all_images', '--type', str(version_type)],
-                                                     stage.fresh_disk('tool-webp')),
+            'mitwelten-storage copy --type': tool_copy(stage, 'tool-webp', disk_id, 'all_images',
+                                                       '--type', str(version_type)),
             'earlier algorithm (full decode, thumbnail LANCZOS, 10 threads)':
-                lambda: (lambda d: [sys.executable, '-m', 'bench.baselines', 'webp', str(box[0]), str(box[1]),
-                                    str(d), *originals], stage.fresh_dir('earlier-webp')),
+                into_fresh_dir(stage, 'earlier-webp', lambda d, box=box: [
+                    sys.executable, '-m', 'bench.baselines', 'webp', str(box[0]), str(box[1]), str(d), *originals]),
             "Pillow's thumbnail() as it is (its own draft, reducing_gap 2)":
-                lambda: (lambda d: [sys.executable, '-m', 'bench.baselines', 'webp-thumbnail', str(box[0]),
-                                    str(box[1]), str(d), *originals], stage.fresh_dir('thumbnail-webp')),
+                into_fresh_dir(stage, 'thumbnail-webp', lambda d, box=box: [
+                    sys.executable, '-m', 'bench.baselines', 'webp-thumbnail', str(box[0]), str(box[1]), str(d),
+                    *originals]),
         }
-        contenders = {name: Contender(name) for name in commands}
         names = list(commands)
-        for round_ in range(rounds):
-            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-                make_argv, place = commands[name]()
-                contenders[name].samples.append(measure(make_argv(place), stage.env, cwd=ROOT))
-                folder = place[1] / 'archive' if isinstance(place, tuple) else place
-                outputs[name] = {p.stem: p.read_bytes() for p in folder.rglob('*.webp')}
-                if len(outputs[name]) != len(images):
-                    raise RuntimeError(f'{name} made {len(outputs[name])} WebP files')
+
+        def keep(name: str, folder: Path, root: Path) -> None:
+            outputs[name] = {p.stem: p.read_bytes() for p in folder.rglob('*.webp')}
+            if len(outputs[name]) != len(images):
+                raise RuntimeError(f'{name} made {len(outputs[name])} WebP files')
+        contenders = {c.name: c for c in alternate(commands, rounds, stage.env, keep)}
         # The earlier output is itself lossy: WebP at quality 80 differs from the pixels it was
         # made of. So each output is compared with the earlier output and with the earlier
         # algorithm's pixels before encoding; the earlier output's own score there is the floor.
@@ -341,21 +358,17 @@ def bench_flac(stage: Stage, recordings: list, rounds: int) -> list[str]:
              'exit 1; done'
     commands = {
         'mitwelten-storage copy --type 1 (decoded and compared)':
-            lambda: (lambda t: TOOL + ['copy', '-s', str(disk_id), '-t', str(t[0]), 'all_audio', '--type', '1'],
-                     stage.fresh_disk('tool-flac')),
+            tool_copy(stage, 'tool-flac', disk_id, 'all_audio', '--type', '1'),
         'ffmpeg command line, one process per file':
-            lambda: (lambda d: ['sh', '-c', f'FFMPEG="{ffmpeg}" OUT="{d}"; {script}', 'sh', *map(str, wavs)],
-                     stage.fresh_dir('ffmpeg-flac')),
+            into_fresh_dir(stage, 'ffmpeg-flac', lambda d: ['sh', '-c', f'FFMPEG="{ffmpeg}" OUT="{d}"; {script}', 'sh',
+                                                            *map(str, wavs)]),
     }
-    contenders = {name: Contender(name) for name in commands}
     names = list(commands)
-    for round_ in range(rounds):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            make_argv, place = commands[name]()
-            contenders[name].samples.append(measure(make_argv(place), stage.env, cwd=ROOT))
-            folder = place[1] / 'archive' if isinstance(place, tuple) else place
-            if len(list(folder.rglob('*.flac'))) != len(recordings):
-                raise RuntimeError(f'{name} made too few FLAC files')
+
+    def check(name: str, folder: Path, root: Path) -> None:
+        if len(list(folder.rglob('*.flac'))) != len(recordings):
+            raise RuntimeError(f'{name} made too few FLAC files')
+    contenders = {c.name: c for c in alternate(commands, rounds, stage.env, check)}
     return print_table('3. FLAC of 60 s 48 kHz WAV recordings, local disk → local disk', list(contenders.values()),
                        megabytes, len(recordings), names[1])
 
