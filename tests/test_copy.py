@@ -376,13 +376,19 @@ def count_final_files(disk: Path) -> int:
     return sum(1 for p in (disk / 'archive').rglob('*.jpg') if p.is_file())
 
 
-def test_kill_9_in_the_middle_of_a_copy_then_rerun_loses_nothing(world):
+def copy_under_way(world, jobs: int, files_first: int):
+    """A copy of 300 small images from S3 to a disk, running, with `files_first` already there."""
     source = world.create_s3_backend()
     target, disk = world.create_local_backend()
     files = world.images_on_s3(300, source, width=160, height=120)
-    process = world.popen('copy', '-s', source, '-t', target, 'all_images', '--jobs', 2)
-    wait_for(lambda: count_final_files(disk) >= 30 or process.poll() is not None, 'files on the disk')
-    assert process.poll() is None, 'the copy finished before it could be killed'
+    process = world.popen('copy', '-s', source, '-t', target, 'all_images', '--jobs', jobs)
+    wait_for(lambda: count_final_files(disk) >= files_first or process.poll() is not None, 'files on the disk')
+    assert process.poll() is None, 'the copy finished before it could be stopped'
+    return source, target, disk, files, process
+
+
+def test_kill_9_in_the_middle_of_a_copy_then_rerun_loses_nothing(world):
+    source, target, disk, files, process = copy_under_way(world, jobs=2, files_first=30)
     process.kill()
     process.wait()
     assert process.returncode == -signal.SIGKILL
@@ -395,12 +401,7 @@ def test_kill_9_in_the_middle_of_a_copy_then_rerun_loses_nothing(world):
 
 
 def test_ctrl_c_finishes_and_records_the_files_in_flight_and_exits_130(world):
-    source = world.create_s3_backend()
-    target, disk = world.create_local_backend()
-    files = world.images_on_s3(300, source, width=160, height=120)
-    process = world.popen('copy', '-s', source, '-t', target, 'all_images', '--jobs', 4)
-    wait_for(lambda: count_final_files(disk) >= 20 or process.poll() is not None, 'files on the disk')
-    assert process.poll() is None, 'the copy finished before it could be interrupted'
+    source, target, disk, files, process = copy_under_way(world, jobs=4, files_first=20)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
