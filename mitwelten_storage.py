@@ -1083,6 +1083,12 @@ class Version:
         with CPU_SLOTS:
             return self.make(original, record)
 
+    def confirm(self, stored: bytes, record: FileRecord) -> None:
+        """`check`, in a CPU slot: checking a stored version decodes it (WebP, FLAC, gzip) as a
+        conversion does. Never called from within `made_from`, which already holds a slot."""
+        with CPU_SLOTS:
+            self.check(stored, record)
+
 
 def same_name(name: str) -> str:
     return name
@@ -2027,7 +2033,7 @@ def copy_file(record: FileRecord, source: Backend, target: Backend, version: Ver
             return 'copied', record.file_size
         data = b''.join(source.read(object_name))
         progress(len(data))
-        version.check(data, record)
+        version.confirm(data, record)
         target.write(object_name, [data], len(data), content_type, tags=tags)
         return 'copied', len(data)
     original = read_original(source, record, progress)
@@ -2049,7 +2055,7 @@ def found_at(backend: Backend, record: FileRecord, version: Version) -> bool:
     if size is None or (version.type == 0 and size != record.file_size):
         return False
     try:
-        version.check(b''.join(backend.read(object_name)), record)
+        version.confirm(b''.join(backend.read(object_name)), record)
     except FileFailure:
         return False    # not sound: it is written over
     fsync_dir(backend.path(object_name).parent)    # the killed run may not have synced its rename
@@ -2247,7 +2253,7 @@ def version_sound_at(backend: Backend, record: FileRecord, version: Version) -> 
     if backend.size(object_name) is None:
         return False
     try:
-        version.check(b''.join(backend.read(object_name)), record)
+        version.confirm(b''.join(backend.read(object_name)), record)
     except FileFailure:
         return False
     return True
@@ -2472,7 +2478,7 @@ def verify_file(backend: Backend, held: HeldFile, progress: Callable[[int], None
         return record.file_size
     data = b''.join(backend.read(held.stored_name))
     progress(len(data))
-    version.check(data, record)
+    version.confirm(data, record)
     return len(data)
 
 
