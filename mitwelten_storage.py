@@ -3,16 +3,43 @@
 
 A PostgreSQL catalog knows every file (files_image, files_audio) and which storage backend holds
 which version of it (mm_files_image_storage, mm_files_audio_storage). Backends are S3 buckets
-(online tiers) and local archive disks. This tool registers backends, lists them, and copies
-batches of files between them so that one unaltered, checked original of every file always
-exists and the catalog always tells the truth.
+(online tiers) and local archive disks. This tool registers backends, lists them, and copies and
+archives batches of files between them so that one unaltered, checked original of every file
+always exists and the catalog always tells the truth.
 
-The module is laid out in sections, in the order a run needs them:
+Never lose data: the rules, numbered as SPEC.md numbers them; the code cites them by number.
 
-    errors · configuration · catalog · backends · versions · runs · operations · command line
+    1. A catalog row is written only after the bytes are durable at the backend and checked. When
+       a sync (fsync) fails, nothing written since the last successful sync is recorded.
+    2. No partial file ever stands under its final name (temporary name, fsync, rename).
+    3. No original is removed or overwritten unless --min-copies other checked originals are
+       recorded.
+    4. Nothing is written outside a backend's root, whatever an object name holds (`..`,
+       absolute paths).
+    5. A crash or kill at any moment, then the same command again, ends with disk and catalog
+       agreeing and nothing lost.
+    6. Bad input gets a clear message naming the file or setting, never a traceback; a run that
+       has started always ends with its summary and log path.
+    7. An original whose version cannot be made is still archived (and kept on the active tier).
 
-Operations are plain functions (init_db, create_local_backend, create_s3_backend,
-list_backends, copy_batch) that the command line calls and the tests call too.
+The module is one file, laid out in sections in the order a run needs them:
+
+    errors · configuration · catalog · backends · the storage service's client · originals ·
+    versions · runs · operations · command line
+
+As a library, its operations return what they did and never print; progress and notices go
+through the `mitwelten_storage` logger and an optional `Progress` object. The command line (the
+last section) does all the printing. The tests call the operations in-process:
+
+    import mitwelten_storage as ms
+    settings = ms.Settings.from_env()                       # MITWELTEN_DB, MITWELTEN_DB_SCHEMA, …
+    report = ms.copy_batch(settings, 1, 3, 'fs1_images', options=ms.RunOptions(jobs=8))
+    report.counts, report.failures, report.log_path, report.exit_status
+
+Batch operations: copy_batch, archive_batch, verify_backend, write_report, list_backends,
+init_db, create_local_backend, create_s3_backend, plan_batch (a dry run). Per-file operations
+(what the storage service calls): fetch_file, file_state, active_original, copy_file,
+archive_file, record_archived, make_version_in_place, delete_original.
 """
 
 from __future__ import annotations
@@ -24,6 +51,7 @@ import dataclasses
 import datetime as dt
 import errno
 import fcntl
+import functools
 import glob
 import gzip
 import hashlib
@@ -42,11 +70,12 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 import warnings
 import zlib
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -57,9 +86,9 @@ import psycopg2.extensions
 import psycopg2.extras
 from PIL import Image, UnidentifiedImageError
 from psycopg2 import sql
-from tqdm import tqdm
 # boto3 itself is imported where an S3 backend is opened: it takes a tenth of a second to load,
-# which a run from disk to disk (a researcher at a workstation) need not pay.
+# which a run from disk to disk (a researcher at a workstation) need not pay. tqdm is imported by
+# the command line only.
 
 with warnings.catch_warnings():
     # pydub warns at import when ffmpeg is not on PATH (we point it at imageio-ffmpeg's binary)
@@ -94,11 +123,6 @@ class ConfigError(StorageError):
     start). Nothing has been done; the command exits with status 2."""
 
 
-class RunAborted(StorageError):
-    """A run cannot go on (disk full, disk gone, server unreachable): the files in flight are
-    finished and recorded, the rest is left for the next run."""
-
-
 class FileFailure(StorageError):
     """One file could not be handled; the run goes on with the others and exits with status 1."""
 
@@ -108,52 +132,162 @@ class FileFailure(StorageError):
 
 
 class ChecksumMismatch(FileFailure):
-    pass
+    """The bytes are not the original's: their size or sha256 differs from the catalog's."""
 
 
 class UnsafeObjectName(FileFailure):
-    pass
+    """An object name that could lead outside a backend's root (rule 4)."""
 
 
 class SourceMissing(FileFailure):
-    pass
+    """The object is not where the catalog says it is."""
 
 
-def crash_point(name: str) -> None:
-    """Test hook for rule 5: with MITWELTEN_CRASH_AT=NAME:N in the environment, the process kills
-    itself with SIGKILL the N-th time it passes the point NAME, so the tests can crash a run at
-    each step that matters and check that running the command again ends well."""
-    if _CRASH_AT and _CRASH_AT[0] == name:
-        with _CRASH_LOCK:
-            _CRASH_AT[2] += 1
-            if _CRASH_AT[2] == _CRASH_AT[1]:
-                os.kill(os.getpid(), signal.SIGKILL)
+class ConversionError(FileFailure):
+    """A version could not be made from the original (or stored bytes of it did not check out)."""
 
 
-def _parse_crash_at(value: str) -> list | None:
-    name, _, count = value.partition(':')
-    return [name, int(count or 1), 0] if name else None
+class Unreachable(StorageError):
+    """A server (S3, the storage service) did not answer, after the retries the settings allow."""
 
 
-_CRASH_AT = _parse_crash_at(os.environ.get('MITWELTEN_CRASH_AT', ''))
-_CRASH_LOCK = threading.Lock()
+# --- refusals of the per-file operations ---------------------------------------------------------
+# What the storage service answers with a 4xx status; each changes nothing.
+
+class Refusal(StorageError):
+    """A per-file operation that was refused and changed nothing."""
+
+
+class NotFound(Refusal):
+    """`subject` is 'file' (not in the catalog), 'backend', or 'original' (no longer online)."""
+
+    def __init__(self, message: str, subject: str):
+        super().__init__(message)
+        self.subject = subject
+
+
+class TooFewCopies(Refusal):
+    """Fewer than min-copies checked originals are recorded elsewhere (rule 3)."""
+
+
+class VersionConflict(Refusal):
+    """The backend records another version of the file than the one the operation needs."""
+
+
+class InvalidArchive(Refusal):
+    """An archive cannot be recorded as asked: not the catalog's sha256, or not an archive backend."""
+
+
+class Busy(Refusal):
+    """Another request holds the file's rows for longer than a request should wait."""
+
+
+class OriginalChanged(Refusal):
+    """The caller's idea of the original (If-Match) is not the catalog's."""
+
+
+# --- crash and fault points: how the tests break runs on purpose -----------------------------------
+
+CRASH_POINTS = frozenset({
+    'before-rename',            # a file written and fsynced under its temporary name
+    'after-write',              # a file in place at the target, not yet recorded
+    'after-commit',             # a batch of rows committed
+    'after-archive-write',      # an original written to the archive, not yet recorded
+    'after-version-write',      # a version written at ACTIVE, the original still there
+    'after-original-delete',    # the original deleted at ACTIVE, the row not yet changed
+})
+FAULT_POINTS = frozenset({
+    'fsync',                    # from the N-th folder fsync on, fsync fails with EIO (a dying disk)
+})
+
+
+class TestFaults:
+    """Test hooks for rules 1 and 5, from the environment:
+
+    MITWELTEN_CRASH_AT=POINT:N  the process kills itself with SIGKILL the N-th time it passes
+                                POINT (one of CRASH_POINTS);
+    MITWELTEN_FAULT_AT=POINT:N  from the N-th time on, POINT fails as a dying disk would (one of
+                                FAULT_POINTS: 'fsync' raises OSError(EIO)).
+
+    An unknown point is refused by the command line (`problem`) rather than silently ignored."""
+
+    def __init__(self, environ=os.environ):
+        self.problem = None
+        self.crash = self._parse(environ.get('MITWELTEN_CRASH_AT', ''), CRASH_POINTS, 'MITWELTEN_CRASH_AT')
+        self.fault = self._parse(environ.get('MITWELTEN_FAULT_AT', ''), FAULT_POINTS, 'MITWELTEN_FAULT_AT')
+        self.passed: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def _parse(self, value: str, known: frozenset, variable: str) -> tuple[str, int] | None:
+        if not value:
+            return None
+        name, _, count = value.partition(':')
+        if name not in known or not (count or '1').isdigit():
+            self.problem = (f"{variable}={value!r}: expected POINT[:N] with POINT one of "
+                            f"{', '.join(sorted(known))}")
+            return None
+        return name, int(count or 1)
+
+    def _count(self, name: str) -> int:
+        with self.lock:
+            self.passed[name] = self.passed.get(name, 0) + 1
+            return self.passed[name]
+
+    def crash_point(self, name: str) -> None:
+        if self.crash and self.crash[0] == name and self._count(name) == self.crash[1]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def fault_point(self, name: str, path: object = None) -> None:
+        if self.fault and self.fault[0] == name and self._count(name) >= self.fault[1]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path) if path is not None else None)
+
+
+TEST_FAULTS = TestFaults()
+crash_point = TEST_FAULTS.crash_point
 
 
 # =================================================================================================
 # Configuration
 # =================================================================================================
 
+def _env_number(name: str, default: float, kind: type = float, minimum: float = 0.001):
+    text = os.environ.get(name, '').strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a {'whole ' if kind is int else ''}number") from None
+    if value < minimum:
+        raise ConfigError(f'{name}={text!r} must be at least {minimum:g}')
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Where the catalog is: a libpq DSN ('' means libpq's own defaults: PGHOST, ~/.pgpass, …)
-    and the schema that holds Mitwelten's tables."""
+    and the schema that holds Mitwelten's tables; and how long to wait for the network.
+
+    connect_timeout and read_timeout (seconds) and attempts apply to every S3 server and to
+    the storage service: a server that accepts connections and never answers is given up on
+    after about attempts × read_timeout seconds (plus a few seconds of backoff), and the run
+    stops there. A read timeout is the longest silence within one answer, not the time a whole
+    transfer may take: 20 s fits a camera image on any line that can carry one."""
     dsn: str = ''
     schema: str = DEFAULT_SCHEMA
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+    attempts: int = 3
 
     @classmethod
     def from_env(cls, dsn: str | None = None, schema: str | None = None) -> 'Settings':
+        """--db and --schema as given, else MITWELTEN_DB, MITWELTEN_DB_SCHEMA; the network
+        timeouts from MITWELTEN_CONNECT_TIMEOUT, MITWELTEN_READ_TIMEOUT, MITWELTEN_ATTEMPTS."""
         return cls(dsn=dsn if dsn is not None else os.environ.get('MITWELTEN_DB', ''),
-                   schema=schema or os.environ.get('MITWELTEN_DB_SCHEMA') or DEFAULT_SCHEMA)
+                   schema=schema or os.environ.get('MITWELTEN_DB_SCHEMA') or DEFAULT_SCHEMA,
+                   connect_timeout=_env_number('MITWELTEN_CONNECT_TIMEOUT', cls.connect_timeout),
+                   read_timeout=_env_number('MITWELTEN_READ_TIMEOUT', cls.read_timeout),
+                   attempts=_env_number('MITWELTEN_ATTEMPTS', cls.attempts, int, 1))
 
 
 def describe_dsn(dsn: str) -> str:
@@ -219,13 +353,29 @@ def s3_session(location: S3Location):
     return session
 
 
-def s3_client(location: S3Location, **options):
-    """An S3 client for the server of `location`, with its credentials (see s3_session)."""
+def s3_client(location: S3Location, settings: Settings, pool_size: int = 10):
+    """An S3 client for the server of `location`, with its credentials (see s3_session) and the
+    settings' timeouts and attempts (botocore's standard retry mode backs off between them)."""
     from botocore.config import Config
     session = s3_session(location)
-    return session.client('s3', endpoint_url=location.endpoint,
-                          config=Config(region_name=session.region_name or 'us-east-1',
-                                        s3={'addressing_style': 'path'}, **options))
+    return session.client('s3', endpoint_url=location.endpoint, config=Config(
+        region_name=session.region_name or 'us-east-1', s3={'addressing_style': 'path'},
+        max_pool_connections=pool_size, connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout, retries={'max_attempts': settings.attempts, 'mode': 'standard'},
+        # The tool checks every byte itself (sha256 against the catalog) and sends
+        # ChecksumSHA256 with its uploads; botocore's own CRC32 on top only costs CPU.
+        request_checksum_calculation='when_required', response_checksum_validation='when_required'))
+
+
+def s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code of a botocore ClientError ('NoSuchKey', '404', 'AccessDenied', …)."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return exc.response.get('Error', {}).get('Code')
+    return None
+
+
+S3_NOT_FOUND = ('404', 'NoSuchKey', 'NotFound')
+S3_CONNECTION_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
 
 
 # =================================================================================================
@@ -246,8 +396,16 @@ GROUPS = {
 }
 
 
+def find_group(name: str) -> Group:
+    try:
+        return GROUPS[name]
+    except KeyError:
+        raise ConfigError(f"unknown group '{name}'; use 'image' or 'audio'") from None
+
+
 @dataclasses.dataclass(frozen=True)
-class BackendRecord:
+class BackendRow:
+    """A row of storage_backend: one S3 bucket (and prefix) or one archive disk."""
     storage_id: int
     url_prefix: str
     type: str
@@ -260,14 +418,26 @@ class BackendRecord:
 
 
 @dataclasses.dataclass(frozen=True)
-class FileRecord:
-    """One file of a batch, as the selection yields it."""
+class CatalogFile:
+    """A file of the catalog (its row in files_image or files_audio), as a selection yields it:
+    with the version the source backend holds and the version the target holds, if any."""
     file_id: int
     object_name: str
     file_size: int
     sha256: str
-    source_type: int = 0              # the version the source backend holds
-    target_type: int | None = None    # the version the target holds, if any (archive)
+    source_type: int = 0
+    target_type: int | None = None
+
+
+def pg_error_line(exc: BaseException) -> str:
+    """The first line of a PostgreSQL error, without libpq's context lines and Python's names."""
+    text = (getattr(exc, 'pgerror', None) or str(exc) or type(exc).__name__).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def catalog_outage(exc: BaseException) -> bool:
+    """Whether `exc` says the catalog's server is gone (not that a query was wrong)."""
+    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
 
 
 def connect_catalog(settings: Settings, *, require_tables: bool = True):
@@ -278,8 +448,7 @@ def connect_catalog(settings: Settings, *, require_tables: bool = True):
     try:
         conn = psycopg2.connect(settings.dsn, application_name='mitwelten-storage', connect_timeout=15)
     except psycopg2.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else 'connection failed'
-        raise ConfigError(f'cannot connect to the catalog, {describe_dsn(settings.dsn)}: {reason} '
+        raise ConfigError(f'cannot connect to the catalog, {describe_dsn(settings.dsn)}: {pg_error_line(exc)} '
                           '(set --db or MITWELTEN_DB)') from None
     except psycopg2.ProgrammingError as exc:
         raise ConfigError(f'--db / MITWELTEN_DB is not a valid connection string: {exc}') from None
@@ -296,53 +465,88 @@ def connect_catalog(settings: Settings, *, require_tables: bool = True):
     return conn
 
 
+def streamed_rows(conn, query, params=None, itersize: int = 2000) -> Iterator[tuple]:
+    """The rows of a query from a server-side cursor, `itersize` at a time: a selection of
+    millions of files is never held whole. The cursor's transaction ends when the rows do."""
+    cur = conn.cursor(name=f'stream_{uuid.uuid4().hex[:8]}')
+    cur.itersize = itersize
+    try:
+        cur.execute(query, params)
+        yield from cur
+    finally:
+        with contextlib.suppress(psycopg2.Error):
+            cur.close()
+            conn.commit()
+
+
 BACKEND_COLUMNS = 'storage_id, url_prefix, type, priority, notes, created_at'
 
 
-def fetch_backend(conn, storage_id: int) -> BackendRecord:
+def fetch_backend(conn, storage_id: int) -> BackendRow:
     with conn.cursor() as cur:
         cur.execute(f'SELECT {BACKEND_COLUMNS} FROM storage_backend WHERE storage_id = %s', (storage_id,))
         row = cur.fetchone()
     conn.commit()
     if row is None:
         raise ConfigError(f'no storage backend with id {storage_id} in the catalog (see `info`)')
-    return BackendRecord(*row)
+    return BackendRow(*row)
 
 
-def fetch_backends(conn) -> list[BackendRecord]:
+def fetch_backends(conn) -> list[BackendRow]:
     with conn.cursor() as cur:
         cur.execute(f'SELECT {BACKEND_COLUMNS} FROM storage_backend ORDER BY storage_id')
         rows = cur.fetchall()
     conn.commit()
-    return [BackendRecord(*row) for row in rows]
+    return [BackendRow(*row) for row in rows]
 
 
-class CatalogWriter:
-    """Collects the row changes a run makes and commits them in batches: inserts (a backend now
-    holds a version), type changes (a backend's version replaced) and removals.
+class SyncFailed(StorageError):
+    """A backend could not make its writes durable (fsync failed): nothing written since its
+    last successful sync is recorded (rule 1), and the run stops."""
 
-    A change is handed over only once the bytes it speaks of are durable and checked at the
-    backend (rule 1), so committing later can lose changes to a crash but never record a file
-    that is not there; the next run finds such files and records them then."""
+    def __init__(self, backend: 'Backend', error: OSError):
+        super().__init__(f'{backend.describe()} could not make its writes durable '
+                         f'(fsync: {error.strerror or error})')
+        self.backend = backend
 
-    def __init__(self, conn, group: Group, every_rows: int = 500, every_seconds: float = 5.0,
-                 backends: tuple = ()):
-        self.conn = conn
-        self.backends = backends       # synced before every commit: what is recorded is durable
-        self.table = sql.Identifier(group.storage_table)
+
+class Recorder:
+    """Collects what a run has done, as row changes, and records them in batches: inserts (a
+    backend now holds a version), type changes (a backend's version replaced) and removals.
+
+    A change is handed over only once the bytes it speaks of are written and checked; before
+    every recording the backends are synced, so what is recorded is durable (rule 1). When a
+    sync fails, the pending changes are dropped, never recorded, and nothing more is recorded
+    by this recorder: on a disk that failed an fsync, nothing written since its last good sync
+    can be trusted. The next run finds such files, checks them and records them, or writes them
+    again. Subclasses say where the changes go: CatalogWriter (the catalog) and ServiceRecorder
+    (the storage service)."""
+
+    def __init__(self, conn, group: Group, backends: tuple = (), every_rows: int = 500,
+                 every_seconds: float = 5.0):
+        self.conn = conn                # for the counts of copies elsewhere (and a CatalogWriter's commits)
+        self.group = group
+        self.backends = backends
         self.every_rows = every_rows
         self.every_seconds = every_seconds
-        self.inserts: list[tuple[int, int, int]] = []
+        self.inserts: list[tuple[CatalogFile, int, int]] = []
         self.type_changes: list[tuple[int, int, int, int]] = []
         self.removals: list[tuple[int, int]] = []
         self.last_flush = time.monotonic()
+        self.recorded = 0               # inserts recorded
+        self.unrecorded = 0             # inserts dropped: their files are written but not recorded
+        self.failed: SyncFailed | None = None
 
     @property
     def pending(self) -> int:
         return len(self.inserts) + len(self.type_changes) + len(self.removals)
 
-    def add(self, file_id: int, storage_id: int, version_type: int) -> None:
-        self.inserts.append((file_id, storage_id, version_type))
+    @property
+    def pending_inserts(self) -> int:
+        return len(self.inserts)
+
+    def add(self, file: CatalogFile, storage_id: int, version_type: int) -> None:
+        self.inserts.append((file, storage_id, version_type))
 
     def change_type(self, file_id: int, storage_id: int, old_type: int, new_type: int) -> None:
         self.type_changes.append((file_id, storage_id, old_type, new_type))
@@ -354,49 +558,83 @@ class CatalogWriter:
         return self.pending >= self.every_rows or (
             self.pending > 0 and time.monotonic() - self.last_flush >= self.every_seconds)
 
-    def maybe_flush(self) -> None:
-        if self.due():
-            self.flush()
+    def drop_pending(self) -> None:
+        self.unrecorded += len(self.inserts)
+        self.inserts.clear()
+        self.type_changes.clear()
+        self.removals.clear()
 
-    def flush(self) -> None:
-        if self.pending:
-            for backend in self.backends:
+    def flush(self) -> list[tuple[int, str]]:
+        """Sync the backends, then record the pending changes. Raises SyncFailed (once) when a
+        sync fails, and the recording's error when it fails (the changes stay pending).
+        Returns the inserts that were refused, as (file_id, reason)."""
+        self.last_flush = time.monotonic()
+        if not self.pending:
+            return []
+        if self.failed:
+            self.drop_pending()
+            return []
+        for backend in self.backends:
+            try:
                 backend.sync()
+            except OSError as exc:
+                self.failed = SyncFailed(backend, exc)
+                self.drop_pending()
+                raise self.failed from None
+        return self._record()
+
+    def _record(self) -> list[tuple[int, str]]:
+        raise NotImplementedError
+
+    def originals_elsewhere(self, file_ids: list[int], storage_id: int) -> dict[int, int]:
+        """How many recorded rows say a backend other than `storage_id` holds the original of
+        each file: the checked copies that let an original leave it (rule 3)."""
+        if not file_ids:
+            return {}
+        with self.conn.cursor() as cur:
+            cur.execute(sql.SQL('SELECT file_id, count(*) FROM {} WHERE file_id = ANY(%s) AND storage_id <> %s '
+                                'AND type = 0 GROUP BY file_id').format(sql.Identifier(self.group.storage_table)),
+                        (file_ids, storage_id))
+            counts = dict(cur.fetchall())
+        self.conn.commit()
+        return counts
+
+
+class CatalogWriter(Recorder):
+    """Records a run's changes in the catalog, a commit per batch (`execute_values`)."""
+
+    def _record(self) -> list[tuple[int, str]]:
+        table = sql.Identifier(self.group.storage_table)
+        try:
             with self.conn.cursor() as cur:
                 if self.inserts:
                     psycopg2.extras.execute_values(cur, sql.SQL(
                         'INSERT INTO {} (file_id, storage_id, type, created_at, updated_at) VALUES %s '
-                        'ON CONFLICT (file_id, storage_id) DO NOTHING').format(self.table).as_string(cur),
-                        self.inserts, template='(%s, %s, %s, now(), now())', page_size=1000)
+                        'ON CONFLICT (file_id, storage_id) DO NOTHING').format(table).as_string(cur),
+                        [(file.file_id, storage_id, version_type) for file, storage_id, version_type in self.inserts],
+                        template='(%s, %s, %s, now(), now())', page_size=1000)
                 if self.type_changes:
                     psycopg2.extras.execute_values(cur, sql.SQL(
                         'UPDATE {} AS s SET type = v.new_type, updated_at = now() '
                         'FROM (VALUES %s) AS v (file_id, storage_id, old_type, new_type) '
                         'WHERE s.file_id = v.file_id AND s.storage_id = v.storage_id AND s.type = v.old_type'
-                    ).format(self.table).as_string(cur), self.type_changes, page_size=1000)
+                    ).format(table).as_string(cur), self.type_changes, page_size=1000)
                 if self.removals:
                     psycopg2.extras.execute_values(cur, sql.SQL(
                         'DELETE FROM {} AS s USING (VALUES %s) AS v (file_id, storage_id) '
-                        'WHERE s.file_id = v.file_id AND s.storage_id = v.storage_id').format(self.table).as_string(cur),
-                        self.removals, page_size=1000)
+                        'WHERE s.file_id = v.file_id AND s.storage_id = v.storage_id').format(table)
+                        .as_string(cur), self.removals, page_size=1000)
             self.conn.commit()
-            crash_point('after-commit')
-            self.inserts.clear()
-            self.type_changes.clear()
-            self.removals.clear()
-        self.last_flush = time.monotonic()
-
-    def originals_elsewhere(self, file_ids: list[int], storage_id: int) -> dict[int, int]:
-        """How many committed rows record the original of each file on backends other than
-        `storage_id`: the checked copies that let an original leave it (rule 3)."""
-        if not file_ids:
-            return {}
-        with self.conn.cursor() as cur:
-            cur.execute(sql.SQL('SELECT file_id, count(*) FROM {} WHERE file_id = ANY(%s) AND storage_id <> %s '
-                                'AND type = 0 GROUP BY file_id').format(self.table), (file_ids, storage_id))
-            counts = dict(cur.fetchall())
-        self.conn.commit()
-        return counts
+        except psycopg2.Error:
+            with contextlib.suppress(psycopg2.Error):
+                self.conn.rollback()
+            raise
+        crash_point('after-commit')
+        self.recorded += len(self.inserts)
+        self.inserts.clear()
+        self.type_changes.clear()
+        self.removals.clear()
+        return []
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -439,85 +677,141 @@ def batch_sql(batch) -> str:
     return text
 
 
+def selection_error(batch, exc: psycopg2.Error) -> StorageError:
+    if catalog_outage(exc):
+        return exc
+    return ConfigError(f"batch '{batch.id}' (batches.py) cannot be selected: {pg_error_line(exc)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Selection:
-    """The files of a batch that SOURCE holds, streamed from a server-side cursor: a production
-    batch holds 1.7 million files and is never loaded whole.
+    """The files of a batch that SOURCE holds, streamed in file_id order: a production batch
+    holds 1.7 million files and is never loaded whole.
 
     For `copy` (archive=False): files SOURCE holds as version `version_type` or as the original,
     and TARGET holds in no version. For `archive`: files SOURCE (the active tier) holds as the
     original, with whatever version TARGET (the archive) already holds of them."""
+    batch: object
+    source_id: int
+    target_id: int
+    version_type: int = 0
+    limit: int | None = None
+    archive: bool = False
 
-    def __init__(self, conn, batch, source_id: int, target_id: int, version_type: int,
-                 limit: int | None = None, archive: bool = False):
-        self.conn = conn
-        self.batch = batch
-        self.group = GROUPS[batch.group]
-        self.params = {'source': source_id, 'target': target_id, 'type': version_type,
-                       'types': (0,) if archive else (version_type, 0)}
-        self.todo = 'TRUE' if archive else 't.file_id IS NULL'
-        self.limit = limit
+    @property
+    def group(self) -> Group:
+        return GROUPS[self.batch.group]
 
-    def _compose(self, head: str, tail: str) -> str:
+    @property
+    def _todo(self) -> str:
+        return 'TRUE' if self.archive else 't.file_id IS NULL'
+
+    def _query(self, conn, head: str, tail: str) -> str:
         storage = self.group.storage_table
+        params = {'source': self.source_id, 'target': self.target_id,
+                  'types': (0,) if self.archive else (self.version_type, 0)}
         joins = (') AS b\n'
                  f'JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s\n'
                  f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n')
-        with self.conn.cursor() as cur:
-            head = cur.mogrify(head, self.params).decode()
-            tail = cur.mogrify(joins + tail, self.params).decode()
+        with conn.cursor() as cur:
+            tail = cur.mogrify(joins + tail, params).decode()
         return f'{head}\n{batch_sql(self.batch)}\n{tail}'
 
-    def _run(self, cur, text: str) -> None:
-        try:
-            cur.execute(text)
-        except psycopg2.Error as exc:
-            self.conn.rollback()
-            detail = (exc.pgerror or str(exc)).strip().splitlines()[0]
-            raise ConfigError(f"batch '{self.batch.id}' (batches.py) cannot be selected: {detail}") from None
-
-    def counts(self) -> dict:
+    def counts(self, conn) -> dict:
         """How many files of the batch are to do (and their bytes), how many TARGET holds as
         the version asked for already, and how many in another version."""
-        head = (f'SELECT count(*) FILTER (WHERE {self.todo}),\n'
-                f'       coalesce(sum(b.file_size) FILTER (WHERE {self.todo}), 0),\n'
-                '       count(*) FILTER (WHERE t.type = %(type)s),\n'
-                '       count(*) FILTER (WHERE t.type <> %(type)s),\n'
+        head = (f'SELECT count(*) FILTER (WHERE {self._todo}),\n'
+                f'       coalesce(sum(b.file_size) FILTER (WHERE {self._todo}), 0),\n'
+                f'       count(*) FILTER (WHERE t.type = {int(self.version_type)}),\n'
+                f'       count(*) FILTER (WHERE t.type <> {int(self.version_type)}),\n'
                 '       count(*)\n'
                 'FROM (')
-        with self.conn.cursor() as cur:
-            self._run(cur, self._compose(head, ''))
-            todo, todo_bytes, done, other, at_source = cur.fetchone()
-        self.conn.commit()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._query(conn, head, ''))
+                todo, todo_bytes, done, other, at_source = cur.fetchone()
+            conn.commit()
+        except psycopg2.Error as exc:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+            raise selection_error(self.batch, exc) from None
         if self.limit is not None and todo > self.limit:
             todo, todo_bytes = self.limit, None
         return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
                 'at_source': at_source}
 
-    def __iter__(self) -> Iterator[FileRecord]:
+    def files(self, conn) -> Iterator[CatalogFile]:
         head = 'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type FROM ('
-        tail = f'WHERE {self.todo} ORDER BY b.file_id'
-        if self.limit is not None:
-            tail += f' LIMIT {int(self.limit)}'
-        cur = self.conn.cursor(name=f'selection_{uuid.uuid4().hex[:8]}')
-        cur.itersize = 2000
+        tail = f'WHERE {self._todo} ORDER BY b.file_id' + (f' LIMIT {int(self.limit)}' if self.limit is not None else '')
+        rows = streamed_rows(conn, self._query(conn, head, tail))
+        last_id = None
         try:
-            self._run(cur, self._compose(head, tail))
-            last_id = None
-            for file_id, object_name, file_size, sha256, source_type, target_type in cur:
+            for file_id, object_name, file_size, sha256, source_type, target_type in rows:
                 if file_id == last_id:   # a batch whose joins repeat a file
                     continue
                 last_id = file_id
-                yield FileRecord(file_id, object_name, int(file_size), (sha256 or '').strip().lower(),
-                                 source_type, target_type)
-        finally:
-            with contextlib.suppress(psycopg2.Error):
-                cur.close()
-                self.conn.commit()
+                yield CatalogFile(file_id, object_name, int(file_size), (sha256 or '').strip().lower(),
+                                  source_type, target_type)
+        except psycopg2.Error as exc:
+            raise selection_error(self.batch, exc) from None
+
+
+# --- one file ------------------------------------------------------------------------------------
+
+FILE_COLUMNS = 'file_id, object_name, file_size, sha256'
+
+
+def fetch_file(conn, group: str, file_id: int) -> CatalogFile:
+    """One file's row in files_image / files_audio; NotFound if the catalog has no such file."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL(f'SELECT {FILE_COLUMNS} FROM {{}} WHERE file_id = %s').format(
+            sql.Identifier(find_group(group).files_table)), (file_id,))
+        row = cur.fetchone()
+    if row is None:
+        raise NotFound(f'no {group} file with id {file_id} in the catalog', 'file')
+    file_id, object_name, file_size, sha256 = row
+    return CatalogFile(file_id, object_name, int(file_size or 0), (sha256 or '').strip().lower())
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldVersion:
+    """A storage row of one file: which backend holds which version of it."""
+    backend: BackendRow
+    type: int
+
+
+def held_versions(conn, group: str, file_id: int, *, lock: bool = False) -> list[HeldVersion]:
+    """The file's storage rows with their backends, the online tiers first (by priority, then
+    id). With `lock`, the rows are locked (SELECT … FOR UPDATE) until the transaction ends, so
+    that two requests for one file, from any number of processes, never both act on it."""
+    group = find_group(group)
+    with conn.cursor() as cur:
+        if lock:
+            # The file's own row too: it exists even when no backend records the file yet, so
+            # a first insert is serialized as well. NO KEY: the storage tables' foreign-key
+            # checks (KEY SHARE) of other writers are not held up.
+            cur.execute("SET LOCAL lock_timeout = '30s'")
+            try:
+                cur.execute(sql.SQL('SELECT 1 FROM {} WHERE file_id = %s FOR NO KEY UPDATE').format(
+                    sql.Identifier(group.files_table)), (file_id,))
+            except psycopg2.errors.LockNotAvailable:
+                conn.rollback()
+                raise Busy(f'{group.name} file {file_id} is being changed by another request; try again') from None
+        cur.execute(sql.SQL(f'SELECT s.type, {", ".join("b." + c for c in BACKEND_COLUMNS.split(", "))} '
+                            'FROM {} s JOIN storage_backend b ON b.storage_id = s.storage_id '
+                            'WHERE s.file_id = %s ORDER BY b.priority, b.storage_id'
+                            + (' FOR UPDATE OF s' if lock else '')).format(
+            sql.Identifier(group.storage_table)), (file_id,))
+        return [HeldVersion(BackendRow(*row[1:]), row[0]) for row in cur.fetchall()]
 
 
 # =================================================================================================
 # Backends
 # =================================================================================================
+#
+# One small interface, `Backend`, that the local disk and the S3 bucket both implement. The rest
+# of the tool uses a backend through it and by the capabilities a backend declares
+# (keeps_tags, lists_files, adopts_found_files, root), never by asking which class it is.
 
 DOT_FILE = '.mitwelten-storage-id'
 LOCK_FILE = '.mitwelten-storage.lock'
@@ -545,6 +839,8 @@ def sha256_hex_to_b64(sha256_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
 
 
+# --- durable files -------------------------------------------------------------------------------
+
 def full_fsync(fd: int) -> None:
     """fsync that reaches the disk: on macOS plain fsync stops at the drive's cache."""
     if hasattr(fcntl, 'F_FULLFSYNC'):
@@ -557,6 +853,8 @@ def full_fsync(fd: int) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (renames, new files, removals) durable."""
+    TEST_FAULTS.fault_point('fsync', path)
     fd = os.open(path, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
     try:
         full_fsync(fd)
@@ -564,23 +862,38 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temporary_name(final: Path) -> Path:
+    """A hidden name beside `final` (the rename stays atomic), marked as this run's and
+    recognisable by its suffix for the clean-up of a killed run's leftovers."""
+    return final.with_name(f'.{final.name[:200]}.{RUN_MARK}-{next(_TMP_NUMBERS)}{TMP_SUFFIX}')
+
+
 @contextlib.contextmanager
-def atomic_output(path: Path):
-    """A file written under a temporary name in the same folder, fsynced, then renamed into
-    place: `path` is either its old self or the whole new file, never half written (rule 2)."""
-    tmp = path.with_name(f'.{path.name}.{RUN_MARK}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}')
+def atomic_file(final: Path, *, sync_folder: bool = True) -> Iterator[Path]:
+    """Rule 2: yields a temporary path beside `final` for the caller to write and close; when the
+    block ends without error the file is fsynced and renamed to `final`, so `final` is either
+    its old self or the whole new file, never half written. On error the temporary file goes.
+    With `sync_folder`, the folder is fsynced at once; without, the caller syncs it later (a
+    backend batches the folders of many files into one fsync each before a catalog commit)."""
+    tmp = temporary_name(final)
     try:
-        with open(tmp, 'x', encoding='utf-8') as handle:
-            yield handle
-            handle.flush()
-            full_fsync(handle.fileno())
-        os.replace(tmp, path)
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
+        try:
+            full_fsync(fd)
+        finally:
+            os.close(fd)
+        crash_point('before-rename')
+        os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync_folder:
+        fsync_dir(final.parent)
 
+
+# --- archive disks: identity and whereabouts -------------------------------------------------------
 
 def read_dot_file(root: Path) -> dict[str, str]:
     """The key=value lines of a disk's .mitwelten-storage-id, as the earlier Mitwelten script
@@ -602,22 +915,22 @@ def parse_timestamp(text: str) -> dt.datetime | None:
     return value if value.tzinfo is not None else None
 
 
-def dot_file_mismatch(root: Path, record: BackendRecord) -> str | None:
-    """Why the disk at `root` is not backend `record`, or None when its dot-file matches the
-    catalog row (storage_id and created_at)."""
+def dot_file_mismatch(root: Path, backend_row: BackendRow) -> str | None:
+    """Why the disk at `root` is not the backend, or None when its dot-file matches the catalog
+    row (storage_id and created_at)."""
     dot_path = root / DOT_FILE
     if not dot_path.is_file():
-        return f'{dot_path} not found: the disk of {record.describe()} is not mounted there'
+        return f'{dot_path} not found: the disk of {backend_row.describe()} is not mounted there'
     try:
         values = read_dot_file(root)
     except (OSError, UnicodeDecodeError) as exc:
         return f'cannot read {dot_path}: {exc}'
     found_id = values.get('storage_id', '?')
     created = parse_timestamp(values.get('created_at', ''))
-    if found_id != str(record.storage_id) or created != record.created_at:
+    if found_id != str(backend_row.storage_id) or created != backend_row.created_at:
         return (f'wrong disk at {root}: its {DOT_FILE} says storage_id={found_id}, created_at='
-                f"{values.get('created_at', '?')}, but the catalog's backend {record.storage_id} was created "
-                f'at {record.created_at}')
+                f"{values.get('created_at', '?')}, but the catalog's backend {backend_row.storage_id} was created "
+                f'at {backend_row.created_at}')
     return None
 
 
@@ -633,7 +946,7 @@ def mount_roots() -> list[str]:
     return list(DEFAULT_MOUNT_ROOTS)
 
 
-def find_disk(record: BackendRecord) -> Path | None:
+def find_disk(backend_row: BackendRow) -> Path | None:
     """The folder, under the mount roots, whose dot-file matches the backend: each root itself
     and the folders in it (a disk, or a backend folder at the top of a disk)."""
     for pattern in mount_roots():
@@ -643,28 +956,29 @@ def find_disk(record: BackendRecord) -> Path | None:
                 places += sorted(Path(e.path) for e in entries if not e.name.startswith('.') and e.is_dir())
             for place in places:
                 with contextlib.suppress(OSError):
-                    if (place / DOT_FILE).is_file() and dot_file_mismatch(place, record) is None:
+                    if (place / DOT_FILE).is_file() and dot_file_mismatch(place, backend_row) is None:
                         return place
     return None
 
 
-def notice(text: str) -> None:
-    """A message for the user that is neither a result nor an error."""
-    tqdm.write(f'note: {text}', file=sys.stderr)
-
+# --- the interface ---------------------------------------------------------------------------------
 
 class Backend:
-    """What every backend offers: streamed reads, atomic checked writes, and deletes of
-    objects named by their catalog object_name. LocalBackend and S3Backend implement it."""
+    """What every backend offers: streamed reads, atomic checked writes, and deletes of objects
+    named by their catalog object_name; and the capabilities it has."""
 
-    record: BackendRecord
+    row: BackendRow
     kind: str
+    keeps_tags = False              # carries S3 object tags (copied from S3 to S3)
+    lists_files = False             # can list what it holds: `verify` finds files the catalog does not know
+    adopts_found_files = False      # a file found there unrecorded (a killed run's) is checked and recorded
+    root: Path | None = None        # the folder it lives in, where `report` writes (disks only)
 
     def location(self) -> str:
         raise NotImplementedError
 
     def describe(self) -> str:
-        return f'backend {self.record.storage_id} ({self.kind} {self.location()})'
+        return f'backend {self.row.storage_id} ({self.kind} {self.location()})'
 
     def check(self, writing: bool) -> None:
         """Raise ConfigError unless the backend is reachable (and writable, if `writing`)."""
@@ -674,14 +988,21 @@ class Backend:
         """The stored object's size, or None if it is not there."""
         raise NotImplementedError
 
-    def read(self, object_name: str) -> Iterator[bytes]:
-        """The object's bytes in chunks; SourceMissing if it is not there."""
+    def read(self, object_name: str, *, start: int = 0, end: int | None = None,
+             piece: int | None = None) -> Iterator[bytes]:
+        """The object's bytes (from `start` to `end`, inclusive, if given) in chunks of about
+        `piece` bytes (or as the backend reads best); SourceMissing if it is not there."""
         raise NotImplementedError
+
+    def read_original(self, file: CatalogFile) -> Iterator[bytes]:
+        """The original of a catalog file, unchecked (a CheckedStream checks it)."""
+        return self.read(file.object_name)
 
     def write(self, object_name: str, chunks: Iterable[bytes], size: int, content_type: str,
               sha256_hex: str | None = None, tags: dict | None = None) -> None:
-        """Store the object so that it is whole and durable under its final name when this
-        returns, and never partly there: if `chunks` raises, nothing stands under the name."""
+        """Store the object so that it is whole under its final name when this returns (and
+        durable once `sync` has run), and never partly there: if `chunks` raises, nothing stands
+        under the name."""
         raise NotImplementedError
 
     def delete(self, object_name: str) -> None:
@@ -701,20 +1022,41 @@ class Backend:
         """Remove what a killed run may have left beside the object (temporary files)."""
 
     def sync(self) -> None:
-        """Make the writes and deletes so far durable: called before the catalog records them."""
+        """Make the writes and deletes so far durable: called before the catalog records them.
+        Raises OSError when it cannot; what was not synced stays pending."""
 
+    def will_sync(self, object_name: str) -> None:
+        """Have the next `sync` cover the object's entry too (a file found written by a killed
+        run, which may not have synced its rename)."""
+
+    def gone_reason(self) -> str | None:
+        """Why the backend can no longer be used at all (a disk unplugged), or None."""
+        return None
+
+    def files_location(self) -> str:
+        """Where the files themselves are (a disk's archive/ folder), for messages."""
+        return self.location()
+
+    def folders(self) -> Iterator[tuple[tuple[str, ...], list[os.DirEntry]]]:
+        """With `lists_files`: every folder with the files in it, parents first, siblings
+        sorted (the order of `held_files`)."""
+        raise NotImplementedError
+
+
+# --- local disks -----------------------------------------------------------------------------------
 
 class LocalBackend(Backend):
     """An archive disk: ROOT/.mitwelten-storage-id, ROOT/README.md, ROOT/archive/<object name>."""
 
     kind = 'local'
+    lists_files = True
+    adopts_found_files = True
 
-    def __init__(self, record: BackendRecord, root: Path | None = None):
-        self.record = record
+    def __init__(self, backend_row: BackendRow, root: Path | None = None):
+        self.row = backend_row
         self.given_path = root is not None        # --path / --source-path / --target-path
-        self.root = Path(root or record.url_prefix)
+        self.root = Path(root or backend_row.url_prefix)
         self.archive = self.root / 'archive'
-        self.found_elsewhere = False
         self._checked_dirs: set[Path] = set()
         self._cleaned_dirs: set[Path] = set()
         self._unsynced_dirs: set[Path] = set()
@@ -727,13 +1069,13 @@ class LocalBackend(Backend):
         """Find the disk and make sure it is this backend: its dot-file must match the catalog
         row (storage_id and created_at). Not at its recorded path, the disk is looked for under
         the usual mount roots; a path given by the user is used as it is."""
-        problem = dot_file_mismatch(self.root, self.record)
+        problem = dot_file_mismatch(self.root, self.row)
         if problem and not self.given_path:
-            found = find_disk(self.record)
+            found = find_disk(self.row)
             if found:
-                notice(f'{self.describe()} is not at its recorded path; found it at {found} (its {DOT_FILE} '
-                       'matches)')
-                self.root, self.found_elsewhere, problem = found, True, None
+                log.info('%s is not at its recorded path; found it at %s (its %s matches)',
+                         self.describe(), found, DOT_FILE)
+                self.root, problem = found, None
         if problem:
             hint = '--target-path' if writing else '--source-path'
             if not self.root.is_dir():
@@ -755,7 +1097,10 @@ class LocalBackend(Backend):
         # One writer per disk: any temporary file found during a run is then a leftover of a
         # killed run, safe to remove.
         lock_path = self.root / LOCK_FILE
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f'cannot write to {self.describe()}: {exc.strerror} ({lock_path})') from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -765,7 +1110,8 @@ class LocalBackend(Backend):
         try:
             yield
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):     # a disk pulled out mid-run
+                fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def path(self, object_name: str) -> Path:
@@ -788,8 +1134,8 @@ class LocalBackend(Backend):
             if not stat.S_ISDIR(os.lstat(current).st_mode):
                 raise UnsafeObjectName(f'{current} is not a plain folder (a link or a file): refusing to write '
                                        'through it')
-        for new_dir in created:   # make the new folders' entries durable too
-            fsync_dir(new_dir.parent)
+        for new_dir in created:   # the new folders' entries become durable with the next sync
+            self._changed(new_dir.parent)
         with self._dirs_lock:
             self._checked_dirs.add(directory)
 
@@ -807,11 +1153,11 @@ class LocalBackend(Backend):
             self._cleaned_dirs.add(directory)
         with contextlib.suppress(OSError), os.scandir(directory) as entries:
             for entry in entries:
-                if entry.name.endswith(TMP_SUFFIX) and entry.name.startswith('.') and RUN_MARK not in entry.name \
-                        and entry.is_file(follow_symlinks=False):
+                if (entry.name.endswith(TMP_SUFFIX) and entry.name.startswith('.') and RUN_MARK not in entry.name
+                        and entry.is_file(follow_symlinks=False)):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
-                        log.info('removed leftover temporary file %s', entry.path)
+                        log.debug('removed leftover temporary file %s', entry.path)
 
     def size(self, object_name: str) -> int | None:
         try:
@@ -820,7 +1166,8 @@ class LocalBackend(Backend):
             return None
         return st.st_size if stat.S_ISREG(st.st_mode) else None
 
-    def read(self, object_name: str) -> Iterator[bytes]:
+    def read(self, object_name: str, *, start: int = 0, end: int | None = None,
+             piece: int | None = None) -> Iterator[bytes]:
         path = self.path(object_name)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
@@ -832,7 +1179,15 @@ class LocalBackend(Backend):
                                        object_name) from None
             raise
         with open(fd, 'rb', buffering=0) as handle:
-            while chunk := handle.read(CHUNK):
+            if start:
+                handle.seek(start)
+            left = None if end is None else end - start + 1
+            while left is None or left > 0:
+                chunk = handle.read(min(piece or CHUNK, left) if left is not None else piece or CHUNK)
+                if not chunk:
+                    break
+                if left is not None:
+                    left -= len(chunk)
                 yield chunk
 
     def write(self, object_name: str, chunks: Iterable[bytes], size: int, content_type: str,
@@ -840,26 +1195,16 @@ class LocalBackend(Backend):
         final = self.path(object_name)
         self._ensure_dir(final.parent)
         self._remove_leftovers(final.parent)
-        # Temporary name in the same folder (rename stays atomic), hidden, and recognisable by
-        # its suffix for the clean-up above (rule 2).
-        tmp = final.with_name(f'.{final.name[:200]}.{RUN_MARK}-{next(_TMP_NUMBERS)}{TMP_SUFFIX}')
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0), 0o644)
-        try:
+        with atomic_file(final, sync_folder=False) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0), 0o644)
             with open(fd, 'wb', buffering=0) as handle:    # chunks are large: no second buffer
                 for chunk in chunks:
                     view = memoryview(chunk)
                     while view:
                         view = view[handle.write(view):]
-                full_fsync(handle.fileno())
                 written = os.fstat(handle.fileno()).st_size
             if written != size:
                 raise FileFailure(f'{tmp}: wrote {written} bytes, expected {size}', object_name)
-            crash_point('before-rename')
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         self._changed(final.parent)
 
     def delete(self, object_name: str) -> None:
@@ -872,14 +1217,49 @@ class LocalBackend(Backend):
         with self._dirs_lock:
             self._unsynced_dirs.add(directory)
 
+    def will_sync(self, object_name: str) -> None:
+        path = self.path(object_name)
+        for folder in path.relative_to(self.archive).parents:     # its folder up to the archive root
+            self._changed(self.archive / folder)
+
     def sync(self) -> None:
         # The renames and removals since the last commit reach the disk in one go per folder,
-        # before the catalog records them (rule 1): one fsync per folder, not per file.
+        # before the catalog records them (rule 1): one fsync per folder, not per file. A folder
+        # whose fsync fails (and every one not yet synced) stays pending.
         with self._dirs_lock:
-            directories, self._unsynced_dirs = self._unsynced_dirs, set()
-        for directory in directories:
-            fsync_dir(directory)
+            directories, self._unsynced_dirs = list(self._unsynced_dirs), set()
+        try:
+            while directories:
+                fsync_dir(directories[-1])
+                directories.pop()
+        finally:
+            if directories:
+                with self._dirs_lock:
+                    self._unsynced_dirs.update(directories)
 
+    def files_location(self) -> str:
+        return str(self.archive)
+
+    def gone_reason(self) -> str | None:
+        if not self.archive.is_dir():
+            return f'{self.describe()} disappeared ({self.archive} is gone); is the disk still attached?'
+        return None
+
+    def folders(self) -> Iterator[tuple[tuple[str, ...], list[os.DirEntry]]]:
+        def walk(folder: Path, parts: tuple[str, ...]):
+            try:
+                with os.scandir(folder) as scan:
+                    entries = sorted(scan, key=lambda e: e.name)
+            except OSError:
+                entries = []
+            yield parts, [e for e in entries if not e.is_dir(follow_symlinks=False)]
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    yield from walk(Path(entry.path), parts + (entry.name,))
+        yield from walk(self.archive, ())
+
+
+# --- S3 buckets --------------------------------------------------------------------------------------
 
 def is_md5_etag(etag: str) -> bool:
     return bool(re.fullmatch(r'[0-9a-f]{32}', etag))
@@ -889,24 +1269,17 @@ class S3Backend(Backend):
     """A bucket (and optional key prefix) on an S3 server: AWS, MinIO, or any compatible one."""
 
     kind = 's3'
+    keeps_tags = True
     # Up to this size an object is read into memory and written with one PUT whose checksums
     # the server verifies; larger ones stream through the transfer manager's multipart upload.
     SINGLE_PUT_LIMIT = 32 * 1024 * 1024
     WHOLE_READ_LIMIT = 8 * 1024 * 1024
 
-    def __init__(self, record: BackendRecord, jobs: int = DEFAULT_JOBS):
+    def __init__(self, backend_row: BackendRow, settings: Settings, jobs: int = DEFAULT_JOBS):
         from boto3.s3.transfer import TransferConfig
-        self.record = record
-        self.where = S3Location.parse(record.url_prefix)
-        self.client = s3_client(
-            self.where,
-            max_pool_connections=max(10, jobs + 4),
-            retries={'max_attempts': 5, 'mode': 'standard'},
-            connect_timeout=10, read_timeout=120,
-            # The tool checks every byte itself (sha256 against the catalog) and sends
-            # ChecksumSHA256 with its uploads; botocore's own CRC32 on top only costs CPU.
-            request_checksum_calculation='when_required', response_checksum_validation='when_required',
-        )
+        self.row = backend_row
+        self.where = S3Location.parse(backend_row.url_prefix)
+        self.client = s3_client(self.where, settings, pool_size=max(10, jobs + 4))
         self.transfer_config = TransferConfig(multipart_threshold=self.SINGLE_PUT_LIMIT,
                                               multipart_chunksize=16 * 1024 * 1024, max_concurrency=2)
 
@@ -924,16 +1297,20 @@ class S3Backend(Backend):
         try:
             head = self.client.head_object(Bucket=self.where.bucket, Key=self.key(object_name))
         except botocore.exceptions.ClientError as exc:
-            if exc.response.get('Error', {}).get('Code') in ('404', 'NoSuchKey', 'NotFound'):
+            if s3_error_code(exc) in S3_NOT_FOUND:
                 return None
             raise
         return head['ContentLength']
 
-    def read(self, object_name: str) -> Iterator[bytes]:
+    def read(self, object_name: str, *, start: int = 0, end: int | None = None,
+             piece: int | None = None) -> Iterator[bytes]:
+        extra = {}
+        if start or end is not None:
+            extra['Range'] = f'bytes={start}-{"" if end is None else end}'
         try:
-            response = self.client.get_object(Bucket=self.where.bucket, Key=self.key(object_name))
+            response = self.client.get_object(Bucket=self.where.bucket, Key=self.key(object_name), **extra)
         except botocore.exceptions.ClientError as exc:
-            if exc.response.get('Error', {}).get('Code') in ('404', 'NoSuchKey', 'NotFound'):
+            if s3_error_code(exc) in S3_NOT_FOUND:
                 raise SourceMissing(f'object {self.key(object_name)} is missing in {self.describe()}',
                                     object_name) from None
             raise
@@ -941,10 +1318,10 @@ class S3Backend(Backend):
         try:
             # A camera image in one read: far less per-byte Python than 1 MiB chunks. Larger
             # objects stream in pieces of that size, so memory stays bounded by --jobs.
-            if response.get('ContentLength', self.WHOLE_READ_LIMIT + 1) <= self.WHOLE_READ_LIMIT:
+            if piece is None and response.get('ContentLength', self.WHOLE_READ_LIMIT + 1) <= self.WHOLE_READ_LIMIT:
                 yield body.read()
             else:
-                yield from body.iter_chunks(self.WHOLE_READ_LIMIT)
+                yield from body.iter_chunks(piece or self.WHOLE_READ_LIMIT)
         finally:
             body.close()
 
@@ -962,8 +1339,8 @@ class S3Backend(Backend):
             # Servers that verify ChecksumSHA256 have refused a corrupted body already; for
             # the others, a plain (unencrypted, single-part) object's ETag is its MD5.
             etag = response.get('ETag', '').strip('"')
-            if not response.get('ServerSideEncryption') and is_md5_etag(etag) \
-                    and etag != hashlib.md5(data).hexdigest():
+            if (not response.get('ServerSideEncryption') and is_md5_etag(etag)
+                    and etag != hashlib.md5(data).hexdigest()):
                 self._delete_key(key)
                 raise FileFailure(f'{self.describe()} stored {key} with a different MD5 than was sent',
                                   object_name)
@@ -987,7 +1364,7 @@ class S3Backend(Backend):
         try:
             response = self.client.get_object_tagging(Bucket=self.where.bucket, Key=self.key(object_name))
         except botocore.exceptions.ClientError as exc:
-            if exc.response.get('Error', {}).get('Code') in ('NotImplemented', 'NoSuchKey', '404', 'NotFound'):
+            if s3_error_code(exc) in ('NotImplemented', *S3_NOT_FOUND):
                 return None     # a server without tagging, or an object gone: nothing to carry over
             raise
         return {tag['Key']: tag['Value'] for tag in response.get('TagSet', [])} or None
@@ -1021,10 +1398,10 @@ def check_bucket(client, where: S3Location, what: str) -> None:
     except botocore.exceptions.NoCredentialsError:
         raise ConfigError(f'no S3 credentials for {where.netloc}: set AWS_ACCESS_KEY_ID and '
                           f"AWS_SECRET_ACCESS_KEY, or create an AWS profile named '{where.netloc}'") from None
-    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError) as exc:
+    except S3_CONNECTION_ERRORS as exc:
         raise ConfigError(f'cannot reach the S3 server {where.endpoint} ({what}): {exc}') from None
     except botocore.exceptions.ClientError as exc:
-        code = exc.response.get('Error', {}).get('Code')
+        code = s3_error_code(exc)
         if code in ('404', 'NoSuchBucket', 'NotFound'):
             raise ConfigError(f"bucket '{where.bucket}' does not exist at {where.endpoint} ({what})") from None
         if code in ('403', 'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch'):
@@ -1033,14 +1410,321 @@ def check_bucket(client, where: S3Location, what: str) -> None:
         raise ConfigError(f"S3 error on bucket '{where.bucket}' at {where.endpoint} ({what}): {code}") from None
 
 
-def open_backend(record: BackendRecord, *, path: str | None = None, jobs: int = DEFAULT_JOBS) -> Backend:
-    if record.type == 'local':
-        return LocalBackend(record, Path(path).expanduser().absolute() if path else None)
+def open_backend(backend_row: BackendRow, settings: Settings, *, path: str | None = None,
+                 jobs: int = DEFAULT_JOBS) -> Backend:
+    if backend_row.type == 'local':
+        return LocalBackend(backend_row, Path(path).expanduser().absolute() if path else None)
     if path:
-        raise ConfigError(f'{record.describe()} is an S3 backend: a path applies to local disks only')
-    if record.type == 's3':
-        return S3Backend(record, jobs=jobs)
-    raise ConfigError(f"{record.describe()} has type '{record.type}'; this tool knows 'local' and 's3'")
+        raise ConfigError(f'{backend_row.describe()} is an S3 backend: a path applies to local disks only')
+    if backend_row.type == 's3':
+        return S3Backend(backend_row, settings, jobs=jobs)
+    raise ConfigError(f"{backend_row.describe()} has type '{backend_row.type}'; this tool knows 'local' and 's3'")
+
+
+# =================================================================================================
+# The storage service's client (--via URL)
+# =================================================================================================
+#
+# A workstation without S3 keys archives through the storage service (mitwelten_service.py):
+# it reads originals with GET …/original, checks them, writes them to its disk, records them
+# with POST …/archive, and asks the service to replace (POST …/scaled) or delete
+# (DELETE …/original) the originals online. The service holds the S3 keys and writes the
+# catalog; the workstation only reads the catalog (its batches).
+
+KINDS = {'image': 'images', 'audio': 'audio'}        # a group's name in the service's paths
+PROBLEM = 'urn:mitwelten:storage:problem:'           # the prefix of the service's problem types
+
+
+class TokenRefused(StorageError):
+    """The storage service refused the token (401: missing, expired or invalid; 403: no role)."""
+
+
+def token_from_env(given: str | None = None) -> str:
+    """The bearer token: given, else MITWELTEN_TOKEN, else the file MITWELTEN_TOKEN_FILE names."""
+    token = (given or os.environ.get('MITWELTEN_TOKEN') or '').strip()
+    path = os.environ.get('MITWELTEN_TOKEN_FILE')
+    if not token and path:
+        try:
+            token = Path(path).expanduser().read_text(encoding='utf-8').strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f'MITWELTEN_TOKEN_FILE={path}: cannot read the token: '
+                              f'{getattr(exc, "strerror", None) or exc}') from None
+    if not token:
+        raise ConfigError('--via needs a token: set MITWELTEN_TOKEN, or MITWELTEN_TOKEN_FILE to a file holding it')
+    return token
+
+
+class ServiceClient:
+    """The storage service as a workstation reaches it: urllib3 (boto3 brings it) with a pool of
+    connections sized to --jobs, the settings' timeouts, and retries with backoff of requests
+    that did not get an answer (every request of the service is idempotent)."""
+
+    def __init__(self, url: str, token: str, settings: Settings, pool_size: int = DEFAULT_JOBS):
+        import urllib3
+        parts = urllib.parse.urlsplit(url.strip())
+        if parts.scheme not in ('http', 'https') or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(f"--via {url!r} must look like http[s]://HOST[:PORT][/PATH]")
+        self.base = url.strip().rstrip('/')
+        self.token = token
+        self.settings = settings
+        self.urllib3 = urllib3
+        self.http = urllib3.PoolManager(
+            maxsize=pool_size + 2, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout))
+
+    @classmethod
+    def from_options(cls, options: RunOptions, settings: Settings) -> 'ServiceClient':
+        return cls(options.via, token_from_env(options.token), settings, options.jobs)
+
+    def describe(self) -> str:
+        return f'the storage service at {self.base}'
+
+    def request(self, method: str, path: str, *, body: dict | None = None, headers: dict | None = None,
+                stream: bool = False, token: bool = True):
+        """The answer to a request, after up to `attempts` tries with backoff for answers that
+        did not come (connection refused or dropped, timeouts, 502/503/504). A problem answer
+        (4xx) raises the refusal it stands for; a service still down raises Unreachable."""
+        headers = dict(headers or {})
+        if token:
+            headers['Authorization'] = f'Bearer {self.token}'
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers['Content-Type'] = 'application/json'
+        reason = ''
+        for attempt in range(self.settings.attempts):
+            if attempt:
+                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random_fraction()))
+            try:
+                response = self.http.request(method, self.base + path, body=data, headers=headers,
+                                             preload_content=not stream, redirect=False)
+            except self.urllib3.exceptions.HTTPError as exc:
+                reason = f'{type(exc).__name__}: {exc}'
+                continue
+            if response.status in (502, 503, 504):
+                reason = self.problem_of(response).get('detail') or f'HTTP {response.status}'
+                response.release_conn()
+                continue
+            if response.status >= 400:
+                self.raise_problem(response)
+            return response
+        raise Unreachable(f'{self.describe()} did not answer {method} {path} ({reason}) after '
+                          f'{self.settings.attempts} attempts')
+
+    @staticmethod
+    def problem_of(response) -> dict:
+        try:
+            data = response.data if response.data else response.read()
+            problem = json.loads(data or b'{}')
+            return problem if isinstance(problem, dict) else {}
+        except (ValueError, Exception):
+            return {}
+
+    def raise_problem(self, response) -> None:
+        problem = self.problem_of(response)
+        response.release_conn()
+        kind = str(problem.get('type', '')).removeprefix(PROBLEM)
+        detail = problem.get('detail') or problem.get('title') or f'HTTP {response.status}'
+        status = response.status
+        if status in (401, 403):
+            raise TokenRefused(f'{self.describe()} refused the token ({status}: {detail}); get a new one and set '
+                               'MITWELTEN_TOKEN or MITWELTEN_TOKEN_FILE')
+        if status == 404:
+            raise NotFound(detail, 'original' if kind == 'original-not-online' else kind or 'file')
+        refusals = {'too-few-copies': TooFewCopies, 'version-conflict': VersionConflict, 'busy': Busy,
+                    'invalid-archive': InvalidArchive, 'original-changed': OriginalChanged}
+        if kind == 'version-failed':
+            raise ConversionError(detail)
+        if kind in refusals:
+            raise refusals[kind](detail)
+        raise StorageError(f'{self.describe()} answered {status}: {detail}')
+
+    def check(self) -> None:
+        """The service answers, and takes the token: before a run writes anything."""
+        try:
+            self.request('GET', '/backends', headers={'Accept': 'application/json'})
+        except Unreachable as exc:
+            raise ConfigError(f'cannot reach {self.describe()}: {exc}') from None
+        except TokenRefused as exc:
+            raise ConfigError(str(exc)) from None
+
+    def path(self, group: str, file_id: int, what: str) -> str:
+        return f'/{KINDS[group]}/{int(file_id)}/{what}'
+
+    def read_original(self, group: str, file: CatalogFile) -> Iterator[bytes]:
+        """The original's bytes, as the service streams them; a connection dropped mid-file is
+        resumed with a Range request for the rest, rather than starting the file again. The
+        whole is checked by the caller (CheckedStream); Repr-Digest must be the catalog's."""
+        received = 0
+        drops = 0
+        while True:
+            headers = {'Range': f'bytes={received}-'} if received else {}
+            response = self.request('GET', self.path(group, file.file_id, 'original'), headers=headers, stream=True)
+            try:
+                digest = response.headers.get('Repr-Digest', '')
+                if digest and digest != f'sha-256=:{sha256_hex_to_b64(file.sha256)}:':
+                    raise ChecksumMismatch(f'the service says the original has the digest {digest}, not the '
+                                           "catalog's sha256", file.object_name)
+                skip = received if response.status == 200 else 0    # a Range the service did not honour
+                try:
+                    for chunk in response.stream(CHUNK, decode_content=False):
+                        if skip:
+                            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+                        if chunk:
+                            received += len(chunk)
+                            yield chunk
+                    if received >= file.file_size or response.status not in (200, 206):
+                        return
+                    reason = 'the answer ended early'
+                except self.urllib3.exceptions.HTTPError as exc:
+                    reason = f'{type(exc).__name__}: {exc}'
+            finally:
+                response.release_conn()
+            drops += 1
+            if drops >= self.settings.attempts:
+                raise Unreachable(f'{self.describe()} dropped the connection {drops} times while sending '
+                                  f'{file.object_name} ({reason})')
+            log.debug('resuming %s at byte %d after: %s', file.object_name, received, reason)
+
+    def record_archived(self, group: str, file: CatalogFile, storage_id: int) -> str:
+        response = self.request('POST', self.path(group, file.file_id, 'archive'),
+                                body={'storage_id': storage_id, 'sha256': file.sha256})
+        return 'created' if response.status == 201 else 'exists'
+
+    def make_version_in_place(self, group: str, file: CatalogFile, version_type: int) -> dict:
+        return json.loads(self.request('POST', self.path(group, file.file_id, 'scaled'),
+                                       body={'type': version_type}).data)
+
+    def delete_original(self, group: str, file: CatalogFile) -> None:
+        self.request('DELETE', self.path(group, file.file_id, 'original'), headers={'If-Match': f'"{file.sha256}"'})
+
+
+def random_fraction() -> float:
+    return int.from_bytes(os.urandom(2), 'big') / 65536
+
+
+class ServiceSource(Backend):
+    """The active S3 backend, as the storage service presents it: originals only, read with
+    GET …/original. Nothing is written through it; the service changes ACTIVE itself."""
+
+    kind = 's3'
+
+    def __init__(self, backend_row: BackendRow, client: ServiceClient, group: str):
+        self.row = backend_row
+        self.client = client
+        self.group = group
+
+    def location(self) -> str:
+        return f'{self.row.url_prefix}, through {self.client.describe()}'
+
+    def check(self, writing: bool) -> None:
+        if self.row.type != 's3':
+            raise ConfigError(f'{self.row.describe()} is not an S3 backend: through the service (--via) the source '
+                              'must be the active S3 backend')
+        self.client.check()
+
+    def read_original(self, file: CatalogFile) -> Iterator[bytes]:
+        return self.client.read_original(self.group, file)
+
+    def _only_originals(self, *args, **kwargs):
+        raise ConfigError('through the service (--via) only originals are read; the service changes ACTIVE itself')
+
+    size = read = write = delete = _only_originals
+
+
+class ServiceRecorder(Recorder):
+    """Records what a run wrote through the service (POST …/archive, one request per file, as
+    many at once as --jobs), after syncing the disk (rule 1). What the service changes at ACTIVE
+    it records itself, so type changes and removals handed here are nothing more to do."""
+
+    def __init__(self, client: ServiceClient, conn, group: Group, backends: tuple, jobs: int = DEFAULT_JOBS,
+                 every_rows: int = 200, every_seconds: float = 2.0):
+        super().__init__(conn, group, backends, every_rows, every_seconds)
+        self.client = client
+        self.jobs = jobs
+
+    def change_type(self, file_id: int, storage_id: int, old_type: int, new_type: int) -> None:
+        pass
+
+    def remove(self, file_id: int, storage_id: int) -> None:
+        pass
+
+    def _record(self) -> list[tuple[int, str]]:
+        def post(insert):
+            file, storage_id, _ = insert
+            try:
+                self.client.record_archived(self.group.name, file, storage_id)
+                return None
+            except Refusal as exc:
+                return file.file_id, str(exc)
+        refused = []
+        recorded = []
+        with ThreadPoolExecutor(max_workers=min(self.jobs, max(1, len(self.inserts)))) as pool:
+            futures = {pool.submit(post, insert): insert for insert in self.inserts}
+            error = None
+            for future in futures:
+                try:
+                    result = future.result()
+                except Exception as exc:         # the service went away: these stay pending
+                    error = error or exc
+                    continue
+                recorded.append(futures[future])
+                if result:
+                    refused.append(result)
+        self.inserts = [insert for insert in self.inserts if insert not in recorded]
+        self.recorded += len(recorded) - len(refused)
+        if error is not None:
+            raise error
+        return refused
+
+
+# =================================================================================================
+# Originals
+# =================================================================================================
+#
+# An original counts only once its bytes hash to the catalog's sha256 (and have its size).
+
+def check_original(file: CatalogFile, size: int, sha256_hex: str) -> None:
+    if size != file.file_size:
+        raise ChecksumMismatch(f'{size:,} bytes, the catalog says {file.file_size:,}: not the original',
+                               file.object_name)
+    if sha256_hex != file.sha256:
+        raise ChecksumMismatch(f'sha256 {sha256_hex} does not match the catalog\'s {file.sha256}: not the '
+                               'original', file.object_name)
+
+
+def check_original_bytes(data: bytes, file: CatalogFile) -> None:
+    check_original(file, len(data), hashlib.sha256(data).hexdigest())
+
+
+class CheckedStream:
+    """Passes a source's chunks through while hashing them; at the end, raises ChecksumMismatch
+    unless the size and sha256 match the catalog's. A writer that consumes it therefore never
+    finishes a file whose bytes are not the original's."""
+
+    def __init__(self, chunks: Iterable[bytes], file: CatalogFile, progress: Callable[[int], None] | None = None):
+        self.chunks = chunks
+        self.file = file
+        self.progress = progress
+
+    def __iter__(self) -> Iterator[bytes]:
+        digest = hashlib.sha256()
+        total = 0
+        for chunk in self.chunks:
+            digest.update(chunk)
+            total += len(chunk)
+            if total > self.file.file_size:
+                raise ChecksumMismatch(f'larger at the source than the catalog\'s {self.file.file_size:,} bytes',
+                                       self.file.object_name)
+            if self.progress:
+                self.progress(len(chunk))
+            yield chunk
+        check_original(self.file, total, digest.hexdigest())
+
+
+def read_original(backend: Backend, file: CatalogFile, progress: Callable[[int], None] | None = None) -> bytes:
+    """The original's bytes, read once and checked against the catalog's size and sha256."""
+    return b''.join(CheckedStream(backend.read_original(file), file, progress))
 
 
 # =================================================================================================
@@ -1050,10 +1734,6 @@ def open_backend(record: BackendRecord, *, path: str | None = None, jobs: int = 
 # The version table: every version of a file the catalog can record, how its object name is
 # formed from the original's, its content type, how it is made from the original (in memory),
 # and how stored bytes of it are checked. Type 0 is the original everywhere.
-
-class ConversionError(FileFailure):
-    """A version could not be made from the original (or did not check out)."""
-
 
 # One more than the cores: a conversion also waits (on ffmpeg's pipes, on the GIL), and a core
 # should not idle meanwhile (FLAC of 20 recordings on 2 cores: 2.74 s with 2 slots, 2.61 with 3).
@@ -1066,28 +1746,32 @@ class Version:
     group: str
     type: int
     label: str
-    content_type: str | None                       # None: by the original's extension
-    name: Callable[[str], str]                     # the version's object name, from the original's
-    make: Callable[[bytes, FileRecord], bytes] | None     # original bytes -> version bytes, checked
-    check: Callable[[bytes, FileRecord], None]     # are these stored bytes a sound copy of the version?
+    content_type: str | None                                  # None: by the original's extension
+    name_from: Callable[[str], str]                           # the version's object name, from the original's
+    encoder: Callable[[bytes, CatalogFile], bytes] | None     # original's bytes -> the version's, checked
+    checker: Callable[[bytes, CatalogFile], None]             # raises unless stored bytes are a sound copy
+    exact: bool = False       # stored bytes are checked exactly against the catalog's sha256 (original, gzip)
 
     def object_name(self, original_name: str) -> str:
-        return self.name(original_name)
+        return self.name_from(original_name)
 
     def describe(self) -> str:
         return f'{self.group} type {self.type} ({self.label})'
 
-    def made_from(self, original: bytes, record: FileRecord) -> bytes:
-        # Conversions take a CPU slot: more of them at once than there are cores would not go
-        # faster, only hold more decoded pictures and sample buffers in memory.
+    def make(self, original: bytes, file: CatalogFile) -> bytes:
+        """The version made from the original's bytes, checked (ConversionError otherwise).
+        In a CPU slot: more conversions at once than there are cores would not go faster, only
+        hold more decoded pictures and sample buffers in memory."""
         with CPU_SLOTS:
-            return self.make(original, record)
+            return self.encoder(original, file)
 
-    def confirm(self, stored: bytes, record: FileRecord) -> None:
-        """`check`, in a CPU slot: checking a stored version decodes it (WebP, FLAC, gzip) as a
-        conversion does. Never called from within `made_from`, which already holds a slot."""
+    def check(self, stored: bytes, file: CatalogFile) -> None:
+        """Raise unless `stored` is a sound copy of this version of the file (an original hashes
+        to the catalog's sha256, gzip decompresses to it, WebP and FLAC decode). In a CPU slot,
+        as checking decodes as much as making does. The encoders and checkers themselves never
+        take a slot, so a slot is never waited for while one is held."""
         with CPU_SLOTS:
-            self.check(stored, record)
+            self.checker(stored, file)
 
 
 def same_name(name: str) -> str:
@@ -1107,29 +1791,25 @@ def with_suffix(suffix: str) -> Callable[[str], str]:
     return lambda original: original + suffix
 
 
-def check_original_bytes(data: bytes, record: FileRecord) -> None:
-    check_original(record, len(data), hashlib.sha256(data).hexdigest())
-
-
 # --- gzip ------------------------------------------------------------------------------------------
 
-def make_gzip(original: bytes, record: FileRecord) -> bytes:
+def make_gzip(original: bytes, file: CatalogFile) -> bytes:
     # mtime=0: the same original always gives the same bytes.
     packed = gzip.compress(original, compresslevel=9, mtime=0)
-    check_gzip(packed, record)
+    check_gzip(packed, file)
     return packed
 
 
-def check_gzip(packed: bytes, record: FileRecord) -> None:
+def check_gzip(packed: bytes, file: CatalogFile) -> None:
     try:
         unpacked = gzip.decompress(packed)
     except (OSError, EOFError, zlib.error) as exc:
-        raise ConversionError(f'gzip version does not decompress: {exc}', record.object_name) from None
+        raise ConversionError(f'gzip version does not decompress: {exc}', file.object_name) from None
     try:
-        check_original_bytes(unpacked, record)
+        check_original_bytes(unpacked, file)
     except ChecksumMismatch as exc:
         raise ConversionError(f'gzip version does not decompress to the original: {exc}',
-                              record.object_name) from None
+                              file.object_name) from None
 
 
 # --- WebP ------------------------------------------------------------------------------------------
@@ -1148,7 +1828,7 @@ def fitted_size(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(width * box[1] / height)), box[1]
 
 
-def downscaled(original: bytes, record: FileRecord, box: tuple[int, int]) -> tuple[Image.Image, dict]:
+def downscaled(original: bytes, file: CatalogFile, box: tuple[int, int]) -> tuple[Image.Image, dict]:
     """The image fitted in `box` (downscaled only, aspect kept, pixels not rotated), and what
     to carry over into its version: EXIF (orientation included) and the ICC profile.
 
@@ -1171,26 +1851,26 @@ def downscaled(original: bytes, record: FileRecord, box: tuple[int, int]) -> tup
             else:
                 image = image.copy()
     except UnidentifiedImageError:
-        raise ConversionError('not an image that can be read (cannot make a WebP of it)', record.object_name) from None
+        raise ConversionError('not an image that can be read (cannot make a WebP of it)', file.object_name) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ConversionError(f'cannot make a WebP of it: {exc}', record.object_name) from None
+        raise ConversionError(f'cannot make a WebP of it: {exc}', file.object_name) from None
     return image, keep
 
 
-def make_webp(original: bytes, record: FileRecord, box: tuple[int, int]) -> bytes:
+def make_webp(original: bytes, file: CatalogFile, box: tuple[int, int]) -> bytes:
     """WebP of the original fitting in `box`, Pillow's encoder at quality 80."""
-    image, keep = downscaled(original, record, box)
+    image, keep = downscaled(original, file, box)
     out = io.BytesIO()
     try:
         image.save(out, 'WEBP', quality=WEBP_QUALITY, **keep)
     except (OSError, ValueError) as exc:
-        raise ConversionError(f'cannot encode the WebP version: {exc}', record.object_name) from None
+        raise ConversionError(f'cannot encode the WebP version: {exc}', file.object_name) from None
     webp = out.getvalue()
-    check_webp(webp, record, box, expected_size=image.size)
+    check_webp(webp, file, box, expected_size=image.size)
     return webp
 
 
-def check_webp(data: bytes, record: FileRecord, box: tuple[int, int],
+def check_webp(data: bytes, file: CatalogFile, box: tuple[int, int],
                expected_size: tuple[int, int] | None = None) -> None:
     """A WebP version decodes, at a size that fits the box. Just made (`expected_size` given),
     the encoder's own output is checked by its header alone: decoding it again would cost a
@@ -1201,33 +1881,29 @@ def check_webp(data: bytes, record: FileRecord, box: tuple[int, int],
                 image.load()
             form, size = image.format, image.size
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ConversionError(f'WebP version does not decode: {exc}', record.object_name) from None
+        raise ConversionError(f'WebP version does not decode: {exc}', file.object_name) from None
     if form != 'WEBP':
-        raise ConversionError(f'version is {form}, not WebP', record.object_name)
+        raise ConversionError(f'version is {form}, not WebP', file.object_name)
     if size[0] > box[0] or size[1] > box[1] or (expected_size and size != expected_size):
         raise ConversionError(f'WebP version is {size[0]}×{size[1]}, expected '
-                              f'{expected_size or box}', record.object_name)
+                              f'{expected_size or box}', file.object_name)
 
 
 # --- FLAC ------------------------------------------------------------------------------------------
 
 PCM_FORMATS = {16: 's16le', 24: 's24le'}   # what ffmpeg's FLAC encoder keeps exactly, by bits per sample
-_FFMPEG: list[str] = []
-
-
+@functools.cache
 def ffmpeg_executable() -> str:
     """ffmpeg from PATH, else the one in the imageio-ffmpeg wheel: nothing to install by hand."""
-    if not _FFMPEG:
-        found = shutil.which('ffmpeg')
-        if not found:
-            import imageio_ffmpeg
-            found = imageio_ffmpeg.get_ffmpeg_exe()
-        _FFMPEG.append(found)
-        AudioSegment.converter = found     # pydub uses the same binary
-    return _FFMPEG[0]
+    found = shutil.which('ffmpeg')
+    if not found:
+        import imageio_ffmpeg
+        found = imageio_ffmpeg.get_ffmpeg_exe()
+    AudioSegment.converter = found     # pydub uses the same binary
+    return found
 
 
-def run_ffmpeg(args: list[str], data: bytes, record: FileRecord, what: str) -> bytes:
+def run_ffmpeg(args: list[str], data: bytes, file: CatalogFile, what: str) -> bytes:
     """ffmpeg with the input on stdin and the output on stdout: no temporary files.
 
     Not subprocess.run(input=…): its communicate() feeds the pipe 4 KiB at a time, and with
@@ -1238,7 +1914,7 @@ def run_ffmpeg(args: list[str], data: bytes, record: FileRecord, what: str) -> b
         process = subprocess.Popen([ffmpeg_executable(), '-hide_banner', '-nostdin', '-loglevel', 'error', *args],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as exc:
-        raise ConversionError(f'cannot run ffmpeg to {what}: {exc.strerror}', record.object_name) from None
+        raise ConversionError(f'cannot run ffmpeg to {what}: {exc.strerror}', file.object_name) from None
     for pipe in (process.stdin, process.stdout):
         with contextlib.suppress(OSError, AttributeError):
             fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 1024 * 1024)
@@ -1262,7 +1938,7 @@ def run_ffmpeg(args: list[str], data: bytes, record: FileRecord, what: str) -> b
     if process.wait() != 0 or not output:
         reason = b''.join(stderr).decode(errors='replace').strip().splitlines()
         raise ConversionError(f'ffmpeg could not {what}: {reason[-1] if reason else "no output"}',
-                              record.object_name)
+                              file.object_name)
     return output
 
 
@@ -1278,25 +1954,25 @@ class PcmAudio:
         return len(self.samples) // (self.channels * self.bits // 8)
 
 
-def read_wav(original: bytes, record: FileRecord) -> PcmAudio:
+def read_wav(original: bytes, file: CatalogFile) -> PcmAudio:
     """The PCM samples of a WAV recording (through pydub's WAV reader), refusing what FLAC cannot
     hold losslessly and recordings whose data is cut short."""
     try:
         headers = extract_wav_headers(original)
         wav = read_wav_audio(original, headers)
     except (CouldntDecodeError, struct.error, IndexError, ValueError) as exc:
-        raise ConversionError(f'not a WAV recording: {exc}', record.object_name) from None
+        raise ConversionError(f'not a WAV recording: {exc}', file.object_name) from None
     if wav.bits_per_sample not in PCM_FORMATS:
         raise ConversionError(f'unsupported sample format: {wav.bits_per_sample}-bit PCM (FLAC versions are made '
-                              f'of 16- and 24-bit recordings)', record.object_name)
+                              f'of 16- and 24-bit recordings)', file.object_name)
     if not 1 <= wav.channels <= 8 or not 1 <= wav.sample_rate <= 655350:
         raise ConversionError(f'unsupported WAV: {wav.channels} channels at {wav.sample_rate} Hz',
-                              record.object_name)
+                              file.object_name)
     declared = headers[-1].size
     frame_bytes = wav.channels * wav.bits_per_sample // 8
     if len(wav.raw_data) < declared or len(wav.raw_data) % frame_bytes:
         raise ConversionError(f'truncated recording: {len(wav.raw_data):,} bytes of samples, the WAV header '
-                              f'says {declared:,}', record.object_name)
+                              f'says {declared:,}', file.object_name)
     return PcmAudio(wav.channels, wav.sample_rate, wav.bits_per_sample, wav.raw_data)
 
 
@@ -1323,48 +1999,48 @@ def complete_stream_info(flac: bytes, audio: PcmAudio) -> bytes:
     return bytes(patched)
 
 
-def make_flac(original: bytes, record: FileRecord) -> bytes:
+def make_flac(original: bytes, file: CatalogFile) -> bytes:
     """Lossless FLAC of a WAV recording, counted only once it decodes to exactly the original's
     samples (16- and 24-bit, any channel count and sample rate)."""
-    audio = read_wav(original, record)
+    audio = read_wav(original, file)
     flac = run_ffmpeg(['-f', 'wav', '-i', 'pipe:0', '-map_metadata', '0', '-c:a', 'flac',
-                       '-compression_level', '5', '-f', 'flac', 'pipe:1'], original, record, 'encode FLAC')
+                       '-compression_level', '5', '-f', 'flac', 'pipe:1'], original, file, 'encode FLAC')
     try:
         flac = complete_stream_info(flac, audio)
         info = flac_stream_info(flac)
     except (ValueError, IndexError) as exc:
-        raise ConversionError(f'FLAC version is malformed: {exc}', record.object_name) from None
+        raise ConversionError(f'FLAC version is malformed: {exc}', file.object_name) from None
     if (info['channels'], info['sample_rate'], info['bits']) != (audio.channels, audio.sample_rate, audio.bits):
         raise ConversionError(f"FLAC version is {info['channels']} channels, {info['sample_rate']} Hz, "
                               f"{info['bits']} bits; the recording is {audio.channels}, {audio.sample_rate} Hz, "
-                              f'{audio.bits} bits', record.object_name)
-    decoded = decode_flac(flac, audio.bits, record)
+                              f'{audio.bits} bits', file.object_name)
+    decoded = decode_flac(flac, audio.bits, file)
     if decoded != audio.samples:
-        raise ConversionError('FLAC version does not decode to the original samples', record.object_name)
+        raise ConversionError('FLAC version does not decode to the original samples', file.object_name)
     return flac
 
 
-def decode_flac(flac: bytes, bits: int, record: FileRecord) -> bytes:
+def decode_flac(flac: bytes, bits: int, file: CatalogFile) -> bytes:
     pcm = PCM_FORMATS[bits]
     return run_ffmpeg(['-f', 'flac', '-i', 'pipe:0', '-f', pcm, '-c:a', f'pcm_{pcm}', 'pipe:1'],
-                      flac, record, 'decode the FLAC version')
+                      flac, file, 'decode the FLAC version')
 
 
-def check_flac(flac: bytes, record: FileRecord) -> None:
+def check_flac(flac: bytes, file: CatalogFile) -> None:
     """A stored FLAC decodes, and its samples match the MD5 its STREAMINFO carries."""
     try:
         info = flac_stream_info(flac)
     except (ValueError, IndexError) as exc:
-        raise ConversionError(f'not a FLAC stream: {exc}', record.object_name) from None
+        raise ConversionError(f'not a FLAC stream: {exc}', file.object_name) from None
     if info['bits'] not in PCM_FORMATS:
-        raise ConversionError(f"FLAC version has {info['bits']}-bit samples", record.object_name)
-    decoded = decode_flac(flac, info['bits'], record)
+        raise ConversionError(f"FLAC version has {info['bits']}-bit samples", file.object_name)
+    decoded = decode_flac(flac, info['bits'], file)
     frames = len(decoded) // (info['channels'] * info['bits'] // 8)
     if info['frames'] and frames != info['frames']:
         raise ConversionError(f"FLAC version decodes to {frames:,} frames, its header says {info['frames']:,}",
-                              record.object_name)
+                              file.object_name)
     if any(info['md5']) and hashlib.md5(decoded).digest() != info['md5']:
-        raise ConversionError('FLAC version does not decode to the samples its MD5 records', record.object_name)
+        raise ConversionError('FLAC version does not decode to the samples its MD5 records', file.object_name)
 
 
 # --- the table -------------------------------------------------------------------------------------
@@ -1373,18 +2049,18 @@ ORIGINAL = 'original'
 WEBP_LARGE, WEBP_SMALL = (1920, 1440), (640, 480)
 
 
-def _webp(box):
-    return (lambda data, record: make_webp(data, record, box)), (lambda data, record: check_webp(data, record, box))
+def _webp(box: tuple[int, int]) -> tuple[Callable, Callable]:
+    return (lambda data, file: make_webp(data, file, box)), (lambda data, file: check_webp(data, file, box))
 
 
 VERSIONS: dict[tuple[str, int], Version] = {(v.group, v.type): v for v in [
-    Version('image', 0, ORIGINAL, None, same_name, None, check_original_bytes),
+    Version('image', 0, ORIGINAL, None, same_name, None, check_original_bytes, exact=True),
     Version('image', 1, 'WebP 1920×1440', 'image/webp', with_extension('.webp'), *_webp(WEBP_LARGE)),
     Version('image', 2, 'WebP 640×480', 'image/webp', with_extension('.webp'), *_webp(WEBP_SMALL)),
-    Version('image', 10, 'gzip -9', 'application/gzip', with_suffix('.gz'), make_gzip, check_gzip),
-    Version('audio', 0, ORIGINAL, None, same_name, None, check_original_bytes),
+    Version('image', 10, 'gzip -9', 'application/gzip', with_suffix('.gz'), make_gzip, check_gzip, exact=True),
+    Version('audio', 0, ORIGINAL, None, same_name, None, check_original_bytes, exact=True),
     Version('audio', 1, 'FLAC', 'audio/flac', with_extension('.flac'), make_flac, check_flac),
-    Version('audio', 10, 'gzip -9', 'application/gzip', with_suffix('.gz'), make_gzip, check_gzip),
+    Version('audio', 10, 'gzip -9', 'application/gzip', with_suffix('.gz'), make_gzip, check_gzip, exact=True),
 ]}
 
 
@@ -1406,56 +2082,22 @@ def content_type_of(version: Version, object_name: str) -> str:
     return ORIGINAL_CONTENT_TYPES.get(Path(object_name).suffix.lower(), 'application/octet-stream')
 
 
-class CheckedStream:
-    """Passes a source's chunks through while hashing them; at the end, raises ChecksumMismatch
-    unless the size and sha256 match the catalog's. A writer that consumes it therefore never
-    finishes a file whose bytes are not the original's."""
-
-    def __init__(self, chunks: Iterable[bytes], record: FileRecord, progress: Callable[[int], None] | None = None):
-        self.chunks = chunks
-        self.record = record
-        self.progress = progress
-
-    def __iter__(self) -> Iterator[bytes]:
-        digest = hashlib.sha256()
-        total = 0
-        for chunk in self.chunks:
-            digest.update(chunk)
-            total += len(chunk)
-            if total > self.record.file_size:
-                raise ChecksumMismatch(f'larger at the source than the catalog\'s {self.record.file_size:,} bytes',
-                                       self.record.object_name)
-            if self.progress:
-                self.progress(len(chunk))
-            yield chunk
-        check_original(self.record, total, digest.hexdigest())
-
-
-def check_original(record: FileRecord, size: int, sha256_hex: str) -> None:
-    if size != record.file_size:
-        raise ChecksumMismatch(f'{size:,} bytes, the catalog says {record.file_size:,}: not the original',
-                               record.object_name)
-    if sha256_hex != record.sha256:
-        raise ChecksumMismatch(f'sha256 {sha256_hex} does not match the catalog\'s {record.sha256}: not the '
-                               'original', record.object_name)
-
-
-def read_original(backend: 'Backend', record: FileRecord, progress: Callable[[int], None] | None = None) -> bytes:
-    """The original's bytes, read once and checked against the catalog's size and sha256."""
-    return b''.join(CheckedStream(backend.read(record.object_name), record, progress))
-
-
-def hash_chunks(chunks: Iterable[bytes]) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    for chunk in chunks:
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.hexdigest()
+def sound_copy_at(backend: Backend, file: CatalogFile, version: Version) -> bool:
+    """Whether the backend holds a sound copy of the file's version, recorded or not: there,
+    of the original's size (for an original), and passing the version's check."""
+    object_name = version.object_name(file.object_name)
+    size = backend.size(object_name)
+    if size is None or (version.type == 0 and size != file.file_size):
+        return False
+    try:
+        version.check(b''.join(backend.read(object_name)), file)
+    except FileFailure:
+        return False
+    return True
 
 
 # =================================================================================================
-# Runs: progress, log file, interruption, outcome counts
+# Runs: options, progress, log file, interruption, faults, outcome counts
 # =================================================================================================
 
 def human_bytes(n: float | None) -> str:
@@ -1475,49 +2117,103 @@ def default_log_dir() -> Path:
     return Path(state) / 'mitwelten-storage' / 'logs'
 
 
+class Progress:
+    """What a run tells whoever shows its progress (the command line's bar). This one shows
+    nothing: a library caller gets no output unless it passes its own."""
+
+    def start(self, command: str, total_bytes: int | None) -> None:
+        pass
+
+    def set_total(self, total_bytes: int | None) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+    def status(self, text: str) -> None:
+        """'files 12/400, failed 1', or what the run is waiting for."""
+
+    def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """How a run goes: parallel transfers, how many files at most, where disks are mounted,
+    whether through the storage service, where the log goes, who shows the progress, and
+    whether Ctrl-C / SIGTERM are handled (the command line) or left to the caller."""
+    jobs: int = DEFAULT_JOBS
+    limit: int | None = None
+    source_path: str | None = None
+    target_path: str | None = None
+    via: str | None = None              # the storage service's URL (copy and archive)
+    token: str | None = None            # its bearer token (else MITWELTEN_TOKEN / MITWELTEN_TOKEN_FILE)
+    log_dir: Path | None = None
+    progress: Progress | None = None
+    handle_signals: bool = False
+
+    def check(self) -> None:
+        if self.jobs < 1:
+            raise ConfigError('--jobs must be at least 1')
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError('--limit must not be negative')
+
+
 @dataclasses.dataclass
 class RunReport:
-    """What a run did, for its summary, its exit status and the tests."""
+    """What a run did, for its summary, its exit status, and whoever called it."""
     command: str
-    counts: dict = dataclasses.field(default_factory=dict)
+    title: str = ''
+    counts: dict = dataclasses.field(default_factory=dict)     # outcome -> files
     failures: list = dataclasses.field(default_factory=list)   # (object_name, reason)
     bytes_done: int = 0
     seconds: float = 0.0
     interrupted: bool = False
-    aborted: str | None = None
+    stopped: str | None = None       # why the run stopped early, and what to do
     log_path: Path | None = None
     notes: list = dataclasses.field(default_factory=list)
+    recorded: int = 0                # catalog rows committed for files written
+    unrecorded: int = 0              # files written but not recorded (the next run adopts them)
 
     @property
     def exit_status(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_FAILURES if (self.failures or self.aborted) else EXIT_OK
+        return EXIT_FAILURES if (self.failures or self.stopped) else EXIT_OK
 
     def count(self, outcome: str) -> int:
         return self.counts.get(outcome, 0)
 
 
-class Run:
-    """The frame around a long operation: a log file with every file's outcome, a progress bar
-    in bytes, Ctrl-C handling, and the report. Use as a context manager."""
+class Cancelled(Exception):
+    """Work that was not started because the run is stopping: left for the next run."""
 
-    def __init__(self, command: str, title: str, total_files: int | None, total_bytes: int | None,
-                 log_dir: Path | None = None, show_progress: bool | None = None):
-        self.report = RunReport(command)
-        self.title = title
+
+class Run:
+    """The frame around a long operation: a log file with every file's outcome, progress,
+    Ctrl-C and SIGTERM (with `handle_signals`), the reason it stopped, and the report. Use as a
+    context manager. Messages for the user go through the module's logger."""
+
+    def __init__(self, report: RunReport, options: RunOptions, total_files: int | None = None,
+                 total_bytes: int | None = None, backends: tuple = ()):
+        self.report = report
+        self.options = options
         self.total_files = total_files
         self.total_bytes = total_bytes
-        self.log_dir = Path(log_dir) if log_dir else default_log_dir()
-        self.show_progress = show_progress
+        self.backends = backends               # for naming the one a fault belongs to
+        self.log_dir = Path(options.log_dir) if options.log_dir else default_log_dir()
+        self.progress_shown = options.progress or Progress()
         self.stop_requested = False
+        self.halted = False
+        self.fault: BaseException | None = None
         self.started = time.monotonic()
+        self.last_activity = self.started
         self.files_done = 0
+        self.waiting_logged = False
         self._lock = threading.Lock()
         self._log_file = None
         self._old_handlers = {}
         self._connection_failures = 0
-        self.bar = None
 
     # -- context ---------------------------------------------------------------------------------
     def __enter__(self) -> 'Run':
@@ -1529,13 +2225,11 @@ class Run:
         except OSError as exc:
             raise ConfigError(f'cannot write the log file in {self.log_dir}: {exc.strerror} '
                               '(set MITWELTEN_LOG_DIR to a writable folder)') from None
-        self._log_file.write(f'# mitwelten-storage {self.title}\n# started {stamp}\n'
+        self._log_file.write(f'# mitwelten-storage {self.report.command} {self.report.title}\n# started {stamp}\n'
                              '# time\toutcome\tfile_id\tbytes\tobject_name\tdetail\n')
-        self.bar = tqdm(total=self.total_bytes, unit='B', unit_scale=True, unit_divisor=1000,
-                        desc=self.report.command, disable=self._progress_disabled(), dynamic_ncols=True,
-                        smoothing=0.05, file=sys.stderr)
-        self._update_postfix()
-        if threading.current_thread() is threading.main_thread():
+        self.progress_shown.start(self.report.command, self.total_bytes)
+        self._show_status()
+        if self.options.handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._old_handlers[signum] = signal.signal(signum, self._on_signal)
         return self
@@ -1544,89 +2238,121 @@ class Run:
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
         self.report.seconds = time.monotonic() - self.started
-        if self.bar is not None:
-            self.bar.close()
+        self.progress_shown.close()
         if self._log_file:
             self._log_file.write(f'# ended after {self.report.seconds:.1f} s: {json.dumps(self.report.counts)}'
                                  f'{", interrupted" if self.report.interrupted else ""}'
-                                 f'{", aborted: " + self.report.aborted if self.report.aborted else ""}\n')
+                                 f'{", stopped: " + self.report.stopped if self.report.stopped else ""}\n')
             self._log_file.close()
-
-    def _progress_disabled(self) -> bool | None:
-        if self.show_progress is None:
-            return None   # tqdm: shown on a terminal only
-        return not self.show_progress
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested:
             raise KeyboardInterrupt
+        self.interrupt()
+
+    def interrupt(self) -> None:
+        """Stop feeding new files; those in flight are finished and recorded (Ctrl-C, SIGTERM)."""
         self.stop_requested = True
         self.report.interrupted = True
-        self.message('interrupted: finishing the files in flight and recording them '
-                     '(press Ctrl-C again to stop at once)')
+        log.warning('interrupted: finishing the files in flight and recording them '
+                    '(press Ctrl-C again to stop at once)')
 
-    # -- reporting -------------------------------------------------------------------------------
-    def message(self, text: str) -> None:
-        tqdm.write(text, file=sys.stderr)
-
+    # -- outcomes --------------------------------------------------------------------------------
     def progress(self, nbytes: int) -> None:
-        self.bar.update(nbytes)
+        self.last_activity = time.monotonic()
+        self.progress_shown.advance(nbytes)
 
-    def _update_postfix(self) -> None:
+    def _show_status(self, waiting: str = '') -> None:
         total = f'/{self.total_files}' if self.total_files is not None else ''
         failed = len(self.report.failures)
-        self.bar.set_postfix_str(f'files {self.files_done}{total}' + (f', failed {failed}' if failed else ''),
-                                 refresh=False)
+        self.progress_shown.status(f'files {self.files_done}{total}' + (f', failed {failed}' if failed else '')
+                                   + (f', {waiting}' if waiting else ''))
 
-    def outcome(self, record: FileRecord, outcome: str, nbytes: int = 0, detail: str = '') -> None:
+    def outcome(self, file: CatalogFile, outcome: str, nbytes: int = 0, detail: str = '') -> None:
         """Count and log one file's outcome."""
         with self._lock:
             if outcome != 'failed':
                 self._connection_failures = 0
+            self.last_activity = time.monotonic()
             self.report.counts[outcome] = self.report.counts.get(outcome, 0) + 1
             self.report.bytes_done += nbytes
             self.files_done += 1
-            now = dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%f')[:-3] + 'Z'
-            self._log_file.write(f'{now}\t{outcome}\t{record.file_id}\t{nbytes}\t{record.object_name}\t'
-                                 f'{detail}\n')
-            self._update_postfix()
+            self.log_entry(outcome, file.file_id, nbytes, file.object_name, detail)
+            self._show_status()
 
-    def set_totals(self, counts: dict) -> None:
-        """The progress bar's totals, once the selection has been counted."""
-        if counts and self.total_files is None:
-            self.total_files = counts['todo']
-            self.total_bytes = counts['todo_bytes']
-            if self.total_bytes is not None and self.bar is not None:
-                self.bar.total = self.total_bytes
-                self.bar.refresh()
-            self._update_postfix()
-
-    @property
-    def stopping(self) -> bool:
-        return self.stop_requested or bool(self.report.aborted)
-
-    def failure(self, record: FileRecord, reason: str) -> None:
-        self.report.failures.append((record.object_name, reason))
-        self.message(f'FAILED {record.object_name}: {reason}')
-        self.outcome(record, 'failed', 0, reason)
-
-    def file_failed(self, record: FileRecord, exc: BaseException, backend: 'Backend') -> None:
-        """Name the file's failure; stop the run when no further file can succeed (the disk is
-        full or gone, the server has stopped answering)."""
-        self.failure(record, describe_exception(exc))
-        reason = fatal_reason(exc, backend)
-        if isinstance(exc, CONNECTION_ERRORS):
-            self._connection_failures += 1
-            if self._connection_failures >= 24:
-                reason = f'{self._connection_failures} transfers in a row could not reach the S3 server'
-        else:
-            self._connection_failures = 0
-        if reason and not self.report.aborted:
-            self.report.aborted = reason
-            self.message(f'stopping: {reason}')
+    def log_entry(self, outcome: str, file_id: int | str, nbytes: int, name: str, detail: str = '') -> None:
+        now = dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%f')[:-3] + 'Z'
+        self._log_file.write(f'{now}\t{outcome}\t{file_id}\t{nbytes}\t{name}\t{detail}\n')
 
     def log_line(self, text: str) -> None:
         self._log_file.write(f'# {text}\n')
+
+    def set_totals(self, counts: dict) -> None:
+        """The totals, once the selection has been counted."""
+        if counts and self.total_files is None:
+            self.total_files = counts['todo']
+            self.total_bytes = counts['todo_bytes']
+            self.progress_shown.set_total(self.total_bytes)
+            self._show_status()
+
+    def failure(self, file: CatalogFile, reason: str) -> None:
+        self.report.failures.append((file.object_name, reason))
+        log.warning('FAILED %s: %s', file.object_name, reason)
+        self.outcome(file, 'failed', 0, reason)
+
+    def file_failed(self, file: CatalogFile, exc: BaseException) -> None:
+        """Name the file's failure; stop the run when no further file can succeed (a disk full
+        or gone; a server that stopped answering)."""
+        self.failure(file, describe_exception(exc))
+        reason = fatal_reason(exc, self.backends)
+        if reason:
+            self.stop(reason)
+
+    # -- stopping --------------------------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self.stop_requested or self.halted or bool(self.report.stopped) or self.fault is not None
+
+    def stop(self, reason: str) -> None:
+        """Stop feeding new files, for `reason` (the first one given is kept)."""
+        with self._lock:
+            if self.report.stopped:
+                return
+            self.report.stopped = reason
+        log.warning('stopping: %s', reason)
+
+    def stop_for(self, fault: BaseException) -> None:
+        """A fault that escaped the work on the files (the catalog gone, a disk gone, a sync
+        failed): kept, to be explained with the counts once the run has ended."""
+        if self.fault is None and not self.report.stopped:
+            self.fault = fault
+            if self._log_file and not isinstance(fault, (StorageError, psycopg2.Error, OSError)):
+                self.log_line('unexpected error:\n' + ''.join(traceback.format_exception(fault)).replace('\n', '\n# '))
+
+    def connection_failed(self, exc: BaseException) -> None:
+        """Called on the worker's own thread: transfers that failed in a row because a server
+        did not answer (after its retries) stop the run at once, before the next queued ones
+        start and wait as long again."""
+        with self._lock:
+            self._connection_failures += 1
+            failures = self._connection_failures
+        if failures >= min(3, self.options.jobs):
+            self.stop(f'{describe_exception(exc)} ({failures} transfers in a row); check the server and the '
+                      'network, then run the same command again')
+
+    def watch(self, in_flight: int) -> None:
+        """Called every half second: say so when nothing has moved for a while."""
+        silent = time.monotonic() - self.last_activity
+        if in_flight and silent >= 10:
+            self._show_status(f'waiting: no data for {silent:.0f} s')
+            if silent >= 30 and not self.waiting_logged:
+                self.waiting_logged = True
+                log.info('waiting: no data for %.0f s from %s; a server that does not answer is given up on '
+                         'after MITWELTEN_READ_TIMEOUT × MITWELTEN_ATTEMPTS',
+                         silent, ' or '.join(b.describe() for b in self.backends) or 'the backends')
+        elif self.waiting_logged and silent < 10:
+            self.waiting_logged = False
+            self._show_status()
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -1639,31 +2365,43 @@ def describe_exception(exc: BaseException) -> str:
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get('Error', {})
         return f"S3 {exc.operation_name}: {error.get('Code')} {error.get('Message', '')}".strip()
+    if isinstance(exc, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
+        return f"the S3 server did not answer in time ({exc.kwargs.get('endpoint_url', '')})"
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return f"cannot reach the S3 server ({exc.kwargs.get('endpoint_url', '')})"
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return f'S3: {exc}'
+    if isinstance(exc, psycopg2.Error):
+        return f'catalog: {pg_error_line(exc)}'
     return f'{type(exc).__name__}: {exc}'
 
 
-def fatal_reason(exc: BaseException, target: Backend) -> str | None:
+def fatal_reason(exc: BaseException, backends: Iterable[Backend]) -> str | None:
     """Why no further file can succeed (so the run stops), or None for a failure of one file."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f'{target.describe()} is full'
-    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EIO, errno.ENODEV, errno.ENXIO):
-        return f'{target.describe()}: {exc.strerror}; is the disk still attached?'
-    if isinstance(target, LocalBackend) and not target.archive.is_dir():
-        return f'{target.describe()} disappeared ({target.archive} is gone); is the disk still attached?'
+    if isinstance(exc, TokenRefused):
+        return str(exc)
+    if not isinstance(exc, OSError):
+        return None
+    backends = list(backends)
+    named = [b for b in backends if exc.filename and str(exc.filename).startswith(b.location())]
+    backend = (named or backends or [None])[-1]
+    what = backend.describe() if backend else (exc.filename or 'a disk')
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f'{what} is full'
+    if exc.errno in (errno.EROFS, errno.EIO, errno.ENODEV, errno.ENXIO, errno.ESHUTDOWN):
+        return f'{what}: {exc.strerror}; is the disk still attached?'
+    for candidate in backends:
+        gone = candidate.gone_reason()
+        if gone:
+            return gone
     return None
-
-
-CONNECTION_ERRORS = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError,
-                     botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)
 
 
 class Pipeline:
     """Work for a run on `jobs` threads. Items are fed from an iterator as slots free up (so a
     selection of millions is never held whole); each finished piece of work is handed to its
-    handler on this thread, which may submit follow-up work. Stops feeding when the run is
-    interrupted or aborted; the work in flight finishes."""
+    handler on this thread, which may submit follow-up work. Stops feeding when the run stops;
+    work queued but not started is cancelled, the work in flight finishes."""
 
     def __init__(self, jobs: int, run: Run):
         self.jobs = jobs
@@ -1671,14 +2409,29 @@ class Pipeline:
         self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix='mitwelten')
         self.pending: dict = {}
 
+    def _start(self, work: Callable, item):
+        if self.run.stopping:
+            raise Cancelled()
+        try:
+            return work(item)
+        except (Unreachable, *S3_CONNECTION_ERRORS) as exc:
+            self.run.connection_failed(exc)
+            raise
+
     def submit(self, work: Callable, item, on_done: Callable) -> None:
-        self.pending[self.pool.submit(work, item)] = (item, on_done)
+        self.pending[self.pool.submit(self._start, work, item)] = (item, on_done)
+
+    def _handle(self, done: Iterable[Future]) -> None:
+        for future in done:
+            item, handler = self.pending.pop(future)
+            handler(item, future)
 
     def drive(self, items: Iterable, work: Callable, on_done: Callable,
               between: Callable[[bool], None] = lambda idle: None, held: Callable[[], int] = lambda: 0) -> None:
         """`between(idle)` runs after every round, with idle=True once nothing is in flight and
         nothing more will be fed; `held()` counts items waiting outside the pool (they hold
-        memory, so they count against the number in flight)."""
+        memory, so they count against the number in flight). An error from the items, a handler
+        or `between` stops the feeding; the work in flight is finished and handled first."""
         iterator = iter(items)
         exhausted = False
         try:
@@ -1691,9 +2444,8 @@ class Pipeline:
                     self.submit(work, item, on_done)
                 if self.pending:
                     done, _ = wait(self.pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        item, handler = self.pending.pop(future)
-                        handler(item, future)
+                    self._handle(done)
+                    self.run.watch(len(self.pending))
                 idle = not self.pending and (exhausted or self.run.stopping)
                 between(idle)
                 if idle and not self.pending:
@@ -1704,14 +2456,33 @@ class Pipeline:
             self.run.report.interrupted = True
             self.pool.shutdown(wait=False, cancel_futures=True)
             raise
-        self.pool.shutdown(wait=True)
+        except BaseException:
+            self.run.halted = True
+            while self.pending:
+                done, _ = wait(self.pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                with contextlib.suppress(Exception):
+                    self._handle(done)
+            raise
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 # =================================================================================================
 # Operations
 # =================================================================================================
+#
+# Each operation returns what it did (a report or a small dataclass) and prints nothing.
 
-def init_db(settings: Settings) -> str:
+# --- init-db -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SchemaReady:
+    schema: str
+    where: str
+    tables: int
+
+
+def init_db(settings: Settings) -> SchemaReady:
     """Create the schema (if missing) and apply sql/schema.sql; idempotent."""
     conn = connect_catalog(settings, require_tables=False)
     try:
@@ -1724,12 +2495,13 @@ def init_db(settings: Settings) -> str:
         conn.commit()
     except psycopg2.Error as exc:
         conn.rollback()
-        detail = (exc.pgerror or str(exc)).strip().splitlines()[0]
-        raise ConfigError(f"cannot create the catalog schema '{settings.schema}': {detail}") from None
+        raise ConfigError(f"cannot create the catalog schema '{settings.schema}': {pg_error_line(exc)}") from None
     finally:
         conn.close()
-    return f"catalog schema '{settings.schema}' is ready in {describe_dsn(settings.dsn)} ({tables} tables)"
+    return SchemaReady(settings.schema, describe_dsn(settings.dsn), tables)
 
+
+# --- create --------------------------------------------------------------------------------------------
 
 DISK_README = """\
 ---
@@ -1761,14 +2533,16 @@ Copy a batch onto this disk:
 """
 
 PRIORITY_TIERS = {0: 'online S3, public', 1: 'online S3, not public', 2: 'offline archive disk'}
+ARCHIVE_PRIORITY = 2
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as handle:
-        handle.write(text)
+def write_text_file(path: Path, text: str) -> None:
+    """A small text file written atomically (rule 2)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding='utf-8')
 
 
-def create_local_backend(settings: Settings, path: str, priority: int, label: str) -> BackendRecord:
+def create_local_backend(settings: Settings, path: str, priority: int, label: str) -> BackendRow:
     """Register the folder at `path` (an archive disk's mount point) as a local backend: the
     catalog row, the dot-file, README.md and archive/. Refuses, leaving nothing behind, a
     missing folder, one that is already a backend, or a path already registered."""
@@ -1789,14 +2563,14 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
     conn = connect_catalog(settings)
     created: list[Path] = []
     try:
-        record = _insert_backend(conn, str(root), 'local', priority, label)
-        dot_lines = [f'storage_id={record.storage_id}', f'created_at={record.created_at}',
+        backend_row = _insert_backend(conn, str(root), 'local', priority, label)
+        dot_lines = [f'storage_id={backend_row.storage_id}', f'created_at={backend_row.created_at}',
                      'storage_dir=archive', f'url_prefix={root}', f'device_label={label}']
         try:
-            _write_text(root / DOT_FILE, '\n'.join(dot_lines) + '\n')
+            write_text_file(root / DOT_FILE, '\n'.join(dot_lines) + '\n')
             created.append(root / DOT_FILE)
-            _write_text(root / 'README.md', DISK_README.format(
-                storage_id=record.storage_id, created_at=record.created_at.strftime('%Y-%m-%d %H:%M:%S %Z'),
+            write_text_file(root / 'README.md', DISK_README.format(
+                storage_id=backend_row.storage_id, created_at=backend_row.created_at.strftime('%Y-%m-%d %H:%M:%S %Z'),
                 label=label, priority=priority, tier=PRIORITY_TIERS.get(priority, 'custom tier'), root=root))
             created.append(root / 'README.md')
             os.mkdir(root / 'archive')
@@ -1811,26 +2585,25 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
             if isinstance(exc, OSError):
                 raise ConfigError(f'cannot write to {root}: {exc.strerror}') from None
             raise
-        return record
+        return backend_row
     finally:
         conn.close()
 
 
-def create_s3_backend(settings: Settings, url: str, priority: int, notes: str) -> BackendRecord:
+def create_s3_backend(settings: Settings, url: str, priority: int, notes: str) -> BackendRow:
     """Register a bucket (with optional prefix) as an S3 backend, after checking it exists."""
     where = S3Location.parse(url)
-    client = s3_client(where, retries={'max_attempts': 2, 'mode': 'standard'}, connect_timeout=10, read_timeout=30)
-    check_bucket(client, where, f'new backend {where.url}')
+    check_bucket(s3_client(where, settings), where, f'new backend {where.url}')
     conn = connect_catalog(settings)
     try:
-        record = _insert_backend(conn, where.url, 's3', priority, notes.strip())
+        backend_row = _insert_backend(conn, where.url, 's3', priority, notes.strip())
         conn.commit()
-        return record
+        return backend_row
     finally:
         conn.close()
 
 
-def _insert_backend(conn, url_prefix: str, kind: str, priority: int, notes: str) -> BackendRecord:
+def _insert_backend(conn, url_prefix: str, kind: str, priority: int, notes: str) -> BackendRow:
     with conn.cursor() as cur:
         cur.execute('SELECT storage_id FROM storage_backend WHERE url_prefix IN (%s, %s)',
                     (url_prefix, url_prefix.rstrip('/') + '/'))
@@ -1843,8 +2616,10 @@ def _insert_backend(conn, url_prefix: str, kind: str, priority: int, notes: str)
         except psycopg2.errors.UniqueViolation:
             conn.rollback()
             raise ConfigError(f'{url_prefix} is already registered as a storage backend') from None
-        return BackendRecord(*cur.fetchone())
+        return BackendRow(*cur.fetchone())
 
+
+# --- info ----------------------------------------------------------------------------------------------
 
 def version_counts(conn) -> dict[int, list[dict]]:
     """Per backend: files per group and version, with the bytes of the originals (the catalog
@@ -1866,249 +2641,813 @@ def version_counts(conn) -> dict[int, list[dict]]:
     return counts
 
 
-def list_backends(settings: Settings) -> list[dict]:
+def list_backends(settings: Settings, *, conn=None) -> list[dict]:
     """Every backend, with its files per version and, for a disk, whether it is online: its
-    dot-file found and matching at the recorded path, or else under the mount roots."""
-    conn = connect_catalog(settings)
+    dot-file found and matching at the recorded path, or else under the mount roots. What
+    `info --json` prints and the service's GET /backends answers."""
+    own = conn is None
+    conn = conn or connect_catalog(settings)
     try:
-        records = fetch_backends(conn)
+        backend_rows = fetch_backends(conn)
         counts = version_counts(conn)
     finally:
-        conn.close()
+        if own:
+            conn.close()
     listing = []
-    for record in records:
-        entry = {'storage_id': record.storage_id, 'type': record.type, 'url_prefix': record.url_prefix,
-                 'priority': record.priority, 'notes': record.notes,
-                 'created_at': record.created_at.isoformat(), 'versions': counts.get(record.storage_id, [])}
-        if record.type == 'local':
-            at_recorded_path = dot_file_mismatch(Path(record.url_prefix), record) is None
-            mounted_at = Path(record.url_prefix) if at_recorded_path else find_disk(record)
+    for backend_row in backend_rows:
+        entry = {'storage_id': backend_row.storage_id, 'type': backend_row.type, 'url_prefix': backend_row.url_prefix,
+                 'priority': backend_row.priority, 'notes': backend_row.notes,
+                 'created_at': backend_row.created_at.isoformat(), 'versions': counts.get(backend_row.storage_id, [])}
+        if backend_row.type == 'local':
+            at_recorded_path = dot_file_mismatch(Path(backend_row.url_prefix), backend_row) is None
+            mounted_at = Path(backend_row.url_prefix) if at_recorded_path else find_disk(backend_row)
             entry['online'] = mounted_at is not None
             entry['mounted_at'] = str(mounted_at) if mounted_at else None
         listing.append(entry)
     return listing
 
 
-def _open_pair(conn, source_id: int, target_id: int, source_path: str | None, target_path: str | None,
-               jobs: int, source_writing: bool = False):
-    if source_id == target_id:
-        raise ConfigError('source and target are the same backend')
-    source = open_backend(fetch_backend(conn, source_id), path=source_path, jobs=jobs)
-    target = open_backend(fetch_backend(conn, target_id), path=target_path, jobs=jobs)
-    source.check(writing=source_writing)
-    target.check(writing=True)
-    return source, target
+# --- one file at a time (what the storage service does per request) ------------------------------------
+
+class BackendCache:
+    """Backends opened once and kept by storage id, so that a service answering many requests
+    builds each S3 client once (boto3's clients are thread-safe)."""
+
+    def __init__(self, settings: Settings, jobs: int = DEFAULT_JOBS):
+        self.settings = settings
+        self.jobs = jobs
+        self._opened: dict[tuple, Backend] = {}
+        self._lock = threading.Lock()
+
+    def get(self, backend_row: BackendRow) -> Backend:
+        key = (backend_row.storage_id, backend_row.url_prefix, backend_row.type)
+        with self._lock:
+            if key not in self._opened:
+                self._opened[key] = open_backend(backend_row, self.settings, jobs=self.jobs)
+            return self._opened[key]
 
 
-def count_in_background(settings: Settings, selection: 'Selection') -> tuple[threading.Thread, dict]:
+@dataclasses.dataclass(frozen=True)
+class FileState:
+    """A file and where the catalog records its versions, with what an operation did to it."""
+    group: str
+    file: CatalogFile
+    held: list
+    outcome: str = ''
+
+    @property
+    def active(self) -> HeldVersion | None:
+        return active_version(self.held)
+
+    def as_dict(self) -> dict:
+        def held_dict(h: HeldVersion) -> dict:
+            version = VERSIONS.get((self.group, h.type))
+            return {'storage_id': h.backend.storage_id, 'type': h.type,
+                    'version': version.label if version else 'unknown', 'backend_type': h.backend.type,
+                    'priority': h.backend.priority,
+                    'object_name': version.object_name(self.file.object_name) if version else None}
+        return {'group': self.group, 'file_id': self.file.file_id, 'object_name': self.file.object_name,
+                'file_size': self.file.file_size, 'sha256': self.file.sha256, 'outcome': self.outcome,
+                'active': held_dict(self.active) if self.active else None,
+                'held': [held_dict(h) for h in self.held]}
+
+
+def active_version(held: list[HeldVersion]) -> HeldVersion | None:
+    """The active copy: the one held by the S3 backend with the lowest priority number that
+    records the file (held_versions lists them by priority)."""
+    return next((h for h in held if h.backend.type == 's3'), None)
+
+
+def file_state(conn, group: str, file_id: int, outcome: str = '') -> FileState:
+    file = fetch_file(conn, group, file_id)
+    held = held_versions(conn, group, file_id)
+    conn.commit()
+    return FileState(group, file, held, outcome)
+
+
+def _fetch_backend_or_404(conn, storage_id: int) -> BackendRow:
+    try:
+        return fetch_backend(conn, storage_id)
+    except ConfigError as exc:
+        raise NotFound(str(exc), 'backend') from None
+
+
+def _copies_elsewhere(held: list[HeldVersion], storage_id: int) -> int:
+    return sum(1 for h in held if h.type == 0 and h.backend.storage_id != storage_id)
+
+
+def active_original(conn, backends: BackendCache, group: str, file_id: int) -> tuple[CatalogFile, Backend]:
+    """The file and the online (S3) backend to read its original from: the one with the lowest
+    priority number that records the original. NotFound('file') when the catalog does not know
+    the file, NotFound('original') when no online tier holds its original any more."""
+    file = fetch_file(conn, group, file_id)
+    held = held_versions(conn, group, file_id)
+    conn.commit()
+    online = next((h for h in held if h.backend.type == 's3' and h.type == 0), None)
+    if online is None:
+        raise NotFound(f'the original of {group} file {file_id} is no longer online (it is archived; the online '
+                       'tiers hold a version of it, if any)', 'original')
+    return file, backends.get(online.backend)
+
+
+def record_archived(conn, group: str, file_id: int, storage_id: int, sha256_hex: str) -> FileState:
+    """Record that archive backend `storage_id` holds the checked original of the file (a
+    workstation wrote and checked it there). Deletes nothing. Outcome 'created', or 'exists'
+    when it was recorded already. Refuses an unknown file or backend (NotFound), a sha256 that
+    is not the catalog's or a backend that is not an archive (InvalidArchive), and a backend
+    that records another version of the file (VersionConflict)."""
+    file = fetch_file(conn, group, file_id)
+    backend_row = _fetch_backend_or_404(conn, storage_id)
+    held = held_versions(conn, group, file_id, lock=True)
+    try:
+        if (sha256_hex or '').strip().lower() != file.sha256:
+            raise InvalidArchive(f"sha256 {sha256_hex} is not the catalog's sha256 of {group} file {file_id}")
+        if backend_row.priority != ARCHIVE_PRIORITY:
+            raise InvalidArchive(f'{backend_row.describe()} is not an archive backend (priority {backend_row.priority}, '
+                                 f'archives have priority {ARCHIVE_PRIORITY})')
+        there = next((h for h in held if h.backend.storage_id == storage_id), None)
+        if there is not None and there.type != 0:
+            raise VersionConflict(f'{backend_row.describe()} records version {there.type} of {group} file {file_id}, '
+                                  'not its original')
+        if there is None:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL('INSERT INTO {} (file_id, storage_id, type, created_at, updated_at) '
+                                    'VALUES (%s, %s, 0, now(), now())').format(
+                    sql.Identifier(GROUPS[group].storage_table)), (file_id, storage_id))
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return file_state(conn, group, file_id, 'exists' if there is not None else 'created')
+
+
+def _locked_active(conn, group: str, file_id: int) -> tuple[CatalogFile, list[HeldVersion], HeldVersion]:
+    file = fetch_file(conn, group, file_id)
+    held = held_versions(conn, group, file_id, lock=True)
+    active = active_version(held)
+    if active is None:
+        raise NotFound(f'no online tier records {group} file {file_id}', 'original')
+    return file, held, active
+
+
+def _set_type(conn, group: str, file_id: int, storage_id: int, version_type: int | None) -> None:
+    table = sql.Identifier(GROUPS[group].storage_table)
+    with conn.cursor() as cur:
+        if version_type is None:
+            cur.execute(sql.SQL('DELETE FROM {} WHERE file_id = %s AND storage_id = %s').format(table),
+                        (file_id, storage_id))
+        else:
+            cur.execute(sql.SQL('UPDATE {} SET type = %s, updated_at = now() WHERE file_id = %s AND storage_id = %s')
+                        .format(table), (version_type, file_id, storage_id))
+
+
+def make_version_in_place(conn, backends: BackendCache, group: str, file_id: int, version_type: int,
+                          min_copies: int = 1) -> FileState:
+    """Make version N of the file from its original on the active tier, write it there, and
+    replace the original with it (the row's type becomes N). Under the file's row locks: the
+    version written and checked, the original deleted, then the row committed; a request cut
+    off anywhere and repeated ends with the version in place and the row saying so. Repeated
+    after success it changes nothing (outcome 'already replaced'). Refuses with TooFewCopies
+    (rule 3) and ConversionError (rule 7: the original stays), changing nothing."""
+    version = find_version(group, version_type)
+    if version.type == 0:
+        raise ConversionError('type 0 is the original itself: name a version such as 1')
+    file, held, active = _locked_active(conn, group, file_id)
+    try:
+        backend = backends.get(active.backend)
+        version_name = version.object_name(file.object_name)
+        if active.type == version.type:
+            conn.commit()       # done before (the original is deleted before the row changes)
+            return file_state(conn, group, file_id, 'already replaced')
+        if active.type != 0:
+            raise VersionConflict(f'{active.backend.describe()} holds version {active.type} of {group} file {file_id}, '
+                                  'not its original: no other version can be made there')
+        copies = _copies_elsewhere(held, active.backend.storage_id)
+        if copies < min_copies:
+            raise TooFewCopies(f'{copies} checked originals of {group} file {file_id} are recorded on other backends; '
+                               f'{min_copies} are needed before the original leaves {active.backend.describe()}')
+        try:
+            original = read_original(backend, file)
+        except SourceMissing:
+            # An earlier request was cut off after deleting the original: finish it if the
+            # version is there and sound.
+            if not sound_copy_at(backend, file, version):
+                raise NotFound(f'the original of {group} file {file_id} is missing at {backend.describe()} and its '
+                               f'{version.label} version is not there either; it is archived: copy it back, or run '
+                               f'`verify {active.backend.storage_id} --fix`', 'original') from None
+        else:
+            data = version.make(original, file)
+            backend.write(version_name, [data], len(data), content_type_of(version, version_name),
+                          tags=backend.tags(file.object_name))
+            crash_point('after-version-write')
+            if version_name != file.object_name:
+                backend.delete(file.object_name)
+            crash_point('after-original-delete')
+        _set_type(conn, group, file_id, active.backend.storage_id, version.type)
+        conn.commit()
+    except BaseException:
+        with contextlib.suppress(psycopg2.Error):
+            conn.rollback()
+        raise
+    return file_state(conn, group, file_id, 'replaced')
+
+
+def delete_original(conn, backends: BackendCache, group: str, file_id: int, sha256_hex: str,
+                    min_copies: int = 1) -> FileState:
+    """Delete the original from the active tier and its row, under the file's row locks:
+    the object deleted, then the row's removal committed (a request cut off in between and
+    repeated finds the object gone and removes the row). `sha256_hex` must be the catalog's
+    (If-Match: OriginalChanged otherwise). NotFound('original') when it is gone already;
+    TooFewCopies (rule 3) when fewer than min_copies checked originals are recorded elsewhere."""
+    file, held, active = _locked_active(conn, group, file_id)
+    try:
+        if active.type != 0:
+            raise NotFound(f'the original of {group} file {file_id} is gone from the online tiers already '
+                           f'({active.backend.describe()} holds version {active.type})', 'original')
+        if (sha256_hex or '').strip().lower() != file.sha256:
+            raise OriginalChanged(f"{sha256_hex!r} is not the sha256 of {group} file {file_id}'s original")
+        copies = _copies_elsewhere(held, active.backend.storage_id)
+        if copies < min_copies:
+            raise TooFewCopies(f'{copies} checked originals of {group} file {file_id} are recorded on other backends; '
+                               f'{min_copies} are needed before the original leaves {active.backend.describe()}')
+        backends.get(active.backend).delete(file.object_name)
+        crash_point('after-original-delete')
+        _set_type(conn, group, file_id, active.backend.storage_id, None)
+        conn.commit()
+    except BaseException:
+        with contextlib.suppress(psycopg2.Error):
+            conn.rollback()
+        raise
+    return file_state(conn, group, file_id, 'deleted')
+
+
+# --- the frame of a batch run (copy, archive) ----------------------------------------------------------
+
+class BackgroundCounts:
     """The selection's counts, on a connection of their own, while the run already transfers:
     on a batch of a million files the count takes seconds the first file need not wait for.
-    Only the progress bar's totals and the summary's notes depend on them."""
-    counts: dict = {}
+    Only the progress totals and the summary's notes depend on them."""
 
-    def work() -> None:
+    def __init__(self, settings: Settings, selection: Selection):
+        self.result: dict = {}
+        self.thread = threading.Thread(target=self._count, args=(settings, selection), name='counts', daemon=True)
+        self.thread.start()
+
+    def _count(self, settings: Settings, selection: Selection) -> None:
         try:
             conn = connect_catalog(settings)
             try:
-                counts.update(Selection(conn, selection.batch, selection.params['source'],
-                                        selection.params['target'], selection.params['type'], selection.limit,
-                                        archive=selection.todo == 'TRUE').counts())
+                self.result.update(selection.counts(conn))
             finally:
                 conn.close()
         except (StorageError, psycopg2.Error):
             pass
-    thread = threading.Thread(target=work, name='counts', daemon=True)
-    thread.start()
-    return thread, counts
+
+    def join(self, timeout: float = 30) -> dict:
+        self.thread.join(timeout)
+        return self.result
 
 
-def _check_run_options(jobs: int, limit: int | None) -> None:
-    if jobs < 1:
-        raise ConfigError('--jobs must be at least 1')
-    if limit is not None and limit < 0:
-        raise ConfigError('--limit must not be negative')
+class BatchJob:
+    """One kind of batch run: what to do with each file (on a worker thread) and with what that
+    returns (on the run's thread). The frame, `BatchFrame.run`, does the rest."""
+
+    command = ''
+
+    def __init__(self, recorder, backends: tuple, locked: tuple):
+        self.recorder = recorder        # CatalogWriter, or ServiceRecorder through the service
+        self.backends = backends        # source and target, to name the one a fault belongs to
+        self.locked = locked            # backends held (`writing`) for the run
+        self.run: Run | None = None
+        self.pipeline: Pipeline | None = None
+        self.files_in_recording: dict[int, CatalogFile] = {}
+
+    def start(self, run: Run, pipeline: Pipeline) -> None:
+        self.run, self.pipeline = run, pipeline
+
+    def work(self, file: CatalogFile):
+        raise NotImplementedError
+
+    def done(self, file: CatalogFile, future: Future) -> None:
+        raise NotImplementedError
+
+    def held(self) -> int:
+        return 0
+
+    def failed(self, file: CatalogFile, exc: Exception) -> None:
+        if isinstance(exc, NotFound) and exc.subject == 'original':
+            # Through the service: the original left ACTIVE since the selection was made.
+            self.run.outcome(file, 'skipped', 0, f'{exc} (another run archived it meanwhile)')
+        else:
+            self.run.file_failed(file, exc)
+
+    def between(self, idle: bool) -> None:
+        if idle or self.recorder.due():
+            self.flush()
+
+    def flush(self) -> None:
+        """Sync and record what is pending; name the files the recording refused (through the
+        service, a race with another run)."""
+        for file_id, reason in self.recorder.flush():
+            self.run.report.failures.append((self.files_in_recording[file_id].object_name,
+                                             f'written, but not recorded: {reason}'))
+            log.warning('FAILED %s: written, but not recorded: %s', self.files_in_recording[file_id].object_name, reason)
+        if not self.recorder.pending:
+            self.files_in_recording.clear()
+
+    def record(self, file: CatalogFile, storage_id: int, version_type: int) -> None:
+        self.files_in_recording[file.file_id] = file
+        self.recorder.add(file, storage_id, version_type)
+
+    def finish(self) -> None:
+        self.flush()
+
+    def notes(self, counts: dict) -> list[str]:
+        return []
 
 
-def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str, *, version_type: int = 0,
-               jobs: int = DEFAULT_JOBS, dry_run: bool = False, limit: int | None = None,
-               source_path: str | None = None, target_path: str | None = None,
-               log_dir: Path | None = None, show_progress: bool | None = None,
-               out: Callable[[str], None] = print) -> RunReport:
-    """Copy version `version_type` of every file in the batch that SOURCE holds and TARGET does
-    not: the bytes where SOURCE holds that version, made in memory from SOURCE's original
-    otherwise. Each file is read, checked, written at the target atomically, then recorded."""
-    _check_run_options(jobs, limit)
-    batch = find_batch(batch_id)
-    version = find_version(batch.group, version_type)
-    reader = connect_catalog(settings)
-    writer_conn = None
-    try:
-        source, target = _open_pair(reader, source_id, target_id, source_path, target_path, jobs)
-        selection = Selection(reader, batch, source_id, target_id, version_type, limit)
-        title = f"{version.label} versions of batch '{batch.id}' from {source.describe()} to {target.describe()}"
-        if version.type == 0:
-            title = f"originals of batch '{batch.id}' from {source.describe()} to {target.describe()}"
-        if dry_run:
-            return _dry_run('copy', selection, title, _selection_notes(selection.counts()), out,
-                            lambda r: 'copy' if r.source_type == version.type else f'make {version.label} of')
-        counting, counts = count_in_background(settings, selection)
-        writer_conn = connect_catalog(settings)
-        catalog = CatalogWriter(writer_conn, GROUPS[batch.group], backends=(target,))
-        with target.writing(), Run('copy', title, None, None, log_dir, show_progress) as run:
-            copy_tags = isinstance(source, S3Backend) and isinstance(target, S3Backend)
+class BatchFrame:
+    """What every batch run shares (copy and archive): the options checked, the catalog
+    connections (one per role: `reader` streams the selection, the recorder's writes, the
+    counts' own), the backends opened and checked (or reached through the storage service),
+    the disk locks, the Run, and at the end the last commit, the notes and the explanation of
+    whatever stopped it: a run that has started always ends with its report (rule 6)."""
 
-            def on_done(record: FileRecord, future) -> None:
+    def __init__(self, settings: Settings, command: str, options: RunOptions | None):
+        self.settings = settings
+        self.command = command
+        self.options = options or RunOptions()
+        self.options.check()
+        self.service = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> 'BatchFrame':
+        self.reader = connect_catalog(self.settings)
+        self._stack.callback(self.reader.close)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def connection(self):
+        conn = connect_catalog(self.settings)
+        self._stack.callback(conn.close)
+        return conn
+
+    def open_pair(self, source_id: int, target_id: int, group: str, *,
+                  source_writing: bool = False) -> tuple[Backend, Backend]:
+        if source_id == target_id:
+            raise ConfigError('source and target are the same backend')
+        source_row, target_row = fetch_backend(self.reader, source_id), fetch_backend(self.reader, target_id)
+        options = self.options
+        if options.via:
+            self.service = ServiceClient.from_options(options, self.settings)
+            source = ServiceSource(source_row, self.service, group)
+            if target_row.priority != ARCHIVE_PRIORITY:
+                raise ConfigError(f'{target_row.describe()} has priority {target_row.priority}: through the service '
+                                  f'(--via) the target must be an archive backend (priority {ARCHIVE_PRIORITY})')
+        else:
+            source = open_backend(source_row, self.settings, path=options.source_path, jobs=options.jobs)
+        target = open_backend(target_row, self.settings, path=options.target_path, jobs=options.jobs)
+        source.check(writing=source_writing)
+        target.check(writing=True)
+        return source, target
+
+    def recorder(self, group: Group, backends: tuple, **timing):
+        """Who records what the run did: the catalog (a CatalogWriter on a connection of its
+        own), or, through the service, the service (the workstation may only read the catalog)."""
+        if self.service:
+            return ServiceRecorder(self.service, self.connection(), group, backends, jobs=self.options.jobs)
+        return CatalogWriter(self.connection(), group, backends, **timing)
+
+    def run(self, job: BatchJob, selection: Selection, title: str) -> RunReport:
+        report = RunReport(self.command, title)
+        counts = BackgroundCounts(self.settings, selection)
+        with contextlib.ExitStack() as locks:
+            for backend in job.locked:
+                locks.enter_context(backend.writing())
+            with Run(report, self.options, backends=job.backends) as run:
+                pipeline = Pipeline(self.options.jobs, run)
+                job.start(run, pipeline)
+
+                def between(idle: bool) -> None:
+                    run.set_totals(counts.result)
+                    job.between(idle)
                 try:
-                    outcome, nbytes = future.result()
+                    pipeline.drive(selection.files(self.reader), job.work, job.done, between=between, held=job.held)
+                except KeyboardInterrupt:
+                    report.stopped = ('stopped at once by a second Ctrl-C: the files in flight were abandoned (the '
+                                      'next run removes their temporary files)')
                 except Exception as exc:
-                    run.file_failed(record, exc, target)
-                    return
-                catalog.add(record.file_id, target.record.storage_id, version.type)
-                run.outcome(record, outcome, nbytes)
+                    run.stop_for(exc)
+                finally:
+                    self._end(job, run, counts)
+        return report
 
-            def between(idle: bool) -> None:
-                run.set_totals(counts)
-                catalog.flush() if idle else catalog.maybe_flush()
-
-            try:
-                Pipeline(jobs, run).drive(
-                    selection, lambda record: copy_file(record, source, target, version, run.progress, copy_tags),
-                    on_done, between=between)
-            finally:
-                _flush_or_explain(catalog, run)
-                _note_counts(run, counting, counts, _selection_notes)
-        out(format_summary(run.report, title))
-        return run.report
-    finally:
-        reader.close()
-        if writer_conn is not None:
-            writer_conn.close()
-
-
-def _note_counts(run: Run, counting: threading.Thread, counts: dict, notes: Callable[[dict], list]) -> None:
-    counting.join(timeout=30)
-    if counts:
-        run.log_line(f"batch: {counts['at_source']} files at the source, {counts['done']} of them at the target "
-                     f"already, {counts['todo']} to do")
-        run.report.notes.extend(notes(counts))
+    def _end(self, job: BatchJob, run: Run, counts: BackgroundCounts) -> None:
+        try:
+            job.finish()
+        except Exception as exc:
+            run.stop_for(exc)
+        found = counts.join()
+        if found:
+            run.log_line(f"batch: {found['at_source']} files at the source, {found['done']} of them at the target "
+                         f"already, {found['todo']} to do")
+            run.report.notes.extend(job.notes(found))
+        report = run.report
+        report.recorded = job.recorder.recorded
+        report.unrecorded = job.recorder.unrecorded + job.recorder.pending_inserts
+        if run.fault is not None:
+            report.stopped = explain_fault(run.fault, report, job.backends)
+        elif report.stopped and report.unrecorded:
+            report.stopped += f'; {unrecorded_sentence(report, job.backends)}'
 
 
-def _flush_or_explain(catalog: CatalogWriter, run: Run) -> None:
-    try:
-        catalog.flush()
-    except psycopg2.Error as exc:
-        run.report.aborted = (f'the catalog could not record {catalog.pending} changes for files already written '
-                              f'({str(exc).strip().splitlines()[0]}); run the same command again to record them')
-        run.message(f'error: {run.report.aborted}')
+def unrecorded_sentence(report: RunReport, backends: tuple) -> str:
+    target = backends[-1] if backends else None
+    if not report.unrecorded:
+        return 'every file written was recorded'
+    fate = ('found, checked and recorded by the next run, not written again'
+            if target is not None and target.adopts_found_files else 'written again by the next run')
+    return f'{report.unrecorded} written files are not recorded: they will be {fate}'
 
 
-def _selection_notes(counts: dict) -> list[str]:
-    notes = []
-    if not counts['at_source']:
-        notes.append('the source holds none of the files of this batch, as that version or as the original')
-    if counts['done']:
-        notes.append(f"{counts['done']} of the batch's {counts['at_source']} files at the source were at the "
-                     'target already')
-    if counts['other_version']:
-        notes.append(f"{counts['other_version']} files skipped: the target holds another version of them "
-                     f'(one version per backend)')
-    return notes
+def explain_fault(exc: BaseException, report: RunReport, backends: tuple) -> str:
+    """What stopped a run, the counts that matter, and what to do: one line for the summary."""
+    written = unrecorded_sentence(report, backends)
+    if catalog_outage(exc):
+        return (f'the catalog went away ({pg_error_line(exc)}) after {report.recorded} files were recorded; '
+                f'{written}. Run the same command again once the database is back')
+    if isinstance(exc, SyncFailed):
+        return (f'{exc}: nothing written to it since its last successful sync is recorded; {written}. Check the disk '
+                f'(`verify {exc.backend.row.storage_id}`), then run the same command again')
+    if isinstance(exc, OSError):
+        reason = fatal_reason(exc, backends) or describe_exception(exc)
+        return f'{reason} after {report.recorded} files were recorded; {written}'
+    if isinstance(exc, psycopg2.Error):
+        return f'the catalog refused a change ({pg_error_line(exc)}) after {report.recorded} files were recorded; {written}'
+    if isinstance(exc, StorageError):
+        return f'{exc}; {report.recorded} files were recorded; {written}'
+    return (f'unexpected error: {type(exc).__name__}: {exc} (the log has the details); '
+            f'{report.recorded} files were recorded; {written}')
 
 
-def copy_file(record: FileRecord, source: Backend, target: Backend, version: Version,
-              progress: Callable[[int], None], copy_tags: bool = False) -> tuple[str, int]:
-    """Copy one file's version from source to target: ('copied' | 'made' | 'found', bytes)."""
-    object_name = version.object_name(record.object_name)
+@dataclasses.dataclass
+class Plan:
+    """A dry run: what a copy or archive would do, file by file, changing nothing. Iterating
+    it streams (action, file) from the catalog; `notes` says what the counts tell."""
+    command: str
+    title: str
+    notes: list
+    steps: Iterator
+
+    def __iter__(self) -> Iterator[tuple[str, CatalogFile]]:
+        return iter(self.steps)
+
+
+def _planned(frame: BatchFrame, selection: Selection, action: Callable[[CatalogFile], str]) -> Iterator:
+    with frame:
+        for file in selection.files(frame.reader):
+            yield action(file), file
+
+
+# --- copy ------------------------------------------------------------------------------------------------
+
+def transfer(file: CatalogFile, source: Backend, target: Backend, version: Version,
+             progress: Callable[[int], None] = lambda n: None, copy_tags: bool = False) -> tuple[str, int]:
+    """Copy one file's version from source to target, checked and written atomically; record
+    nothing (the caller does, once the target is synced). Returns ('copied' | 'made' | 'found',
+    bytes): 'made' when the version was made from the source's original, 'found' when the
+    target held a sound copy already, unrecorded (a killed run wrote it)."""
+    object_name = version.object_name(file.object_name)
     target.tidy(object_name)
     content_type = content_type_of(version, object_name)
-    if found_at(target, record, version):
-        progress(record.file_size)
-        return 'found', record.file_size
-    if record.source_type == version.type:
+    if target.adopts_found_files and version.exact and sound_copy_at(target, file, version):
+        target.will_sync(object_name)      # the killed run may not have synced its rename
+        progress(file.file_size)
+        return 'found', file.file_size
+    if file.source_type == version.type:
         tags = source.tags(object_name) if copy_tags else None
         if version.type == 0:
-            chunks = CheckedStream(source.read(record.object_name), record, progress)
-            target.write(object_name, chunks, record.file_size, content_type, record.sha256, tags)
+            chunks = CheckedStream(source.read_original(file), file, progress)
+            target.write(object_name, chunks, file.file_size, content_type, file.sha256, tags)
             crash_point('after-write')
-            return 'copied', record.file_size
+            return 'copied', file.file_size
         data = b''.join(source.read(object_name))
         progress(len(data))
-        version.confirm(data, record)
+        version.check(data, file)
         target.write(object_name, [data], len(data), content_type, tags=tags)
         return 'copied', len(data)
-    original = read_original(source, record, progress)
-    data = version.made_from(original, record)
+    original = read_original(source, file, progress)
+    data = version.make(original, file)
     target.write(object_name, [data], len(data), content_type,
-                 tags=source.tags(record.object_name) if copy_tags else None)
+                 tags=source.tags(file.object_name) if copy_tags else None)
     crash_point('after-write')
     return 'made', len(data)
 
 
-def found_at(backend: Backend, record: FileRecord, version: Version) -> bool:
-    """Whether a disk already holds a sound copy of the version, unrecorded (a run was killed
-    before it could record it): then it is recorded without being written again. Only where
-    stored bytes can be checked strictly without the original (the original, gzip)."""
-    if not isinstance(backend, LocalBackend) or version.type not in (0, 10):
-        return False
-    object_name = version.object_name(record.object_name)
-    size = backend.size(object_name)
-    if size is None or (version.type == 0 and size != record.file_size):
-        return False
+class CopyJob(BatchJob):
+    command = 'copy'
+
+    def __init__(self, source: Backend, target: Backend, version: Version, recorder):
+        super().__init__(recorder, (source, target), (target,))
+        self.source, self.target, self.version = source, target, version
+        self.copy_tags = source.keeps_tags and target.keeps_tags
+
+    def work(self, file: CatalogFile) -> tuple[str, int]:
+        return transfer(file, self.source, self.target, self.version, self.run.progress, self.copy_tags)
+
+    def done(self, file: CatalogFile, future: Future) -> None:
+        try:
+            outcome, nbytes = future.result()
+        except Cancelled:
+            return
+        except Exception as exc:
+            self.failed(file, exc)
+            return
+        self.record(file, self.target.row.storage_id, self.version.type)
+        self.run.outcome(file, outcome, nbytes)
+
+    def notes(self, counts: dict) -> list[str]:
+        notes = []
+        if not counts['at_source']:
+            notes.append('the source holds none of the files of this batch, as that version or as the original')
+        if counts['done']:
+            notes.append(f"{counts['done']} of the batch's {counts['at_source']} files at the source were at the "
+                         'target already')
+        if counts['other_version']:
+            notes.append(f"{counts['other_version']} files skipped: the target holds another version of them "
+                         f'(one version per backend)')
+        return notes
+
+
+def _copy_title(batch, version: Version, source: Backend, target: Backend) -> str:
+    what = 'originals' if version.type == 0 else f'{version.label} versions'
+    return f"{what} of batch '{batch.id}' from {source.describe()} to {target.describe()}"
+
+
+def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str, *, version_type: int = 0,
+               options: RunOptions | None = None) -> RunReport:
+    """Copy version `version_type` of every file in the batch that SOURCE holds and TARGET does
+    not: the bytes where SOURCE holds that version, made in memory from SOURCE's original
+    otherwise. Each file is read, checked, written at the target atomically, then recorded."""
+    with BatchFrame(settings, 'copy', options) as frame:
+        batch = find_batch(batch_id)
+        version = find_version(batch.group, version_type)
+        source, target = frame.open_pair(source_id, target_id, batch.group)
+        if frame.service and version.type != 0:
+            raise ConfigError('through the service (--via) only originals are copied: leave out --type')
+        selection = Selection(batch, source_id, target_id, version.type, frame.options.limit)
+        job = CopyJob(source, target, version, frame.recorder(selection.group, (target,)))
+        return frame.run(job, selection, _copy_title(batch, version, source, target))
+
+
+def plan_copy(settings: Settings, source_id: int, target_id: int, batch_id: str, *, version_type: int = 0,
+              options: RunOptions | None = None) -> Plan:
+    """What copy_batch would do (a dry run): backends checked, nothing written."""
+    frame = BatchFrame(settings, 'copy', options).__enter__()
     try:
-        version.confirm(b''.join(backend.read(object_name)), record)
-    except FileFailure:
-        return False    # not sound: it is written over
-    fsync_dir(backend.path(object_name).parent)    # the killed run may not have synced its rename
-    return True
+        batch = find_batch(batch_id)
+        version = find_version(batch.group, version_type)
+        source, target = frame.open_pair(source_id, target_id, batch.group)
+        selection = Selection(batch, source_id, target_id, version.type, frame.options.limit)
+        notes = CopyJob.notes(None, selection.counts(frame.reader))
+    except BaseException:
+        frame.__exit__(None, None, None)
+        raise
+    action = lambda f: 'copy' if f.source_type == version.type else f'make {version.label} of'
+    return Plan('copy', _copy_title(batch, version, source, target), notes, _planned(frame, selection, action))
 
 
-def _dry_run(command: str, selection: Selection, title: str, notes: list[str], out,
-             action: Callable[[FileRecord], str]) -> RunReport:
-    report = RunReport(command)
-    out(f'dry run: would {command} {title}')
-    for record in selection:
-        out(f'  {action(record)}: {record.object_name} ({human_bytes(record.file_size)})')
-        report.counts['would do'] = report.count('would do') + 1
-        report.bytes_done += record.file_size
-    out(f"dry run: would {command} {report.count('would do')} files, {human_bytes(report.bytes_done)}; "
-        'nothing was written')
-    report.notes.extend(notes)
-    for note in report.notes:
-        out(f'  note: {note}')
-    return report
-
-
-# --- archive -------------------------------------------------------------------------------------
+# --- archive -------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class ArchiveStep:
-    """What the first half of `archive` did for one file, for the second half."""
-    record: FileRecord
+    """What archiving the original of one file did, for releasing it at ACTIVE."""
+    file: CatalogFile
     version_bytes: bytes | None = None
+    version_failed: str | None = None    # rule 7: the original is archived all the same, and kept at ACTIVE
     tags: dict | None = None
-    archived_now: bool = False       # this run wrote (or found) the original at ARCHIVE: record it
-    missing: bool = False            # the original is no longer at ACTIVE (an earlier run was cut off)
-    version_present: bool = False    # ... and the replacement version is there, sound
+    archived_now: bool = False           # this run wrote (or found) the original at ARCHIVE: record it
+    missing: bool = False                # the original is no longer at ACTIVE (an earlier run was cut off)
+    version_present: bool = False        # ... and the replacement version is there, sound
 
 
-def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id: str, *,
-                  replace_with: int | None = None, delete_original: bool = False, min_copies: int = 1,
-                  jobs: int = DEFAULT_JOBS, dry_run: bool = False, limit: int | None = None,
-                  active_path: str | None = None, archive_path: str | None = None,
-                  log_dir: Path | None = None, show_progress: bool | None = None,
-                  out: Callable[[str], None] = print) -> RunReport:
-    """The model process, one pass and one download per file: read the original from ACTIVE and
-    check it; make version N in memory (--replace-with N); write the original to ARCHIVE and
-    record it; then, while at least `min_copies` checked originals are recorded on other
-    backends, put version N in the original's place at ACTIVE, or delete the original there.
+class Archiver:
+    """The model process for one file, in its two halves: archive the original (read it from
+    ACTIVE once, check it, write it to ARCHIVE, make the version in memory), and, once the
+    archive's row is committed and enough checked copies are recorded elsewhere, release the
+    original at ACTIVE (put the version in its place, or delete it)."""
 
-    Order per file, chosen so that a kill at any moment followed by the same command ends well:
-    the archive row is committed before anything at ACTIVE changes; the version is written
-    before the original is deleted; the ACTIVE row changes only after both. A run cut off after
-    the delete finds the original gone, the version there and the copies recorded, and only
-    fixes the row."""
-    _check_run_options(jobs, limit)
-    if (replace_with is None) == (not delete_original):
+    def __init__(self, group: str, active: Backend, archive: Backend, version: Version | None,
+                 progress: Callable[[int], None] = lambda n: None):
+        self.active, self.archive, self.version = active, archive, version
+        self.original = VERSIONS[(group, 0)]
+        self.progress = progress
+
+    def archive_original(self, file: CatalogFile) -> ArchiveStep:
+        """Read the original from ACTIVE once and check it; write it to ARCHIVE (unless it is
+        recorded there already, or found there sound); make the version. Nothing at ACTIVE
+        changes here. A version that cannot be made fails only the release (rule 7)."""
+        step = ArchiveStep(file)
+        if file.target_type not in (None, 0):
+            raise FileFailure(f'{self.archive.describe()} holds version {file.target_type} of this file, so its '
+                              'original cannot be archived there', file.object_name)
+        archived = file.target_type == 0
+        if archived and self.version is None:
+            self.progress(file.file_size)      # recorded at ARCHIVE already: nothing to read
+            return step
+        self.archive.tidy(file.object_name)
+        try:
+            original = read_original(self.active, file, self.progress)
+        except SourceMissing:
+            step.missing = True
+            if self.version is not None:
+                step.version_present = sound_copy_at(self.active, file, self.version)
+            return step
+        if not archived:
+            if self.archive.adopts_found_files and sound_copy_at(self.archive, file, self.original):
+                self.archive.will_sync(file.object_name)
+            else:
+                self.archive.write(file.object_name, [original], file.file_size,
+                                   content_type_of(self.original, file.object_name), file.sha256)
+                crash_point('after-archive-write')
+            step.archived_now = True
+        if self.version is not None:
+            self.make_version(step, original)
+        return step
+
+    def make_version(self, step: ArchiveStep, original: bytes) -> None:
+        try:
+            step.version_bytes = self.version.make(original, step.file)
+        except ConversionError as exc:
+            step.version_failed = str(exc)
+            return
+        step.tags = self.active.tags(step.file.object_name)
+
+    def release_original(self, step: ArchiveStep) -> str:
+        """With the original's copies recorded elsewhere: put the version in its place at ACTIVE
+        (written before the original is deleted), or delete it. Returns 'replaced' or
+        'deleted'; the caller records the change."""
+        file = step.file
+        if step.missing:
+            # An earlier run was cut off after removing the original: only the row is left to fix.
+            if self.version is None or step.version_present:
+                return 'deleted' if self.version is None else 'replaced'
+            raise FileFailure(f'the original is missing at {self.active.describe()} and its {self.version.label} '
+                              'version is not there either; its original is archived: copy it back, or run '
+                              '`verify --fix`', file.object_name)
+        if self.version is not None:
+            version_name = self.version.object_name(file.object_name)
+            self.active.write(version_name, [step.version_bytes], len(step.version_bytes),
+                              content_type_of(self.version, version_name), tags=step.tags)
+            crash_point('after-version-write')
+            if version_name != file.object_name:
+                self.active.delete(file.object_name)
+            crash_point('after-original-delete')
+            return 'replaced'
+        self.active.delete(file.object_name)
+        crash_point('after-original-delete')
+        return 'deleted'
+
+
+class ServiceArchiver(Archiver):
+    """Archiving through the service: the original is read from it and archived here; the
+    version is made by the service next to the data, which then replaces the original (or
+    deletes it) and records that itself, in the same crash-safe order."""
+
+    def __init__(self, client: ServiceClient, group: str, active: Backend, archive: Backend,
+                 version: Version | None):
+        super().__init__(group, active, archive, version)
+        self.client = client
+        self.group = group
+
+    def archive_original(self, file: CatalogFile) -> ArchiveStep:
+        if file.target_type == 0:                # archived already: the service has what it needs
+            self.progress(file.file_size)
+            return ArchiveStep(file)
+        return super().archive_original(file)
+
+    def make_version(self, step: ArchiveStep, original: bytes) -> None:
+        pass                                     # the service makes it, next to the data
+
+    def release_original(self, step: ArchiveStep) -> str:
+        if self.version is not None:
+            self.client.make_version_in_place(self.group, step.file, self.version.type)
+            return 'replaced'
+        try:
+            self.client.delete_original(self.group, step.file)
+        except NotFound as exc:
+            if exc.subject != 'original':
+                raise
+        return 'deleted'
+
+
+class ArchiveJob(BatchJob):
+    """`archive` over a batch: each file's original archived on a worker; the rows committed in
+    batches; then, for the files with enough checked copies recorded elsewhere (rule 3), the
+    original released at ACTIVE, and the change recorded."""
+
+    command = 'archive'
+
+    def __init__(self, archiver: Archiver, recorder, min_copies: int):
+        super().__init__(recorder, (archiver.active, archiver.archive), (archiver.archive, archiver.active))
+        self.archiver = archiver
+        self.min_copies = min_copies
+        self.active_id = archiver.active.row.storage_id
+        self.archive_id = archiver.archive.row.storage_id
+        self.awaiting: list[ArchiveStep] = []   # archived; waiting for the archive rows' commit
+        self.kept = 0
+
+    def start(self, run: Run, pipeline: Pipeline) -> None:
+        super().start(run, pipeline)
+        self.archiver.progress = run.progress
+
+    def work(self, file: CatalogFile) -> ArchiveStep:
+        return self.archiver.archive_original(file)
+
+    def held(self) -> int:
+        return len(self.awaiting)
+
+    def done(self, file: CatalogFile, future: Future) -> None:
+        try:
+            step = future.result()
+        except Cancelled:
+            return
+        except Exception as exc:
+            self.failed(file, exc)
+            return
+        if step.archived_now:
+            self.record(file, self.archive_id, 0)
+        self.awaiting.append(step)
+
+    def between(self, idle: bool) -> None:
+        if self.awaiting and (idle or len(self.awaiting) >= self.pipeline.jobs or self.recorder.due()):
+            # Rule 3: the archive rows are committed before any original leaves ACTIVE, and only
+            # originals with enough checked copies recorded elsewhere leave.
+            self.flush()
+            steps, self.awaiting = self.awaiting, []
+            copies = self.recorder.originals_elsewhere([s.file.file_id for s in steps], self.active_id)
+            for step in steps:
+                self.decide(step, copies.get(step.file.file_id, 0))
+        elif idle or self.recorder.due():
+            self.flush()
+
+    def decide(self, step: ArchiveStep, copies: int) -> None:
+        file = step.file
+        if step.version_failed:
+            self.run.failure(file, f'archived, version failed: {step.version_failed}')      # rule 7
+        elif copies >= self.min_copies:
+            self.pipeline.submit(self.archiver.release_original, step, self.released)
+        elif step.missing:
+            self.run.file_failed(file, FileFailure(
+                f'the original is missing at {self.archiver.active.describe()} and only {copies} checked originals '
+                'are recorded elsewhere', file.object_name))
+        else:
+            self.keep(step, f'{copies} checked originals recorded elsewhere, --min-copies {self.min_copies}')
+
+    def keep(self, step: ArchiveStep, why: str) -> None:
+        self.kept += 1
+        self.run.outcome(step.file, 'kept', step.file.file_size,
+                         why + (f'; archived at {self.archive_id}' if step.archived_now else ''))
+
+    def released(self, step: ArchiveStep, future: Future) -> None:
+        file = step.file
+        try:
+            outcome = future.result()
+        except Cancelled:
+            return
+        except TooFewCopies as exc:         # through the service, whose own minimum is higher
+            self.keep(step, str(exc))
+            return
+        except ConversionError as exc:      # through the service, which made the version
+            self.run.failure(file, f'archived, version failed: {exc}')
+            return
+        except Exception as exc:
+            self.run.file_failed(file, exc)
+            return
+        if outcome == 'replaced':
+            self.recorder.change_type(file.file_id, self.active_id, 0, self.archiver.version.type)
+        elif outcome == 'deleted':
+            self.recorder.remove(file.file_id, self.active_id)
+        detail = (f'archived at {self.archive_id}' if step.archived_now else
+                  'the original had left ACTIVE in an earlier run that was cut off; row corrected'
+                  if step.missing else 'archived earlier')
+        self.run.outcome(file, outcome, file.file_size, detail)
+
+    def finish(self) -> None:
+        self.flush()
+        if self.kept:
+            self.run.report.notes.append(f'{self.kept} originals kept at ACTIVE: fewer than --min-copies '
+                                         f'{self.min_copies} checked originals are recorded on other backends')
+
+    def notes(self, counts: dict) -> list[str]:
+        return ([f"{counts['other_version']} files fail: the archive holds another version of them"]
+                if counts['other_version'] else [])
+
+
+def _archive_request(batch_id: str, replace_with: int | None, delete_originals: bool, min_copies: int):
+    if (replace_with is None) == (not delete_originals):
         raise ConfigError('say what happens at ACTIVE: --replace-with N or --delete-original')
     if min_copies < 1:
         raise ConfigError('--min-copies must be at least 1: an original never leaves ACTIVE without a copy')
@@ -2116,183 +3455,147 @@ def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id:
     version = find_version(batch.group, replace_with) if replace_with is not None else None
     if version is not None and version.type == 0:
         raise ConfigError('--replace-with 0 would replace the original with itself; name a version such as 1')
-    reader = connect_catalog(settings)
-    writer_conn = None
+    return batch, version
+
+
+def _archive_title(batch, version: Version | None, active: Backend, archive: Backend) -> str:
+    then = f'replacing them with {version.label} versions' if version else 'deleting them there'
+    return f"originals of batch '{batch.id}' from {active.describe()} to {archive.describe()}, {then}"
+
+
+def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id: str, *,
+                  replace_with: int | None = None, delete_originals: bool = False, min_copies: int = 1,
+                  options: RunOptions | None = None) -> RunReport:
+    """The model process, one pass and one download per file: read the original from ACTIVE and
+    check it; write it to ARCHIVE and record it; make version N in memory (--replace-with N);
+    then, while at least `min_copies` checked originals are recorded on other backends, put
+    version N in the original's place at ACTIVE, or delete the original there.
+
+    Order per file, chosen so that a kill at any moment followed by the same command ends well:
+    the archive row is committed before anything at ACTIVE changes; the version is written
+    before the original is deleted; the ACTIVE row changes only after both. A run cut off after
+    the delete finds the original gone, the version there and the copies recorded, and only
+    fixes the row. Through the service (options.via), the service makes the version and
+    changes ACTIVE and its rows, in the same order."""
+    with BatchFrame(settings, 'archive', options) as frame:
+        batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies)
+        active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
+        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True)
+        archiver = (ServiceArchiver(frame.service, batch.group, active, archive, version) if frame.service
+                    else Archiver(batch.group, active, archive, version))
+        recorder = frame.recorder(selection.group, (archive, active), every_rows=200, every_seconds=2.0)
+        return frame.run(ArchiveJob(archiver, recorder, min_copies), selection,
+                         _archive_title(batch, version, active, archive))
+
+
+def plan_archive(settings: Settings, active_id: int, archive_id: int, batch_id: str, *,
+                 replace_with: int | None = None, delete_originals: bool = False, min_copies: int = 1,
+                 options: RunOptions | None = None) -> Plan:
+    """What archive_batch would do (a dry run): backends checked, nothing changed."""
+    frame = BatchFrame(settings, 'archive', options).__enter__()
     try:
-        active, archive = _open_pair(reader, active_id, archive_id, active_path, archive_path, jobs,
-                                     source_writing=True)
-        selection = Selection(reader, batch, active_id, archive_id, 0, limit, archive=True)
-        then = f'replacing them with {version.label} versions' if version else 'deleting them there'
-        title = f"originals of batch '{batch.id}' from {active.describe()} to {archive.describe()}, {then}"
+        batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies)
+        active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
+        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True)
+        notes = ArchiveJob.notes(None, selection.counts(frame.reader))
+    except BaseException:
+        frame.__exit__(None, None, None)
+        raise
+    at_active = 'replace' if version else 'delete'
+    action = lambda f: at_active if f.target_type == 0 else f'archive and {at_active}'
+    return Plan('archive', _archive_title(batch, version, active, archive), notes, _planned(frame, selection, action))
 
-        def archive_notes(counts: dict) -> list[str]:
-            return ([f"{counts['other_version']} files fail: the archive holds another version of them"]
-                    if counts['other_version'] else [])
-        if dry_run:
-            at_active = 'replace' if version else 'delete'
-            return _dry_run('archive', selection, title, archive_notes(selection.counts()), out,
-                            lambda r: at_active if r.target_type == 0 else f'archive and {at_active}')
-        counting, counts = count_in_background(settings, selection)
-        writer_conn = connect_catalog(settings)
-        catalog = CatalogWriter(writer_conn, GROUPS[batch.group], every_rows=200, every_seconds=2.0,
-                                backends=(archive, active))
-        with archive.writing(), active.writing(), Run('archive', title, None, None, log_dir, show_progress) as run:
-            pipeline = Pipeline(jobs, run)
-            awaiting: list[ArchiveStep] = []   # first half done; waiting for the archive rows' commit
-            kept = [0]
 
-            original = VERSIONS[(batch.group, 0)]
+# --- one file, directly (the one-file forms of copy and archive) --------------------------------------
 
-            def first_half(record: FileRecord) -> ArchiveStep:
-                return archive_first_half(record, active, archive, original, version, run.progress)
+def _one_file(conn, settings: Settings, group: str, file_id: int, source_id: int, target_id: int,
+              source_path: str | None, target_path: str | None, source_writing: bool = False):
+    file = fetch_file(conn, group, file_id)
+    held = {h.backend.storage_id: h.type for h in held_versions(conn, group, file_id)}
+    conn.commit()
+    if source_id == target_id:
+        raise ConfigError('source and target are the same backend')
+    source = open_backend(fetch_backend(conn, source_id), settings, path=source_path)
+    target = open_backend(fetch_backend(conn, target_id), settings, path=target_path)
+    source.check(writing=source_writing)
+    target.check(writing=True)
+    if source_id not in held:
+        raise NotFound(f'{source.describe()} does not record {group} file {file_id}', 'file')
+    return dataclasses.replace(file, source_type=held[source_id], target_type=held.get(target_id)), source, target
 
-            def second_half(step: ArchiveStep) -> str:
-                return archive_second_half(step, active, version)
 
-            def after_first(record: FileRecord, future) -> None:
-                try:
-                    step = future.result()
-                except Exception as exc:
-                    run.file_failed(record, exc, archive)
-                    return
-                if step.archived_now:
-                    catalog.add(record.file_id, archive.record.storage_id, 0)
-                awaiting.append(step)
-
-            def after_second(step: ArchiveStep, future) -> None:
-                record = step.record
-                try:
-                    outcome = future.result()
-                except Exception as exc:
-                    run.file_failed(record, exc, active)
-                    return
-                if outcome == 'replaced':
-                    catalog.change_type(record.file_id, active.record.storage_id, 0, version.type)
-                else:
-                    catalog.remove(record.file_id, active.record.storage_id)
-                detail = (f'archived at {archive.record.storage_id}' if step.archived_now else
-                          'the original had left ACTIVE in an earlier run that was cut off; row corrected'
-                          if step.missing else 'archived earlier')
-                run.outcome(record, outcome, record.file_size, detail)
-
-            def between(idle: bool) -> None:
-                run.set_totals(counts)
-                if awaiting and (idle or len(awaiting) >= jobs or catalog.due()):
-                    # Rule 3: the archive rows are committed before any original leaves ACTIVE,
-                    # and only originals with enough checked copies recorded elsewhere leave.
-                    catalog.flush()
-                    copies = catalog.originals_elsewhere([s.record.file_id for s in awaiting],
-                                                         active.record.storage_id)
-                    for step in awaiting:
-                        found = copies.get(step.record.file_id, 0)
-                        if found >= min_copies:
-                            pipeline.submit(second_half, step, after_second)
-                        elif step.missing:
-                            run.file_failed(step.record, FileFailure(
-                                f'the original is missing at {active.describe()} and only {found} checked '
-                                f'originals are recorded elsewhere', step.record.object_name), active)
-                        else:
-                            kept[0] += 1
-                            run.outcome(step.record, 'kept', step.record.file_size,
-                                        f'{found} checked originals recorded elsewhere, --min-copies {min_copies}'
-                                        + (f'; archived at {archive.record.storage_id}' if step.archived_now else ''))
-                    awaiting.clear()
-                elif idle or catalog.due():
-                    catalog.flush()
-
-            try:
-                pipeline.drive(selection, first_half, after_first, between=between, held=lambda: len(awaiting))
-            finally:
-                _flush_or_explain(catalog, run)
-                _note_counts(run, counting, counts, archive_notes)
-            if kept[0]:
-                run.report.notes.append(f'{kept[0]} originals kept at ACTIVE: fewer than --min-copies {min_copies} '
-                                        'checked originals are recorded on other backends')
-        out(format_summary(run.report, title))
-        return run.report
+def copy_file(settings: Settings, group: str, file_id: int, source_id: int, target_id: int, *,
+              version_type: int = 0, source_path: str | None = None, target_path: str | None = None) -> FileState:
+    """copy_batch for one file: its version copied (or made) at TARGET, checked, synced and
+    recorded. Outcome 'copied', 'made', 'found', or 'exists' when TARGET records it already."""
+    conn = connect_catalog(settings)
+    try:
+        file, source, target = _one_file(conn, settings, group, file_id, source_id, target_id, source_path, target_path)
+        version = find_version(group, version_type)
+        if file.source_type not in (0, version.type):
+            raise VersionConflict(f'{source.describe()} holds version {file.source_type} of {group} file {file_id}: '
+                                  f'neither its original nor its {version.label}')
+        if file.target_type is not None:
+            if file.target_type != version.type:
+                raise VersionConflict(f'{target.describe()} holds version {file.target_type} of {group} file '
+                                      f'{file_id} (one version per backend)')
+            return file_state(conn, group, file_id, 'exists')
+        with target.writing():
+            outcome, _ = transfer(file, source, target, version, copy_tags=source.keeps_tags and target.keeps_tags)
+            writer = CatalogWriter(conn, GROUPS[group], (target,))
+            writer.add(file, target_id, version.type)
+            writer.flush()
+        return file_state(conn, group, file_id, outcome)
     finally:
-        reader.close()
-        if writer_conn is not None:
-            writer_conn.close()
+        conn.close()
 
 
-def archive_first_half(record: FileRecord, active: Backend, archive: Backend, original_version: Version,
-                       version: Version | None, progress: Callable[[int], None]) -> ArchiveStep:
-    """Read the original from ACTIVE once and check it; make the version; write the original
-    to ARCHIVE (unless it is recorded there already). Nothing at ACTIVE changes here."""
-    step = ArchiveStep(record)
-    if record.target_type not in (None, 0):
-        raise FileFailure(f'{archive.describe()} holds version {record.target_type} of this file, so its original '
-                          'cannot be archived there', record.object_name)
-    archived = record.target_type == 0
-    if archived and version is None:
-        progress(record.file_size)      # recorded at ARCHIVE already: nothing to read
-        return step
-    archive.tidy(record.object_name)
+def archive_file(settings: Settings, group: str, file_id: int, active_id: int, archive_id: int, *,
+                 replace_with: int | None = None, min_copies: int = 1, active_path: str | None = None,
+                 archive_path: str | None = None) -> FileState:
+    """archive_batch for one file (with `replace_with` None: --delete-original). Outcome
+    'replaced', 'deleted', 'kept' (too few copies elsewhere), or 'archived, version failed:
+    <reason>' (rule 7: the original archived and recorded, kept at ACTIVE)."""
+    if min_copies < 1:
+        raise ConfigError('min_copies must be at least 1: an original never leaves ACTIVE without a copy')
+    conn = connect_catalog(settings)
     try:
-        original = read_original(active, record, progress)
-    except SourceMissing:
-        step.missing = True
-        if version is not None:
-            step.version_present = version_sound_at(active, record, version)
-        return step
-    if version is not None:
-        step.version_bytes = version.made_from(original, record)
-        step.tags = active.tags(record.object_name)
-    if not archived:
-        if not found_at(archive, record, original_version):
-            archive.write(record.object_name, [original], record.file_size,
-                          content_type_of(original_version, record.object_name), record.sha256)
-            crash_point('after-archive-write')
-        step.archived_now = True
-    return step
+        file, active, archive = _one_file(conn, settings, group, file_id, active_id, archive_id, active_path,
+                                          archive_path, source_writing=True)
+        version = find_version(group, replace_with) if replace_with is not None else None
+        if file.source_type != 0:
+            raise NotFound(f'{active.describe()} holds version {file.source_type} of {group} file {file_id}, not '
+                           'its original', 'original')
+        archiver = Archiver(group, active, archive, version)
+        with archive.writing(), active.writing():
+            step = archiver.archive_original(file)
+            writer = CatalogWriter(conn, GROUPS[group], (archive, active))
+            if step.archived_now:
+                writer.add(file, archive_id, 0)
+            writer.flush()
+            if step.version_failed:
+                return file_state(conn, group, file_id, f'archived, version failed: {step.version_failed}')
+            copies = writer.originals_elsewhere([file_id], active_id).get(file_id, 0)
+            if copies < min_copies:
+                return file_state(conn, group, file_id, 'kept')
+            outcome = archiver.release_original(step)
+            if outcome == 'replaced':
+                writer.change_type(file_id, active_id, 0, version.type)
+            else:
+                writer.remove(file_id, active_id)
+            writer.flush()
+        return file_state(conn, group, file_id, outcome)
+    finally:
+        conn.close()
 
 
-def version_sound_at(backend: Backend, record: FileRecord, version: Version) -> bool:
-    object_name = version.object_name(record.object_name)
-    if backend.size(object_name) is None:
-        return False
-    try:
-        version.confirm(b''.join(backend.read(object_name)), record)
-    except FileFailure:
-        return False
-    return True
-
-
-def archive_second_half(step: ArchiveStep, active: Backend, version: Version | None) -> str:
-    """With the original's copies recorded elsewhere: put the version in its place at ACTIVE
-    (written before the original is deleted), or delete it. Returns 'replaced' or 'deleted'."""
-    record = step.record
-    if step.missing:
-        # An earlier run was cut off after removing the original: only the row is left to fix.
-        if version is None:
-            return 'deleted'
-        if step.version_present:
-            return 'replaced'
-        raise FileFailure(f'the original is missing at {active.describe()} and its {version.label} version is not '
-                          'there either; its original is archived: copy it back, or run `verify --fix`',
-                          record.object_name)
-    if version is not None:
-        version_name = version.object_name(record.object_name)
-        active.write(version_name, [step.version_bytes], len(step.version_bytes),
-                     content_type_of(version, version_name), tags=step.tags)
-        crash_point('after-version-write')
-        if version_name != record.object_name:
-            active.delete(record.object_name)
-        crash_point('after-original-delete')
-        return 'replaced'
-    active.delete(record.object_name)
-    crash_point('after-original-delete')
-    return 'deleted'
-
-
-# --- verify --------------------------------------------------------------------------------------
+# --- verify ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class HeldFile:
     """A file the catalog records on a backend: which group, which version, under which name."""
     group: str
-    record: FileRecord
+    file: CatalogFile
     version_type: int
 
     @property
@@ -2301,7 +3604,7 @@ class HeldFile:
 
     @property
     def stored_name(self) -> str:
-        return self.version.object_name(self.record.object_name) if self.version else self.record.object_name
+        return self.version.object_name(self.file.object_name) if self.version else self.file.object_name
 
 
 def held_files(conn, storage_id: int, batch=None) -> tuple[Iterator[HeldFile], dict]:
@@ -2317,219 +3620,205 @@ def held_files(conn, storage_id: int, batch=None) -> tuple[Iterator[HeldFile], d
                      f'WHERE s.storage_id = {int(storage_id)}')
     union = '\nUNION ALL\n'.join(parts)
     folders = "(string_to_array(object_name, '/'))[1:cardinality(string_to_array(object_name, '/')) - 1]"
-    totals_query = (f'SELECT count(*), coalesce(sum(file_size) FILTER (WHERE type = 0), 0), '
-                    f'count(*) FILTER (WHERE type <> 0) FROM ({union}) AS held')
-    with conn.cursor() as cur:
-        try:
-            cur.execute(totals_query)
-        except psycopg2.Error as exc:
-            conn.rollback()
-            detail = (exc.pgerror or str(exc)).strip().splitlines()[0]
-            raise ConfigError(f"batch '{batch.id}' (batches.py) cannot be selected: {detail}") from None
-        files, original_bytes, versions = cur.fetchone()
-    conn.commit()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'SELECT count(*), coalesce(sum(file_size) FILTER (WHERE type = 0), 0), '
+                        f'count(*) FILTER (WHERE type <> 0) FROM ({union}) AS held')
+            files, original_bytes, versions = cur.fetchone()
+        conn.commit()
+    except psycopg2.Error as exc:
+        conn.rollback()
+        raise selection_error(batch, exc) if batch else exc
 
     def stream() -> Iterator[HeldFile]:
-        cur = conn.cursor(name=f'held_{uuid.uuid4().hex[:8]}')
-        cur.itersize = 2000
-        try:
-            cur.execute(f'SELECT * FROM ({union}) AS held ORDER BY {folders} COLLATE "C", object_name COLLATE "C"')
-            for group, file_id, object_name, file_size, sha256, version_type in cur:
-                yield HeldFile(group, FileRecord(file_id, object_name, int(file_size),
-                                                 (sha256 or '').strip().lower()), version_type)
-        finally:
-            with contextlib.suppress(psycopg2.Error):
-                cur.close()
-                conn.commit()
+        query = f'SELECT * FROM ({union}) AS held ORDER BY {folders} COLLATE "C", object_name COLLATE "C"'
+        for group, file_id, object_name, file_size, sha256, version_type in streamed_rows(conn, query):
+            yield HeldFile(group, CatalogFile(file_id, object_name, int(file_size), (sha256 or '').strip().lower()),
+                           version_type)
     return stream(), {'files': files, 'original_bytes': original_bytes, 'versions': versions}
 
 
-def disk_folders(archive_root: Path) -> Iterator[tuple[tuple[str, ...], list[os.DirEntry]]]:
-    """Every folder under the archive root with the entries in it that are not folders, in the
-    order held_files() yields names: parent before children, siblings sorted."""
-    def walk(folder: Path, parts: tuple[str, ...]):
-        try:
-            with os.scandir(folder) as scan:
-                entries = sorted(scan, key=lambda e: e.name)
-        except OSError:
-            entries = []
-        yield parts, [e for e in entries if not e.is_dir(follow_symlinks=False)]
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                yield from walk(Path(entry.path), parts + (entry.name,))
-    yield from walk(archive_root, ())
-
-
-def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = None, *, fix: bool = False,
-                   path: str | None = None, jobs: int = DEFAULT_JOBS, log_dir: Path | None = None,
-                   show_progress: bool | None = None, out: Callable[[str], None] = print) -> RunReport:
-    """Check every file the catalog records on the backend (in the batch, if given): there, and
-    sound (originals hash to the catalog's sha256, gzip versions decompress to it, WebP and FLAC
-    versions decode). On a disk, without a batch, also list the files the catalog does not know.
-    With `fix`, remove the catalog rows of missing and corrupt files (never a file)."""
-    _check_run_options(jobs, None)
-    batch = find_batch(batch_id) if batch_id else None
-    conn = connect_catalog(settings)
-    try:
-        backend = open_backend(fetch_backend(conn, storage_id), path=path, jobs=jobs)
-    finally:
-        conn.close()
-    backend.check(writing=False)
-    reader = connect_catalog(settings)
-    writer_conn = connect_catalog(settings)
-    try:
-        files, totals = held_files(reader, storage_id, batch)
-        title = f'{backend.describe()}' + (f", batch '{batch.id}'" if batch else '')
-        found: dict[str, list] = {'missing': [], 'corrupt': [], 'unknown': [], 'unchecked': []}
-        # Versions' sizes are not in the catalog: with versions on the backend, count files only.
-        total_bytes = totals['original_bytes'] if not totals['versions'] else None
-        with Run('verify', title, totals['files'], total_bytes, log_dir, show_progress) as run:
-            def finding(kind: str, held: HeldFile | None, name: str, reason: str = '') -> None:
-                found[kind].append((held, name, reason))
-                run.report.failures.append((name, reason or kind))
-                if held:
-                    run.outcome(held.record, kind, 0, reason)
-                run.message(f'{kind.upper()} {name}' + (f': {reason}' if reason else ''))
-
-            def on_done(held: HeldFile, future) -> None:
-                try:
-                    nbytes = future.result()
-                except SourceMissing:
-                    finding('missing', held, held.stored_name)
-                except FileFailure as exc:
-                    finding('corrupt', held, held.stored_name, str(exc))
-                except Exception as exc:
-                    finding('unchecked', held, held.stored_name, describe_exception(exc))
-                else:
-                    run.outcome(held.record, 'sound', nbytes)
-
-            def checkable(held: HeldFile) -> bool:
-                if held.version is None:
-                    finding('unchecked', held, held.record.object_name,
-                            f'version type {held.version_type} is unknown to this tool')
-                    return False
-                try:
-                    safe_object_parts(held.stored_name)
-                except UnsafeObjectName as exc:
-                    finding('corrupt', held, held.stored_name, str(exc))
-                    return False
-                return True
-
-            items = (held for held in files if checkable(held))
-            if isinstance(backend, LocalBackend) and batch is None:
-                items = _walk_alongside(items, backend, finding)
-            Pipeline(jobs, run).drive(items, lambda held: verify_file(backend, held, run.progress), on_done)
-            removed = _remove_rows(writer_conn, storage_id, found, run) if fix and not run.stop_requested else None
-        out(format_verify_report(run.report, title, found, removed, bool(batch), backend))
-        return run.report
-    finally:
-        reader.close()
-        writer_conn.close()
-
-
-def _walk_alongside(items: Iterator[HeldFile], backend: LocalBackend, finding: Callable) -> Iterator[HeldFile]:
-    """Merge the catalog's files (in folder order) with a walk of the disk's folders, one folder
-    at a time: what only the catalog has is missing, what only the disk has is unknown, what
-    both have is checked. Memory holds one folder, whatever the size of the disk."""
-    def by_folder(held_items):
-        for folder, group in itertools.groupby(held_items, key=lambda h: tuple(h.stored_name.split('/')[:-1])):
-            yield folder, list(group)
-
-    catalog, disk = by_folder(items), disk_folders(backend.archive)
-    cat, here = next(catalog, None), next(disk, None)
-    while cat is not None or here is not None:
-        if here is None or (cat is not None and cat[0] < here[0]):
-            for held in cat[1]:
-                finding('missing', held, held.stored_name)
-            cat = next(catalog, None)
-        elif cat is None or here[0] < cat[0]:
-            for entry in here[1]:
-                _unknown(finding, here[0], entry)
-            here = next(disk, None)
-        else:
-            entries = {entry.name: entry for entry in here[1]}
-            for held in cat[1]:
-                entry = entries.pop(held.stored_name.rsplit('/', 1)[-1], None)
-                if entry is None:
-                    finding('missing', held, held.stored_name)
-                else:
-                    yield held
-            for entry in entries.values():
-                _unknown(finding, here[0], entry)
-            cat, here = next(catalog, None), next(disk, None)
-
-
-def _unknown(finding: Callable, folder: tuple[str, ...], entry: os.DirEntry) -> None:
-    name = '/'.join(folder + (entry.name,))
-    if entry.name.endswith(TMP_SUFFIX):
-        finding('unknown', None, name, 'a temporary file left by an interrupted run: safe to delete')
-    elif entry.is_symlink():
-        finding('unknown', None, name, 'a symbolic link')
-    else:
-        finding('unknown', None, name)
+@dataclasses.dataclass
+class VerifyReport(RunReport):
+    """A verify run's report, with what it found: for each kind ('missing', 'corrupt',
+    'unknown', 'unchecked') the (name, reason) of every file, and the names whose rows --fix
+    removed (None without --fix)."""
+    found: dict = dataclasses.field(default_factory=lambda: {'missing': [], 'corrupt': [], 'unknown': [],
+                                                             'unchecked': []})
+    removed: list | None = None
+    with_batch: bool = False
+    lists_files: bool = False
+    files_root: str = ''
 
 
 def verify_file(backend: Backend, held: HeldFile, progress: Callable[[int], None]) -> int:
     """Read the stored file once and check it; returns the bytes read."""
-    record, version = held.record, held.version
+    file, version = held.file, held.version
     if version.type == 0:
-        for _ in CheckedStream(backend.read(record.object_name), record, progress):
+        for _ in CheckedStream(backend.read(file.object_name), file, progress):
             pass
-        return record.file_size
+        return file.file_size
     data = b''.join(backend.read(held.stored_name))
     progress(len(data))
-    version.confirm(data, record)
+    version.check(data, file)
     return len(data)
 
 
-def _remove_rows(conn, storage_id: int, found: dict, run: Run) -> list[HeldFile]:
-    removed = [held for kind in ('missing', 'corrupt') for held, _, _ in found[kind] if held is not None]
-    for group in GROUPS.values():
-        writer = CatalogWriter(conn, group)
-        for held in removed:
-            if held.group == group.name:
-                writer.remove(held.record.file_id, storage_id)
-        writer.flush()
-    for held in removed:
-        run.log_line(f'--fix removed the row of file {held.record.file_id} ({held.stored_name})')
-    return removed
+class Verifier:
+    """What `verify` finds, as it finds it: each missing, corrupt, unknown or unchecked file
+    counted, logged and named."""
+
+    def __init__(self, run: Run, report: VerifyReport):
+        self.run, self.report = run, report
+        self.rows_to_remove: list[HeldFile] = []
+
+    def finding(self, kind: str, held: HeldFile | None, name: str, reason: str = '') -> None:
+        self.report.found[kind].append((name, reason))
+        self.report.failures.append((name, reason or kind))
+        if held:
+            self.run.outcome(held.file, kind, 0, reason)
+            if kind in ('missing', 'corrupt'):
+                self.rows_to_remove.append(held)
+        else:
+            self.run.log_entry(kind, '', 0, name, reason)
+        log.warning('%s %s%s', kind.upper(), name, f': {reason}' if reason else '')
+
+    def checked(self, held: HeldFile, future: Future) -> None:
+        try:
+            nbytes = future.result()
+        except Cancelled:
+            return
+        except SourceMissing:
+            self.finding('missing', held, held.stored_name)
+        except FileFailure as exc:
+            self.finding('corrupt', held, held.stored_name, str(exc))
+        except Exception as exc:
+            self.finding('unchecked', held, held.stored_name, describe_exception(exc))
+            reason = fatal_reason(exc, self.run.backends)
+            if reason:
+                self.run.stop(reason)
+        else:
+            self.run.outcome(held.file, 'sound', nbytes)
+
+    def checkable(self, held: HeldFile) -> bool:
+        if held.version is None:
+            self.finding('unchecked', held, held.file.object_name, f'version type {held.version_type} is unknown to '
+                                                                    'this tool')
+            return False
+        try:
+            safe_object_parts(held.stored_name)
+        except UnsafeObjectName as exc:
+            self.finding('corrupt', held, held.stored_name, str(exc))
+            return False
+        return True
+
+    def walk_alongside(self, items: Iterator[HeldFile], backend: Backend) -> Iterator[HeldFile]:
+        """Merge the catalog's files (in folder order) with a walk of the backend's folders, one
+        folder at a time: what only the catalog has is missing, what only the disk has is
+        unknown, what both have is checked. Memory holds one folder, whatever the disk's size."""
+        def by_folder(held_items):
+            for folder, group in itertools.groupby(held_items, key=lambda h: tuple(h.stored_name.split('/')[:-1])):
+                yield folder, list(group)
+
+        catalog, disk = by_folder(items), backend.folders()
+        cat, here = next(catalog, None), next(disk, None)
+        while cat is not None or here is not None:
+            if here is None or (cat is not None and cat[0] < here[0]):
+                for held in cat[1]:
+                    self.finding('missing', held, held.stored_name)
+                cat = next(catalog, None)
+            elif cat is None or here[0] < cat[0]:
+                for entry in here[1]:
+                    self.unknown(here[0], entry)
+                here = next(disk, None)
+            else:
+                entries = {entry.name: entry for entry in here[1]}
+                for held in cat[1]:
+                    entry = entries.pop(held.stored_name.rsplit('/', 1)[-1], None)
+                    if entry is None:
+                        self.finding('missing', held, held.stored_name)
+                    else:
+                        yield held
+                for entry in entries.values():
+                    self.unknown(here[0], entry)
+                cat, here = next(catalog, None), next(disk, None)
+
+    def unknown(self, folder: tuple[str, ...], entry: os.DirEntry) -> None:
+        name = '/'.join(folder + (entry.name,))
+        if entry.name.endswith(TMP_SUFFIX):
+            self.finding('unknown', None, name, 'a temporary file left by an interrupted run: safe to delete')
+        elif entry.is_symlink():
+            self.finding('unknown', None, name, 'a symbolic link')
+        else:
+            self.finding('unknown', None, name)
+
+    def remove_rows(self, conn, storage_id: int) -> list[str]:
+        """--fix: the catalog rows of the missing and corrupt files go (never a file)."""
+        for group in GROUPS.values():
+            writer = CatalogWriter(conn, group)
+            for held in self.rows_to_remove:
+                if held.group == group.name:
+                    writer.remove(held.file.file_id, storage_id)
+            writer.flush()
+        for held in self.rows_to_remove:
+            self.run.log_line(f'--fix removed the row of file {held.file.file_id} ({held.stored_name})')
+        return [held.stored_name for held in self.rows_to_remove]
 
 
-def format_verify_report(report: RunReport, title: str, found: dict, removed: list | None, with_batch: bool,
-                         backend: Backend) -> str:
-    lines = [f'verify {title}']
-    sound = report.count('sound')
-    problems = sum(len(entries) for entries in found.values())
-    lines.append(f'  {sound:,} files sound; {human_bytes(report.bytes_done)} read in {report.seconds:.1f} s'
-                 + ('' if problems else '; all is well'))
-    headings = {'missing': 'missing (recorded, not there)', 'corrupt': 'corrupt (there, but not sound)',
-                'unknown': f'unknown (under {getattr(backend, "archive", "archive/")}, not in the catalog)',
-                'unchecked': 'could not be checked'}
-    for kind, heading in headings.items():
-        if found[kind]:
-            lines.append(f'  {len(found[kind])} {heading}:')
-            for _, name, reason in found[kind][:50]:
-                lines.append(f'    {name}' + (f': {reason}' if reason else ''))
-            if len(found[kind]) > 50:
-                lines.append(f'    … and {len(found[kind]) - 50} more (see the log)')
-    if isinstance(backend, LocalBackend) and with_batch:
-        lines.append('  (unknown files are looked for when the whole backend is verified, without a batch)')
-    if removed is not None:
-        lines.append(f'  --fix: removed the catalog rows of {len(removed)} missing or corrupt files (no file was '
-                     'touched); `copy` puts them back' if removed else '  --fix: no rows to remove')
-    elif found['missing'] or found['corrupt']:
-        lines.append('  run again with --fix to remove the rows of the missing and corrupt files, then `copy` '
-                     'to put them back')
-    if report.interrupted:
-        lines.append('  interrupted: not every file was checked')
-    if report.log_path:
-        lines.append(f'  log: {report.log_path}')
-    return '\n'.join(lines)
+def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = None, *, fix: bool = False,
+                   path: str | None = None, options: RunOptions | None = None) -> VerifyReport:
+    """Check every file the catalog records on the backend (in the batch, if given): there, and
+    sound (originals hash to the catalog's sha256, gzip versions decompress to it, WebP and FLAC
+    versions decode). On a disk, without a batch, also list the files the catalog does not know.
+    With `fix`, remove the catalog rows of missing and corrupt files (never a file)."""
+    options = options or RunOptions()
+    options.check()
+    batch = find_batch(batch_id) if batch_id else None
+    reader = connect_catalog(settings)
+    try:
+        backend = open_backend(fetch_backend(reader, storage_id), settings, path=path, jobs=options.jobs)
+        backend.check(writing=False)
+        files, totals = held_files(reader, storage_id, batch)
+        report = VerifyReport('verify', backend.describe() + (f", batch '{batch.id}'" if batch else ''),
+                              with_batch=batch is not None, lists_files=backend.lists_files,
+                              files_root=backend.files_location())
+        # Versions' sizes are not in the catalog: with versions on the backend, count files only.
+        total_bytes = totals['original_bytes'] if not totals['versions'] else None
+        with Run(report, options, totals['files'], total_bytes, backends=(backend,)) as run:
+            verifier = Verifier(run, report)
+            items = (held for held in files if verifier.checkable(held))
+            if backend.lists_files and batch is None:
+                items = verifier.walk_alongside(items, backend)
+            try:
+                Pipeline(options.jobs, run).drive(items, lambda held: verify_file(backend, held, run.progress),
+                                                  verifier.checked)
+            except Exception as exc:
+                run.stop_for(exc)
+                report.stopped = explain_fault(exc, report, (backend,))
+            if fix and not run.stopping:
+                writer_conn = connect_catalog(settings)
+                try:
+                    report.removed = verifier.remove_rows(writer_conn, storage_id)
+                finally:
+                    writer_conn.close()
+        return report
+    finally:
+        reader.close()
 
 
-# --- report --------------------------------------------------------------------------------------
+# --- report ------------------------------------------------------------------------------------------------
 
 REPORT_FILES = ('manifest-sha256.txt', 'REPORT.md', 'archive_index.db')
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskReport:
+    """What `report` wrote onto a disk."""
+    root: Path
+    written: list
+    originals: int
+    original_bytes: int
+    index_rows: dict
 
 
 def manifest_line(sha256_hex: str, relative_path: str) -> str:
@@ -2541,30 +3830,26 @@ def manifest_line(sha256_hex: str, relative_path: str) -> str:
     return f'{sha256_hex}  {relative_path}\n'
 
 
-def write_report(settings: Settings, storage_id: int, *, path: str | None = None,
-                 out: Callable[[str], None] = print) -> dict:
+def write_report(settings: Settings, storage_id: int, *, path: str | None = None) -> DiskReport:
     """Write onto a local disk what makes it readable without the database: a sha256 manifest
     of its originals, REPORT.md, and archive_index.db (SQLite) with the catalog rows of
     everything on it. Each file is written atomically."""
     conn = connect_catalog(settings)
     try:
-        record = fetch_backend(conn, storage_id)
-        backend = open_backend(record, path=path)
-        if not isinstance(backend, LocalBackend):
-            raise ConfigError(f'{record.describe()} is an S3 backend: `report` writes onto a local disk')
+        backend_row = fetch_backend(conn, storage_id)
+        backend = open_backend(backend_row, settings, path=path)
+        if backend.root is None:
+            raise ConfigError(f'{backend_row.describe()} is an S3 backend: `report` writes onto a local disk')
         backend.check(writing=True)
         with backend.writing():
             made = dt.datetime.now(dt.timezone.utc)
             manifest = _write_manifest(conn, backend)
-            summary = _write_index(conn, backend, made)
-            _write_report_md(conn, backend, settings, made, manifest, summary)
+            index_rows = _write_index(conn, backend, made)
+            _write_report_md(conn, backend, settings, made, manifest, index_rows)
     finally:
         conn.close()
-    for name in REPORT_FILES:
-        out(f'wrote {backend.root / name}')
-    out(f"  {manifest['originals']:,} originals in the manifest ({human_bytes(manifest['bytes'])}); check them "
-        f'without the database: cd {backend.root} && sha256sum -c manifest-sha256.txt')
-    return {'manifest': manifest, **summary, 'root': backend.root}
+    return DiskReport(backend.root, [backend.root / name for name in REPORT_FILES], manifest['originals'],
+                      manifest['bytes'], index_rows)
 
 
 def _write_manifest(conn, backend: LocalBackend) -> dict:
@@ -2572,20 +3857,15 @@ def _write_manifest(conn, backend: LocalBackend) -> dict:
     disk (the BagIt manifest convention), which `sha256sum -c` accepts from the disk's root."""
     originals = size = 0
     prefix = backend.archive.name
-    with atomic_output(backend.root / 'manifest-sha256.txt') as manifest:
+    with atomic_file(backend.root / 'manifest-sha256.txt') as tmp, open(tmp, 'x', encoding='utf-8') as manifest:
         for group in GROUPS.values():
-            cur = conn.cursor(name=f'manifest_{uuid.uuid4().hex[:8]}')
-            cur.itersize = 5000
-            cur.execute(sql.SQL('SELECT f.object_name, f.sha256, f.file_size FROM {} s JOIN {} f '
-                                'ON f.file_id = s.file_id WHERE s.storage_id = %s AND s.type = 0 '
-                                'ORDER BY f.object_name COLLATE "C"').format(
-                sql.Identifier(group.storage_table), sql.Identifier(group.files_table)), (backend.record.storage_id,))
-            for object_name, sha256_hex, file_size in cur:
+            query = sql.SQL('SELECT f.object_name, f.sha256, f.file_size FROM {} s JOIN {} f ON f.file_id = s.file_id '
+                            'WHERE s.storage_id = %s AND s.type = 0 ORDER BY f.object_name COLLATE "C"').format(
+                sql.Identifier(group.storage_table), sql.Identifier(group.files_table))
+            for object_name, sha256_hex, file_size in streamed_rows(conn, query, (backend.row.storage_id,), 5000):
                 manifest.write(manifest_line(sha256_hex.strip().lower(), f'{prefix}/{object_name}'))
                 originals += 1
                 size += file_size
-            cur.close()
-            conn.commit()
     return {'originals': originals, 'bytes': size}
 
 
@@ -2622,56 +3902,48 @@ def _copy_query(conn, index, table: str, query: sql.Composable, params=()) -> in
 
 def _write_index(conn, backend: LocalBackend, made: dt.datetime) -> dict:
     import sqlite3
-    final = backend.root / 'archive_index.db'
-    tmp = final.with_name(f'.{final.name}.{RUN_MARK}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}')
-    storage_id = backend.record.storage_id
+    storage_id = backend.row.storage_id
     counts = {}
-    try:
+    with atomic_file(backend.root / 'archive_index.db') as tmp:
         index = sqlite3.connect(tmp)
-        with index:
-            for group in GROUPS.values():
-                counts[group.files_table] = _copy_query(conn, index, group.files_table, sql.SQL(
-                    'SELECT f.*, s.type AS version_type FROM {} s JOIN {} f ON f.file_id = s.file_id '
-                    'WHERE s.storage_id = %s ORDER BY f.file_id').format(
-                    sql.Identifier(group.storage_table), sql.Identifier(group.files_table)), (storage_id,))
-            on_disk = sql.SQL(' UNION ').join(
-                sql.SQL('SELECT f.deployment_id FROM {} s JOIN {} f ON f.file_id = s.file_id WHERE s.storage_id = {}')
-                .format(sql.Identifier(g.storage_table), sql.Identifier(g.files_table), sql.Literal(storage_id))
-                for g in GROUPS.values())
-            counts['deployments'] = _copy_query(conn, index, 'deployments', sql.SQL(
-                'SELECT d.deployment_id, d.node_id, d.location::text AS location, d.description, '
-                'lower(d.period) AS period_start, upper(d.period) AS period_end FROM deployments d '
-                'WHERE d.deployment_id IN ({}) ORDER BY d.deployment_id').format(on_disk))
-            counts['nodes'] = _copy_query(conn, index, 'nodes', sql.SQL(
-                'SELECT n.* FROM nodes n WHERE n.node_id IN (SELECT node_id FROM deployments '
-                'WHERE deployment_id IN ({})) ORDER BY n.node_id').format(on_disk))
-            counts['tags'] = _copy_query(conn, index, 'deployment_tags', sql.SQL(
-                'SELECT md.deployments_deployment_id AS deployment_id, t.name AS tag FROM mm_tags_deployments md '
-                'JOIN tags t ON t.tag_id = md.tags_tag_id WHERE md.deployments_deployment_id IN ({}) '
-                'ORDER BY 1, 2').format(on_disk))
-            index.execute('CREATE TABLE about (key, value)')
-            index.executemany('INSERT INTO about VALUES (?, ?)', [
-                ('storage_id', storage_id), ('url_prefix', backend.record.url_prefix),
-                ('device_label', backend.record.notes), ('made_at', made.isoformat()),
-                ('versions', json.dumps({f'{g}:{t}': v.label for (g, t), v in VERSIONS.items()}))])
-            for group in GROUPS.values():
-                index.execute(f'CREATE INDEX {group.files_table}_object_name ON {group.files_table} (object_name)')
-                index.execute(f'CREATE INDEX {group.files_table}_time ON {group.files_table} (time)')
-        index.close()
-        with open(tmp, 'rb+') as handle:
-            full_fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(final.parent)
+        try:
+            with index:
+                for group in GROUPS.values():
+                    counts[group.files_table] = _copy_query(conn, index, group.files_table, sql.SQL(
+                        'SELECT f.*, s.type AS version_type FROM {} s JOIN {} f ON f.file_id = s.file_id '
+                        'WHERE s.storage_id = %s ORDER BY f.file_id').format(
+                        sql.Identifier(group.storage_table), sql.Identifier(group.files_table)), (storage_id,))
+                on_disk = sql.SQL(' UNION ').join(
+                    sql.SQL('SELECT f.deployment_id FROM {} s JOIN {} f ON f.file_id = s.file_id WHERE s.storage_id = {}')
+                    .format(sql.Identifier(g.storage_table), sql.Identifier(g.files_table), sql.Literal(storage_id))
+                    for g in GROUPS.values())
+                counts['deployments'] = _copy_query(conn, index, 'deployments', sql.SQL(
+                    'SELECT d.deployment_id, d.node_id, d.location::text AS location, d.description, '
+                    'lower(d.period) AS period_start, upper(d.period) AS period_end FROM deployments d '
+                    'WHERE d.deployment_id IN ({}) ORDER BY d.deployment_id').format(on_disk))
+                counts['nodes'] = _copy_query(conn, index, 'nodes', sql.SQL(
+                    'SELECT n.* FROM nodes n WHERE n.node_id IN (SELECT node_id FROM deployments '
+                    'WHERE deployment_id IN ({})) ORDER BY n.node_id').format(on_disk))
+                counts['tags'] = _copy_query(conn, index, 'deployment_tags', sql.SQL(
+                    'SELECT md.deployments_deployment_id AS deployment_id, t.name AS tag FROM mm_tags_deployments md '
+                    'JOIN tags t ON t.tag_id = md.tags_tag_id WHERE md.deployments_deployment_id IN ({}) '
+                    'ORDER BY 1, 2').format(on_disk))
+                index.execute('CREATE TABLE about (key, value)')
+                index.executemany('INSERT INTO about VALUES (?, ?)', [
+                    ('storage_id', storage_id), ('url_prefix', backend.row.url_prefix),
+                    ('device_label', backend.row.notes), ('made_at', made.isoformat()),
+                    ('versions', json.dumps({f'{g}:{t}': v.label for (g, t), v in VERSIONS.items()}))])
+                for group in GROUPS.values():
+                    index.execute(f'CREATE INDEX {group.files_table}_object_name ON {group.files_table} (object_name)')
+                    index.execute(f'CREATE INDEX {group.files_table}_time ON {group.files_table} (time)')
+        finally:
+            index.close()
     return counts
 
 
 def _write_report_md(conn, backend: LocalBackend, settings: Settings, made: dt.datetime, manifest: dict,
                      summary: dict) -> None:
-    storage_id = backend.record.storage_id
+    storage_id = backend.row.storage_id
     with conn.cursor() as cur:
         contents, deployments = [], []
         first = last = None
@@ -2703,7 +3975,7 @@ def _write_report_md(conn, backend: LocalBackend, settings: Settings, made: dt.d
     moment = lambda value: value.astimezone(dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC') if value else '–'
     total_files = sum(row[3] for row in contents)
     lines = [
-        f'# Mitwelten archive disk {storage_id}: {backend.record.notes or ""}'.rstrip(),
+        f'# Mitwelten archive disk {storage_id}: {backend.row.notes or ""}'.rstrip(),
         '',
         f'Report made {moment(made)} by mitwelten-storage from the catalog (schema `{settings.schema}`). It describes',
         'what the catalog records on this disk; `manifest-sha256.txt` and `archive_index.db` beside it make the disk',
@@ -2736,13 +4008,19 @@ def _write_report_md(conn, backend: LocalBackend, settings: Settings, made: dt.d
               f'`archive_index.db` holds the tables files_image ({summary["files_image"]:,} rows), files_audio '
               f'({summary["files_audio"]:,}), deployments ({summary["deployments"]:,}), nodes ({summary["nodes"]:,}) '
               'and deployment_tags; `version_type` says which version of a file is here (0 is the original).', '']
-    with atomic_output(backend.root / 'REPORT.md') as report:
-        report.write('\n'.join(lines))
+    write_text_file(backend.root / 'REPORT.md', '\n'.join(lines))
 
 
-def format_summary(report: RunReport, title: str) -> str:
+# =================================================================================================
+# Command line
+# =================================================================================================
+#
+# Everything the tool prints is printed here: results on stdout, messages on stderr (through
+# the logger's handler, which keeps the progress bar intact).
+
+def format_summary(report: RunReport) -> str:
     seconds = max(report.seconds, 1e-9)
-    lines = [f'{report.command} {title}']
+    lines = [f'{report.command} {report.title}']
     parts = [f'{n} {outcome}' for outcome, n in sorted(report.counts.items()) if n]
     if parts:
         lines.append(f"  {', '.join(parts)}; {human_bytes(report.bytes_done)} in {report.seconds:.1f} s "
@@ -2757,19 +4035,140 @@ def format_summary(report: RunReport, title: str) -> str:
             lines.append(f'    {object_name}: {reason}')
         if len(report.failures) > 20:
             lines.append(f'    … and {len(report.failures) - 20} more (see the log)')
-    if report.aborted:
-        lines.append(f'  stopped early: {report.aborted}')
+    if report.stopped:
+        lines.append(f'  stopped early: {report.stopped}')
     if report.interrupted:
-        lines.append('  interrupted: the files in flight were finished and recorded; run the same command '
-                     'again to do the rest')
+        lines.append('  interrupted: ' + ('' if report.stopped else 'the files in flight were finished and recorded; ')
+                     + 'run the same command again to do the rest')
     if report.log_path:
         lines.append(f'  log: {report.log_path}')
     return '\n'.join(lines)
 
 
-# =================================================================================================
-# Command line
-# =================================================================================================
+def format_verify_report(report: VerifyReport) -> str:
+    lines = [f'verify {report.title}']
+    found = report.found
+    sound = report.count('sound')
+    problems = sum(len(entries) for entries in found.values())
+    lines.append(f'  {sound:,} files sound; {human_bytes(report.bytes_done)} read in {report.seconds:.1f} s'
+                 + ('' if problems else '; all is well'))
+    headings = {'missing': 'missing (recorded, not there)', 'corrupt': 'corrupt (there, but not sound)',
+                'unknown': f'unknown (under {report.files_root}, not in the catalog)',
+                'unchecked': 'could not be checked'}
+    for kind, heading in headings.items():
+        if found[kind]:
+            lines.append(f'  {len(found[kind])} {heading}:')
+            for name, reason in found[kind][:50]:
+                lines.append(f'    {name}' + (f': {reason}' if reason else ''))
+            if len(found[kind]) > 50:
+                lines.append(f'    … and {len(found[kind]) - 50} more (see the log)')
+    if report.lists_files and report.with_batch:
+        lines.append('  (unknown files are looked for when the whole backend is verified, without a batch)')
+    if report.removed is not None:
+        lines.append(f'  --fix: removed the catalog rows of {len(report.removed)} missing or corrupt files (no file '
+                     'was touched); `copy` puts them back' if report.removed else '  --fix: no rows to remove')
+    elif found['missing'] or found['corrupt']:
+        lines.append('  run again with --fix to remove the rows of the missing and corrupt files, then `copy` '
+                     'to put them back')
+    if report.stopped:
+        lines.append(f'  stopped early: {report.stopped}')
+    if report.interrupted:
+        lines.append('  interrupted: not every file was checked')
+    if report.log_path:
+        lines.append(f'  log: {report.log_path}')
+    return '\n'.join(lines)
+
+
+def print_plan(plan: Plan) -> RunReport:
+    report = RunReport(plan.command, plan.title)
+    print(f'dry run: would {plan.command} {plan.title}')
+    for action, file in plan:
+        print(f'  {action}: {file.object_name} ({human_bytes(file.file_size)})')
+        report.counts['would do'] = report.count('would do') + 1
+        report.bytes_done += file.file_size
+    print(f"dry run: would {plan.command} {report.count('would do')} files, {human_bytes(report.bytes_done)}; "
+          'nothing was written')
+    for note in plan.notes:
+        print(f'  note: {note}')
+    return report
+
+
+def print_backends(listing: list[dict]) -> None:
+    if not listing:
+        print('no storage backends yet: add one with `create`')
+        return
+    rows = [('ID', 'TYPE', 'PRIO', 'PATH OR URL', 'CREATED', 'STATUS', 'NOTES')]
+    for entry in listing:
+        status = ''
+        if entry['type'] == 'local':
+            status = ('offline' if not entry['online'] else 'online' if entry['mounted_at'] == entry['url_prefix']
+                      else 'moved')
+        rows.append((str(entry['storage_id']), entry['type'], str(entry['priority']), entry['url_prefix'],
+                     entry['created_at'][:19].replace('T', ' '), status, (entry['notes'] or '').replace('\n', ' ')))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    print('  '.join(cell.ljust(width) for cell, width in zip(rows[0], widths)) + '  ' + rows[0][-1])
+    for row, entry in zip(rows[1:], listing):
+        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)) + '  ' + row[-1])
+        held = [f"{c['group']} {c['version']}: {c['files']:,} files"
+                + (f", {human_bytes(c['bytes'])}" if c['bytes'] is not None else '') for c in entry['versions']]
+        print('      ' + ('; '.join(held) if held else 'no files recorded'))
+        if entry.get('mounted_at') and entry['mounted_at'] != entry['url_prefix']:
+            print(f"      mounted at {entry['mounted_at']}, not at its recorded path")
+
+
+def print_batches(batches: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{'id': b.id, 'group': b.group, 'description': b.description} for b in batches.values()],
+                         indent=2))
+        return
+    width = max((len(b) for b in batches), default=2)
+    print(f"{'ID'.ljust(width)}  GROUP  DESCRIPTION")
+    for batch in batches.values():
+        print(f'{batch.id.ljust(width)}  {batch.group.ljust(5)}  {batch.description}')
+
+
+def print_disk_report(result: DiskReport) -> None:
+    for path in result.written:
+        print(f'wrote {path}')
+    print(f'  {result.originals:,} originals in the manifest ({human_bytes(result.original_bytes)}); check them '
+          f'without the database: cd {result.root} && sha256sum -c manifest-sha256.txt')
+
+
+class TqdmProgress(Progress):
+    """The progress bar (bytes, files, rate, time left) on stderr, on a terminal only."""
+
+    def __init__(self):
+        self.bar = None
+
+    def start(self, command: str, total_bytes: int | None) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total_bytes, unit='B', unit_scale=True, unit_divisor=1000, desc=command,
+                        disable=None, dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
+
+    def set_total(self, total_bytes: int | None) -> None:
+        if total_bytes is not None:
+            self.bar.total = total_bytes
+            self.bar.refresh()
+
+    def advance(self, nbytes: int) -> None:
+        self.bar.update(nbytes)
+
+    def status(self, text: str) -> None:
+        self.bar.set_postfix_str(text, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MessageHandler(logging.Handler):
+    """The logger's messages on stderr, above the progress bar: notices as 'note: …', warnings
+    and errors as they are ('FAILED name: reason', 'stopping: …')."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+        text = record.getMessage()
+        tqdm.write(f'note: {text}' if record.levelno < logging.WARNING else text, file=sys.stderr)
+
 
 EPILOG = """\
 examples:
@@ -2782,12 +4181,15 @@ examples:
   mitwelten_storage.py copy -s 1 -t 3 all_images --jobs 8
   mitwelten_storage.py copy -s 1 -t 2 all_images --type 2          # WebP 640x480 made from the originals
   mitwelten_storage.py archive -s 1 -t 3 fs1_images --replace-with 1
+  mitwelten_storage.py archive -s 1 -t 3 fs1_images --replace-with 1 --via https://storage.mitwelten.org
   mitwelten_storage.py verify 3 --fix
   mitwelten_storage.py report 3
 
 database: --db DSN, else $MITWELTEN_DB, else libpq's defaults (PGHOST, PGUSER, ~/.pgpass, …);
 schema: --schema, else $MITWELTEN_DB_SCHEMA, else 'prod'. S3 credentials come from boto3's
 chain; an AWS profile named like the server's HOST:PORT (or HOST) is used for that server.
+network: MITWELTEN_CONNECT_TIMEOUT (5 s), MITWELTEN_READ_TIMEOUT (20 s), MITWELTEN_ATTEMPTS (3)
+apply to S3 and the storage service. Messages go to stderr, results and summaries to stdout.
 exit status: 0 all done, 1 some files failed, 2 usage or configuration error, 130 interrupted.
 """
 
@@ -2856,6 +4258,9 @@ def build_parser() -> ArgumentParser:
     copy.add_argument('--limit', type=non_negative_int, metavar='N', help='copy at most N files')
     copy.add_argument('--source-path', metavar='P', help='where the source disk is mounted, if not at its recorded path')
     copy.add_argument('--target-path', metavar='P', help='where the target disk is mounted, if not at its recorded path')
+    copy.add_argument('--via', metavar='URL', help='read originals and record them through the storage service at '
+                                                   'URL: no S3 keys needed (token: $MITWELTEN_TOKEN or '
+                                                   '$MITWELTEN_TOKEN_FILE)')
 
     archive = commands.add_parser(
         'archive', help='archive originals from the active tier and replace them there with a version (or delete them)',
@@ -2883,6 +4288,9 @@ def build_parser() -> ArgumentParser:
     archive.add_argument('--limit', type=non_negative_int, metavar='N', help='archive at most N files')
     archive.add_argument('--source-path', metavar='P', help='where ACTIVE is mounted, if a disk not at its recorded path')
     archive.add_argument('--target-path', metavar='P', help='where the archive disk is mounted, if not at its recorded path')
+    archive.add_argument('--via', metavar='URL', help='through the storage service at URL: it reads the originals, '
+                                                      'makes the versions and changes ACTIVE; no S3 keys needed '
+                                                      '(token: $MITWELTEN_TOKEN or $MITWELTEN_TOKEN_FILE)')
 
     verify = commands.add_parser(
         'verify', help='check the files the catalog records on a backend',
@@ -2911,78 +4319,23 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def print_backends(listing: list[dict], out=print) -> None:
-    if not listing:
-        out('no storage backends yet: add one with `create`')
-        return
-    rows = [('ID', 'TYPE', 'PRIO', 'PATH OR URL', 'CREATED', 'STATUS', 'NOTES')]
-    for entry in listing:
-        status = ''
-        if entry['type'] == 'local':
-            status = 'offline' if not entry['online'] else 'online' if entry['mounted_at'] == entry['url_prefix'] \
-                else 'moved'
-
-        rows.append((str(entry['storage_id']), entry['type'], str(entry['priority']), entry['url_prefix'],
-                     entry['created_at'][:19].replace('T', ' '), status, (entry['notes'] or '').replace('\n', ' ')))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    out('  '.join(cell.ljust(width) for cell, width in zip(rows[0], widths)) + '  ' + rows[0][-1])
-    for row, entry in zip(rows[1:], listing):
-        out('  '.join(cell.ljust(width) for cell, width in zip(row, widths)) + '  ' + row[-1])
-        held = [f"{c['group']} {c['version']}: {c['files']:,} files"
-                + (f", {human_bytes(c['bytes'])}" if c['bytes'] is not None else '') for c in entry['versions']]
-        out('      ' + ('; '.join(held) if held else 'no files recorded'))
-        if entry.get('mounted_at') and entry['mounted_at'] != entry['url_prefix']:
-            out(f"      mounted at {entry['mounted_at']}, not at its recorded path")
 
 
-def print_batches(batches: dict, as_json: bool, out=print) -> None:
-    if as_json:
-        out(json.dumps([{'id': b.id, 'group': b.group, 'description': b.description} for b in batches.values()],
-                       indent=2))
-        return
-    width = max((len(b) for b in batches), default=2)
-    out(f"{'ID'.ljust(width)}  GROUP  DESCRIPTION")
-    for batch in batches.values():
-        out(f'{batch.id.ljust(width)}  {batch.group.ljust(5)}  {batch.description}')
+def run_options(args, **extra) -> RunOptions:
+    return RunOptions(jobs=args.jobs, progress=TqdmProgress(), handle_signals=True, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-    settings = Settings.from_env(args.db, args.schema)
+    handler = MessageHandler()
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     try:
-        if args.command == 'init-db':
-            print(init_db(settings))
-        elif args.command == 'create':
-            if args.type == 'local':
-                record = create_local_backend(settings, args.location, args.priority, args.notes)
-            else:
-                record = create_s3_backend(settings, args.location, args.priority, args.notes)
-            print(f'created storage backend {record.storage_id}: {record.type} {record.url_prefix} '
-                  f'(priority {record.priority})')
-        elif args.command == 'info':
-            if args.batches:
-                print_batches(load_batches(), args.json)
-            else:
-                listing = list_backends(settings)
-                print(json.dumps(listing, indent=2)) if args.json else print_backends(listing)
-        elif args.command == 'copy':
-            report = copy_batch(settings, args.source, args.target, args.batch, version_type=args.version_type,
-                                jobs=args.jobs, dry_run=args.dry_run, limit=args.limit,
-                                source_path=args.source_path, target_path=args.target_path)
-            return report.exit_status
-        elif args.command == 'verify':
-            return verify_backend(settings, args.storage, args.batch, fix=args.fix, path=args.path,
-                                  jobs=args.jobs).exit_status
-        elif args.command == 'report':
-            write_report(settings, args.storage, path=args.path)
-        elif args.command == 'archive':
-            report = archive_batch(settings, args.source, args.target, args.batch, replace_with=args.replace_with,
-                                   delete_original=args.delete_original, min_copies=args.min_copies,
-                                   jobs=args.jobs, dry_run=args.dry_run, limit=args.limit,
-                                   active_path=args.source_path, archive_path=args.target_path)
-            return report.exit_status
-        return EXIT_OK
+        if TEST_FAULTS.problem:
+            raise ConfigError(TEST_FAULTS.problem)
+        settings = Settings.from_env(args.db, args.schema)
+        return run_command(args, settings)
     except ConfigError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return EXIT_USAGE
@@ -2993,6 +4346,51 @@ def main(argv: list[str] | None = None) -> int:
             botocore.exceptions.ClientError, OSError) as exc:
         print(f'error: {describe_exception(exc)}', file=sys.stderr)
         return EXIT_FAILURES
+    finally:
+        log.removeHandler(handler)
+
+
+def run_command(args, settings: Settings) -> int:
+    if args.command == 'init-db':
+        ready = init_db(settings)
+        print(f"catalog schema '{ready.schema}' is ready in {ready.where} ({ready.tables} tables)")
+    elif args.command == 'create':
+        if args.type == 'local':
+            backend_row = create_local_backend(settings, args.location, args.priority, args.notes)
+        else:
+            backend_row = create_s3_backend(settings, args.location, args.priority, args.notes)
+        print(f'created storage backend {backend_row.storage_id}: {backend_row.type} {backend_row.url_prefix} '
+              f'(priority {backend_row.priority})')
+    elif args.command == 'info':
+        if args.batches:
+            print_batches(load_batches(), args.json)
+        else:
+            listing = list_backends(settings)
+            print(json.dumps(listing, indent=2)) if args.json else print_backends(listing)
+    elif args.command in ('copy', 'archive'):
+        options = run_options(args, limit=args.limit, source_path=args.source_path, target_path=args.target_path,
+                              via=args.via)
+        if args.command == 'copy':
+            request = dict(version_type=args.version_type, options=options)
+            if args.dry_run:
+                return print_plan(plan_copy(settings, args.source, args.target, args.batch, **request)).exit_status
+            report = copy_batch(settings, args.source, args.target, args.batch, **request)
+        else:
+            request = dict(replace_with=args.replace_with, delete_originals=args.delete_original,
+                           min_copies=args.min_copies, options=options)
+            if args.dry_run:
+                return print_plan(plan_archive(settings, args.source, args.target, args.batch, **request)).exit_status
+            report = archive_batch(settings, args.source, args.target, args.batch, **request)
+        print(format_summary(report))
+        return report.exit_status
+    elif args.command == 'verify':
+        report = verify_backend(settings, args.storage, args.batch, fix=args.fix, path=args.path,
+                                options=run_options(args))
+        print(format_verify_report(report))
+        return report.exit_status
+    elif args.command == 'report':
+        print_disk_report(write_report(settings, args.storage, path=args.path))
+    return EXIT_OK
 
 
 if __name__ == '__main__':

@@ -458,8 +458,8 @@ def bench_selection(stage: Stage, rounds: int) -> list[str]:
     recorded = 200_000
     started = time.perf_counter()
     for file_id in range(1, recorded + 1):
-        writer.add(file_id, target, 0)
-        if len(writer.inserts) >= writer.every_rows:
+        writer.add(ms.CatalogFile(file_id, '', 0, ''), target, 0)
+        if writer.pending_inserts >= writer.every_rows:
             writer.flush()
     writer.flush()
     per_file_ms = (time.perf_counter() - started) / recorded * 1000

@@ -96,7 +96,7 @@ class World:
         path = path or self.new_disk()
         return ms.create_local_backend(self.settings, str(path), 2, label).storage_id, path
 
-    def backend(self, storage_id: int) -> ms.BackendRecord:
+    def backend(self, storage_id: int) -> ms.BackendRow:
         conn = ms.connect_catalog(self.settings)
         try:
             return ms.fetch_backend(conn, storage_id)

@@ -41,7 +41,7 @@ def assert_archived_and_replaced(world, bucket, active, archive, disk, files, ve
     assert bucket_keys(world, bucket) == {version.object_name(f.object_name) for f in files}
     for f in files:
         version.check(world.s3_bytes(bucket, version.object_name(f.object_name)),
-                      ms.FileRecord(f.file_id, f.object_name, len(f.data), f.sha256))
+                      ms.CatalogFile(f.file_id, f.object_name, len(f.data), f.sha256))
 
 
 def test_archive_replace_with_webp(world):
@@ -89,7 +89,7 @@ def test_archive_to_s3_from_a_disk_works_the_other_way_round_too(world):
     s3_id = world.create_s3_backend(bucket, priority=1)
     result = world.cli('archive', '-s', disk_id, '-t', s3_id, 'all_images', '--replace-with', 10)
     assert result.returncode == 0, result.stderr
-    assert files_under(disk / 'archive') == {f.object_name + '.gz': ms.make_gzip(f.data, ms.FileRecord(
+    assert files_under(disk / 'archive') == {f.object_name + '.gz': ms.make_gzip(f.data, ms.CatalogFile(
         0, f.object_name, len(f.data), f.sha256)) for f in files}
     assert {k: world.s3_bytes(bucket, k) for k in bucket_keys(world, bucket)} == {f.object_name: f.data for f in files}
 
@@ -121,7 +121,10 @@ def test_an_original_archived_and_recorded_already_is_not_written_again(world):
     assert_archived_and_replaced(world, bucket, active, archive, disk, files, 2)
 
 
-def test_a_file_whose_version_cannot_be_made_keeps_its_original(world):
+def test_an_original_whose_version_cannot_be_made_is_archived_and_kept_online(world):
+    """Rule 7: a truncated JPEG is research data as the camera wrote it, and its sha256 is the
+    catalog's: it is archived and recorded, stays on ACTIVE (no version replaces it), and the
+    summary names it; the run exits 1."""
     bucket = world.new_bucket()
     active = world.create_s3_backend(bucket)
     archive, disk = world.create_local_backend()
@@ -130,15 +133,23 @@ def test_a_file_whose_version_cannot_be_made_keeps_its_original(world):
     broken.data = broken.data[:len(broken.data) // 2]     # truncated, and catalogued that way
     sample_data.upload(world.s3, bucket, good + [broken])
     sample_data.add_to_catalog(world.conn, good + [broken], active)
-    result = world.cli('archive', '-s', active, '-t', archive, 'all_images', '--replace-with', 1)
+    args = ('archive', '-s', active, '-t', archive, 'all_images', '--replace-with', 1)
+    result = world.cli(*args)
     assert result.returncode == 1
-    assert f'FAILED {broken.object_name}: cannot make a WebP of it: image file is truncated' in result.stderr
+    failed = f'{broken.object_name}: archived, version failed: cannot make a WebP of it: image file is truncated'
+    assert f'FAILED {failed}' in result.stderr and f'    {failed}' in result.stdout
     assert '3 replaced' in result.stdout
+    assert world.rows(archive) == {f.file_id: 0 for f in good + [broken]}
+    assert (disk / 'archive' / broken.object_name).read_bytes() == broken.data
     assert world.rows(active)[broken.file_id] == 0
     assert world.s3_bytes(bucket, broken.object_name) == broken.data
-    assert broken.file_id not in world.rows(archive)
     assert {f.file_id for f in good} == {i for i, t in world.rows(active).items() if t == 1}
-    assert {f.file_id for f in good} == set(world.rows(archive))
+    # Run again: the file is named again, nothing is written twice, nothing changes.
+    stamp = (disk / 'archive' / broken.object_name).stat().st_mtime_ns
+    again = world.cli(*args)
+    assert again.returncode == 1 and f'FAILED {failed}' in again.stderr
+    assert (disk / 'archive' / broken.object_name).stat().st_mtime_ns == stamp
+    assert world.rows(active)[broken.file_id] == 0 and world.rows(archive)[broken.file_id] == 0
 
 
 def test_a_corrupted_original_is_neither_archived_nor_replaced(world):

@@ -22,8 +22,8 @@ from devkit.quality import psnr, ssim
 UTC = dt.timezone.utc
 
 
-def record_of(data: bytes, name: str = 'node/2021-07-27/14/x.jpg') -> ms.FileRecord:
-    return ms.FileRecord(1, name, len(data), hashlib.sha256(data).hexdigest())
+def record_of(data: bytes, name: str = 'node/2021-07-27/14/x.jpg') -> ms.CatalogFile:
+    return ms.CatalogFile(1, name, len(data), hashlib.sha256(data).hexdigest())
 
 
 def ffmpeg_pcm(flac: bytes, bits: int) -> bytes:
@@ -141,7 +141,7 @@ def test_conversions_use_no_temporary_files(monkeypatch):
     wav = sample_data.make_wav(0.2, 44100, 2, 24)
     jpeg = sample_data.make_jpeg(2400, 1800, dt.datetime(2021, 1, 1, tzinfo=UTC), random.Random(4))
     for (group, version_type), version in ms.VERSIONS.items():
-        if version.make:
+        if version.encoder:
             data = wav if group == 'audio' else jpeg
             version.check(version.make(data, record_of(data)), record_of(data))
 
