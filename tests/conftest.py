@@ -62,6 +62,26 @@ class World:
         return subprocess.run([sys.executable, str(ROOT / 'mitwelten_storage.py'), *map(str, args)],
                               capture_output=True, text=True, env=full_env, timeout=300, **kwargs)
 
+    # -- the engine, in-process (for logic; the command line is for exit status, signals, messages)
+    def options(self, **options) -> ms.RunOptions:
+        return ms.RunOptions(**{'jobs': 4, 'log_dir': self.log_dir, **options})
+
+    def copy(self, source: int, target: int, batch: str = 'all_images', *, version_type: int = 0,
+             **options) -> ms.RunReport:
+        return ms.copy_batch(self.settings, source, target, batch, version_type=version_type,
+                             options=self.options(**options))
+
+    def archive(self, active: int, archive: int, batch: str = 'all_images', *, replace_with: int | None = None,
+                delete_originals: bool = False, min_copies: int = 1, **options) -> ms.RunReport:
+        return ms.archive_batch(self.settings, active, archive, batch, replace_with=replace_with,
+                                delete_originals=delete_originals, min_copies=min_copies,
+                                options=self.options(**options))
+
+    def verify(self, storage_id: int, batch: str | None = None, *, fix: bool = False, path=None,
+               **options) -> ms.VerifyReport:
+        return ms.verify_backend(self.settings, storage_id, batch, fix=fix, path=path and str(path),
+                                 options=self.options(**options))
+
     def popen(self, *args, env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(ROOT / 'mitwelten_storage.py'), *map(str, args)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -46,16 +46,15 @@ def assert_archived_and_replaced(world, bucket, active, archive, disk, files, ve
 
 def test_archive_replace_with_webp(world):
     bucket, active, archive, disk, files = setup(world, 6, width=2400, height=1800)
-    result = world.cli('archive', '-s', active, '-t', archive, 'all_images', '--replace-with', 1)
-    assert result.returncode == 0, result.stderr
-    assert '6 replaced' in result.stdout
+    report = world.archive(active, archive, replace_with=1)
+    assert report.exit_status == 0 and report.counts == {'replaced': 6}, report.failures
     assert_archived_and_replaced(world, bucket, active, archive, disk, files, 1)
     for f in files:
         obj = world.s3.get_object(Bucket=bucket, Key=f.object_name.replace('.jpg', '.webp'))
         assert obj['ContentType'] == 'image/webp'
         assert Image.open(io.BytesIO(obj['Body'].read())).size == (1920, 1440)
-    again = world.cli('archive', '-s', active, '-t', archive, 'all_images', '--replace-with', 1)
-    assert again.returncode == 0 and 'nothing to do' in again.stdout
+    again = world.archive(active, archive, replace_with=1)
+    assert again.exit_status == 0 and again.counts == {}
 
 
 @pytest.mark.parametrize('group, version_type', [('audio', 1), ('audio', 10), ('image', 2), ('image', 10)])
@@ -63,8 +62,8 @@ def test_archive_replace_with_each_version(world, group, version_type):
     kwargs = {'channels': 2, 'bit_depth': 24} if group == 'audio' else {}
     bucket, active, archive, disk, files = setup(world, 3, group, **kwargs)
     batch = 'all_audio' if group == 'audio' else 'all_images'
-    result = world.cli('archive', '-s', active, '-t', archive, batch, '--replace-with', version_type)
-    assert result.returncode == 0, result.stderr
+    report = world.archive(active, archive, batch, replace_with=version_type)
+    assert report.exit_status == 0 and report.counts == {'replaced': 3}, report.failures
     assert_archived_and_replaced(world, bucket, active, archive, disk, files, version_type, group)
 
 
@@ -87,8 +86,8 @@ def test_archive_to_s3_from_a_disk_works_the_other_way_round_too(world):
     world.files_on_disk(files, disk_id, disk)
     bucket = world.new_bucket()
     s3_id = world.create_s3_backend(bucket, priority=1)
-    result = world.cli('archive', '-s', disk_id, '-t', s3_id, 'all_images', '--replace-with', 10)
-    assert result.returncode == 0, result.stderr
+    report = world.archive(disk_id, s3_id, replace_with=10)
+    assert report.exit_status == 0 and report.counts == {'replaced': 3}, report.failures
     assert files_under(disk / 'archive') == {f.object_name + '.gz': ms.make_gzip(f.data, ms.CatalogFile(
         0, f.object_name, len(f.data), f.sha256)) for f in files}
     assert {k: world.s3_bytes(bucket, k) for k in bucket_keys(world, bucket)} == {f.object_name: f.data for f in files}
@@ -96,27 +95,27 @@ def test_archive_to_s3_from_a_disk_works_the_other_way_round_too(world):
 
 def test_min_copies_keeps_the_original_until_enough_copies_are_recorded(world):
     bucket, active, archive, disk, files = setup(world, 3)
-    result = world.cli('archive', '-s', active, '-t', archive, 'all_images', '--replace-with', 1, '--min-copies', 2)
-    assert result.returncode == 0, result.stderr
-    assert '3 kept' in result.stdout and 'fewer than --min-copies 2' in result.stdout
+    report = world.archive(active, archive, replace_with=1, min_copies=2)
+    assert report.exit_status == 0 and report.counts == {'kept': 3}
+    assert report.notes == ['3 originals kept at ACTIVE: fewer than --min-copies 2 checked originals are recorded '
+                            'on other backends']
     # Archived and recorded, but nothing at ACTIVE changed.
     assert world.rows(archive) == {f.file_id: 0 for f in files}
     assert world.rows(active) == {f.file_id: 0 for f in files}
     assert bucket_keys(world, bucket) == {f.object_name for f in files}
     # A second checked copy elsewhere, and the same command goes through.
     second, second_disk = world.create_local_backend(label='Archive 02')
-    assert world.cli('copy', '-s', active, '-t', second, 'all_images').returncode == 0
-    result = world.cli('archive', '-s', active, '-t', archive, 'all_images', '--replace-with', 1, '--min-copies', 2)
-    assert result.returncode == 0 and '3 replaced' in result.stdout
+    assert world.copy(active, second).count('copied') == 3
+    assert world.archive(active, archive, replace_with=1, min_copies=2).counts == {'replaced': 3}
     assert_archived_and_replaced(world, bucket, active, archive, disk, files, 1)
 
 
 def test_an_original_archived_and_recorded_already_is_not_written_again(world):
     bucket, active, archive, disk, files = setup(world, 3)
-    assert world.cli('copy', '-s', active, '-t', archive, 'all_images').returncode == 0
+    assert world.copy(active, archive).count('copied') == 3
     stamps = {p: p.stat().st_mtime_ns for p in (disk / 'archive').rglob('*.jpg')}
-    result = world.cli('archive', '-s', active, '-t', archive, 'all_images', '--replace-with', 2)
-    assert result.returncode == 0, result.stderr
+    report = world.archive(active, archive, replace_with=2)
+    assert report.exit_status == 0 and report.counts == {'replaced': 3}, report.failures
     assert {p: p.stat().st_mtime_ns for p in (disk / 'archive').rglob('*.jpg')} == stamps
     assert_archived_and_replaced(world, bucket, active, archive, disk, files, 2)
 
@@ -155,9 +154,9 @@ def test_an_original_whose_version_cannot_be_made_is_archived_and_kept_online(wo
 def test_a_corrupted_original_is_neither_archived_nor_replaced(world):
     bucket, active, archive, disk, files = setup(world, 3)
     world.s3.put_object(Bucket=bucket, Key=files[1].object_name, Body=files[1].data[:-10] + b'0123456789')
-    result = world.cli('archive', '-s', active, '-t', archive, 'all_images', '--delete-original')
-    assert result.returncode == 1
-    assert f'FAILED {files[1].object_name}: sha256' in result.stderr
+    report = world.archive(active, archive, delete_originals=True)
+    assert report.exit_status == 1 and report.counts == {'deleted': 2, 'failed': 1}
+    assert [(name, reason[:7]) for name, reason in report.failures] == [(files[1].object_name, 'sha256 ')]
     assert world.rows(active) == {files[1].file_id: 0}
     assert files[1].file_id not in world.rows(archive)
     assert not (disk / 'archive' / files[1].object_name).exists()
@@ -167,9 +166,10 @@ def test_archive_holding_another_version_is_a_named_failure(world):
     bucket, active, archive, disk, files = setup(world, 2)
     world.query('INSERT INTO mm_files_image_storage (file_id, storage_id, type) VALUES (%s, %s, 10)',
                 (files[0].file_id, archive))
-    result = world.cli('archive', '-s', active, '-t', archive, 'all_images', '--replace-with', 1)
-    assert result.returncode == 1
-    assert f'holds version 10 of this file' in result.stderr
+    report = world.archive(active, archive, replace_with=1)
+    assert report.exit_status == 1
+    assert [(name, 'holds version 10 of this file' in reason) for name, reason in report.failures] == [
+        (files[0].object_name, True)]
     assert world.rows(active)[files[0].file_id] == 0 and world.rows(active)[files[1].file_id] == 1
 
 

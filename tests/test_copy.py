@@ -69,8 +69,8 @@ def test_copy_audio_recordings_s3_to_local(world):
     source = world.create_s3_backend()
     target, disk = world.create_local_backend()
     files = world.recordings_on_s3(4, source, channels=2)
-    result = world.cli('copy', '-s', source, '-t', target, 'all_audio')
-    assert result.returncode == 0, result.stderr
+    report = world.copy(source, target, 'all_audio')
+    assert report.exit_status == 0 and report.count('copied') == 4, report.failures
     assert archive_files(disk) == expected(files)
     assert world.rows(target, 'audio') == {f.file_id: 0 for f in files}
 
@@ -80,8 +80,8 @@ def test_copy_s3_to_s3_with_prefix_sets_content_type(world):
     target_bucket = world.new_bucket()
     target = world.create_s3_backend(target_bucket, priority=1, prefix='archive/v1')
     files = world.images_on_s3(5, source)
-    result = world.cli('copy', '-s', source, '-t', target, 'all_images')
-    assert result.returncode == 0, result.stderr
+    report = world.copy(source, target)
+    assert report.exit_status == 0, report.failures
     for f in files:
         obj = world.s3.get_object(Bucket=target_bucket, Key=f'archive/v1/{f.object_name}')
         assert obj['Body'].read() == f.data and obj['ContentType'] == 'image/jpeg'
@@ -95,8 +95,8 @@ def test_copy_local_to_s3_and_local_to_local(world):
     bucket = world.new_bucket()
     s3_id = world.create_s3_backend(bucket)
     other_id, other_disk = world.create_local_backend(label='Second copy')
-    assert world.cli('copy', '-s', disk_id, '-t', s3_id, 'all_images').returncode == 0
-    assert world.cli('copy', '-s', disk_id, '-t', other_id, 'all_images').returncode == 0
+    assert world.copy(disk_id, s3_id).count('copied') == 6
+    assert world.copy(disk_id, other_id).count('copied') == 6
     for f in files:
         assert world.s3_bytes(bucket, f.object_name) == f.data
     assert archive_files(other_disk) == expected(files)
@@ -118,8 +118,8 @@ def test_large_originals_stream_in_pieces_both_ways(world):
     disk_id, disk = world.create_local_backend()
     other_bucket = world.new_bucket()
     target = world.create_s3_backend(other_bucket)
-    assert world.cli('copy', '-s', source, '-t', disk_id, 'all_audio').returncode == 0
-    assert world.cli('copy', '-s', disk_id, '-t', target, 'all_audio').returncode == 0
+    assert world.copy(source, disk_id, 'all_audio').count('copied') == 1
+    assert world.copy(disk_id, target, 'all_audio').count('copied') == 1
     assert (disk / 'archive' / big.object_name).read_bytes() == data
     assert world.s3_bytes(other_bucket, big.object_name) == data
     assert world.rows(disk_id, 'audio') == world.rows(target, 'audio') == {big.file_id: 0}
@@ -133,8 +133,8 @@ def test_copy_only_the_batch_and_only_what_the_source_holds(world):
     for f in unrelated:
         f.object_name = 'elsewhere/' + f.object_name
     sample_data.add_to_catalog(world.conn, unrelated, None)    # in the catalog, on no backend
-    result = world.cli('copy', '-s', source, '-t', target, 'fs2_images')
-    assert result.returncode == 0, result.stderr
+    report = world.copy(source, target, 'fs2_images')
+    assert report.exit_status == 0, report.failures
     fs2 = [f for f in images if f.node_label == '1874-8542']
     assert fs2 and archive_files(disk) == expected(fs2)
 
@@ -155,10 +155,9 @@ def test_limit_copies_that_many_and_a_rerun_does_the_rest(world):
     source = world.create_s3_backend()
     target, disk = world.create_local_backend()
     files = world.images_on_s3(7, source)
-    assert world.cli('copy', '-s', source, '-t', target, 'all_images', '--limit', 3).returncode == 0
+    assert world.copy(source, target, limit=3).count('copied') == 3
     assert len(world.rows(target)) == 3 and len(archive_files(disk)) == 3
-    result = world.cli('copy', '-s', source, '-t', target, 'all_images')
-    assert '4 copied' in result.stdout
+    assert world.copy(source, target).count('copied') == 4
     assert archive_files(disk) == expected(files)
 
 
@@ -194,9 +193,10 @@ def test_object_missing_at_the_source_is_a_named_failure(world):
     target, disk = world.create_local_backend()
     files = world.images_on_s3(3, source)
     world.s3.delete_object(Bucket=bucket, Key=files[0].object_name)
-    result = world.cli('copy', '-s', source, '-t', target, 'all_images')
-    assert result.returncode == 1
-    assert f'FAILED {files[0].object_name}' in result.stderr and 'missing' in result.stderr
+    report = world.copy(source, target)
+    assert report.exit_status == 1 and report.count('copied') == 2
+    assert report.failures == [(files[0].object_name, f'object {files[0].object_name} is missing in '
+                                f'backend {source} (s3 {world.backend(source).url_prefix})')]
     assert set(world.rows(target)) == {files[1].file_id, files[2].file_id}
 
 
@@ -216,9 +216,9 @@ def test_object_names_never_lead_outside_the_root(world, tmp_path, bad_name):
             escape.parent.mkdir(parents=True, exist_ok=True)
             escape.write_bytes(bad.data)
     before = files_under(tmp_path)
-    result = world.cli('copy', '-s', source_id, '-t', target_id, 'all_images')
-    assert result.returncode == 1
-    assert 'unsafe object name' in result.stderr and 'Traceback' not in result.stderr
+    report = world.copy(source_id, target_id)
+    assert report.exit_status == 1 and report.count('copied') == 1
+    assert [name for name, reason in report.failures if reason.startswith('unsafe object name')] == [bad_name]
     after = files_under(tmp_path)
     changed = {p for p in after if before.get(p) != after[p]} | (set(before) - set(after))
     assert all(p.startswith(str(target_disk.relative_to(tmp_path)) + '/archive/') or p.startswith('logs/')
@@ -236,9 +236,9 @@ def test_a_symlink_inside_the_archive_is_never_written_through(world, tmp_path):
     outside.mkdir()
     node_dir = files[0].object_name.split('/')[0]
     (disk / 'archive' / node_dir).symlink_to(outside)
-    result = world.cli('copy', '-s', source, '-t', target, 'all_images')
-    assert result.returncode == 1
-    assert 'not a plain folder' in result.stderr
+    report = world.copy(source, target)
+    assert report.exit_status == 1
+    assert [name for name, reason in report.failures if 'not a plain folder' in reason] == [files[0].object_name]
     assert list(outside.iterdir()) == []
 
 
@@ -259,13 +259,13 @@ def test_wrong_disk_at_the_recorded_path_is_refused_and_nothing_written(world, t
     else:
         dot.unlink()
     before = files_under(disk)
-    result = world.cli('copy', '-s', source, '-t', target, 'all_images')
-    assert result.returncode == 2 and 'Traceback' not in result.stderr
-    assert f'backend {target}' in result.stderr
+    with pytest.raises(ms.ConfigError) as refused:
+        world.copy(source, target)
+    assert f'backend {target}' in str(refused.value)
     if tamper == 'storage_id':
-        assert 'storage_id=4711' in result.stderr and 'wrong disk' in result.stderr
+        assert 'storage_id=4711' in str(refused.value) and 'wrong disk' in str(refused.value)
     elif tamper == 'created_at':
-        assert 'created_at=2020-01-01' in result.stderr and 'wrong disk' in result.stderr
+        assert 'created_at=2020-01-01' in str(refused.value) and 'wrong disk' in str(refused.value)
     assert files_under(disk) == before and world.rows(target) == {}
 
 
@@ -275,19 +275,17 @@ def test_disk_mounted_elsewhere_is_used_through_target_and_source_path(world):
     files = world.images_on_s3(3, source)
     moved = disk.with_name(disk.name + '-mounted-elsewhere')
     disk.rename(moved)
-    result = world.cli('copy', '-s', source, '-t', target, 'all_images')
-    assert result.returncode == 2 and 'not mounted' in result.stderr and '--target-path' in result.stderr
-    result = world.cli('copy', '-s', source, '-t', target, 'all_images', '--target-path', moved)
-    assert result.returncode == 0, result.stderr
+    with pytest.raises(ms.ConfigError, match='not mounted.*--target-path'):
+        world.copy(source, target)
+    assert world.copy(source, target, target_path=str(moved)).count('copied') == 3
     assert archive_files(moved) == expected(files)
     # ... and as a source, a disk somewhere else: --source-path.
     other, other_disk = world.create_local_backend(label='copy of the copy')
-    result = world.cli('copy', '-s', target, '-t', other, 'all_images', '--source-path', moved)
-    assert result.returncode == 0, result.stderr
+    assert world.copy(target, other, source_path=str(moved)).count('copied') == 3
     assert archive_files(other_disk) == expected(files)
     # A different disk at the given path is still refused.
-    result = world.cli('copy', '-s', source, '-t', target, 'all_images', '--target-path', other_disk)
-    assert result.returncode == 2 and 'wrong disk' in result.stderr
+    with pytest.raises(ms.ConfigError, match='wrong disk'):
+        world.copy(source, target, target_path=str(other_disk))
 
 
 def test_a_disk_in_use_by_another_run_is_refused(world):
@@ -296,8 +294,8 @@ def test_a_disk_in_use_by_another_run_is_refused(world):
     world.images_on_s3(2, source)
     with open(disk / ms.LOCK_FILE, 'a') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        result = world.cli('copy', '-s', source, '-t', target, 'all_images')
-    assert result.returncode == 2 and 'in use by another mitwelten-storage run' in result.stderr
+        with pytest.raises(ms.ConfigError, match='in use by another mitwelten-storage run'):
+            world.copy(source, target)
     assert world.rows(target) == {}
 
 
@@ -339,9 +337,8 @@ def test_a_file_already_at_the_target_without_a_row_is_checked_and_recorded_not_
     wrong.write_bytes(b'x' * len(files[1].data))      # right size, wrong bytes: copied over
     leftover = placed.with_name(f'.{placed.name}.0123456789ab{ms.TMP_SUFFIX}')
     leftover.write_bytes(files[0].data[:100])
-    result = world.cli('copy', '-s', source, '-t', target, 'all_images')
-    assert result.returncode == 0, result.stderr
-    assert '1 found' in result.stdout and '2 copied' in result.stdout
+    report = world.copy(source, target)
+    assert report.counts == {'found': 1, 'copied': 2}
     assert placed.stat().st_mtime_ns == 1_000_000_000      # recorded, not rewritten
     assert archive_files(disk) == expected(files)           # leftover temporary file removed too
     assert world.rows(target) == {f.file_id: 0 for f in files}

@@ -22,7 +22,7 @@ def copied_to_disk(world, count=6, **kwargs):
     source = world.create_s3_backend(bucket)
     disk_id, disk = world.create_local_backend(label='Archive 07')
     files = world.images_on_s3(count, source, **kwargs)
-    assert world.cli('copy', '-s', source, '-t', disk_id, 'all_images').returncode == 0
+    assert world.copy(source, disk_id).count('copied') == count
     return bucket, source, disk_id, disk, files
 
 
@@ -31,7 +31,7 @@ def copied_to_disk(world, count=6, **kwargs):
 def test_verify_of_a_sound_disk_and_bucket_exits_0(world):
     bucket, source, disk_id, disk, files = copied_to_disk(world)
     recordings = world.recordings_on_s3(2, source)
-    assert world.cli('copy', '-s', source, '-t', disk_id, 'all_audio', '--type', 1).returncode == 0
+    assert world.copy(source, disk_id, 'all_audio', version_type=1).counts == {'made': 2}
     for storage_id in (disk_id, source):
         result = world.cli('verify', storage_id)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -64,12 +64,12 @@ def test_corrupt_missing_and_unknown_are_named_fix_removes_two_rows_and_copy_res
     assert set(rows_before) - set(world.rows(disk_id)) == {corrupt.file_id, missing.file_id}
     assert path.read_bytes() == bytes(data) and stray.exists()      # --fix never touches a file
 
-    restored = world.cli('copy', '-s', source, '-t', disk_id, 'all_images')
-    assert restored.returncode == 0 and '2 copied' in restored.stdout
+    restored = world.copy(source, disk_id)
+    assert restored.exit_status == 0 and restored.counts == {'copied': 2}
     assert path.read_bytes() == corrupt.data
     stray.unlink()                        # the researcher deals with the file the catalog does not know
-    final = world.cli('verify', disk_id)
-    assert final.returncode == 0, final.stdout
+    final = world.verify(disk_id)
+    assert final.exit_status == 0 and final.count('sound') == 6, final.failures
     assert world.rows(disk_id) == rows_before
 
 
@@ -77,13 +77,14 @@ def test_verify_of_a_bucket_names_missing_and_corrupt_objects(world):
     bucket, source, disk_id, disk, files = copied_to_disk(world, 4)
     world.s3.delete_object(Bucket=bucket, Key=files[0].object_name)
     world.s3.put_object(Bucket=bucket, Key=files[2].object_name, Body=b'x' * len(files[2].data))
-    result = world.cli('verify', source)
-    assert result.returncode == 1
-    assert f'1 missing (recorded, not there):\n    {files[0].object_name}' in result.stdout
-    assert f'1 corrupt (there, but not sound):\n    {files[2].object_name}: sha256' in result.stdout
-    assert world.cli('verify', source, '--fix').returncode == 1
+    report = world.verify(source)
+    assert report.exit_status == 1 and report.count('sound') == 2
+    assert report.found['missing'] == [(files[0].object_name, '')]
+    assert [(name, reason[:6]) for name, reason in report.found['corrupt']] == [(files[2].object_name, 'sha256')]
+    fixed = world.verify(source, fix=True)
+    assert fixed.exit_status == 1 and sorted(fixed.removed) == sorted([files[0].object_name, files[2].object_name])
     assert set(world.rows(source)) == {files[1].file_id, files[3].file_id}
-    assert world.cli('verify', source).returncode == 0
+    assert world.verify(source).exit_status == 0
 
 
 @pytest.mark.parametrize('group, version_type', [('image', 1), ('image', 10), ('audio', 1), ('audio', 10)])
@@ -92,8 +93,8 @@ def test_verify_checks_versions_decode(world, group, version_type):
     disk_id, disk = world.create_local_backend()
     files = (world.images_on_s3(2, source) if group == 'image' else world.recordings_on_s3(2, source))
     batch = 'all_images' if group == 'image' else 'all_audio'
-    assert world.cli('copy', '-s', source, '-t', disk_id, batch, '--type', version_type).returncode == 0
-    assert world.cli('verify', disk_id).returncode == 0
+    assert world.copy(source, disk_id, batch, version_type=version_type).counts == {'made': 2}
+    assert world.verify(disk_id).exit_status == 0
     name = ms.VERSIONS[(group, version_type)].object_name(files[0].object_name)
     stored = disk / 'archive' / name
     data = bytearray(stored.read_bytes())
@@ -104,9 +105,9 @@ def test_verify_checks_versions_decode(world, group, version_type):
     else:
         data[len(data) // 2:len(data) // 2 + 64] = bytes(64)     # FLAC frames and gzip carry CRCs
     stored.write_bytes(bytes(data))
-    result = world.cli('verify', disk_id)
-    assert result.returncode == 1
-    assert f'1 corrupt (there, but not sound):\n    {name}: ' in result.stdout
+    report = world.verify(disk_id)
+    assert report.exit_status == 1 and report.count('sound') == 1
+    assert [found for found, _ in report.found['corrupt']] == [name]
 
 
 def test_verify_with_a_batch_checks_only_its_files(world):
@@ -114,9 +115,9 @@ def test_verify_with_a_batch_checks_only_its_files(world):
     fs2 = [f for f in files if f.node_label == '1874-8542']
     others = [f for f in files if f not in fs2]
     (disk / 'archive' / others[0].object_name).unlink()
-    assert world.cli('verify', disk_id, 'fs2_images').returncode == 0
-    result = world.cli('verify', disk_id, 'fs1_images')
-    assert result.returncode == 1 and others[0].object_name in result.stdout
+    assert world.verify(disk_id, 'fs2_images').exit_status == 0
+    report = world.verify(disk_id, 'fs1_images')
+    assert report.exit_status == 1 and report.found['missing'] == [(others[0].object_name, '')]
 
 
 def test_verify_lists_leftover_temporary_files(world):
@@ -133,7 +134,7 @@ def test_verify_lists_leftover_temporary_files(world):
 def test_report_manifest_passes_sha256sum_and_the_disk_reads_without_the_database(world):
     bucket, source, disk_id, disk, files = copied_to_disk(world, 6)
     recordings = world.recordings_on_s3(3, source)
-    assert world.cli('copy', '-s', source, '-t', disk_id, 'all_audio').returncode == 0
+    assert world.copy(source, disk_id, 'all_audio').count('copied') == 3
     result = world.cli('report', disk_id)
     assert result.returncode == 0, result.stderr
     for name in ('manifest-sha256.txt', 'REPORT.md', 'archive_index.db'):
@@ -173,8 +174,9 @@ def test_report_lists_versions_but_hashes_only_originals(world):
     source = world.create_s3_backend()
     disk_id, disk = world.create_local_backend()
     files = world.images_on_s3(3, source)
-    assert world.cli('copy', '-s', source, '-t', disk_id, 'all_images', '--type', 10).returncode == 0
-    assert world.cli('report', disk_id).returncode == 0
+    assert world.copy(source, disk_id, version_type=10).counts == {'made': 3}
+    written = ms.write_report(world.settings, disk_id)
+    assert (written.originals, written.index_rows['files_image']) == (0, 3)
     assert (disk / 'manifest-sha256.txt').read_text() == ''
     assert '| image | 10 | gzip -9 | 3 | (not recorded) |' in (disk / 'REPORT.md').read_text()
 
@@ -207,7 +209,7 @@ def test_a_disk_moved_to_another_mount_root_is_found_by_copy_verify_report_and_i
     source = world.create_s3_backend(bucket)
     disk_id, disk = world.create_local_backend(label='Archive 07')
     files = world.images_on_s3(4, source)
-    assert world.cli('copy', '-s', source, '-t', disk_id, 'all_images', '--limit', 2).returncode == 0
+    assert world.copy(source, disk_id, limit=2).count('copied') == 2
     media = tmp_path / 'run-media' / 'researcher'
     media.mkdir(parents=True)
     decoy_id, decoy = world.create_local_backend(label='decoy')           # another disk, also mounted

@@ -165,15 +165,14 @@ def test_copy_type_1_and_2_makes_webp_at_a_disk_and_a_bucket(world):
     bucket = world.new_bucket()
     s3_target = world.create_s3_backend(bucket, priority=1)
     files = world.images_on_s3(4, source, width=2400, height=1800)
-    result = world.cli('copy', '-s', source, '-t', disk_id, 'all_images', '--type', 1)
-    assert result.returncode == 0, result.stderr
-    assert '4 made' in result.stdout
+    report = world.copy(source, disk_id, version_type=1)
+    assert report.exit_status == 0 and report.counts == {'made': 4}, report.failures
     for f in files:
         with Image.open(disk / 'archive' / f.object_name.replace('.jpg', '.webp')) as image:
             assert image.format == 'WEBP' and image.size == (1920, 1440)
     assert world.rows(disk_id) == {f.file_id: 1 for f in files}
-    result = world.cli('copy', '-s', source, '-t', s3_target, 'all_images', '--type', 2)
-    assert result.returncode == 0, result.stderr
+    report = world.copy(source, s3_target, version_type=2)
+    assert report.exit_status == 0 and report.counts == {'made': 4}, report.failures
     for f in files:
         obj = world.s3.get_object(Bucket=bucket, Key=f.object_name.replace('.jpg', '.webp'))
         assert obj['ContentType'] == 'image/webp'
@@ -189,17 +188,16 @@ def test_copy_of_a_version_the_source_holds_copies_its_bytes(world):
     middle = world.create_s3_backend(middle_bucket)
     disk_id, disk = world.create_local_backend()
     files = world.images_on_s3(3, source)
-    assert world.cli('copy', '-s', source, '-t', middle, 'all_images', '--type', 1).returncode == 0
-    result = world.cli('copy', '-s', middle, '-t', disk_id, 'all_images', '--type', 1)
-    assert result.returncode == 0, result.stderr
-    assert '3 copied' in result.stdout
+    assert world.copy(source, middle, version_type=1).counts == {'made': 3}
+    report = world.copy(middle, disk_id, version_type=1)
+    assert report.exit_status == 0 and report.counts == {'copied': 3}, report.failures
     for f in files:
         name = f.object_name.replace('.jpg', '.webp')
         assert (disk / 'archive' / name).read_bytes() == world.s3_bytes(middle_bucket, name)
     assert world.rows(disk_id) == {f.file_id: 1 for f in files}
     # The middle bucket holds no originals: asking it for another version finds nothing to do.
-    result = world.cli('copy', '-s', middle, '-t', disk_id, 'all_images', '--type', 2)
-    assert result.returncode == 0 and 'nothing to do' in result.stdout
+    report = world.copy(middle, disk_id, version_type=2)
+    assert report.exit_status == 0 and report.counts == {}
 
 
 def test_copy_flac_and_gzip_of_recordings_to_a_disk(world):
@@ -207,8 +205,8 @@ def test_copy_flac_and_gzip_of_recordings_to_a_disk(world):
     flac_id, flac_disk = world.create_local_backend(label='flac')
     gzip_id, gzip_disk = world.create_local_backend(label='gzip')
     files = world.recordings_on_s3(3, source, channels=2, bit_depth=24, seconds=0.4)
-    assert world.cli('copy', '-s', source, '-t', flac_id, 'all_audio', '--type', 1).returncode == 0
-    assert world.cli('copy', '-s', source, '-t', gzip_id, 'all_audio', '--type', 10).returncode == 0
+    assert world.copy(source, flac_id, 'all_audio', version_type=1).counts == {'made': 3}
+    assert world.copy(source, gzip_id, 'all_audio', version_type=10).counts == {'made': 3}
     for f in files:
         flac = (flac_disk / 'archive' / f.object_name.replace('.wav', '.flac')).read_bytes()
         assert ffmpeg_pcm(flac, 24) == wav_frames(f.data)[0]
@@ -227,8 +225,8 @@ def test_s3_tags_are_carried_over_on_s3_to_s3_copies(world):
     files = world.images_on_s3(2, source)
     tags = {'TagSet': [{'Key': 'public', 'Value': 'yes'}, {'Key': 'project', 'Value': 'mitwelten fs1'}]}
     world.s3.put_object_tagging(Bucket=bucket, Key=files[0].object_name, Tagging=tags)
-    assert world.cli('copy', '-s', source, '-t', target, 'all_images').returncode == 0
-    assert world.cli('copy', '-s', source, '-t', webp_target, 'all_images', '--type', 1).returncode == 0
+    assert world.copy(source, target).counts == {'copied': 2}
+    assert world.copy(source, webp_target, version_type=1).counts == {'made': 2}
     copied = world.s3.get_object_tagging(Bucket=target_bucket, Key=files[0].object_name)['TagSet']
     made = world.s3.get_object_tagging(Bucket=webp_bucket, Key=files[0].object_name.replace('.jpg', '.webp'))['TagSet']
     assert sorted(copied, key=str) == sorted(made, key=str) == sorted(tags['TagSet'], key=str)
