@@ -2195,8 +2195,9 @@ class Run:
     context manager. Messages for the user go through the module's logger."""
 
     def __init__(self, report: RunReport, options: RunOptions, total_files: int | None = None,
-                 total_bytes: int | None = None, backends: tuple = ()):
+                 total_bytes: int | None = None, backends: tuple = (), stall_after: float = 10.0):
         self.report = report
+        self.stall_after = stall_after         # seconds without data before the progress says it waits
         self.options = options
         self.total_files = total_files
         self.total_bytes = total_bytes
@@ -2341,16 +2342,17 @@ class Run:
                       'network, then run the same command again')
 
     def watch(self, in_flight: int) -> None:
-        """Called every half second: say so when nothing has moved for a while."""
+        """Called every half second: say so when nothing has moved for a while (on the progress
+        bar at once, in a message if it goes on)."""
         silent = time.monotonic() - self.last_activity
-        if in_flight and silent >= 10:
+        if in_flight and silent >= self.stall_after:
             self._show_status(f'waiting: no data for {silent:.0f} s')
-            if silent >= 30 and not self.waiting_logged:
+            if not self.waiting_logged:
                 self.waiting_logged = True
                 log.info('waiting: no data for %.0f s from %s; a server that does not answer is given up on '
-                         'after MITWELTEN_READ_TIMEOUT × MITWELTEN_ATTEMPTS',
+                         'after MITWELTEN_READ_TIMEOUT × MITWELTEN_ATTEMPTS seconds',
                          silent, ' or '.join(b.describe() for b in self.backends) or 'the backends')
-        elif self.waiting_logged and silent < 10:
+        elif self.waiting_logged and silent < self.stall_after:
             self.waiting_logged = False
             self._show_status()
 
@@ -2359,9 +2361,7 @@ def describe_exception(exc: BaseException) -> str:
     """A one-line reason for a file's failure, with no credentials and no traceback."""
     if isinstance(exc, StorageError):
         return str(exc)
-    if isinstance(exc, OSError):
-        where = f' ({exc.filename})' if exc.filename else ''
-        return f'{exc.strerror or exc}{where}'
+    # botocore's errors before OSError: some of them derive from it (through requests' IOError).
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get('Error', {})
         return f"S3 {exc.operation_name}: {error.get('Code')} {error.get('Message', '')}".strip()
@@ -2371,6 +2371,9 @@ def describe_exception(exc: BaseException) -> str:
         return f"cannot reach the S3 server ({exc.kwargs.get('endpoint_url', '')})"
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return f'S3: {exc}'
+    if isinstance(exc, OSError):
+        where = f' ({exc.filename})' if exc.filename else ''
+        return f'{exc.strerror or exc}{where}'
     if isinstance(exc, psycopg2.Error):
         return f'catalog: {pg_error_line(exc)}'
     return f'{type(exc).__name__}: {exc}'
@@ -2380,7 +2383,7 @@ def fatal_reason(exc: BaseException, backends: Iterable[Backend]) -> str | None:
     """Why no further file can succeed (so the run stops), or None for a failure of one file."""
     if isinstance(exc, TokenRefused):
         return str(exc)
-    if not isinstance(exc, OSError):
+    if not isinstance(exc, OSError) or isinstance(exc, botocore.exceptions.BotoCoreError):
         return None
     backends = list(backends)
     named = [b for b in backends if exc.filename and str(exc.filename).startswith(b.location())]
@@ -2462,9 +2465,9 @@ class Pipeline:
                 done, _ = wait(self.pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 with contextlib.suppress(Exception):
                     self._handle(done)
-            raise
-        finally:
             self.pool.shutdown(wait=True)
+            raise
+        self.pool.shutdown(wait=True)
 
 
 # =================================================================================================
@@ -3026,7 +3029,8 @@ class BatchFrame:
         with contextlib.ExitStack() as locks:
             for backend in job.locked:
                 locks.enter_context(backend.writing())
-            with Run(report, self.options, backends=job.backends) as run:
+            with Run(report, self.options, backends=job.backends,
+                     stall_after=min(10.0, self.settings.read_timeout)) as run:
                 pipeline = Pipeline(self.options.jobs, run)
                 job.start(run, pipeline)
 
@@ -3036,8 +3040,8 @@ class BatchFrame:
                 try:
                     pipeline.drive(selection.files(self.reader), job.work, job.done, between=between, held=job.held)
                 except KeyboardInterrupt:
-                    report.stopped = ('stopped at once by a second Ctrl-C: the files in flight were abandoned (the '
-                                      'next run removes their temporary files)')
+                    report.stopped = ('stopped at once by a second interrupt (Ctrl-C or SIGTERM): the files in flight '
+                                      'were abandoned (the next run removes their temporary files)')
                 except Exception as exc:
                     run.stop_for(exc)
                 finally:
@@ -3794,7 +3798,9 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
                                                   verifier.checked)
             except Exception as exc:
                 run.stop_for(exc)
-                report.stopped = explain_fault(exc, report, (backend,))
+                reason = (f'the catalog went away ({pg_error_line(exc)})' if catalog_outage(exc) else
+                          fatal_reason(exc, (backend,)) or describe_exception(exc))
+                report.stopped = f'{reason}: not every file was checked; run verify again'
             if fix and not run.stopping:
                 writer_conn = connect_catalog(settings)
                 try:

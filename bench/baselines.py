@@ -12,7 +12,6 @@ scripts' ways of doing the same jobs, reproduced from their description in the b
 from __future__ import annotations
 
 import io
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

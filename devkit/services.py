@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -54,9 +55,10 @@ def _pg_bin(name: str) -> str:
 class ThrowawayPostgres:
     """A PostgreSQL server in a temporary folder, on 127.0.0.1:<free port>, trust auth."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, durable: bool = False):
         self.pgdata = workdir / 'pgdata'
         self.port = None
+        self.durable = durable       # a test that crashes the server needs its commits to survive
         self._run_as = None
 
     def start(self) -> 'ThrowawayPostgres':
@@ -78,20 +80,26 @@ class ThrowawayPostgres:
         self._run([_pg_bin('initdb'), '-D', str(self.pgdata), '--auth=trust', '--encoding=UTF8',
                    '--username=postgres', '--no-sync'])
         for attempt in range(5):
-            self.port = free_port()
-            # Durability settings off: this server holds nothing worth keeping, and the tests
-            # are about what the tool does, not about PostgreSQL surviving a power cut.
-            options = (f'-h 127.0.0.1 -p {self.port} -k {self.pgdata} -c fsync=off '
-                       '-c synchronous_commit=off -c full_page_writes=off -c max_connections=200')
             try:
-                self._run([_pg_bin('pg_ctl'), '-D', str(self.pgdata), '-l', str(self.pgdata / 'server.log'),
-                           '-o', options, '-w', '-t', '60', 'start'])
-                return self
+                return self.launch(free_port())
             except subprocess.CalledProcessError:
                 if attempt == 4:
                     log = self.pgdata / 'server.log'
                     raise RuntimeError('throwaway PostgreSQL did not start:\n'
                                        + (log.read_text(errors='replace') if log.exists() else ''))
+        return self
+
+    def launch(self, port: int) -> 'ThrowawayPostgres':
+        """Start the server (initialised already) on `port`: also how a test brings it back."""
+        self.port = port
+        # Durability settings off unless asked for: this server holds nothing worth keeping, and
+        # most tests are about what the tool does, not about PostgreSQL surviving a crash.
+        options = f'-h 127.0.0.1 -p {self.port} -k {self.pgdata} -c max_connections=200'
+        if not self.durable:
+            options += ' -c fsync=off -c synchronous_commit=off -c full_page_writes=off'
+
+        self._run([_pg_bin('pg_ctl'), '-D', str(self.pgdata), '-l', str(self.pgdata / 'server.log'),
+                   '-o', options, '-w', '-t', '60', 'start'])
         return self
 
     def stop(self) -> None:
@@ -115,9 +123,10 @@ class ThrowawayS3:
         self.process = None
         self.port = None
 
-    def start(self) -> 'ThrowawayS3':
+    def start(self, port: int | None = None) -> 'ThrowawayS3':
+        """On a free port, or on `port` (a test bringing a server back where it was)."""
         for _ in range(5):
-            self.port = free_port()
+            self.port = port or free_port()
             with open(self.log_path, 'wb') as log:
                 self.process = subprocess.Popen(
                     [sys.executable, '-m', 'moto.server', '-H', '127.0.0.1', '-p', str(self.port)],
@@ -137,8 +146,16 @@ class ThrowawayS3:
     def endpoint(self) -> str:
         return f'http://127.0.0.1:{self.port}'
 
+    def signal(self, signum: int) -> None:
+        """SIGKILL to kill it, SIGSTOP to freeze it (it accepts connections and never answers),
+        SIGCONT to let it go on."""
+        self.process.send_signal(signum)
+        if signum == signal.SIGKILL:
+            self.process.wait()
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
             self.process.terminate()
             try:
                 self.process.wait(10)

@@ -4,10 +4,12 @@ fresh buckets and disks per test, and a helper that runs the real command line."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -164,8 +166,9 @@ def files_under(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
 
 
-@pytest.fixture
-def world(services, tmp_path):
+@contextlib.contextmanager
+def new_world(services, tmp_path: Path):
+    """A fresh catalog schema on `services` (anything with pg_dsn and s3_endpoint)."""
     schema = f'mwtest_{uuid.uuid4().hex[:10]}'
     w = World(services, schema, tmp_path)
     ms.init_db(w.settings)
@@ -173,9 +176,25 @@ def world(services, tmp_path):
     try:
         yield w
     finally:
-        w.conn.close()
-        admin = psycopg2.connect(services.pg_dsn)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.close()
+        with contextlib.suppress(psycopg2.Error):
+            w.conn.close()
+        with contextlib.suppress(psycopg2.Error):     # a test may have stopped its own server
+            admin = psycopg2.connect(services.pg_dsn, connect_timeout=5)
+            admin.autocommit = True
+            with admin.cursor() as cur:
+                cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            admin.close()
+
+
+@pytest.fixture
+def world(services, tmp_path):
+    with new_world(services, tmp_path) as w:
+        yield w
+
+
+def wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out waiting for {what}')
+        time.sleep(0.005)

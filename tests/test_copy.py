@@ -6,16 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import os
-import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 import mitwelten_storage as ms
-from conftest import files_under, sha256
+from conftest import files_under, wait_for
 from devkit import sample_data
 
 
@@ -361,14 +358,6 @@ def test_crash_at_each_step_then_rerun_ends_with_disk_and_catalog_agreeing(world
     assert temp_files(disk) == []
 
 
-def wait_for(condition, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out waiting for {what}')
-        time.sleep(0.005)
-
-
 def count_final_files(disk: Path) -> int:
     return sum(1 for p in (disk / 'archive').rglob('*.jpg') if p.is_file())
 
@@ -411,44 +400,6 @@ def test_ctrl_c_finishes_and_records_the_files_in_flight_and_exits_130(world):
     assert all(by_name[name].data == data for name, data in on_disk.items())
     rerun = world.cli('copy', '-s', source, '-t', target, 'all_images')
     assert rerun.returncode == 0
-    assert archive_files(disk) == expected(files)
-
-
-# --- a full disk ---------------------------------------------------------------------------------
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MB file system (tmpfs), where mounting is allowed (root); skipped elsewhere."""
-    path = tmp_path / 'small-disk'
-    path.mkdir()
-    if os.geteuid() != 0 or shutil.which('mount') is None:
-        pytest.skip('mounting a small file system needs root')
-    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(path)],
-                      capture_output=True).returncode != 0:
-        pytest.skip('cannot mount a tmpfs here')
-    try:
-        yield path
-    finally:
-        subprocess.run(['umount', '-l', str(path)], capture_output=True)
-
-
-def test_a_full_disk_stops_the_run_with_a_clear_message_and_no_partial_file(world, small_disk):
-    source = world.create_s3_backend()
-    target, disk = world.create_local_backend(small_disk)
-    files = world.images_on_s3(40, source, width=640, height=480)    # about 3 MB in all
-    result = world.cli('copy', '-s', source, '-t', target, 'all_images', '--jobs', 2)
-    assert result.returncode == 1
-    assert 'is full' in result.stdout and 'stopped early' in result.stdout
-    assert 'Traceback' not in result.stderr
-    assert temp_files(disk) == []
-    assert_disk_agrees_with_catalog(world, target, disk, files)
-    copied = archive_files(disk)
-    assert 0 < len(copied) < len(files)
-    assert set(world.rows(target)) == {f.file_id for f in files if f.object_name in copied}
-    # Room made (a bigger disk in the same place): the same command finishes the job.
-    subprocess.run(['mount', '-o', 'remount,size=20m', str(small_disk)], check=True)
-    rerun = world.cli('copy', '-s', source, '-t', target, 'all_images')
-    assert rerun.returncode == 0, rerun.stderr
     assert archive_files(disk) == expected(files)
 
 

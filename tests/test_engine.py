@@ -6,14 +6,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from pathlib import Path
 
-import psycopg2
 import pytest
 
 import mitwelten_storage as ms
 from conftest import ROOT, files_under
-from devkit import sample_data
 
 
 def bucket_keys(world, bucket: str) -> set[str]:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
-from pathlib import Path
 
 import pytest
 
 import mitwelten_storage as ms
 from conftest import files_under
-from devkit import sample_data
 
 
 def copied_to_disk(world, count=6, **kwargs):
@@ -30,7 +26,7 @@ def copied_to_disk(world, count=6, **kwargs):
 
 def test_verify_of_a_sound_disk_and_bucket_exits_0(world):
     bucket, source, disk_id, disk, files = copied_to_disk(world)
-    recordings = world.recordings_on_s3(2, source)
+    world.recordings_on_s3(2, source)
     assert world.copy(source, disk_id, 'all_audio', version_type=1).counts == {'made': 2}
     for storage_id in (disk_id, source):
         result = world.cli('verify', storage_id)
@@ -148,7 +144,7 @@ def test_report_manifest_passes_sha256sum_and_the_disk_reads_without_the_databas
     report = (disk / 'REPORT.md').read_text()
     image_bytes = sum(len(f.data) for f in files)
     assert f'| image | 0 | original | 6 | {ms.human_bytes(image_bytes)} |' in report
-    assert f'| audio | 0 | original | 3 |' in report
+    assert '| audio | 0 | original | 3 |' in report
     assert 'from 5 nodes' in report and '## Deployments (5,' in report
     assert '| 0344-6782 | Pollinator Cam | FS1 | Pollinator Cam at Merian Gardens | 2021-06-01 to 2021-09-29 |' in report
     first = min(f.time for f in files + recordings)
@@ -173,7 +169,7 @@ def test_report_manifest_passes_sha256sum_and_the_disk_reads_without_the_databas
 def test_report_lists_versions_but_hashes_only_originals(world):
     source = world.create_s3_backend()
     disk_id, disk = world.create_local_backend()
-    files = world.images_on_s3(3, source)
+    world.images_on_s3(3, source)
     assert world.copy(source, disk_id, version_type=10).counts == {'made': 3}
     written = ms.write_report(world.settings, disk_id)
     assert (written.originals, written.index_rows['files_image']) == (0, 3)
