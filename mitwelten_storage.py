@@ -1399,7 +1399,9 @@ def check_bucket(client, where: S3Location, what: str) -> None:
         raise ConfigError(f'no S3 credentials for {where.netloc}: set AWS_ACCESS_KEY_ID and '
                           f"AWS_SECRET_ACCESS_KEY, or create an AWS profile named '{where.netloc}'") from None
     except S3_CONNECTION_ERRORS as exc:
-        raise ConfigError(f'cannot reach the S3 server {where.endpoint} ({what}): {exc}') from None
+        raise ConfigError(f'cannot reach the S3 server {where.endpoint} ({what}): {describe_exception(exc)}; '
+                          'check the server and the network (timeouts: MITWELTEN_CONNECT_TIMEOUT, '
+                          'MITWELTEN_READ_TIMEOUT, MITWELTEN_ATTEMPTS)') from None
     except botocore.exceptions.ClientError as exc:
         code = s3_error_code(exc)
         if code in ('404', 'NoSuchBucket', 'NotFound'):
