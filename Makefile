@@ -1,16 +1,17 @@
 # mitwelten-storage: `make demo` shows the tool at work, `make test` runs the test suite.
-# Both need only Python 3 (3.10 to 3.13) and make: they create .venv and install into it.
+# `make serve` runs the storage service on throwaway services, with a token to try it with.
+# All need only Python 3 (3.10 to 3.13) and make: they create .venv and install into it.
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo serve test bench clean
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-service.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
@@ -18,6 +19,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 demo: $(STAMP)
 	$(PY) -m devkit.demo
+
+serve: $(STAMP)
+	$(PY) -m devkit.serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

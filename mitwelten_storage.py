@@ -250,7 +250,8 @@ crash_point = TEST_FAULTS.crash_point
 # Configuration
 # =================================================================================================
 
-def _env_number(name: str, default: float, kind: type = float, minimum: float = 0.001):
+def env_number(name: str, default: float, kind: type = float, minimum: float = 0.001):
+    """A number from the environment variable `name`, or `default`; ConfigError naming it."""
     text = os.environ.get(name, '').strip()
     if not text:
         return default
@@ -285,9 +286,9 @@ class Settings:
         timeouts from MITWELTEN_CONNECT_TIMEOUT, MITWELTEN_READ_TIMEOUT, MITWELTEN_ATTEMPTS."""
         return cls(dsn=dsn if dsn is not None else os.environ.get('MITWELTEN_DB', ''),
                    schema=schema or os.environ.get('MITWELTEN_DB_SCHEMA') or DEFAULT_SCHEMA,
-                   connect_timeout=_env_number('MITWELTEN_CONNECT_TIMEOUT', cls.connect_timeout),
-                   read_timeout=_env_number('MITWELTEN_READ_TIMEOUT', cls.read_timeout),
-                   attempts=_env_number('MITWELTEN_ATTEMPTS', cls.attempts, int, 1))
+                   connect_timeout=env_number('MITWELTEN_CONNECT_TIMEOUT', cls.connect_timeout),
+                   read_timeout=env_number('MITWELTEN_READ_TIMEOUT', cls.read_timeout),
+                   attempts=env_number('MITWELTEN_ATTEMPTS', cls.attempts, int, 1))
 
 
 def describe_dsn(dsn: str) -> str:
@@ -1702,16 +1703,21 @@ def check_original_bytes(data: bytes, file: CatalogFile) -> None:
 class CheckedStream:
     """Passes a source's chunks through while hashing them; at the end, raises ChecksumMismatch
     unless the size and sha256 match the catalog's. A writer that consumes it therefore never
-    finishes a file whose bytes are not the original's."""
+    finishes a file whose bytes are not the original's. With `withhold_last`, the last chunk is
+    passed on only once the whole has checked out: a reader on the other end of a connection
+    never sees a wrong original end cleanly (the storage service streams originals so)."""
 
-    def __init__(self, chunks: Iterable[bytes], file: CatalogFile, progress: Callable[[int], None] | None = None):
+    def __init__(self, chunks: Iterable[bytes], file: CatalogFile, progress: Callable[[int], None] | None = None,
+                 withhold_last: bool = False):
         self.chunks = chunks
         self.file = file
         self.progress = progress
+        self.withhold_last = withhold_last
 
     def __iter__(self) -> Iterator[bytes]:
         digest = hashlib.sha256()
         total = 0
+        held = None
         for chunk in self.chunks:
             digest.update(chunk)
             total += len(chunk)
@@ -1720,8 +1726,15 @@ class CheckedStream:
                                        self.file.object_name)
             if self.progress:
                 self.progress(len(chunk))
-            yield chunk
+            if self.withhold_last:
+                if held is not None:
+                    yield held
+                held = chunk
+            else:
+                yield chunk
         check_original(self.file, total, digest.hexdigest())
+        if held is not None:
+            yield held
 
 
 def read_original(backend: Backend, file: CatalogFile, progress: Callable[[int], None] | None = None) -> bytes:

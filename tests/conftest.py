@@ -5,6 +5,7 @@ fresh buckets and disks per test, and a helper that runs the real command line."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -198,3 +199,101 @@ def wait_for(condition, what: str, timeout: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f'timed out waiting for {what}')
         time.sleep(0.005)
+
+
+# --- the storage service --------------------------------------------------------------------------
+
+@pytest.fixture(scope='session')
+def issuer():
+    """A test OIDC issuer: an RSA key made here, its JWKS served over HTTP on loopback."""
+    from devkit.oidc import TestIssuer
+    with TestIssuer() as test_issuer:
+        yield test_issuer
+
+
+class ServiceUnderTest:
+    """The storage service on loopback, with a client to talk to it as anyone would."""
+
+    def __init__(self, url: str, issuer, world):
+        import urllib3
+        self.url = url
+        self.issuer = issuer
+        self.world = world
+        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=60))
+
+    def token(self, roles=('internal', 'storage-admin'), **claims) -> str:
+        return self.issuer.token(roles, **claims)
+
+    def request(self, method: str, path: str, *, token: str | None = '', json_body=None, headers=None,
+                stream: bool = False):
+        headers = dict(headers or {})
+        if token == '':
+            token = self.token()
+        if token:
+            headers['Authorization'] = f'Bearer {token}'
+        body = None
+        if json_body is not None:
+            import json
+            body = json.dumps(json_body).encode()
+            headers['Content-Type'] = 'application/json'
+        return self.http.request(method, self.url + path, body=body, headers=headers, preload_content=not stream)
+
+    def env(self) -> dict:
+        """What the tool needs to go through this service: its URL and a token; no S3 keys."""
+        return {'MITWELTEN_TOKEN': self.token()}
+
+
+def service_config(world, issuer, **settings):
+    import mitwelten_service as service
+    return service.ServiceConfig(catalog=dataclasses.replace(world.settings, **settings), issuer=issuer.url,
+                                 audience=issuer.audience, jwks_url=issuer.jwks_url, jwks_cooldown=0)
+
+
+@contextlib.contextmanager
+def service_in_thread(config):
+    """uvicorn serving the service in a thread of this process, on a free loopback port."""
+    import threading
+    import uvicorn
+    import mitwelten_service as service
+    from devkit.services import free_port
+    server = uvicorn.Server(uvicorn.Config(service.create_app(config), host='127.0.0.1', port=free_port(),
+                                           log_config=None, access_log=True, lifespan='on'))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), 'the service to start', 30)
+    assert server.started, 'the service did not start'
+    try:
+        yield f'http://127.0.0.1:{server.config.port}'
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture
+def service(world, issuer):
+    with service_in_thread(service_config(world, issuer)) as url:
+        yield ServiceUnderTest(url, issuer, world)
+
+
+def service_process(world, issuer, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """The service as its own process (`python mitwelten_service.py`), to kill or to run several of."""
+    from devkit.services import free_port
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / 'mitwelten_service.py'), '--port', str(port)],
+        env={**world.env, 'MITWELTEN_OIDC_ISSUER': issuer.url, 'MITWELTEN_OIDC_AUDIENCE': issuer.audience,
+             **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f'http://127.0.0.1:{port}'
+
+    def answers() -> bool:
+        import urllib.request
+        if process.poll() is not None:
+            return True
+        try:
+            urllib.request.urlopen(url + '/healthz', timeout=2).close()
+            return True
+        except OSError:
+            return False
+    wait_for(answers, 'the service process to answer', 60)
+    assert process.poll() is None, process.stdout.read()
+    return process, url
