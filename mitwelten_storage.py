@@ -1561,7 +1561,10 @@ class ServiceClient:
         received = 0
         drops = 0
         while True:
-            headers = {'Range': f'bytes={received}-'} if received else {}
+            # After a drop, the rest is asked for as a range, even from byte 0: the service checks
+            # only whole answers, and cuts one whose original does not match; a range comes
+            # unchecked, and the whole is checked here (a corrupted original is named as such).
+            headers = {'Range': f'bytes={received}-'} if drops else {}
             response = self.request('GET', self.path(group, file.file_id, 'original'), headers=headers, stream=True)
             try:
                 digest = response.headers.get('Repr-Digest', '')
@@ -1570,7 +1573,9 @@ class ServiceClient:
                                            "catalog's sha256", file.object_name)
                 skip = received if response.status == 200 else 0    # a Range the service did not honour
                 try:
-                    for chunk in response.stream(CHUNK, decode_content=False):
+                    # Pieces of 64 KiB: what arrived before a drop is kept, and only the rest
+                    # is asked for again.
+                    for chunk in response.stream(64 * 1024, decode_content=False):
                         if skip:
                             chunk, skip = chunk[skip:], max(0, skip - len(chunk))
                         if chunk:
@@ -3250,6 +3255,7 @@ class ArchiveStep:
     archived_now: bool = False           # this run wrote (or found) the original at ARCHIVE: record it
     missing: bool = False                # the original is no longer at ACTIVE (an earlier run was cut off)
     version_present: bool = False        # ... and the replacement version is there, sound
+    released_before: bool = False        # through the service: another run had released it already
 
 
 class Archiver:
@@ -3352,13 +3358,15 @@ class ServiceArchiver(Archiver):
 
     def release_original(self, step: ArchiveStep) -> str:
         if self.version is not None:
-            self.client.make_version_in_place(self.group, step.file, self.version.type)
+            state = self.client.make_version_in_place(self.group, step.file, self.version.type)
+            step.released_before = state.get('outcome') == 'already replaced'
             return 'replaced'
         try:
             self.client.delete_original(self.group, step.file)
         except NotFound as exc:
             if exc.subject != 'original':
                 raise
+            step.released_before = True
         return 'deleted'
 
 
@@ -3452,6 +3460,8 @@ class ArchiveJob(BatchJob):
         detail = (f'archived at {self.archive_id}' if step.archived_now else
                   'the original had left ACTIVE in an earlier run that was cut off; row corrected'
                   if step.missing else 'archived earlier')
+        if step.released_before:
+            detail += f'; {outcome} already (by another run)'
         self.run.outcome(file, outcome, file.file_size, detail)
 
     def finish(self) -> None:
