@@ -2827,11 +2827,13 @@ def _set_type(conn, group: str, file_id: int, storage_id: int, version_type: int
 def make_version_in_place(conn, backends: BackendCache, group: str, file_id: int, version_type: int,
                           min_copies: int = 1) -> FileState:
     """Make version N of the file from its original on the active tier, write it there, and
-    replace the original with it (the row's type becomes N). Under the file's row locks: the
-    version written and checked, the original deleted, then the row committed; a request cut
-    off anywhere and repeated ends with the version in place and the row saying so. Repeated
-    after success it changes nothing (outcome 'already replaced'). Refuses with TooFewCopies
-    (rule 3) and ConversionError (rule 7: the original stays), changing nothing."""
+    replace the original with it (the row's type becomes N). Under the file's row locks, in the
+    order SPEC.md gives: the version written and checked, the catalog committed, the original
+    deleted. A request cut off anywhere and repeated ends with the version in place, the row
+    saying so and the original gone from the active tier: repeated after the commit, it deletes
+    the original left beside the version (outcome 'already replaced'; with nothing left, it
+    changes nothing). Refuses with TooFewCopies (rule 3) and ConversionError (rule 7: the
+    original stays), changing nothing."""
     version = find_version(group, version_type)
     if version.type == 0:
         raise ConversionError('type 0 is the original itself: name a version such as 1')
@@ -2839,21 +2841,27 @@ def make_version_in_place(conn, backends: BackendCache, group: str, file_id: int
     try:
         backend = backends.get(active.backend)
         version_name = version.object_name(file.object_name)
+        copies = _copies_elsewhere(held, active.backend.storage_id)
         if active.type == version.type:
-            conn.commit()       # done before (the original is deleted before the row changes)
+            # Done before. A request cut off between its commit and the delete left the
+            # original beside its version: it goes now, if its copies elsewhere still stand.
+            if (version_name != file.object_name and copies >= min_copies
+                    and backend.size(file.object_name) is not None and sound_copy_at(backend, file, version)):
+                backend.delete(file.object_name)
+            conn.commit()
             return file_state(conn, group, file_id, 'already replaced')
         if active.type != 0:
             raise VersionConflict(f'{active.backend.describe()} holds version {active.type} of {group} file {file_id}, '
                                   'not its original: no other version can be made there')
-        copies = _copies_elsewhere(held, active.backend.storage_id)
         if copies < min_copies:
             raise TooFewCopies(f'{copies} checked originals of {group} file {file_id} are recorded on other backends; '
                                f'{min_copies} are needed before the original leaves {active.backend.describe()}')
         try:
             original = read_original(backend, file)
         except SourceMissing:
-            # An earlier request was cut off after deleting the original: finish it if the
-            # version is there and sound.
+            # The original is gone from the active tier though the row says it is there (a
+            # run of an earlier version of this tool cut off, or a hand): the replacement is
+            # finished if the version is there and sound.
             if not sound_copy_at(backend, file, version):
                 raise NotFound(f'the original of {group} file {file_id} is missing at {backend.describe()} and its '
                                f'{version.label} version is not there either; it is archived: copy it back, or run '
@@ -2863,15 +2871,16 @@ def make_version_in_place(conn, backends: BackendCache, group: str, file_id: int
             backend.write(version_name, [data], len(data), content_type_of(version, version_name),
                           tags=backend.tags(file.object_name))
             crash_point('after-version-write')
-            if version_name != file.object_name:
-                backend.delete(file.object_name)
-            crash_point('after-original-delete')
         _set_type(conn, group, file_id, active.backend.storage_id, version.type)
         conn.commit()
+        crash_point('after-commit')
     except BaseException:
         with contextlib.suppress(psycopg2.Error):
             conn.rollback()
         raise
+    if version_name != file.object_name:
+        backend.delete(file.object_name)
+    crash_point('after-original-delete')
     return file_state(conn, group, file_id, 'replaced')
 
 

@@ -164,9 +164,9 @@ def test_make_version_in_place_of_an_unmakeable_version_changes_nothing(world, o
     assert bucket_keys(world, bucket) == {image.object_name} and world.rows(active) == {image.file_id: 0}
 
 
-def test_a_cut_off_replacement_is_finished_by_the_next_request(world, one_file):
-    """The original deleted, the row not yet changed (a kill in between): the repeat finds the
-    version in place and only corrects the row."""
+def test_an_original_gone_before_its_row_changed_is_finished_by_the_next_request(world, one_file):
+    """The original deleted, the row not yet changed (as an earlier tool left it when cut
+    off): the repeat finds the version in place and only corrects the row."""
     bucket, active, archive, disk, image, conn, backends = one_file
     world.query('INSERT INTO mm_files_image_storage (file_id, storage_id, type) VALUES (%s, %s, 0)',
                 (image.file_id, archive))
