@@ -197,12 +197,15 @@ class CuttingProxy:
         current = {'head': '', 'sent': 0}
 
         def to_service():
-            while data := client.recv(65536):
-                if re.match(rb'(GET|HEAD|POST|DELETE) ', data):
-                    current['head'], current['sent'] = data.decode('latin-1'), 0
-                    self.requests.append(current['head'])
-                upstream.sendall(data)
-            upstream.shutdown(socket.SHUT_WR)
+            try:
+                while data := client.recv(65536):
+                    if re.match(rb'(GET|HEAD|POST|DELETE) ', data):
+                        current['head'], current['sent'] = data.decode('latin-1'), 0
+                        self.requests.append(current['head'])
+                    upstream.sendall(data)
+                upstream.shutdown(socket.SHUT_WR)
+            except OSError:          # the other direction closed both sockets
+                pass
 
         threading.Thread(target=to_service, daemon=True).start()
         try:
