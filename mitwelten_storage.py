@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import errno
@@ -55,11 +56,13 @@ import functools
 import glob
 import gzip
 import hashlib
+import http.client
 import importlib.util
 import io
 import itertools
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -106,6 +109,27 @@ SCHEMA_FILE = TOOL_DIR / 'sql' / 'schema.sql'
 DEFAULT_SCHEMA = 'prod'
 DEFAULT_JOBS = 8
 CHUNK = 1024 * 1024
+# Originals pass from S3 to a disk through one reused, page-aligned buffer per transfer thread:
+# no new memory per file (no page faults), and aligned for O_DIRECT writes.
+IO_BUFFER_SIZE = 8 * 1024 * 1024
+DIRECT_ALIGN = 4096
+_thread_io = threading.local()
+
+
+def io_buffer() -> memoryview:
+    """This thread's transfer buffer (IO_BUFFER_SIZE bytes, page-aligned, reused)."""
+    view = getattr(_thread_io, 'view', None)
+    if view is None:
+        view = _thread_io.view = memoryview(mmap.mmap(-1, IO_BUFFER_SIZE))
+    return view
+
+
+def buffer_address(view: memoryview) -> int | None:
+    """The address of a writable buffer's first byte, None for a read-only one."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -863,6 +887,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _libc_syncfs():
+    """libc's syncfs(fd), where there is one (Linux): makes every file of the file system durable,
+    and reports write-back errors since the descriptor was opened (Linux 5.8 and later)."""
+    if not sys.platform.startswith('linux'):
+        return None
+    release = re.match(r'(\d+)\.(\d+)', os.uname().release)
+    if not release or (int(release[1]), int(release[2])) < (5, 8):
+        return None          # older kernels' syncfs does not report write-back errors
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    return function
+
+
+SYNCFS = _libc_syncfs()
+SYNC_GROUP = 32     # files made durable and renamed together, while a copy runs
+
+
 def temporary_name(final: Path) -> Path:
     """A hidden name beside `final` (the rename stays atomic), marked as this run's and
     recognisable by its suffix for the clean-up of a killed run's leftovers."""
@@ -974,6 +1018,8 @@ class Backend:
     lists_files = False             # can list what it holds: `verify` finds files the catalog does not know
     adopts_found_files = False      # a file found there unrecorded (a killed run's) is checked and recorded
     root: Path | None = None        # the folder it lives in, where `report` writes (disks only)
+    writes_from_buffer = False      # writes best from this thread's io_buffer() (O_DIRECT): read into it
+    group_writes = False            # may make new files durable in groups, by `sync` (set by `copy`)
 
     def location(self) -> str:
         raise NotImplementedError
@@ -990,20 +1036,22 @@ class Backend:
         raise NotImplementedError
 
     def read(self, object_name: str, *, start: int = 0, end: int | None = None,
-             piece: int | None = None) -> Iterator[bytes]:
+             piece: int | None = None, into: memoryview | None = None) -> Iterator[bytes]:
         """The object's bytes (from `start` to `end`, inclusive, if given) in chunks of about
-        `piece` bytes (or as the backend reads best); SourceMissing if it is not there."""
+        `piece` bytes (or as the backend reads best); SourceMissing if it is not there. With
+        `into` (a writable buffer) a backend may deliver the chunks as views of it, each valid
+        only until the next one is asked for."""
         raise NotImplementedError
 
-    def read_original(self, file: CatalogFile) -> Iterator[bytes]:
+    def read_original(self, file: CatalogFile, into: memoryview | None = None) -> Iterator[bytes]:
         """The original of a catalog file, unchecked (a CheckedStream checks it)."""
-        return self.read(file.object_name)
+        return self.read(file.object_name, into=into)
 
     def write(self, object_name: str, chunks: Iterable[bytes], size: int, content_type: str,
               sha256_hex: str | None = None, tags: dict | None = None) -> None:
-        """Store the object so that it is whole under its final name when this returns (and
-        durable once `sync` has run), and never partly there: if `chunks` raises, nothing stands
-        under the name."""
+        """Store the object so that it is whole under its final name when this returns (on a
+        disk writing in groups: once `sync` has run) and durable once `sync` has run, and never
+        partly there: if `chunks` raises, nothing stands under the name."""
         raise NotImplementedError
 
     def delete(self, object_name: str) -> None:
@@ -1052,6 +1100,7 @@ class LocalBackend(Backend):
     kind = 'local'
     lists_files = True
     adopts_found_files = True
+    writes_from_buffer = True
 
     def __init__(self, backend_row: BackendRow, root: Path | None = None):
         self.row = backend_row
@@ -1062,6 +1111,15 @@ class LocalBackend(Backend):
         self._cleaned_dirs: set[Path] = set()
         self._unsynced_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
+        # O_DIRECT writes (Linux): no copy into the page cache, no write-back later; turned off
+        # for the run when the file system refuses it.
+        self.direct_io = hasattr(os, 'O_DIRECT') and os.environ.get('MITWELTEN_DIRECT_IO', '1') != '0'
+        # Writing in groups (`copy`, where syncfs exists, see group_writes): files written and
+        # checked under their temporary names, made durable together, then renamed.
+        self._lock_fd: int | None = None
+        self._unsynced_files: list[tuple[Path, Path]] = []
+        self._group_lock = threading.Lock()
+        self._sync_error: OSError | None = None
 
     def location(self) -> str:
         return str(self.root)
@@ -1108,12 +1166,18 @@ class LocalBackend(Backend):
             os.close(fd)
             raise ConfigError(f'{self.describe()} is in use by another mitwelten-storage run '
                               f'(lock {lock_path}); wait for it to finish') from None
+        self._lock_fd = fd     # open before any write: syncfs() on it reports every write-back error since
         try:
             yield
         finally:
+            self._lock_fd = None
             with contextlib.suppress(OSError):     # a disk pulled out mid-run
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    @property
+    def _grouped(self) -> bool:
+        return self.group_writes and SYNCFS is not None and self._lock_fd is not None
 
     def path(self, object_name: str) -> Path:
         return self.archive.joinpath(*safe_object_parts(object_name))
@@ -1168,7 +1232,7 @@ class LocalBackend(Backend):
         return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def read(self, object_name: str, *, start: int = 0, end: int | None = None,
-             piece: int | None = None) -> Iterator[bytes]:
+             piece: int | None = None, into: memoryview | None = None) -> Iterator[bytes]:
         path = self.path(object_name)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
@@ -1196,17 +1260,93 @@ class LocalBackend(Backend):
         final = self.path(object_name)
         self._ensure_dir(final.parent)
         self._remove_leftovers(final.parent)
-        with atomic_file(final, sync_folder=False) as tmp:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0), 0o644)
-            with open(fd, 'wb', buffering=0) as handle:    # chunks are large: no second buffer
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[handle.write(view):]
-                written = os.fstat(handle.fileno()).st_size
-            if written != size:
-                raise FileFailure(f'{tmp}: wrote {written} bytes, expected {size}', object_name)
-        self._changed(final.parent)
+        if not self._grouped:
+            with atomic_file(final, sync_folder=False) as tmp:
+                self._write_file(tmp, object_name, chunks, size)
+            self._changed(final.parent)
+            return
+        # In a group: no fsync of its own; _sync_group() makes the group durable, then renames.
+        tmp = temporary_name(final)
+        try:
+            self._write_file(tmp, object_name, chunks, size)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        with self._dirs_lock:
+            self._unsynced_files.append((tmp, final))
+            due = len(self._unsynced_files) >= SYNC_GROUP
+        if due:
+            self._sync_group()
+
+    def _write_file(self, tmp: Path, object_name: str, chunks: Iterable[bytes], size: int) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0)
+        direct = self.direct_io and size >= DIRECT_ALIGN
+        fd = None
+        if direct:
+            try:
+                fd = os.open(tmp, flags | os.O_DIRECT, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct_io = direct = False      # a file system without O_DIRECT
+        if fd is None:
+            fd = os.open(tmp, flags, 0o644)
+        with open(fd, 'wb', buffering=0) as handle:    # chunks are large: no second buffer
+            for chunk in chunks:
+                view = memoryview(chunk).cast('B')
+                if direct:
+                    # Straight from the (aligned) buffer to the disk, past the page cache; the
+                    # tail that is not a whole block, or a chunk that is not aligned, goes
+                    # through the page cache, and so does the rest of the file.
+                    whole = len(view) - len(view) % DIRECT_ALIGN
+                    address = buffer_address(view) if whole else None
+                    if address is not None and address % DIRECT_ALIGN == 0:
+                        try:
+                            part = view[:whole]
+                            while part:
+                                part = part[handle.write(part):]
+                            view = view[whole:]
+                        except OSError as exc:
+                            if exc.errno != errno.EINVAL or handle.tell() % DIRECT_ALIGN:
+                                raise
+                            self.direct_io = False
+                    if len(view):
+                        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                        direct = False
+                while view:
+                    view = view[handle.write(view):]
+            written = os.fstat(handle.fileno()).st_size
+        if written != size:
+            raise FileFailure(f'{tmp}: wrote {written} bytes, expected {size}', object_name)
+
+    def _sync_group(self) -> None:
+        """One syncfs() for the files written so far in the group, then their renames (their
+        folders are fsynced by sync(), before the catalog records them). A failed sync leaves
+        none of them under its final name and fails every later sync of the run, so nothing
+        written since the last good sync is recorded (rule 1); the next run writes them again."""
+        with self._group_lock:
+            if self._sync_error is not None:
+                raise self._sync_error
+            with self._dirs_lock:
+                files, self._unsynced_files = self._unsynced_files, []
+            if not files:
+                return
+            try:
+                TEST_FAULTS.fault_point('fsync', self.root)
+                if SYNCFS(self._lock_fd) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f'syncfs: {os.strerror(err)}', str(self.root))
+            except OSError as exc:
+                self._sync_error = exc
+                for tmp, _ in files:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                raise
+            for tmp, final in files:
+                crash_point('before-rename')
+                os.replace(tmp, final)
+                self._changed(final.parent)
 
     def delete(self, object_name: str) -> None:
         path = self.path(object_name)
@@ -1227,6 +1367,7 @@ class LocalBackend(Backend):
         # The renames and removals since the last commit reach the disk in one go per folder,
         # before the catalog records them (rule 1): one fsync per folder, not per file. A folder
         # whose fsync fails (and every one not yet synced) stays pending.
+        self._sync_group()
         with self._dirs_lock:
             directories, self._unsynced_dirs = list(self._unsynced_dirs), set()
         try:
@@ -1304,7 +1445,7 @@ class S3Backend(Backend):
         return head['ContentLength']
 
     def read(self, object_name: str, *, start: int = 0, end: int | None = None,
-             piece: int | None = None) -> Iterator[bytes]:
+             piece: int | None = None, into: memoryview | None = None) -> Iterator[bytes]:
         extra = {}
         if start or end is not None:
             extra['Range'] = f'bytes={start}-{"" if end is None else end}'
@@ -1316,6 +1457,11 @@ class S3Backend(Backend):
                                     object_name) from None
             raise
         body = response['Body']
+        raw = getattr(body, '_raw_stream', None)
+        fp = getattr(raw, '_fp', None)
+        if into is not None and hasattr(fp, 'readinto') and hasattr(raw, 'release_conn'):
+            yield from self._read_into(body, raw, fp, response.get('ContentLength'), into)
+            return
         try:
             # A camera image in one read: far less per-byte Python than 1 MiB chunks. Larger
             # objects stream in pieces of that size, so memory stays bounded by --jobs.
@@ -1325,6 +1471,38 @@ class S3Backend(Backend):
                 yield from body.iter_chunks(piece or self.WHOLE_READ_LIMIT)
         finally:
             body.close()
+
+    def _read_into(self, body, raw, fp, length: int | None, into: memoryview) -> Iterator[memoryview]:
+        """The body received straight into `into` (http.client's readinto under urllib3, which
+        would otherwise make a new bytes object per read), in views of up to len(into) bytes."""
+        done = False
+        try:
+            while True:
+                want = len(into) if length is None else min(len(into), length)
+                got = 0
+                while got < want:
+                    n = fp.readinto(into[got:want])
+                    if not n:
+                        break
+                    got += n
+                if length is not None:
+                    length -= got
+                    if got < want:
+                        raise botocore.exceptions.IncompleteReadError(actual_bytes=got, expected_bytes=want)
+                if got:
+                    yield into[:got]
+                if got < want or length == 0:
+                    break
+            done = True
+        except TimeoutError as exc:
+            raise botocore.exceptions.ReadTimeoutError(endpoint_url=self.where.endpoint, error=exc) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise botocore.exceptions.ConnectionClosedError(endpoint_url=self.where.endpoint) from exc
+        finally:
+            if done:
+                raw.release_conn()        # read to its end: the connection goes back to the pool
+            else:
+                body.close()              # cut off: the connection is closed, never reused
 
     def write(self, object_name: str, chunks: Iterable[bytes], size: int, content_type: str,
               sha256_hex: str | None = None, tags: dict | None = None) -> None:
@@ -1631,7 +1809,7 @@ class ServiceSource(Backend):
                               'must be the active S3 backend')
         self.client.check()
 
-    def read_original(self, file: CatalogFile) -> Iterator[bytes]:
+    def read_original(self, file: CatalogFile, into: memoryview | None = None) -> Iterator[bytes]:
         return self.client.read_original(self.group, file)
 
     def _only_originals(self, *args, **kwargs):
@@ -2412,7 +2590,8 @@ def fatal_reason(exc: BaseException, backends: Iterable[Backend]) -> str | None:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f'{what} is full'
     if exc.errno in (errno.EROFS, errno.EIO, errno.ENODEV, errno.ENXIO, errno.ESHUTDOWN):
-        return f'{what}: {exc.strerror}; is the disk still attached?'
+        check = f' (`verify {backend.row.storage_id}`)' if backend else ''
+        return f'{what}: {exc.strerror}; is the disk still attached? Check it{check}, then run the same command again'
     for candidate in backends:
         gone = candidate.gone_reason()
         if gone:
@@ -3100,9 +3279,9 @@ def unrecorded_sentence(report: RunReport, backends: tuple) -> str:
     target = backends[-1] if backends else None
     if not report.unrecorded:
         return 'every file written was recorded'
-    fate = ('found, checked and recorded by the next run, not written again'
-            if target is not None and target.adopts_found_files else 'written again by the next run')
-    return f'{report.unrecorded} written files are not recorded: they will be {fate}'
+    fate = ('the next run checks them and records them, or writes them again where the disk lost them'
+            if target is not None and target.adopts_found_files else 'the next run writes them again')
+    return f'{report.unrecorded} written files are not recorded: {fate}'
 
 
 def explain_fault(exc: BaseException, report: RunReport, backends: tuple) -> str:
@@ -3162,7 +3341,8 @@ def transfer(file: CatalogFile, source: Backend, target: Backend, version: Versi
     if file.source_type == version.type:
         tags = source.tags(object_name) if copy_tags else None
         if version.type == 0:
-            chunks = CheckedStream(source.read_original(file), file, progress)
+            into = io_buffer() if target.writes_from_buffer else None
+            chunks = CheckedStream(source.read_original(file, into=into), file, progress)
             target.write(object_name, chunks, file.file_size, content_type, file.sha256, tags)
             crash_point('after-write')
             return 'copied', file.file_size
@@ -3186,6 +3366,7 @@ class CopyJob(BatchJob):
         super().__init__(recorder, (source, target), (target,))
         self.source, self.target, self.version = source, target, version
         self.copy_tags = source.keeps_tags and target.keeps_tags
+        target.group_writes = True           # nothing but the catalog waits on its files
 
     def work(self, file: CatalogFile) -> tuple[str, int]:
         return transfer(file, self.source, self.target, self.version, self.run.progress, self.copy_tags)

@@ -179,7 +179,7 @@ def test_catalog_gone_mid_copy_ends_with_the_summary_and_the_rerun_adopts_the_wr
                    'Run the same command again once the database is back')
     assert 'Traceback' not in stderr and 'OperationalError' not in stdout + stderr
     recorded = int(re.search(r'after (\d+) files were recorded', stdout).group(1))
-    unrecorded = int(re.search(r'(\d+) written files are not recorded: they will be found, checked and recorded',
+    unrecorded = int(re.search(r'(\d+) written files are not recorded: the next run checks them and records them',
                                stdout).group(1))
     own_postgres.launch(own_postgres.port)
     world.conn = ms.connect_catalog(world.settings)
@@ -222,25 +222,40 @@ def test_catalog_gone_mid_archive_never_releases_an_unrecorded_original(pg_world
 
 # --- disks -------------------------------------------------------------------------------------------
 
-def test_a_disk_whose_fsync_fails_records_nothing_written_since_its_last_good_sync(world):
-    """MITWELTEN_FAULT_AT=fsync:N: from the N-th folder fsync on, fsync fails with EIO, as on a
-    dying disk. What was synced before is recorded; nothing written after is."""
+@pytest.mark.parametrize('command', ['copy', 'archive'])
+def test_a_disk_whose_fsync_fails_records_nothing_written_since_its_last_good_sync(world, command):
+    """MITWELTEN_FAULT_AT=fsync:N: from the N-th sync of the disk on (a folder's fsync, or the
+    syncfs of a group of files a copy writes), it fails with EIO, as on a dying disk. What was
+    synced before is recorded; nothing written after is."""
     bucket = world.new_bucket()
     active = world.create_s3_backend(bucket)
     archive, disk = world.create_local_backend()
-    files = world.images_on_s3(60, active, width=64, height=48)
-    args = ('archive', '-s', active, '-t', archive, 'all_images', '--delete-original', '--jobs', 2)
-    first = world.cli(*args, env={'MITWELTEN_FAULT_AT': 'fsync:12'})
+    files = world.images_on_s3(200 if command == 'copy' else 60, active, width=64, height=48)
+    if command == 'copy':
+        # A copy syncs its files in groups (one syncfs each) and their folders before each
+        # commit: the disk starts failing at its second sync, after a first run recorded 40.
+        args = ('copy', '-s', active, '-t', archive, 'all_images', '--jobs', 2)
+        assert world.cli(*args, '--limit', 40).returncode == 0
+        fault = 'fsync:2'
+    else:
+        args = ('archive', '-s', active, '-t', archive, 'all_images', '--delete-original', '--jobs', 2)
+        fault = 'fsync:12'
+    before = world.rows(archive)
+    first = world.cli(*args, env={'MITWELTEN_FAULT_AT': fault})
     assert first.returncode == 1, first.stdout + first.stderr
-    assert_summary(first.stdout, 'could not make its writes durable (fsync: Input/output error)',
-                   f'Check the disk (`verify {archive}`)')
+    assert_summary(first.stdout, 'Input/output error', f'(`verify {archive}`), then run the same command again')
     recorded = world.rows(archive)
     assert 0 < len(recorded) < len(files)
+    if command == 'copy':
+        assert recorded == before
     assert_recorded_files_are_whole(world, archive, disk, files)
-    assert set(world.rows(active)) | set(recorded) == {f.file_id for f in files}   # no original lost
+    if command == 'archive':
+        assert set(world.rows(active)) | set(recorded) == {f.file_id for f in files}   # no original lost
     rerun = world.cli(*args)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert world.rows(archive) == {f.file_id: 0 for f in files} and world.rows(active) == {}
+    assert world.rows(archive) == {f.file_id: 0 for f in files}
+    if command == 'archive':
+        assert world.rows(active) == {}
     assert archive_files(disk) == {f.object_name: f.data for f in files} and temp_files(disk) == []
 
 
