@@ -1,0 +1,212 @@
+"""The storage service's cost: GET …/original through it against get_object straight from the same
+S3 server, with one worker process and more; and `archive --via` against `archive` direct.
+
+    python -m bench.service                         # 100 files, workers 1 and 2, 3 rounds
+    python -m bench.service --files 60 --workers 1,2,4 --rounds 5
+
+`archive` is run with --delete-original: rclone serve s3 answers GetObjectTagging with 500,
+and a replacement carries the original's tags to its version. The S3 server is `rclone serve s3` (a multi-core server, as MinIO is) on the machine's cores,
+serving camera-trap JPEGs of about 4.3 MB; the catalog a throwaway PostgreSQL; tokens from the
+test issuer in devkit. Every contender is its own process (its CPU from wait4), run alternately,
+medians reported. `make bench` runs it (`--only service`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.copy_rclone import ACCESS_KEY, BUCKET, SECRET_KEY, Stage, catalog_files, free_port, machine
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = [sys.executable, str(ROOT / 'mitwelten_storage.py')]
+
+# The two readers, each run as a process of its own: every object read whole, in 1 MiB pieces.
+DIRECT = '''
+import sys, boto3
+from botocore.config import Config
+from concurrent.futures import ThreadPoolExecutor
+endpoint, bucket, jobs, keys = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+s3 = boto3.client('s3', endpoint_url=endpoint, config=Config(s3={'addressing_style': 'path'},
+                  max_pool_connections=jobs + 2, region_name='us-east-1'))
+def get(key):
+    body = s3.get_object(Bucket=bucket, Key=key)['Body']
+    return sum(len(chunk) for chunk in body.iter_chunks(1 << 20))
+with ThreadPoolExecutor(jobs) as pool:
+    print(sum(pool.map(get, keys)))
+'''
+THROUGH_SERVICE = '''
+import sys, urllib3
+from concurrent.futures import ThreadPoolExecutor
+base, token, jobs, ids = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+http = urllib3.PoolManager(maxsize=jobs + 2)
+def get(file_id):
+    response = http.request('GET', f'{base}/images/{file_id}/original', preload_content=False,
+                            headers={'Authorization': f'Bearer {token}'})
+    assert response.status == 200, response.status
+    size = sum(len(chunk) for chunk in response.stream(1 << 20))
+    response.release_conn()
+    return size
+with ThreadPoolExecutor(jobs) as pool:
+    print(sum(pool.map(get, ids)))
+'''
+
+
+def timed(argv: list, env: dict) -> tuple[float, float, str]:
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout = process.stdout.read()
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f'{argv[:3]} failed: {stderr.decode(errors="replace")[-2000:]}')
+    return seconds, usage.ru_utime + usage.ru_stime, stdout.decode()
+
+
+def service(env: dict, workers: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / 'mitwelten_service.py'), '--port', str(port),
+                                '--workers', str(workers)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f'http://127.0.0.1:{port}'
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + '/healthz', timeout=2).close()
+            return process, url
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError('the service did not start')
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--files', type=int, default=100)
+    parser.add_argument('--archive-files', type=int, default=40)
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--workers', default='1,2')
+    parser.add_argument('--jobs', type=int, default=8)
+    parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'mitwelten-service-bench'))
+    args = parser.parse_args()
+    stage_args = argparse.Namespace(workdir=args.workdir, db=None, schema=None, files=args.files, distinct=8,
+                                    data_dir=str(Path(args.workdir) / 's3data'), server_cores=','.join(
+                                        str(c) for c in sorted(os.sched_getaffinity(0))), serve_args='')
+    sys.path.insert(0, str(ROOT))
+    from devkit.oidc import TestIssuer
+    shutil.rmtree(Path(args.workdir) / 'out', ignore_errors=True)
+    stage = Stage(stage_args)
+    try:
+        dsn = stage.start_catalog()
+        files = stage.make_data()
+        data_root = Path(stage_args.data_dir).resolve()
+        pristine = Path(args.workdir) / 'pristine'
+        if not pristine.exists():
+            shutil.copytree(data_root, pristine)
+        endpoint = stage.start_server(data_root)
+        aws = Path(args.workdir) / 'aws'
+        aws.mkdir(exist_ok=True)
+        for name in ('config', 'credentials'):
+            (aws / name).write_text('')
+        issuer = TestIssuer()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(('AWS_', 'MITWELTEN_'))}
+        env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION='us-east-1',
+                   AWS_CONFIG_FILE=str(aws / 'config'), AWS_SHARED_CREDENTIALS_FILE=str(aws / 'credentials'),
+                   MITWELTEN_DB=dsn, MITWELTEN_DB_SCHEMA=stage.schema, MITWELTEN_LOG_DIR=str(Path(args.workdir) / 'logs'),
+                   MITWELTEN_MOUNT_ROOTS='', MITWELTEN_OIDC_ISSUER=issuer.url, MITWELTEN_OIDC_AUDIENCE=issuer.audience)
+        subprocess.run([*TOOL, 'init-db'], env=env, check=True, stdout=subprocess.DEVNULL)
+        created = subprocess.run([*TOOL, 'create', '-t', 's3', '-p', '0', '-n', 'bench', f'{endpoint}/{BUCKET}'],
+                                 env=env, check=True, capture_output=True, text=True).stdout
+        source = int(re.search(r'backend (\d+)', created).group(1))
+        catalog_files(dsn, stage.schema, files, source)
+        token = issuer.token(expires_in=6 * 3600)
+        megabytes = sum(f['size'] for f in files) / 1e6
+        ids = [str(i) for i in range(1, len(files) + 1)]
+        workers = [int(w) for w in args.workers.split(',')]
+        services = {w: service(env, w) for w in workers}
+        contenders = {'get_object straight from S3 (boto3)':
+                      [sys.executable, '-c', DIRECT, endpoint, BUCKET, str(args.jobs), *[f['name'] for f in files]]}
+        for w, (_, url) in services.items():
+            contenders[f'GET …/original through the service, {w} worker{"s" if w > 1 else ""}'] = [
+                sys.executable, '-c', THROUGH_SERVICE, url, token, str(args.jobs), *ids]
+        print(f'Machine: {machine()}. {len(files)} files, {megabytes:,.0f} MB; {args.jobs} client threads; '
+              f'rclone serve s3 on every core; median of {args.rounds} rounds.', flush=True)
+        samples: dict[str, list] = {name: [] for name in contenders}
+        names = list(contenders)
+        for round_ in range(args.rounds):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                seconds, cpu, out = timed(contenders[name], env)
+                if abs(int(out.strip()) - megabytes * 1e6) > 1:
+                    raise RuntimeError(f'{name} read {out.strip()} bytes')
+                samples[name].append((seconds, cpu))
+        direct = statistics.median(s for s, _ in samples[names[0]])
+        lines = ['', '| reader | seconds | MB/s | client CPU s | × direct throughput |', '|---|---:|---:|---:|---:|']
+        for name in names:
+            seconds = statistics.median(s for s, _ in samples[name])
+            cpu = statistics.median(c for _, c in samples[name])
+            lines.append(f'| {name} | {seconds:.2f} | {megabytes / seconds:,.0f} | {cpu:.2f} | {direct / seconds:.2f} |')
+        print('\n'.join(lines), flush=True)
+
+        # archive --via against archive direct, with the originals put back before every run
+        some = files[:args.archive_files]
+        archive_mb = sum(f['size'] for f in some) / 1e6
+        timings: dict[str, list] = {'archive direct': [], 'archive --via': []}
+
+        def reset() -> None:
+            for f in some:
+                shutil.copyfile(pristine / BUCKET / f['name'], data_root / BUCKET / f['name'])
+            subprocess.run([sys.executable, '-c', (
+                'import psycopg2, sys; c = psycopg2.connect(sys.argv[1]); cur = c.cursor(); '
+                'cur.execute(f"SET search_path TO {sys.argv[2]}"); '
+                'cur.execute("DELETE FROM mm_files_image_storage WHERE storage_id <> %s", (int(sys.argv[3]),)); '
+                'cur.execute("UPDATE mm_files_image_storage SET type = 0"); c.commit()'), dsn, stage.schema,
+                str(source)], check=True)
+        limit = ['--limit', str(len(some))]
+        for round_ in range(args.rounds):
+            for name in (list(timings) if round_ % 2 == 0 else list(timings)[::-1]):
+                reset()
+                disk = stage.fresh_dir('archive')
+                created = subprocess.run([*TOOL, 'create', '-t', 'local', '-p', '2', '-n', disk.name, disk], env=env,
+                                         check=True, capture_output=True, text=True).stdout
+                target = re.search(r'backend (\d+)', created).group(1)
+                # --delete-original: rclone serve s3 answers GetObjectTagging with 500, and a
+                # replacement carries the original's tags over to its version.
+                argv = [*TOOL, 'archive', '-s', str(source), '-t', target, 'all_images', '--delete-original', *limit]
+                run_env = env
+                if '--via' in name:
+                    argv += ['--via', services[1][1] if 1 in services else services[workers[0]][1]]
+                    run_env = {k: v for k, v in env.items() if not k.startswith('AWS_')}
+                    run_env['MITWELTEN_TOKEN'] = token
+                seconds, cpu, _ = timed(argv, run_env)
+                timings[name].append((seconds, cpu))
+                shutil.rmtree(disk)
+        direct = statistics.median(s for s, _ in timings['archive direct'])
+        more = ['', f'`archive --delete-original` of {len(some)} files ({archive_mb:,.0f} MB), S3 → disk, the '
+                    'originals deleted by the tool (direct) or by the service (--via)', '',
+                '| run | seconds | MB/s | workstation CPU s | × direct |', '|---|---:|---:|---:|---:|']
+        for name, values in timings.items():
+            seconds = statistics.median(s for s, _ in values)
+            cpu = statistics.median(c for _, c in values)
+            more.append(f'| {name} | {seconds:.2f} | {archive_mb / seconds:,.1f} | {cpu:.2f} | {seconds / direct:.2f} |')
+        print('\n'.join(more), flush=True)
+        for process, _ in services.values():
+            process.terminate()
+            process.wait(30)
+        issuer.stop()
+    finally:
+        stage.stop()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
