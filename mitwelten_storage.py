@@ -69,7 +69,6 @@ import shutil
 import signal
 import stat
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -93,13 +92,15 @@ from psycopg2 import sql
 # which a run from disk to disk (a researcher at a workstation) need not pay. tqdm is imported by
 # the command line only.
 
+import numpy as np
+import soundfile
+
 with warnings.catch_warnings():
     # pydub warns at import when ffmpeg is not on PATH (we point it at imageio-ffmpeg's binary)
     # and, on Python 3.11 and 3.12, that the audioop module it uses is deprecated.
     warnings.simplefilter('ignore', RuntimeWarning)
     warnings.simplefilter('ignore', DeprecationWarning)
     from pydub import AudioSegment
-    from pydub.audio_segment import extract_wav_headers, read_wav_audio
     from pydub.exceptions import CouldntDecodeError
 
 log = logging.getLogger('mitwelten_storage')
@@ -2088,90 +2089,200 @@ def check_webp(data: bytes, file: CatalogFile, box: tuple[int, int],
 
 
 # --- FLAC ------------------------------------------------------------------------------------------
+#
+# Made and checked in the process, with libFLAC through libsndfile (`soundfile`): the WAV's data
+# chunk is used where it lies, libsndfile writes the FLAC into a file in memory (a memfd where
+# there is one: no path, no disk, gone when closed; else a BytesIO), libFLAC seeks back at the
+# end and fills in STREAMINFO's sample count and MD5 itself, and the FLAC is decoded again from
+# that same file, block by block, and compared with the original's samples. A WAV never goes
+# through a subprocess. Recordings in other containers are read by libsndfile where it can
+# (AIFF, W64, RF64, CAF, …), and by pydub through ffmpeg where it cannot (MP3, AAC, …).
 
-PCM_FORMATS = {16: 's16le', 24: 's24le'}   # what ffmpeg's FLAC encoder keeps exactly, by bits per sample
+FLAC_BLOCK_FRAMES = 1 << 16     # frames per block when widening 24-bit samples and decoding
+FLAC_LEVEL = 5                  # libFLAC's default, as ffmpeg's -compression_level 5
+PCM_DTYPES = {16: 'int16', 24: 'int32'}      # how libsndfile hands over samples of each width
+PCM_SUBTYPES = {16: 'PCM_16', 24: 'PCM_24'}
+WAVE_FORMAT_PCM, WAVE_FORMAT_EXTENSIBLE = 0x0001, 0xFFFE
+PCM_GUID = b'\x01\x00\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71'   # KSDATAFORMAT_SUBTYPE_PCM
+# RIFF INFO tags carried into the FLAC's Vorbis comment (those libsndfile can write).
+INFO_TAGS = {b'INAM': 'title', b'IART': 'artist', b'ICMT': 'comment', b'ICRD': 'date', b'ICOP': 'copyright',
+             b'ISFT': 'software', b'IPRD': 'album', b'IGNR': 'genre', b'ITRK': 'tracknumber'}
+
+
 @functools.cache
 def ffmpeg_executable() -> str:
-    """ffmpeg from PATH, else the one in the imageio-ffmpeg wheel: nothing to install by hand."""
+    """ffmpeg from PATH, else the one in the imageio-ffmpeg wheel, for pydub (recordings that are
+    not WAV and that libsndfile cannot read): nothing to install by hand."""
     found = shutil.which('ffmpeg')
     if not found:
         import imageio_ffmpeg
         found = imageio_ffmpeg.get_ffmpeg_exe()
-    AudioSegment.converter = found     # pydub uses the same binary
+    AudioSegment.converter = found
     return found
-
-
-def run_ffmpeg(args: list[str], data: bytes, file: CatalogFile, what: str) -> bytes:
-    """ffmpeg with the input on stdin and the output on stdout: no temporary files.
-
-    Not subprocess.run(input=…): its communicate() feeds the pipe 4 KiB at a time, and with
-    several conversions at once those thousands of small writes per recording fight over the
-    GIL (measured: more system time than ffmpeg's own encoding). Here the pipes are widened
-    to 1 MiB where Linux allows it and each stream has its own thread doing large writes."""
-    try:
-        process = subprocess.Popen([ffmpeg_executable(), '-hide_banner', '-nostdin', '-loglevel', 'error', *args],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as exc:
-        raise ConversionError(f'cannot run ffmpeg to {what}: {exc.strerror}', file.object_name) from None
-    for pipe in (process.stdin, process.stdout):
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 1024 * 1024)
-    stderr: list[bytes] = []
-
-    def feed() -> None:
-        with contextlib.suppress(BrokenPipeError):    # ffmpeg gave up early: its stderr says why
-            process.stdin.write(data)
-        with contextlib.suppress(BrokenPipeError):
-            process.stdin.close()
-
-    threads = [threading.Thread(target=feed, daemon=True),
-               threading.Thread(target=lambda: stderr.append(process.stderr.read()), daemon=True)]
-    for thread in threads:
-        thread.start()
-    output = process.stdout.read()
-    for thread in threads:
-        thread.join()
-    process.stdout.close()
-    process.stderr.close()
-    if process.wait() != 0 or not output:
-        reason = b''.join(stderr).decode(errors='replace').strip().splitlines()
-        raise ConversionError(f'ffmpeg could not {what}: {reason[-1] if reason else "no output"}',
-                              file.object_name)
-    return output
 
 
 @dataclasses.dataclass(frozen=True)
 class PcmAudio:
+    """The samples of a recording: interleaved, signed little-endian, as in a WAV's data chunk."""
     channels: int
     sample_rate: int
     bits: int
-    samples: bytes          # interleaved, signed little-endian, as in the WAV's data chunk
+    samples: memoryview
+    tags: dict
 
     @property
     def frames(self) -> int:
         return len(self.samples) // (self.channels * self.bits // 8)
 
 
+def is_wav(data: bytes) -> bool:
+    return data[:4] == b'RIFF' and data[8:12] == b'WAVE'
+
+
+def _info_tags(chunk: memoryview) -> dict:
+    tags, pos = {}, 4
+    while pos + 8 <= len(chunk):
+        tag, size = bytes(chunk[pos:pos + 4]), struct.unpack_from('<I', chunk, pos + 4)[0]
+        value = bytes(chunk[pos + 8:pos + 8 + size]).split(b'\0', 1)[0].strip()
+        if tag in INFO_TAGS and value:
+            tags[INFO_TAGS[tag]] = value.decode('utf-8', errors='replace')
+        pos += 8 + size + (size & 1)
+    return tags
+
+
 def read_wav(original: bytes, file: CatalogFile) -> PcmAudio:
-    """The PCM samples of a WAV recording (through pydub's WAV reader), refusing what FLAC cannot
-    hold losslessly and recordings whose data is cut short."""
-    try:
-        headers = extract_wav_headers(original)
-        wav = read_wav_audio(original, headers)
-    except (CouldntDecodeError, struct.error, IndexError, ValueError) as exc:
-        raise ConversionError(f'not a WAV recording: {exc}', file.object_name) from None
-    if wav.bits_per_sample not in PCM_FORMATS:
-        raise ConversionError(f'unsupported sample format: {wav.bits_per_sample}-bit PCM (FLAC versions are made '
-                              f'of 16- and 24-bit recordings)', file.object_name)
-    if not 1 <= wav.channels <= 8 or not 1 <= wav.sample_rate <= 655350:
-        raise ConversionError(f'unsupported WAV: {wav.channels} channels at {wav.sample_rate} Hz',
-                              file.object_name)
-    declared = headers[-1].size
-    frame_bytes = wav.channels * wav.bits_per_sample // 8
-    if len(wav.raw_data) < declared or len(wav.raw_data) % frame_bytes:
-        raise ConversionError(f'truncated recording: {len(wav.raw_data):,} bytes of samples, the WAV header '
+    """The PCM samples of a WAV, by its own RIFF walk (libsndfile's reader opens a truncated WAV
+    without complaint), refusing what FLAC cannot hold losslessly and recordings cut short."""
+    view = memoryview(original)
+    if len(view) < 12 or not is_wav(original):
+        raise ConversionError('not a WAV recording: no RIFF/WAVE header', file.object_name)
+    fmt, tags, pos = None, {}, 12
+    while pos + 8 <= len(view):
+        chunk_id, size = bytes(view[pos:pos + 4]), struct.unpack_from('<I', view, pos + 4)[0]
+        body = pos + 8
+        if chunk_id == b'fmt ':
+            if size < 16 or body + size > len(view):
+                raise ConversionError('not a WAV recording: fmt chunk too short', file.object_name)
+            fmt = view[body:body + size]
+        elif chunk_id == b'LIST' and view[body:body + 4] == b'INFO':
+            tags = _info_tags(view[body:body + size])
+        elif chunk_id == b'data':
+            break
+        pos = body + size + (size & 1)
+    else:
+        raise ConversionError(f"not a WAV recording: no {'fmt' if fmt is None else 'data'} chunk", file.object_name)
+    if fmt is None:
+        raise ConversionError('not a WAV recording: no fmt chunk before the data', file.object_name)
+    tag, channels, sample_rate, _, block_align, bits = struct.unpack_from('<HHIIHH', fmt)
+    if tag == WAVE_FORMAT_EXTENSIBLE and len(fmt) >= 40 and fmt[24:40] == PCM_GUID:
+        tag = WAVE_FORMAT_PCM
+    if tag != WAVE_FORMAT_PCM:
+        raise ConversionError(f'not a WAV recording of PCM samples (audio format 0x{tag:X})', file.object_name)
+    return checked_pcm(channels, sample_rate, bits, block_align, view[body:], size, tags, file)
+
+
+def checked_pcm(channels: int, sample_rate: int, bits: int, block_align: int, data: memoryview, declared: int,
+                tags: dict, file: CatalogFile) -> PcmAudio:
+    if bits not in PCM_DTYPES:
+        raise ConversionError(f'unsupported sample format: {bits}-bit PCM (FLAC versions are made of 16- and 24-bit '
+                              'recordings)', file.object_name)
+    if not 1 <= channels <= 8 or not 1 <= sample_rate <= 655350 or block_align != channels * bits // 8:
+        raise ConversionError(f'unsupported WAV: {channels} channels at {sample_rate} Hz', file.object_name)
+    if len(data) < declared or declared % block_align:
+        raise ConversionError(f'truncated recording: {min(len(data), declared):,} bytes of samples, the WAV header '
                               f'says {declared:,}', file.object_name)
-    return PcmAudio(wav.channels, wav.sample_rate, wav.bits_per_sample, wav.raw_data)
+    if declared == 0:
+        raise ConversionError('empty recording: it holds no samples', file.object_name)
+    return PcmAudio(channels, sample_rate, bits, data[:declared], tags)
+
+
+LOSSY_SUBTYPES = {'MPEG_LAYER_I', 'MPEG_LAYER_II', 'MPEG_LAYER_III', 'VORBIS', 'OPUS', 'ALAW', 'ULAW', 'GSM610',
+                  'IMA_ADPCM', 'MS_ADPCM', 'G721_32', 'G723_24', 'G723_40', 'VOX_ADPCM', 'NMS_ADPCM_16',
+                  'NMS_ADPCM_24', 'NMS_ADPCM_32', 'DWVW_12', 'DWVW_16', 'DWVW_24', 'DPCM_8', 'DPCM_16'}
+
+
+def read_other_recording(original: bytes, file: CatalogFile) -> PcmAudio:
+    """A recording that is not a WAV, as 16- or 24-bit samples: through libsndfile where it
+    reads the container (AIFF, W64, RF64, CAF, FLAC, …), else through pydub and ffmpeg (ALAC in
+    MP4, for one), decoded to 24 bits (exact for 16- and 24-bit sources; pydub asks ffprobe
+    what the recording holds). Lossy recordings are refused: a FLAC of one is no better."""
+    try:
+        with soundfile.SoundFile(io.BytesIO(original)) as source:
+            subtype, channels, sample_rate = source.subtype, source.channels, source.samplerate
+            bits = {'PCM_16': 16, 'PCM_24': 24}.get(subtype)
+            if subtype in LOSSY_SUBTYPES:
+                raise ConversionError(f'a lossy recording ({source.format} {subtype}): FLAC versions are made of '
+                                      'lossless 16- and 24-bit recordings', file.object_name)
+            if bits is None:
+                raise ConversionError(f'unsupported sample format: {subtype} (FLAC versions are made of 16- and '
+                                      '24-bit recordings)', file.object_name)
+            samples = source.read(dtype=PCM_DTYPES[bits])
+        data = samples.tobytes() if bits == 16 else _pack24(samples, np.empty(samples.size * 3, np.uint8)).tobytes()
+        return checked_pcm(channels, sample_rate, bits, channels * bits // 8, memoryview(data), len(data), {}, file)
+    except soundfile.LibsndfileError:
+        pass
+    ffmpeg_executable()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', RuntimeWarning)      # pydub's own note that ffprobe is missing
+            segment = AudioSegment.from_file(io.BytesIO(original), parameters=['-acodec', 'pcm_s24le'])
+    except FileNotFoundError as exc:
+        raise ConversionError(f'not a WAV recording, nor one libsndfile reads; reading it takes pydub and ffmpeg, '
+                              f'and {Path(exc.filename or "ffprobe").name} is not installed', file.object_name) from None
+    except (CouldntDecodeError, OSError, IndexError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f'not a WAV recording, nor audio that libsndfile or ffmpeg reads ({reason[:200]})',
+                              file.object_name) from None
+    wav = io.BytesIO()
+    segment.export(wav, format='wav')
+    return read_wav(wav.getvalue(), file)
+
+
+@contextlib.contextmanager
+def memory_file(data: bytes | None = None):
+    """A file in memory for libsndfile: (what SoundFile opens, a function returning its bytes)."""
+    if not hasattr(os, 'memfd_create'):
+        buffer = io.BytesIO(data) if data is not None else io.BytesIO()
+        yield buffer, buffer.getvalue
+        return
+    fd = os.memfd_create('mitwelten-flac', os.MFD_CLOEXEC)
+    try:
+        if data is not None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.lseek(fd, 0, os.SEEK_SET)
+        yield fd, lambda: os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+
+
+def _sound_file(target, *args, **kwargs):
+    if isinstance(target, int):
+        return soundfile.SoundFile(target, *args, closefd=False, **kwargs)
+    return soundfile.SoundFile(target, *args, **kwargs)
+
+
+def _widen24(samples: memoryview, first: int, count: int, out: np.ndarray) -> np.ndarray:
+    """3-byte samples [first, first + count) as int32 shifted left by 8 (as libsndfile gives
+    24-bit samples): one numpy pass over 4-byte windows every 3 bytes; a bijection, so equal
+    int32 values mean equal bytes."""
+    inside = max(0, min(count, len(samples) // 3 - 1 - first))
+    if inside:
+        window = np.ndarray((inside,), '<i4', buffer=samples, offset=3 * first, strides=(3,))
+        np.left_shift(window, 8, out=out[:inside])
+    for i in range(inside, count):                  # the last sample: no 4-byte window left
+        at = 3 * (first + i)
+        out[i] = int.from_bytes(samples[at:at + 3], 'little', signed=True) << 8
+    return out[:count]
+
+
+def _pack24(block: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """int32 samples shifted left by 8 back to their 3 little-endian bytes."""
+    wide = block.reshape(-1).view(np.uint8).reshape(-1, 4)
+    packed = out[:3 * len(wide)].reshape(-1, 3)
+    packed[:, 0], packed[:, 1], packed[:, 2] = wide[:, 1], wide[:, 2], wide[:, 3]
+    return packed.reshape(-1)
 
 
 def flac_stream_info(flac: bytes) -> dict:
@@ -2183,61 +2294,110 @@ def flac_stream_info(flac: bytes) -> dict:
             'channels': ((info[12] >> 1) & 0x07) + 1,
             'bits': (((info[12] & 0x01) << 4) | (info[13] >> 4)) + 1,
             'frames': ((info[13] & 0x0F) << 32) | int.from_bytes(info[14:18], 'big'),
-            'md5': info[18:34]}
+            'md5': bytes(info[18:34])}
 
 
-def complete_stream_info(flac: bytes, audio: PcmAudio) -> bytes:
-    """ffmpeg writing to a pipe cannot go back to fill in STREAMINFO's sample count and MD5;
-    fill them in from the original, so the FLAC checks itself (`flac -t`, and `verify`)."""
-    patched = bytearray(flac)
-    frames = audio.frames
-    patched[8 + 13] = (patched[8 + 13] & 0xF0) | ((frames >> 32) & 0x0F)
-    patched[8 + 14:8 + 18] = (frames & 0xFFFFFFFF).to_bytes(4, 'big')
-    patched[8 + 18:8 + 34] = hashlib.md5(audio.samples).digest()
-    return bytes(patched)
+def _stream_info(head: bytes, file: CatalogFile) -> dict:
+    try:
+        info = flac_stream_info(head)
+    except (ValueError, IndexError) as exc:
+        raise ConversionError(f'not a FLAC stream: {exc}', file.object_name) from None
+    if info['bits'] not in PCM_DTYPES:
+        raise ConversionError(f"FLAC version has {info['bits']}-bit samples", file.object_name)
+    if not info['frames']:
+        raise ConversionError('FLAC version does not record its sample count (STREAMINFO incomplete)',
+                              file.object_name)
+    return info
 
 
 def make_flac(original: bytes, file: CatalogFile) -> bytes:
-    """Lossless FLAC of a WAV recording, counted only once it decodes to exactly the original's
-    samples (16- and 24-bit, any channel count and sample rate)."""
-    audio = read_wav(original, file)
-    flac = run_ffmpeg(['-f', 'wav', '-i', 'pipe:0', '-map_metadata', '0', '-c:a', 'flac',
-                       '-compression_level', '5', '-f', 'flac', 'pipe:1'], original, file, 'encode FLAC')
-    try:
-        flac = complete_stream_info(flac, audio)
-        info = flac_stream_info(flac)
-    except (ValueError, IndexError) as exc:
-        raise ConversionError(f'FLAC version is malformed: {exc}', file.object_name) from None
-    if (info['channels'], info['sample_rate'], info['bits']) != (audio.channels, audio.sample_rate, audio.bits):
-        raise ConversionError(f"FLAC version is {info['channels']} channels, {info['sample_rate']} Hz, "
-                              f"{info['bits']} bits; the recording is {audio.channels}, {audio.sample_rate} Hz, "
-                              f'{audio.bits} bits', file.object_name)
-    decoded = decode_flac(flac, audio.bits, file)
-    if decoded != audio.samples:
-        raise ConversionError('FLAC version does not decode to the original samples', file.object_name)
+    """Lossless FLAC of a recording, counted only once it decodes to exactly the original's
+    samples and its STREAMINFO carries their count and MD5 (16- and 24-bit, 1 to 8 channels,
+    the sample rates FLAC's streamable subset allows)."""
+    audio = read_wav(original, file) if is_wav(original) else read_other_recording(original, file)
+    with memory_file() as (sink, read_back):
+        try:
+            with _sound_file(sink, 'w', audio.sample_rate, audio.channels, PCM_SUBTYPES[audio.bits], format='FLAC',
+                             compression_level=FLAC_LEVEL / 8) as encoder:
+                for key, value in audio.tags.items():
+                    setattr(encoder, key, value)
+                if audio.bits == 16:
+                    encoder.write(np.frombuffer(audio.samples, '<i2').reshape(-1, audio.channels))
+                else:
+                    step = FLAC_BLOCK_FRAMES * audio.channels
+                    wide = np.empty(step, '<i4')
+                    total = len(audio.samples) // 3
+                    for first in range(0, total, step):
+                        count = min(step, total - first)
+                        encoder.write(_widen24(audio.samples, first, count, wide).reshape(-1, audio.channels))
+        except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:
+            raise ConversionError(f'cannot encode FLAC ({audio.channels} channels, {audio.sample_rate} Hz, '
+                                  f'{audio.bits} bits): {exc}', file.object_name) from None
+        head = os.pread(sink, 42, 0) if isinstance(sink, int) else sink.getbuffer()[:42].tobytes()
+        info = _stream_info(head, file)
+        if isinstance(sink, int):
+            os.lseek(sink, 0, os.SEEK_SET)
+        else:
+            sink.seek(0)
+        decode_flac_checked(sink, info, audio.samples, file)
+        flac = read_back()
+    if (info['channels'], info['sample_rate'], info['bits'], info['frames']) != (
+            audio.channels, audio.sample_rate, audio.bits, audio.frames):
+        raise ConversionError(f"FLAC version is {info['channels']} channels, {info['sample_rate']} Hz, {info['bits']} "
+                              f"bits, {info['frames']:,} frames; the recording is {audio.channels}, "
+                              f'{audio.sample_rate} Hz, {audio.bits} bits, {audio.frames:,} frames', file.object_name)
+    if info['md5'] != hashlib.md5(audio.samples).digest():
+        raise ConversionError('FLAC version does not record the MD5 of its samples', file.object_name)
     return flac
 
 
-def decode_flac(flac: bytes, bits: int, file: CatalogFile) -> bytes:
-    pcm = PCM_FORMATS[bits]
-    return run_ffmpeg(['-f', 'flac', '-i', 'pipe:0', '-f', pcm, '-c:a', f'pcm_{pcm}', 'pipe:1'],
-                      flac, file, 'decode the FLAC version')
-
-
 def check_flac(flac: bytes, file: CatalogFile) -> None:
-    """A stored FLAC decodes, and its samples match the MD5 its STREAMINFO carries."""
+    """A stored FLAC decodes, to as many samples as its STREAMINFO says, whose MD5 is the one
+    it records (what `flac -t` checks)."""
+    info = _stream_info(flac[:42], file)
+    with memory_file(flac) as (source, _):
+        decode_flac_checked(source, info, None, file)
+
+
+def decode_flac_checked(source, info: dict, expected: memoryview | None, file: CatalogFile) -> None:
+    """Decode block by block: against `expected` (the original's samples) sample for sample, or,
+    without it, against the MD5 STREAMINFO records; and count the frames."""
+    bits, channels = info['bits'], info['channels']
+    digest = hashlib.md5() if expected is None else None
+    block = np.empty((FLAC_BLOCK_FRAMES, channels), PCM_DTYPES[bits])
+    scratch = (np.empty(FLAC_BLOCK_FRAMES * channels, '<i4') if expected is not None else
+               np.empty(FLAC_BLOCK_FRAMES * channels * 3, np.uint8))
+    done = 0
+    total = len(expected) // (bits // 8) if expected is not None else None
     try:
-        info = flac_stream_info(flac)
-    except (ValueError, IndexError) as exc:
-        raise ConversionError(f'not a FLAC stream: {exc}', file.object_name) from None
-    if info['bits'] not in PCM_FORMATS:
-        raise ConversionError(f"FLAC version has {info['bits']}-bit samples", file.object_name)
-    decoded = decode_flac(flac, info['bits'], file)
-    frames = len(decoded) // (info['channels'] * info['bits'] // 8)
-    if info['frames'] and frames != info['frames']:
+        with _sound_file(source) as decoder:
+            if (decoder.format, decoder.channels, decoder.samplerate) != ('FLAC', channels, info['sample_rate']):
+                raise ConversionError(f'FLAC version opens as {decoder.format}, {decoder.channels} channels, '
+                                      f"{decoder.samplerate} Hz; its STREAMINFO says {channels}, {info['sample_rate']} Hz",
+                                      file.object_name)
+            while count := decoder.buffer_read_into(block, PCM_DTYPES[bits]):
+                got = block[:count].reshape(-1)
+                if expected is not None:
+                    if done + len(got) > total:
+                        raise ConversionError('FLAC version decodes to more samples than the recording has',
+                                              file.object_name)
+                    want = (np.frombuffer(expected[2 * done:2 * (done + len(got))], '<i2') if bits == 16 else
+                            _widen24(expected, done, len(got), scratch))
+                    if not np.array_equal(got, want):
+                        raise ConversionError('FLAC version does not decode to the original samples', file.object_name)
+                else:
+                    digest.update(got if bits == 16 else _pack24(got, scratch))
+                done += len(got)
+    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        raise ConversionError(f'FLAC version does not decode: {exc}', file.object_name) from None
+    frames = done // channels
+    if expected is not None and done != total:
+        raise ConversionError(f'FLAC version decodes to {frames:,} frames, the recording has '
+                              f'{total // channels:,}', file.object_name)
+    if frames != info['frames']:
         raise ConversionError(f"FLAC version decodes to {frames:,} frames, its header says {info['frames']:,}",
                               file.object_name)
-    if any(info['md5']) and hashlib.md5(decoded).digest() != info['md5']:
+    if digest is not None and digest.digest() != info['md5']:
         raise ConversionError('FLAC version does not decode to the samples its MD5 records', file.object_name)
 
 

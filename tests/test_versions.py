@@ -7,10 +7,12 @@ import gzip
 import hashlib
 import io
 import random
+import struct
 import subprocess
 import tempfile
 import wave
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -98,8 +100,8 @@ def test_webp_of_a_bad_image_is_a_named_failure(bad, message):
 # --- FLAC ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('bits', [16, 24])
-@pytest.mark.parametrize('channels', [1, 2])
-@pytest.mark.parametrize('rate', [8000, 44100, 96000, 250000])
+@pytest.mark.parametrize('channels', [1, 2, 8])
+@pytest.mark.parametrize('rate', [8000, 44100, 96000, 250000, 384000])
 def test_flac_decodes_to_exactly_the_original_samples(bits, channels, rate):
     original = sample_data.make_wav(0.25, rate, channels, bits, random.Random(rate + bits + channels))
     flac = ms.VERSIONS[('audio', 1)].make(original, record_of(original, 'n/r.wav'))
@@ -123,6 +125,54 @@ def test_flac_of_bad_audio_is_a_named_failure(bad, message):
             'jpeg': sample_data.make_jpeg(64, 48, dt.datetime(2021, 1, 1, tzinfo=UTC), random.Random(1))}[bad]
     with pytest.raises(ms.ConversionError, match=message):
         ms.VERSIONS[('audio', 1)].make(data, record_of(data, 'n/r.wav'))
+
+
+def wav_extensible(pcm: bytes, channels: int, rate: int, bits: int) -> bytes:
+    """A WAVE_FORMAT_EXTENSIBLE WAV with a LIST/INFO chunk and an odd-sized chunk before the data."""
+    align = channels * bits // 8
+    fmt = struct.pack('<HHIIHHHHI', 0xFFFE, channels, rate, rate * align, align, bits, 22, bits, 0) + (
+        b'\x01\x00\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71')
+    info = b'INFO' + b'ICMT' + struct.pack('<I', 8) + b'AudioMo\0'
+    chunks = (b'fmt ' + struct.pack('<I', len(fmt)) + fmt + b'LIST' + struct.pack('<I', len(info)) + info
+              + b'junk' + struct.pack('<I', 3) + b'abc\0' + b'data' + struct.pack('<I', len(pcm)) + pcm)
+    return b'RIFF' + struct.pack('<I', 4 + len(chunks)) + b'WAVE' + chunks
+
+
+def test_flac_of_other_wav_layouts_and_containers():
+    """WAVE_FORMAT_EXTENSIBLE with extra chunks (its INFO comment carried over), and an AIFF
+    (read by libsndfile) give bit-exact FLACs; a lossy recording and a sample rate outside FLAC's
+    streamable subset are refused by name."""
+    import soundfile
+    plain = sample_data.make_wav(0.3, 48000, 2, 24, random.Random(7))
+    samples, channels, rate, bits = wav_frames(plain)
+    extensible = wav_extensible(samples, channels, rate, bits)
+    flac = ms.VERSIONS[('audio', 1)].make(extensible, record_of(extensible, 'n/r.wav'))
+    assert ffmpeg_pcm(flac, 24) == samples
+    with soundfile.SoundFile(io.BytesIO(flac)) as opened:
+        assert opened.comment == 'AudioMo'
+    aiff = io.BytesIO()
+    soundfile.write(aiff, np.frombuffer(wav_frames(sample_data.make_wav(0.2, 44100, 1, 16))[0], '<i2'), 44100,
+                    subtype='PCM_16', format='AIFF')
+    flac = ms.VERSIONS[('audio', 1)].make(aiff.getvalue(), record_of(aiff.getvalue(), 'n/r.aiff'))
+    assert ms.flac_stream_info(flac)['sample_rate'] == 44100
+    ms.check_flac(flac, record_of(aiff.getvalue()))
+    mp3 = subprocess.run([ms.ffmpeg_executable(), '-loglevel', 'error', '-i', 'pipe:0', '-f', 'mp3', 'pipe:1'],
+                         input=plain, capture_output=True, check=True).stdout
+    with pytest.raises(ms.ConversionError, match='a lossy recording'):
+        ms.VERSIONS[('audio', 1)].make(mp3, record_of(mp3, 'n/r.mp3'))
+    odd = sample_data.make_wav(0.05, 96001, 1, 16)
+    with pytest.raises(ms.ConversionError, match='cannot encode FLAC .*96001 Hz'):
+        ms.VERSIONS[('audio', 1)].make(odd, record_of(odd, 'n/r.wav'))
+
+
+def test_a_wav_never_goes_through_a_subprocess(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError('a WAV went through a subprocess')
+    monkeypatch.setattr(subprocess, 'Popen', refuse)
+    for bits in (16, 24):
+        original = sample_data.make_wav(0.5, 48000, 2, bits)
+        flac = ms.VERSIONS[('audio', 1)].make(original, record_of(original, 'n/r.wav'))
+        ms.VERSIONS[('audio', 1)].check(flac, record_of(original))
 
 
 def test_a_damaged_flac_fails_its_check():
