@@ -89,11 +89,8 @@ import psycopg2.extras
 from PIL import Image, UnidentifiedImageError
 from psycopg2 import sql
 # boto3 itself is imported where an S3 backend is opened: it takes a tenth of a second to load,
-# which a run from disk to disk (a researcher at a workstation) need not pay. tqdm is imported by
-# the command line only.
-
-import numpy as np
-import soundfile
+# which a run from disk to disk (a researcher at a workstation) need not pay; numpy and soundfile
+# where a FLAC is made or checked (audio_libraries). tqdm is imported by the command line only.
 
 with warnings.catch_warnings():
     # pydub warns at import when ffmpeg is not on PATH (we point it at imageio-ffmpeg's binary)
@@ -2109,6 +2106,14 @@ INFO_TAGS = {b'INAM': 'title', b'IART': 'artist', b'ICMT': 'comment', b'ICRD': '
              b'ISFT': 'software', b'IPRD': 'album', b'IGNR': 'genre', b'ITRK': 'tracknumber'}
 
 
+def audio_libraries():
+    """numpy and soundfile, imported where a FLAC is first made or checked: a run without
+    recordings does not pay their tenth of a second of import."""
+    import numpy
+    import soundfile
+    return numpy, soundfile
+
+
 @functools.cache
 def ffmpeg_executable() -> str:
     """ffmpeg from PATH, else the one in the imageio-ffmpeg wheel, for pydub (recordings that are
@@ -2206,6 +2211,7 @@ def read_other_recording(original: bytes, file: CatalogFile) -> PcmAudio:
     reads the container (AIFF, W64, RF64, CAF, FLAC, …), else through pydub and ffmpeg (ALAC in
     MP4, for one), decoded to 24 bits (exact for 16- and 24-bit sources; pydub asks ffprobe
     what the recording holds). Lossy recordings are refused: a FLAC of one is no better."""
+    np, soundfile = audio_libraries()
     try:
         with soundfile.SoundFile(io.BytesIO(original)) as source:
             subtype, channels, sample_rate = source.subtype, source.channels, source.samplerate
@@ -2258,15 +2264,17 @@ def memory_file(data: bytes | None = None):
 
 
 def _sound_file(target, *args, **kwargs):
+    _, soundfile = audio_libraries()
     if isinstance(target, int):
         return soundfile.SoundFile(target, *args, closefd=False, **kwargs)
     return soundfile.SoundFile(target, *args, **kwargs)
 
 
-def _widen24(samples: memoryview, first: int, count: int, out: np.ndarray) -> np.ndarray:
+def _widen24(samples: memoryview, first: int, count: int, out) -> object:
     """3-byte samples [first, first + count) as int32 shifted left by 8 (as libsndfile gives
     24-bit samples): one numpy pass over 4-byte windows every 3 bytes; a bijection, so equal
     int32 values mean equal bytes."""
+    np, _ = audio_libraries()
     inside = max(0, min(count, len(samples) // 3 - 1 - first))
     if inside:
         window = np.ndarray((inside,), '<i4', buffer=samples, offset=3 * first, strides=(3,))
@@ -2277,8 +2285,9 @@ def _widen24(samples: memoryview, first: int, count: int, out: np.ndarray) -> np
     return out[:count]
 
 
-def _pack24(block: np.ndarray, out: np.ndarray) -> np.ndarray:
+def _pack24(block, out) -> object:
     """int32 samples shifted left by 8 back to their 3 little-endian bytes."""
+    np, _ = audio_libraries()
     wide = block.reshape(-1).view(np.uint8).reshape(-1, 4)
     packed = out[:3 * len(wide)].reshape(-1, 3)
     packed[:, 0], packed[:, 1], packed[:, 2] = wide[:, 1], wide[:, 2], wide[:, 3]
@@ -2314,6 +2323,7 @@ def make_flac(original: bytes, file: CatalogFile) -> bytes:
     """Lossless FLAC of a recording, counted only once it decodes to exactly the original's
     samples and its STREAMINFO carries their count and MD5 (16- and 24-bit, 1 to 8 channels,
     the sample rates FLAC's streamable subset allows)."""
+    np, soundfile = audio_libraries()
     audio = read_wav(original, file) if is_wav(original) else read_other_recording(original, file)
     with memory_file() as (sink, read_back):
         try:
@@ -2362,6 +2372,7 @@ def check_flac(flac: bytes, file: CatalogFile) -> None:
 def decode_flac_checked(source, info: dict, expected: memoryview | None, file: CatalogFile) -> None:
     """Decode block by block: against `expected` (the original's samples) sample for sample, or,
     without it, against the MD5 STREAMINFO records; and count the frames."""
+    np, soundfile = audio_libraries()
     bits, channels = info['bits'], info['channels']
     digest = hashlib.md5() if expected is None else None
     block = np.empty((FLAC_BLOCK_FRAMES, channels), PCM_DTYPES[bits])

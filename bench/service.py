@@ -110,9 +110,9 @@ def main() -> int:
         dsn = stage.start_catalog()
         files = stage.make_data()
         data_root = Path(stage_args.data_dir).resolve()
-        pristine = Path(args.workdir) / 'pristine'
-        if not pristine.exists():
-            shutil.copytree(data_root, pristine)
+        pristine = Path(args.workdir) / 'pristine'          # the originals, to put back before each archive run
+        shutil.rmtree(pristine, ignore_errors=True)
+        shutil.copytree(data_root, pristine)
         endpoint = stage.start_server(data_root)
         aws = Path(args.workdir) / 'aws'
         aws.mkdir(exist_ok=True)
