@@ -488,14 +488,21 @@ def connect_catalog(settings: Settings, *, require_tables: bool = True):
     return conn
 
 
-def streamed_rows(conn, query, params=None, itersize: int = 2000) -> Iterator[tuple]:
+def streamed_rows(conn, query, params=None, itersize: int = 2000, columns: list | None = None) -> Iterator[tuple]:
     """The rows of a query from a server-side cursor, `itersize` at a time: a selection of
-    millions of files is never held whole. The cursor's transaction ends when the rows do."""
+    millions of files is never held whole. The cursor's transaction ends when the rows do.
+    `columns`, if given, is filled with the column names once the first rows have come."""
     cur = conn.cursor(name=f'stream_{uuid.uuid4().hex[:8]}')
     cur.itersize = itersize
     try:
         cur.execute(query, params)
-        yield from cur
+        rows = iter(cur)
+        first = next(rows, None)     # a named cursor describes its columns once it has fetched
+        if columns is not None:
+            columns.extend(d[0] for d in cur.description)
+        if first is not None:
+            yield first
+            yield from rows
     finally:
         with contextlib.suppress(psycopg2.Error):
             cur.close()
@@ -4275,20 +4282,15 @@ def _sqlite_value(value):
 
 def _copy_query(conn, index, table: str, query: sql.Composable, params=()) -> int:
     """Stream a query's rows into a new SQLite table of the same column names."""
-    cur = conn.cursor(name=f'index_{uuid.uuid4().hex[:8]}')
-    cur.itersize = 5000
-    cur.execute(query, params)
-    rows = iter(cur)
-    first = next(rows, None)      # a named cursor describes its columns once it has fetched
-    columns = [d[0] for d in cur.description]
+    columns: list[str] = []
+    rows = streamed_rows(conn, query, params, 5000, columns)
+    first = next(rows, None)
     index.execute(f'CREATE TABLE {table} ({", ".join(columns)})')
     insert = f'INSERT INTO {table} VALUES ({", ".join("?" for _ in columns)})'
     count = 0
     for row in itertools.chain([first] if first is not None else [], rows):
         index.execute(insert, [_sqlite_value(v) for v in row])
         count += 1
-    cur.close()
-    conn.commit()
     return count
 
 

@@ -221,7 +221,11 @@ class CuttingProxy:
         except OSError:
             pass
         finally:
-            for sock in (client, upstream):
+            for sock in (client, upstream):     # shutdown first: it wakes the other thread's recv
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 sock.close()
 
     def close(self) -> None:
