@@ -54,6 +54,7 @@ from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -194,12 +195,22 @@ def problems(*statuses: int) -> dict:
 # =================================================================================================
 
 class CatalogPool:
-    """Catalog connections, made by the engine and kept for the next request; a connection that
-    failed is dropped, so a database that comes back is used again at once."""
+    """Catalog connections, made by the engine and kept for the next request. When one finds
+    the catalog gone, every idle one is dropped, so a database that comes back is used again at
+    once."""
 
     def __init__(self, settings: ms.Settings, size: int = 16):
         self.settings = settings
         self.idle: queue.LifoQueue = queue.LifoQueue(maxsize=size)
+
+    def clear(self) -> None:
+        while True:
+            try:
+                conn = self.idle.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator:
@@ -213,6 +224,8 @@ class CatalogPool:
             healthy = not conn.closed
         except BaseException as exc:
             healthy = not conn.closed and not ms.catalog_outage(exc)
+            if ms.catalog_outage(exc):
+                self.clear()            # the others went with it: the next request connects anew
             raise
         finally:
             if healthy:
@@ -263,8 +276,7 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             raise Failure(401, 'invalid-token', 'Invalid token', f'the token is not valid: {exc}', invalid) from None
 
-    def require(self, authorization: str | None, role: str) -> dict:
-        claims = self.claims(authorization)
+    def require(self, claims: dict, role: str) -> dict:
         roles = (claims.get('realm_access') or {}).get('roles') or []
         if role not in roles:
             raise Failure(403, 'forbidden', 'Forbidden', f"the token does not carry the realm role '{role}'")
@@ -274,6 +286,30 @@ class Authenticator:
 # =================================================================================================
 # The service
 # =================================================================================================
+
+class Authentication:
+    """ASGI middleware: every request but /healthz shows a valid token first, before its path
+    or body is looked at (401 with WWW-Authenticate otherwise); the routes then check the role
+    they need from the claims it leaves in the request's state. Pure ASGI, so the originals
+    stream through it untouched."""
+
+    def __init__(self, app, authenticator):
+        self.app = app
+        self.authenticator = authenticator
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] == 'http' and scope['path'] != '/healthz':
+            header = next((value.decode('latin-1') for name, value in scope['headers'] if name == b'authorization'),
+                          None)
+            try:
+                claims = await run_in_threadpool(self.authenticator().claims, header)
+            except Failure as exc:
+                response = problem_response(exc.status, exc.kind, exc.title, exc.detail, exc.headers)
+                await response(scope, receive, send)
+                return
+            scope.setdefault('state', {})['claims'] = claims
+        await self.app(scope, receive, send)
+
 
 class Service:
     """What every request shares: the configuration, the catalog's connections, the backends
@@ -361,8 +397,11 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         service()            # a configuration error shows at start, not at the first request
         yield
 
-    app = FastAPI(title='mitwelten-storage service', version='1', lifespan=lifespan,
+    app = FastAPI(title='mitwelten-storage service', version='1', lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None,
                   description='Originals of the Mitwelten catalog, archived without S3 keys: see the README.')
+
+    app.add_middleware(Authentication, authenticator=lambda: service().auth)
 
     async def engine_error(request: Request, exc: Exception):
         failure = as_failure(exc)
@@ -388,11 +427,11 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         return problem_response(exc.status_code, 'http-error', str(exc.detail), str(exc.detail), exc.headers)
 
-    def reader(authorization: Annotated[str | None, Header()] = None) -> dict:
-        return service().auth.require(authorization, service().config.read_role)
+    def reader(request: Request) -> dict:
+        return service().auth.require(request.state.claims, service().config.read_role)
 
-    def writer(authorization: Annotated[str | None, Header()] = None) -> dict:
-        return service().auth.require(authorization, service().config.write_role)
+    def writer(request: Request) -> dict:
+        return service().auth.require(request.state.claims, service().config.write_role)
 
     original_types = sorted(set(ms.ORIGINAL_CONTENT_TYPES.values()) | {'application/octet-stream'})
 
@@ -404,7 +443,8 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         headers = {'ETag': f'"{file.sha256}"', 'Accept-Ranges': 'bytes',
                    'Repr-Digest': f'sha-256=:{base64.b64encode(bytes.fromhex(file.sha256)).decode()}:'}
         content_type = ms.content_type_of(ms.VERSIONS[(kind.group, 0)], file.object_name)
-        wanted = parse_range(range, file.file_size) if not if_range or etag_matches(if_range, file.sha256) else None
+        wanted = (parse_range(range, file.file_size)
+                  if not if_range or if_range.strip() == f'"{file.sha256}"' else None)    # If-Range: a strong ETag
         if wanted == 'unsatisfiable':
             raise Failure(416, 'range-not-satisfiable', 'Range not satisfiable',
                           f'the original has {file.file_size} bytes; {range!r} asks for none of them',
@@ -507,16 +547,31 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         return {'status': 'ok', **status}
 
     def openapi() -> dict:
-        """FastAPI's schema, saying what the handlers check themselves: DELETE needs If-Match
-        (answered 428 without it, as RFC 6585 says, rather than 422)."""
+        """FastAPI's schema, saying what the handlers and the token check do themselves: every
+        operation but /healthz needs a bearer token, and DELETE needs If-Match (answered 428
+        without it, as RFC 6585 says, rather than 422)."""
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             for parameter in schema['paths']['/{kind}/{file_id}/original']['delete'].get('parameters', []):
                 if parameter['name'].lower() == 'if-match':
                     parameter['required'] = True
+            schema.setdefault('components', {})['securitySchemes'] = {
+                'keycloak': {'type': 'http', 'scheme': 'bearer', 'bearerFormat': 'JWT'}}
+            for path, operations in schema['paths'].items():
+                for operation in operations.values():
+                    operation['security'] = [] if path == '/healthz' else [{'keycloak': []}]
+                    if path != '/healthz':
+                        operation.setdefault('responses', {}).setdefault('401', PROBLEMS[401] | {
+                            'content': {'application/problem+json': {'schema': {'$ref': '#/components/schemas/Problem'}}}})
+                        operation['responses']['401'].pop('model', None)
             app.openapi_schema = schema
         return app.openapi_schema
     app.openapi = openapi
+
+    @app.get('/openapi.json', include_in_schema=False)
+    def get_openapi_document(claims: dict = Depends(reader)) -> JSONResponse:
+        return JSONResponse(openapi())
+
     return app
 
 

@@ -219,7 +219,8 @@ CRASH_POINTS = frozenset({
     'after-original-delete',    # the original deleted at ACTIVE, the row not yet changed
 })
 FAULT_POINTS = frozenset({
-    'fsync',                    # from the N-th folder fsync on, fsync fails with EIO (a dying disk)
+    'fsync',                    # from the N-th sync of a disk on (folder fsync, syncfs), it fails with EIO
+    'rename',                   # from the N-th rename of a synced file into place on, it fails with EIO
 })
 
 
@@ -469,7 +470,10 @@ def connect_catalog(settings: Settings, *, require_tables: bool = True):
     With `require_tables`, checks that the schema holds the storage tables, so that a wrong
     --schema gives a clear message instead of failing halfway through a run."""
     try:
-        conn = psycopg2.connect(settings.dsn, application_name='mitwelten-storage', connect_timeout=15)
+        # TCP keepalives: a catalog server that went away (its machine down, the network cut) is
+        # noticed within about a minute, not when the kernel gives up hours later.
+        conn = psycopg2.connect(settings.dsn, application_name='mitwelten-storage', connect_timeout=15,
+                                keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
     except psycopg2.OperationalError as exc:
         raise ConfigError(f'cannot connect to the catalog, {describe_dsn(settings.dsn)}: {pg_error_line(exc)} '
                           '(set --db or MITWELTEN_DB)') from None
@@ -611,6 +615,10 @@ class Recorder:
                 self.failed = SyncFailed(backend, exc)
                 self.drop_pending()
                 raise self.failed from None
+            except BaseException:       # interrupted in the middle of a sync: nothing is known durable
+                self.failed = SyncFailed(backend, OSError(errno.EINTR, 'interrupted'))
+                self.drop_pending()
+                raise
         return self._record()
 
     def _record(self) -> list[tuple[int, str]]:
@@ -813,25 +821,26 @@ class HeldVersion:
 def held_versions(conn, group: str, file_id: int, *, lock: bool = False) -> list[HeldVersion]:
     """The file's storage rows with their backends, the online tiers first (by priority, then
     id). With `lock`, the rows are locked (SELECT … FOR UPDATE) until the transaction ends, so
-    that two requests for one file, from any number of processes, never both act on it."""
+    that two requests for one file, from any number of processes, never both act on it; a lock
+    not had within 30 s is Busy."""
     group = find_group(group)
+    select = sql.SQL(f'SELECT s.type, {", ".join("b." + c for c in BACKEND_COLUMNS.split(", "))} '
+                     'FROM {} s JOIN storage_backend b ON b.storage_id = s.storage_id '
+                     'WHERE s.file_id = %s ORDER BY b.priority, b.storage_id'
+                     + (' FOR UPDATE OF s' if lock else '')).format(sql.Identifier(group.storage_table))
     with conn.cursor() as cur:
-        if lock:
-            # The file's own row too: it exists even when no backend records the file yet, so
-            # a first insert is serialized as well. NO KEY: the storage tables' foreign-key
-            # checks (KEY SHARE) of other writers are not held up.
-            cur.execute("SET LOCAL lock_timeout = '30s'")
-            try:
+        try:
+            if lock:
+                # The file's own row too: it exists even when no backend records the file yet,
+                # so a first insert is serialized as well. NO KEY: the storage tables'
+                # foreign-key checks (KEY SHARE) of other writers are not held up.
+                cur.execute("SET LOCAL lock_timeout = '30s'")
                 cur.execute(sql.SQL('SELECT 1 FROM {} WHERE file_id = %s FOR NO KEY UPDATE').format(
                     sql.Identifier(group.files_table)), (file_id,))
-            except psycopg2.errors.LockNotAvailable:
-                conn.rollback()
-                raise Busy(f'{group.name} file {file_id} is being changed by another request; try again') from None
-        cur.execute(sql.SQL(f'SELECT s.type, {", ".join("b." + c for c in BACKEND_COLUMNS.split(", "))} '
-                            'FROM {} s JOIN storage_backend b ON b.storage_id = s.storage_id '
-                            'WHERE s.file_id = %s ORDER BY b.priority, b.storage_id'
-                            + (' FOR UPDATE OF s' if lock else '')).format(
-            sql.Identifier(group.storage_table)), (file_id,))
+            cur.execute(select, (file_id,))
+        except psycopg2.errors.LockNotAvailable:
+            conn.rollback()
+            raise Busy(f'{group.name} file {file_id} is being changed by another request; try again') from None
         return [HeldVersion(BackendRow(*row[1:]), row[0]) for row in cur.fetchall()]
 
 
@@ -877,8 +886,9 @@ def full_fsync(fd: int) -> None:
         try:
             fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
             return
-        except OSError:
-            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EINVAL, errno.ENOTTY):   # a file system without it
+                raise
     os.fsync(fd)
 
 
@@ -919,7 +929,8 @@ def temporary_name(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(final: Path, *, sync_folder: bool = True) -> Iterator[Path]:
+def atomic_file(final: Path, *, sync_folder: bool = True,
+                on_fsync_error: Callable[[OSError], None] | None = None) -> Iterator[Path]:
     """Rule 2: yields a temporary path beside `final` for the caller to write and close; when the
     block ends without error the file is fsynced and renamed to `final`, so `final` is either
     its old self or the whole new file, never half written. On error the temporary file goes.
@@ -931,9 +942,14 @@ def atomic_file(final: Path, *, sync_folder: bool = True) -> Iterator[Path]:
         fd = os.open(tmp, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
         try:
             full_fsync(fd)
+        except OSError as exc:
+            if on_fsync_error:
+                on_fsync_error(exc)
+            raise
         finally:
             os.close(fd)
         crash_point('before-rename')
+        TEST_FAULTS.fault_point('rename', final)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -1266,7 +1282,7 @@ class LocalBackend(Backend):
         self._ensure_dir(final.parent)
         self._remove_leftovers(final.parent)
         if not self._grouped:
-            with atomic_file(final, sync_folder=False) as tmp:
+            with atomic_file(final, sync_folder=False, on_fsync_error=self._fsync_failed) as tmp:
                 self._write_file(tmp, object_name, chunks, size)
             self._changed(final.parent)
             return
@@ -1307,8 +1323,8 @@ class LocalBackend(Backend):
                     whole = len(view) - len(view) % DIRECT_ALIGN
                     address = buffer_address(view) if whole else None
                     if address is not None and address % DIRECT_ALIGN == 0:
+                        part = view[:whole]
                         try:
-                            part = view[:whole]
                             while part:
                                 part = part[handle.write(part):]
                             view = view[whole:]
@@ -1316,6 +1332,7 @@ class LocalBackend(Backend):
                             if exc.errno != errno.EINVAL or handle.tell() % DIRECT_ALIGN:
                                 raise
                             self.direct_io = False
+                            view = view[whole - len(part):]      # the rest, from where it stopped
                     if len(view):
                         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                         direct = False
@@ -1324,6 +1341,13 @@ class LocalBackend(Backend):
             written = os.fstat(handle.fileno()).st_size
         if written != size:
             raise FileFailure(f'{tmp}: wrote {written} bytes, expected {size}', object_name)
+
+    def _fsync_failed(self, exc: OSError) -> None:
+        """A file's fsync failed: the disk may have lost what it holds of anything written since
+        the last good sync, so every later sync of the run fails and nothing more is recorded."""
+        with self._group_lock:
+            if self._sync_error is None:
+                self._sync_error = exc
 
     def _sync_group(self) -> None:
         """One syncfs() for the files written so far in the group, then their renames (their
@@ -1348,10 +1372,22 @@ class LocalBackend(Backend):
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
                 raise
-            for tmp, final in files:
-                crash_point('before-rename')
-                os.replace(tmp, final)
-                self._changed(final.parent)
+            except BaseException:       # interrupted: whether the group is durable is not known
+                self._sync_error = OSError(errno.EINTR, 'interrupted while making a group of files durable',
+                                           str(self.root))
+                raise
+            try:
+                for tmp, final in files:
+                    crash_point('before-rename')
+                    TEST_FAULTS.fault_point('rename', final)
+                    os.replace(tmp, final)
+                    self._changed(final.parent)
+            except BaseException as exc:
+                # Some of the group are not under their final names: none of the rows waiting
+                # for this sync may be recorded, so every later sync of the run fails too.
+                self._sync_error = exc if isinstance(exc, OSError) else OSError(
+                    errno.EINTR, 'interrupted while renaming a group of files', str(self.root))
+                raise
 
     def delete(self, object_name: str) -> None:
         path = self.path(object_name)
@@ -1365,6 +1401,14 @@ class LocalBackend(Backend):
 
     def will_sync(self, object_name: str) -> None:
         path = self.path(object_name)
+        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))    # its data, if not on the disk yet
+        try:
+            full_fsync(fd)
+        except OSError as exc:
+            self._fsync_failed(exc)
+            raise
+        finally:
+            os.close(fd)
         for folder in path.relative_to(self.archive).parents:     # its folder up to the archive root
             self._changed(self.archive / folder)
 
@@ -1529,8 +1573,10 @@ class S3Backend(Backend):
                 raise FileFailure(f'{self.describe()} stored {key} with a different MD5 than was sent',
                                   object_name)
         else:
-            self.client.upload_fileobj(ChunkReader(chunks), self.where.bucket, key, ExtraArgs=extra,
-                                       Config=self.transfer_config)
+            # Every part is sent with its SHA-256, which the server checks; the whole was
+            # checked against the catalog's as it was read (CheckedStream).
+            self.client.upload_fileobj(ChunkReader(chunks), self.where.bucket, key,
+                                       ExtraArgs={**extra, 'ChecksumAlgorithm': 'SHA256'}, Config=self.transfer_config)
             stored = self.size(object_name)
             if stored != size:
                 self._delete_key(key)
@@ -1665,37 +1711,69 @@ class ServiceClient:
     def describe(self) -> str:
         return f'the storage service at {self.base}'
 
+    # Answers of the service that say what went wrong with one file, not that it is down.
+    FILE_PROBLEMS = {'original-missing': SourceMissing, 'original-corrupt': ChecksumMismatch, 's3-error': FileFailure}
+
     def request(self, method: str, path: str, *, body: dict | None = None, headers: dict | None = None,
-                stream: bool = False, token: bool = True):
+                stream: bool = False, token: bool = True, slow: bool = False):
         """The answer to a request, after up to `attempts` tries with backoff for answers that
-        did not come (connection refused or dropped, timeouts, 502/503/504). A problem answer
-        (4xx) raises the refusal it stands for; a service still down raises Unreachable."""
+        did not come (connection refused or dropped, timeouts, 502/503/504 without a problem of
+        one file) and while the file is busy with another request. A problem answer raises the
+        refusal it stands for; a service still down raises Unreachable. A refused token is
+        read again from MITWELTEN_TOKEN_FILE once (a refresher may have renewed it). `slow`:
+        a request that makes a version, given three times the read timeout."""
         headers = dict(headers or {})
-        if token:
-            headers['Authorization'] = f'Bearer {self.token}'
         data = None
         if body is not None:
             data = json.dumps(body).encode()
             headers['Content-Type'] = 'application/json'
-        reason = ''
-        for attempt in range(self.settings.attempts):
+        timeout = self.urllib3.Timeout(connect=self.settings.connect_timeout,
+                                       read=self.settings.read_timeout * (3 if slow else 1))
+        reason, token_renewed, busy = '', False, False
+        attempt = 0
+        while attempt < self.settings.attempts:
             if attempt:
                 time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random_fraction()))
+            attempt += 1
+            if token:
+                headers['Authorization'] = f'Bearer {self.token}'
             try:
-                response = self.http.request(method, self.base + path, body=data, headers=headers,
+                response = self.http.request(method, self.base + path, body=data, headers=headers, timeout=timeout,
                                              preload_content=not stream, redirect=False)
             except self.urllib3.exceptions.HTTPError as exc:
                 reason = f'{type(exc).__name__}: {exc}'
                 continue
-            if response.status in (502, 503, 504):
-                reason = self.problem_of(response).get('detail') or f'HTTP {response.status}'
-                response.release_conn()
-                continue
+            if response.status in (502, 503, 504, 409, 401):
+                problem = self.problem_of(response)
+                kind = str(problem.get('type', '')).removeprefix(PROBLEM)
+                if response.status == 401 and not token_renewed and self.renew_token():
+                    token_renewed, attempt = True, attempt - 1
+                    continue
+                if response.status >= 502 and kind not in self.FILE_PROBLEMS or kind == 'busy':
+                    reason = problem.get('detail') or f'HTTP {response.status}'
+                    busy = kind == 'busy'
+                    response.release_conn()
+                    continue
+                self.raise_problem(response, problem)
             if response.status >= 400:
-                self.raise_problem(response)
+                self.raise_problem(response, self.problem_of(response))
             return response
+        if busy:
+            raise Busy(reason)
         raise Unreachable(f'{self.describe()} did not answer {method} {path} ({reason}) after '
                           f'{self.settings.attempts} attempts')
+
+    def renew_token(self) -> bool:
+        """Read MITWELTEN_TOKEN_FILE again; whether it holds a new token."""
+        path = os.environ.get('MITWELTEN_TOKEN_FILE')
+        if not path:
+            return False
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            token = Path(path).expanduser().read_text(encoding='utf-8').strip()
+            if token and token != self.token:
+                self.token = token
+                return True
+        return False
 
     @staticmethod
     def problem_of(response) -> dict:
@@ -1703,11 +1781,10 @@ class ServiceClient:
             data = response.data if response.data else response.read()
             problem = json.loads(data or b'{}')
             return problem if isinstance(problem, dict) else {}
-        except (ValueError, Exception):
+        except Exception:       # not a problem document: the status says it all
             return {}
 
-    def raise_problem(self, response) -> None:
-        problem = self.problem_of(response)
+    def raise_problem(self, response, problem: dict) -> None:
         response.release_conn()
         kind = str(problem.get('type', '')).removeprefix(PROBLEM)
         detail = problem.get('detail') or problem.get('title') or f'HTTP {response.status}'
@@ -1718,9 +1795,8 @@ class ServiceClient:
         if status == 404:
             raise NotFound(detail, 'original' if kind == 'original-not-online' else kind or 'file')
         refusals = {'too-few-copies': TooFewCopies, 'version-conflict': VersionConflict, 'busy': Busy,
-                    'invalid-archive': InvalidArchive, 'original-changed': OriginalChanged}
-        if kind == 'version-failed':
-            raise ConversionError(detail)
+                    'invalid-archive': InvalidArchive, 'original-changed': OriginalChanged,
+                    'version-failed': ConversionError, **self.FILE_PROBLEMS}
         if kind in refusals:
             raise refusals[kind](detail)
         raise StorageError(f'{self.describe()} answered {status}: {detail}')
@@ -1733,6 +1809,9 @@ class ServiceClient:
             raise ConfigError(f'cannot reach {self.describe()}: {exc}') from None
         except TokenRefused as exc:
             raise ConfigError(str(exc)) from None
+        except StorageError as exc:
+            raise ConfigError(f'{self.describe()} does not answer as the storage service does ({exc}): is --via '
+                              "the service's URL?") from None
 
     def path(self, group: str, file_id: int, what: str) -> str:
         return f'/{KINDS[group]}/{int(file_id)}/{what}'
@@ -1749,6 +1828,7 @@ class ServiceClient:
             # unchecked, and the whole is checked here (a corrupted original is named as such).
             headers = {'Range': f'bytes={received}-'} if drops else {}
             response = self.request('GET', self.path(group, file.file_id, 'original'), headers=headers, stream=True)
+            complete = False
             try:
                 digest = response.headers.get('Repr-Digest', '')
                 if digest and digest != f'sha-256=:{sha256_hex_to_b64(file.sha256)}:':
@@ -1765,12 +1845,16 @@ class ServiceClient:
                             received += len(chunk)
                             yield chunk
                     if received >= file.file_size or response.status not in (200, 206):
+                        complete = True
                         return
                     reason = 'the answer ended early'
                 except self.urllib3.exceptions.HTTPError as exc:
                     reason = f'{type(exc).__name__}: {exc}'
             finally:
-                response.release_conn()
+                if complete:
+                    response.release_conn()
+                else:                   # read in part: this connection is not used again
+                    response.close()
             drops += 1
             if drops >= self.settings.attempts:
                 raise Unreachable(f'{self.describe()} dropped the connection {drops} times while sending '
@@ -1784,10 +1868,11 @@ class ServiceClient:
 
     def make_version_in_place(self, group: str, file: CatalogFile, version_type: int) -> dict:
         return json.loads(self.request('POST', self.path(group, file.file_id, 'scaled'),
-                                       body={'type': version_type}).data)
+                                       body={'type': version_type}, slow=True).data)
 
     def delete_original(self, group: str, file: CatalogFile) -> None:
-        self.request('DELETE', self.path(group, file.file_id, 'original'), headers={'If-Match': f'"{file.sha256}"'})
+        self.request('DELETE', self.path(group, file.file_id, 'original'), headers={'If-Match': f'"{file.sha256}"'},
+                     slow=True)
 
 
 def random_fraction() -> float:
@@ -2587,6 +2672,7 @@ class Run:
         self.last_activity = self.started
         self.files_done = 0
         self.waiting_logged = False
+        self.log_failed = False
         self._lock = threading.Lock()
         self._log_file = None
         self._old_handlers = {}
@@ -2617,10 +2703,11 @@ class Run:
         self.report.seconds = time.monotonic() - self.started
         self.progress_shown.close()
         if self._log_file:
-            self._log_file.write(f'# ended after {self.report.seconds:.1f} s: {json.dumps(self.report.counts)}'
-                                 f'{", interrupted" if self.report.interrupted else ""}'
-                                 f'{", stopped: " + self.report.stopped if self.report.stopped else ""}\n')
-            self._log_file.close()
+            self._write_log(f'# ended after {self.report.seconds:.1f} s: {json.dumps(self.report.counts)}'
+                            f'{", interrupted" if self.report.interrupted else ""}'
+                            f'{", stopped: " + self.report.stopped if self.report.stopped else ""}\n')
+            with contextlib.suppress(OSError):
+                self._log_file.close()
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested:
@@ -2659,10 +2746,21 @@ class Run:
 
     def log_entry(self, outcome: str, file_id: int | str, nbytes: int, name: str, detail: str = '') -> None:
         now = dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%f')[:-3] + 'Z'
-        self._log_file.write(f'{now}\t{outcome}\t{file_id}\t{nbytes}\t{name}\t{detail}\n')
+        self._write_log(f'{now}\t{outcome}\t{file_id}\t{nbytes}\t{name}\t{detail}\n')
 
     def log_line(self, text: str) -> None:
-        self._log_file.write(f'# {text}\n')
+        self._write_log(f'# {text}\n')
+
+    def _write_log(self, text: str) -> None:
+        """The log is the run's record, not its work: a log disk gone full is said once, and the
+        run goes on (its summary still says everything)."""
+        try:
+            self._log_file.write(text)
+        except (OSError, ValueError) as exc:
+            if not self.log_failed:
+                self.log_failed = True
+                log.warning('cannot write the log file %s any more: %s', self.report.log_path,
+                            getattr(exc, 'strerror', None) or exc)
 
     def set_totals(self, counts: dict) -> None:
         """The totals, once the selection has been counted."""
@@ -3117,17 +3215,18 @@ def _copies_elsewhere(held: list[HeldVersion], storage_id: int) -> int:
 
 
 def active_original(conn, backends: BackendCache, group: str, file_id: int) -> tuple[CatalogFile, Backend]:
-    """The file and the online (S3) backend to read its original from: the one with the lowest
-    priority number that records the original. NotFound('file') when the catalog does not know
-    the file, NotFound('original') when no online tier holds its original any more."""
+    """The file and the backend of its active copy (the S3 backend with the lowest priority
+    number that records it: the one the writes act on too), which must be the original.
+    NotFound('file') when the catalog does not know the file, NotFound('original') when the
+    active tier holds a version instead, or no online tier records the file."""
     file = fetch_file(conn, group, file_id)
     held = held_versions(conn, group, file_id)
     conn.commit()
-    online = next((h for h in held if h.backend.type == 's3' and h.type == 0), None)
-    if online is None:
+    active = active_version(held)
+    if active is None or active.type != 0:
         raise NotFound(f'the original of {group} file {file_id} is no longer online (it is archived; the online '
-                       'tiers hold a version of it, if any)', 'original')
-    return file, backends.get(online.backend)
+                       'tier holds a version of it, if any)', 'original')
+    return file, backends.get(active.backend)
 
 
 def record_archived(conn, group: str, file_id: int, storage_id: int, sha256_hex: str) -> FileState:
@@ -3390,6 +3489,11 @@ class BatchFrame:
         source_row, target_row = fetch_backend(self.reader, source_id), fetch_backend(self.reader, target_id)
         options = self.options
         if options.via:
+            active = min((row for row in fetch_backends(self.reader) if row.type == 's3'),
+                         key=lambda row: (row.priority, row.storage_id), default=None)
+            if active is not None and active.storage_id != source_id:
+                raise ConfigError(f'through the service (--via) the source must be the active tier, the S3 backend '
+                                  f'with the lowest priority number: {active.describe()}, not {source_row.describe()}')
             self.service = ServiceClient.from_options(options, self.settings)
             source = ServiceSource(source_row, self.service, group)
             if target_row.priority != ARCHIVE_PRIORITY:
@@ -4195,11 +4299,15 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
                           fatal_reason(exc, (backend,)) or describe_exception(exc))
                 report.stopped = f'{reason}: not every file was checked; run verify again'
             if fix and not run.stopping:
-                writer_conn = connect_catalog(settings)
                 try:
-                    report.removed = verifier.remove_rows(writer_conn, storage_id)
-                finally:
-                    writer_conn.close()
+                    writer_conn = connect_catalog(settings)
+                    try:
+                        report.removed = verifier.remove_rows(writer_conn, storage_id)
+                    finally:
+                        writer_conn.close()
+                except (StorageError, psycopg2.Error) as exc:
+                    report.stopped = (f'--fix could not remove the rows: {describe_exception(exc)}; nothing was '
+                                      'removed')
         return report
     finally:
         reader.close()
@@ -4298,7 +4406,8 @@ def _write_index(conn, backend: LocalBackend, made: dt.datetime) -> dict:
     import sqlite3
     storage_id = backend.row.storage_id
     counts = {}
-    with atomic_file(backend.root / 'archive_index.db') as tmp:
+    final = backend.root / 'archive_index.db'
+    with atomic_file(final) as tmp:
         index = sqlite3.connect(tmp)
         try:
             with index:
@@ -4330,6 +4439,8 @@ def _write_index(conn, backend: LocalBackend, made: dt.datetime) -> dict:
                 for group in GROUPS.values():
                     index.execute(f'CREATE INDEX {group.files_table}_object_name ON {group.files_table} (object_name)')
                     index.execute(f'CREATE INDEX {group.files_table}_time ON {group.files_table} (time)')
+        except sqlite3.Error as exc:
+            raise StorageError(f'cannot write {final}: {exc}') from None
         finally:
             index.close()
     return counts

@@ -60,7 +60,7 @@ def main() -> int:
         print(f'''
 The storage service, on throwaway services (stop with Ctrl-C):
 
-  service   {base}      (its OpenAPI: {base}/docs)
+  service   {base}      (its OpenAPI, with the token: {base}/openapi.json)
   catalog   {svc.pg_dsn}   schema prod
   S3        {svc.s3_endpoint}/mitwelten-active   (only the service has its keys)
   issuer    {issuer.url}

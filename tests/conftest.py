@@ -16,6 +16,7 @@ from pathlib import Path
 
 import boto3
 import psycopg2
+import psycopg2.extensions
 import pytest
 from botocore.config import Config
 
@@ -199,6 +200,25 @@ def wait_for(condition, what: str, timeout: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f'timed out waiting for {what}')
         time.sleep(0.005)
+
+
+@pytest.fixture
+def readonly_dsn(world, services):
+    """A catalog role that may only SELECT, as a workstation's would be."""
+    role = f'mw_reader_{uuid.uuid4().hex[:8]}'
+    admin = psycopg2.connect(services.pg_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE ROLE {role} LOGIN')
+        cur.execute(f'GRANT USAGE ON SCHEMA "{world.schema}" TO {role}')
+        cur.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{world.schema}" TO {role}')
+    params = psycopg2.extensions.parse_dsn(services.pg_dsn)
+    params['user'] = role
+    yield ' '.join(f'{k}={v}' for k, v in params.items())
+    with admin.cursor() as cur:
+        cur.execute(f'DROP OWNED BY {role}')
+        cur.execute(f'DROP ROLE {role}')
+    admin.close()
 
 
 # --- the storage service --------------------------------------------------------------------------

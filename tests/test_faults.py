@@ -222,8 +222,8 @@ def test_catalog_gone_mid_archive_never_releases_an_unrecorded_original(pg_world
 
 # --- disks -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('command', ['copy', 'archive'])
-def test_a_disk_whose_fsync_fails_records_nothing_written_since_its_last_good_sync(world, command):
+@pytest.mark.parametrize('command, fault', [('copy', 'fsync:2'), ('archive', 'fsync:12'), ('copy', 'rename:5')])
+def test_a_disk_whose_fsync_fails_records_nothing_written_since_its_last_good_sync(world, command, fault):
     """MITWELTEN_FAULT_AT=fsync:N: from the N-th sync of the disk on (a folder's fsync, or the
     syncfs of a group of files a copy writes), it fails with EIO, as on a dying disk. What was
     synced before is recorded; nothing written after is."""
@@ -234,12 +234,12 @@ def test_a_disk_whose_fsync_fails_records_nothing_written_since_its_last_good_sy
     if command == 'copy':
         # A copy syncs its files in groups (one syncfs each) and their folders before each
         # commit: the disk starts failing at its second sync, after a first run recorded 40.
+        # A rename that fails in the middle of a synced group leaves the rest of it under
+        # temporary names: nothing of the run may be recorded after that either.
         args = ('copy', '-s', active, '-t', archive, 'all_images', '--jobs', 2)
         assert world.cli(*args, '--limit', 40).returncode == 0
-        fault = 'fsync:2'
     else:
         args = ('archive', '-s', active, '-t', archive, 'all_images', '--delete-original', '--jobs', 2)
-        fault = 'fsync:12'
     before = world.rows(archive)
     first = world.cli(*args, env={'MITWELTEN_FAULT_AT': fault})
     assert first.returncode == 1, first.stdout + first.stderr

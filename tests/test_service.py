@@ -282,6 +282,11 @@ def test_tokens_are_checked_as_keycloak_issues_them(online, caplog):
             assert response.status == 401, name
             assert response.headers['WWW-Authenticate'].startswith('Bearer'), name
             problem(response, 401, 'unauthorized' if token is None else 'invalid-token')
+        for method, where, body in (('POST', f'/images/{image.file_id}/archive', b'{not json'),
+                                    ('GET', '/no/such/route', None), ('GET', '/openapi.json', None)):
+            response = service.http.request(method, service.url + where, body=body,
+                                            headers={'Content-Type': 'application/json'})
+            problem(response, 401, 'unauthorized')      # the token first, whatever the path or the body
         no_read = issuer.token(roles=['offline_access'])
         problem(service.request('GET', path, token=no_read), 403, 'forbidden')
         read_only = issuer.token(roles=['internal'])
@@ -343,8 +348,10 @@ def test_the_schema_holds_for_whatever_a_client_sends(online):
     import schemathesis
     from schemathesis.specs.openapi.checks import positive_data_acceptance
     from hypothesis import HealthCheck, given, settings
-    schema = schemathesis.openapi.from_url(online.service.url + '/openapi.json')
     token = online.service.token()
+    assert online.service.request('GET', '/openapi.json', token=None).status == 401
+    schema = schemathesis.openapi.from_url(online.service.url + '/openapi.json',
+                                           headers={'Authorization': f'Bearer {token}'})
     failures = []
     for result in schema.get_all_operations():
         operation = result.ok()

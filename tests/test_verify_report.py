@@ -69,6 +69,16 @@ def test_corrupt_missing_and_unknown_are_named_fix_removes_two_rows_and_copy_res
     assert world.rows(disk_id) == rows_before
 
 
+def test_verify_fix_with_a_catalog_that_refuses_says_so_and_still_lists_the_findings(world, readonly_dsn):
+    bucket, source, disk_id, disk, files = copied_to_disk(world, 3)
+    (disk / 'archive' / files[0].object_name).unlink()
+    result = world.cli('verify', disk_id, '--fix', env={'MITWELTEN_DB': readonly_dsn})
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert f'1 missing (recorded, not there):\n    {files[0].object_name}' in result.stdout
+    assert 'stopped early: --fix could not remove the rows: catalog: ERROR:  permission denied' in result.stdout
+    assert files[0].file_id in world.rows(disk_id)
+
+
 def test_verify_of_a_bucket_names_missing_and_corrupt_objects(world):
     bucket, source, disk_id, disk, files = copied_to_disk(world, 4)
     world.s3.delete_object(Bucket=bucket, Key=files[0].object_name)

@@ -10,10 +10,7 @@ import re
 import signal
 import socket
 import threading
-import uuid
 
-import psycopg2
-import psycopg2.extensions
 import pytest
 
 import mitwelten_storage as ms
@@ -25,25 +22,6 @@ NO_S3_KEYS = ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_DEFAULT_REGION'
 def bucket_keys(world, bucket: str) -> set[str]:
     pages = world.s3.get_paginator('list_objects_v2').paginate(Bucket=bucket)
     return {obj['Key'] for page in pages for obj in page.get('Contents', [])}
-
-
-@pytest.fixture
-def readonly_dsn(world, services):
-    """A catalog role that may only SELECT, as a workstation's would be."""
-    role = f'mw_reader_{uuid.uuid4().hex[:8]}'
-    admin = psycopg2.connect(services.pg_dsn)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE ROLE {role} LOGIN')
-        cur.execute(f'GRANT USAGE ON SCHEMA "{world.schema}" TO {role}')
-        cur.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{world.schema}" TO {role}')
-    params = psycopg2.extensions.parse_dsn(services.pg_dsn)
-    params['user'] = role
-    yield ' '.join(f'{k}={v}' for k, v in params.items())
-    with admin.cursor() as cur:
-        cur.execute(f'DROP OWNED BY {role}')
-        cur.execute(f'DROP ROLE {role}')
-    admin.close()
 
 
 def via(world, service, *args, env: dict | None = None, **kwargs):
@@ -123,6 +101,30 @@ def test_a_corrupted_original_is_never_archived_through_the_service(world, servi
     assert files[1].file_id not in world.rows(archive) and world.rows(active)[files[1].file_id] == 0
     assert not (disk / 'archive' / files[1].object_name).exists()
     assert [p for p in disk.rglob('*') if p.name.endswith(ms.TMP_SUFFIX)] == []
+
+
+def test_originals_missing_online_fail_their_files_not_the_run(world, service, online):
+    """The service answers 502 (original missing on the online tier) for three files in a row:
+    each is named as missing, and the run goes on with the rest."""
+    bucket, active, archive, disk, files = online
+    for f in files[:3]:
+        world.s3.delete_object(Bucket=bucket, Key=f.object_name)
+    result = via(world, service, 'copy', '-s', active, '-t', archive, 'all_images', '--jobs', 1)
+    assert result.returncode == 1 and 'stopped early' not in result.stdout, result.stdout
+    assert '3 copied' in result.stdout and '3 failed' in result.stdout
+    for f in files[:3]:
+        assert f'FAILED {f.object_name}: object {f.object_name} is missing' in result.stderr
+    assert set(world.rows(archive)) == {f.file_id for f in files[3:]}
+
+
+def test_the_source_must_be_the_active_tier(world, service, online):
+    bucket, active, archive, disk, files = online
+    public = world.create_s3_backend(priority=0)
+    world.query('UPDATE storage_backend SET priority = 1 WHERE storage_id = %s', (active,))
+    result = via(world, service, 'archive', '-s', active, '-t', archive, 'all_images', '--delete-original')
+    assert result.returncode == 2
+    assert 'the source must be the active tier' in result.stderr and f'backend {public} (s3' in result.stderr
+    assert world.rows(archive) == {}
 
 
 def test_tokens_and_an_unreachable_service_are_refused_before_anything_is_done(world, service, online):
