@@ -34,7 +34,6 @@ Endpoints (KIND is `images` or `audio`):
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import dataclasses
 import enum
@@ -106,7 +105,7 @@ class Kind(str, enum.Enum):
 
     @property
     def group(self) -> str:
-        return {'images': 'image', 'audio': 'audio'}[self.value]
+        return next(group for group, kind in ms.KINDS.items() if kind == self.value)
 
 
 # =================================================================================================
@@ -134,6 +133,21 @@ def problem_response(status: int, kind: str, title: str, detail: str, headers: d
                         status_code=status, headers=headers, media_type='application/problem+json')
 
 
+# The status, title and any hint of each problem type that stands for an error of the engine
+# (ms.SERVICE_PROBLEMS, which the --via client turns back into the error).
+ANSWERS = {
+    'too-few-copies': (409, 'Too few copies elsewhere', ''),
+    'version-conflict': (409, 'Another version is recorded', ''),
+    'busy': (409, 'File busy', ''),
+    'invalid-archive': (422, 'Not an archive of this original', ''),
+    'version-failed': (422, 'Version cannot be made', ''),
+    'original-changed': (412, 'Precondition failed', ''),
+    'original-corrupt': (502, 'Original corrupt on the online tier', ': run `verify` on the active backend'),
+    'original-missing': (502, 'Original missing on the online tier',
+                         ', though the catalog records it there: run `verify` on the active backend'),
+}
+
+
 def as_failure(exc: BaseException) -> Failure:
     """What an error of the engine, the catalog or S3 means for the client."""
     if isinstance(exc, Failure):
@@ -142,24 +156,10 @@ def as_failure(exc: BaseException) -> Failure:
         if exc.subject == 'original':
             return Failure(404, 'original-not-online', 'Original not online', str(exc))
         return Failure(404, f'{exc.subject}-not-found', f'Unknown {exc.subject}', str(exc))
-    if isinstance(exc, ms.TooFewCopies):
-        return Failure(409, 'too-few-copies', 'Too few copies elsewhere', str(exc))
-    if isinstance(exc, ms.VersionConflict):
-        return Failure(409, 'version-conflict', 'Another version is recorded', str(exc))
-    if isinstance(exc, ms.Busy):
-        return Failure(409, 'busy', 'File busy', str(exc))
-    if isinstance(exc, ms.InvalidArchive):
-        return Failure(422, 'invalid-archive', 'Not an archive of this original', str(exc))
-    if isinstance(exc, ms.ConversionError):
-        return Failure(422, 'version-failed', 'Version cannot be made', str(exc))
-    if isinstance(exc, ms.OriginalChanged):
-        return Failure(412, 'original-changed', 'Precondition failed', str(exc))
-    if isinstance(exc, ms.ChecksumMismatch):
-        return Failure(502, 'original-corrupt', 'Original corrupt on the online tier',
-                       f'{exc}: run `verify` on the active backend')
-    if isinstance(exc, ms.SourceMissing):
-        return Failure(502, 'original-missing', 'Original missing on the online tier',
-                       f'{exc}, though the catalog records it there: run `verify` on the active backend')
+    for kind, error in ms.SERVICE_PROBLEMS.items():
+        if isinstance(exc, error):
+            status, title, hint = ANSWERS[kind]
+            return Failure(status, kind, title, f'{exc}{hint}')
     if ms.catalog_outage(exc) or (isinstance(exc, ms.ConfigError) and 'connect to the catalog' in str(exc)):
         return Failure(503, 'catalog-unavailable', 'Catalog unavailable',
                        f'the catalog database is unreachable: {ms.pg_error_line(exc)}', {'Retry-After': '10'})
@@ -441,7 +441,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         with service().pool.connection() as conn:
             file, backend = ms.active_original(conn, service().backends, kind.group, file_id)
         headers = {'ETag': f'"{file.sha256}"', 'Accept-Ranges': 'bytes',
-                   'Repr-Digest': f'sha-256=:{base64.b64encode(bytes.fromhex(file.sha256)).decode()}:'}
+                   'Repr-Digest': ms.repr_digest(file.sha256)}
         content_type = ms.content_type_of(ms.VERSIONS[(kind.group, 0)], file.object_name)
         wanted = (parse_range(range, file.file_size)
                   if not if_range or if_range.strip() == f'"{file.sha256}"' else None)    # If-Range: a strong ETag

@@ -878,6 +878,11 @@ def sha256_hex_to_b64(sha256_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
 
 
+def repr_digest(sha256_hex: str) -> str:
+    """The Repr-Digest header (RFC 9530) of an original whose sha256 this is."""
+    return f'sha-256=:{sha256_hex_to_b64(sha256_hex)}:'
+
+
 # --- durable files -------------------------------------------------------------------------------
 
 def full_fsync(fd: int) -> None:
@@ -1665,10 +1670,20 @@ def open_backend(backend_row: BackendRow, settings: Settings, *, path: str | Non
 
 KINDS = {'image': 'images', 'audio': 'audio'}        # a group's name in the service's paths
 PROBLEM = 'urn:mitwelten:storage:problem:'           # the prefix of the service's problem types
+# The service's problem types that stand for one of the engine's errors: the service answers an
+# error with its type, and the client raises the error again from the type.
+SERVICE_PROBLEMS = {'too-few-copies': TooFewCopies, 'version-conflict': VersionConflict, 'busy': Busy,
+                    'invalid-archive': InvalidArchive, 'original-changed': OriginalChanged,
+                    'version-failed': ConversionError, 'original-missing': SourceMissing,
+                    'original-corrupt': ChecksumMismatch}
 
 
 class TokenRefused(StorageError):
     """The storage service refused the token (401: missing, expired or invalid; 403: no role)."""
+
+
+def read_token_file(path: str) -> str:
+    return Path(path).expanduser().read_text(encoding='utf-8').strip()
 
 
 def token_from_env(given: str | None = None) -> str:
@@ -1677,7 +1692,7 @@ def token_from_env(given: str | None = None) -> str:
     path = os.environ.get('MITWELTEN_TOKEN_FILE')
     if not token and path:
         try:
-            token = Path(path).expanduser().read_text(encoding='utf-8').strip()
+            token = read_token_file(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f'MITWELTEN_TOKEN_FILE={path}: cannot read the token: '
                               f'{getattr(exc, "strerror", None) or exc}') from None
@@ -1711,8 +1726,8 @@ class ServiceClient:
     def describe(self) -> str:
         return f'the storage service at {self.base}'
 
-    # Answers of the service that say what went wrong with one file, not that it is down.
-    FILE_PROBLEMS = {'original-missing': SourceMissing, 'original-corrupt': ChecksumMismatch, 's3-error': FileFailure}
+    # Answers of the service (5xx) that say what went wrong with one file, not that it is down.
+    FILE_PROBLEMS = {'original-missing', 'original-corrupt', 's3-error'}
 
     def request(self, method: str, path: str, *, body: dict | None = None, headers: dict | None = None,
                 stream: bool = False, token: bool = True, slow: bool = False):
@@ -1769,7 +1784,7 @@ class ServiceClient:
         if not path:
             return False
         with contextlib.suppress(OSError, UnicodeDecodeError):
-            token = Path(path).expanduser().read_text(encoding='utf-8').strip()
+            token = read_token_file(path)
             if token and token != self.token:
                 self.token = token
                 return True
@@ -1794,11 +1809,9 @@ class ServiceClient:
                                'MITWELTEN_TOKEN or MITWELTEN_TOKEN_FILE')
         if status == 404:
             raise NotFound(detail, 'original' if kind == 'original-not-online' else kind or 'file')
-        refusals = {'too-few-copies': TooFewCopies, 'version-conflict': VersionConflict, 'busy': Busy,
-                    'invalid-archive': InvalidArchive, 'original-changed': OriginalChanged,
-                    'version-failed': ConversionError, **self.FILE_PROBLEMS}
-        if kind in refusals:
-            raise refusals[kind](detail)
+        errors = {**SERVICE_PROBLEMS, 's3-error': FileFailure}
+        if kind in errors:
+            raise errors[kind](detail)
         raise StorageError(f'{self.describe()} answered {status}: {detail}')
 
     def check(self) -> None:
@@ -1831,7 +1844,7 @@ class ServiceClient:
             complete = False
             try:
                 digest = response.headers.get('Repr-Digest', '')
-                if digest and digest != f'sha-256=:{sha256_hex_to_b64(file.sha256)}:':
+                if digest and digest != repr_digest(file.sha256):
                     raise ChecksumMismatch(f'the service says the original has the digest {digest}, not the '
                                            "catalog's sha256", file.object_name)
                 skip = received if response.status == 200 else 0    # a Range the service did not honour
