@@ -72,12 +72,7 @@ def main() -> int:
         images = sample_data.sample_images(24, width=2028, height=1520, seed=7)
         recordings = sample_data.sample_recordings(6, seconds=5.0, seed=8)
         sample_data.upload(s3, 'mitwelten-active', images + recordings)
-        import psycopg2
-        conn = psycopg2.connect(svc.pg_dsn)
-        with conn.cursor() as cur:
-            cur.execute('SET search_path TO prod')
-        sample_data.add_to_catalog(conn, images + recordings, storage_id=1)
-        conn.close()
+        sample_data.catalog_in_schema(svc.pg_dsn, 'prod', images + recordings, storage_id=1)
         total = sum(len(f.data) for f in images + recordings)
         print(f'  {len(images)} images and {len(recordings)} recordings, {total / 1e6:.1f} MB, e.g.')
         print(f'  {images[0].object_name}\n  {recordings[0].object_name}')

@@ -17,7 +17,9 @@ import wave
 
 import numpy as np
 
+import psycopg2
 import psycopg2.extras
+import psycopg2.sql
 from PIL import Image, ImageDraw, ImageFilter
 
 UTC = dt.timezone.utc
@@ -204,6 +206,17 @@ def seed_catalog(conn) -> dict[str, int]:
             cur.execute('INSERT INTO mm_tags_deployments VALUES (%s, %s) ON CONFLICT DO NOTHING', (tag_id, row[0]))
     conn.commit()
     return deployment_ids
+
+
+def catalog_in_schema(dsn: str, schema: str, files: list[SampleFile], storage_id: int | None) -> None:
+    """add_to_catalog on a connection of its own to the catalog schema `schema` of `dsn`."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(psycopg2.sql.SQL('SET search_path TO {}').format(psycopg2.sql.Identifier(schema)))
+        add_to_catalog(conn, files, storage_id)
+    finally:
+        conn.close()
 
 
 def add_to_catalog(conn, files: list[SampleFile], storage_id: int | None, version_type: int = 0) -> None:

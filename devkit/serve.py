@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import boto3
-import psycopg2
 from botocore.config import Config
 
 from devkit import sample_data
@@ -47,11 +46,7 @@ def main() -> int:
         images = sample_data.sample_images(12, width=2028, height=1520, seed=7)
         recordings = sample_data.sample_recordings(4, seconds=5.0, seed=8)
         sample_data.upload(s3, 'mitwelten-active', images + recordings)
-        conn = psycopg2.connect(svc.pg_dsn)
-        with conn.cursor() as cur:
-            cur.execute('SET search_path TO prod')
-        sample_data.add_to_catalog(conn, images + recordings, storage_id=1)
-        conn.close()
+        sample_data.catalog_in_schema(svc.pg_dsn, 'prod', images + recordings, storage_id=1)
         env.update(MITWELTEN_OIDC_ISSUER=issuer.url, MITWELTEN_OIDC_AUDIENCE=issuer.audience)
         token = issuer.token(expires_in=12 * 3600)
         token_file = DEMO_DIR / 'token'
