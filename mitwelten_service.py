@@ -435,6 +435,20 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
 
     original_types = sorted(set(ms.ORIGINAL_CONTENT_TYPES.values()) | {'application/octet-stream'})
 
+    def started(chunks: Iterator[bytes], kind: Kind, file_id: int) -> Iterator[bytes]:
+        """The chunks, with the first one read already: S3 is asked before the answer starts, so
+        that its being down or the object missing is a proper status, not a cut connection. An
+        object gone since the catalog was asked is looked up again: replaced or deleted by
+        another request meanwhile, the original is no longer online (404), not missing (502)."""
+        chunks = iter(chunks)
+        try:
+            first = next(chunks, None)
+        except ms.SourceMissing:
+            with service().pool.connection() as conn:
+                ms.active_original(conn, service().backends, kind.group, file_id)   # NotFound if it left
+            raise
+        return itertools.chain([first] if first is not None else [], chunks)
+
     def get_original(kind: Kind, file_id: FileId, request: Request, claims: dict = Depends(reader),
                      range: Annotated[str | None, Header()] = None,
                      if_range: Annotated[str | None, Header()] = None):
@@ -463,10 +477,11 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
             first, last = wanted
             headers.update({'Content-Range': f'bytes {first}-{last}/{file.file_size}',
                             'Content-Length': str(last - first + 1)})
-            body = started(backend.read(file.object_name, start=first, end=last, piece=PIECE))
+            body = started(backend.read(file.object_name, start=first, end=last, piece=PIECE), kind, file_id)
             return StreamingResponse(body, status_code=206, media_type=content_type, headers=headers)
         headers['Content-Length'] = str(file.file_size)
-        body = ms.CheckedStream(started(backend.read(file.object_name, piece=PIECE)), file, withhold_last=True)
+        body = ms.CheckedStream(started(backend.read(file.object_name, piece=PIECE), kind, file_id), file,
+                                withhold_last=True)
         return StreamingResponse(checked_body(body, kind, file_id), media_type=content_type, headers=headers)
 
     for method in ('GET', 'HEAD'):
@@ -573,14 +588,6 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         return JSONResponse(openapi())
 
     return app
-
-
-def started(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """The chunks, with the first one read already: S3 is asked before the answer starts, so
-    that its being down or the object missing is a proper status, not a cut connection."""
-    chunks = iter(chunks)
-    first = next(chunks, None)
-    return itertools.chain([first] if first is not None else [], chunks)
 
 
 def checked_body(chunks: Iterator[bytes], kind: Kind, file_id: int) -> Iterator[bytes]:

@@ -3770,11 +3770,8 @@ class Archiver:
         self.archive.tidy(file.object_name)
         try:
             original = read_original(self.active, file, self.progress)
-        except SourceMissing:
-            step.missing = True
-            if self.version is not None:
-                step.version_present = sound_copy_at(self.active, file, self.version)
-            return step
+        except SourceMissing as exc:
+            return self.original_missing(step, exc)
         if not archived:
             if self.archive.adopts_found_files and sound_copy_at(self.archive, file, self.original):
                 self.archive.will_sync(file.object_name)
@@ -3785,6 +3782,14 @@ class Archiver:
             step.archived_now = True
         if self.version is not None:
             self.make_version(step, original)
+        return step
+
+    def original_missing(self, step: ArchiveStep, exc: SourceMissing) -> ArchiveStep:
+        """The original is not at ACTIVE, though the catalog says it is: an earlier run was cut
+        off after removing it. Its release only fixes the row, if the version is in place."""
+        step.missing = True
+        if self.version is not None:
+            step.version_present = sound_copy_at(self.active, step.file, self.version)
         return step
 
     def make_version(self, step: ArchiveStep, original: bytes) -> None:
@@ -3837,6 +3842,9 @@ class ServiceArchiver(Archiver):
             self.progress(file.file_size)
             return ArchiveStep(file)
         return super().archive_original(file)
+
+    def original_missing(self, step: ArchiveStep, exc: SourceMissing) -> ArchiveStep:
+        raise exc       # the service records what it changes as it changes it: no row to fix here
 
     def make_version(self, step: ArchiveStep, original: bytes) -> None:
         pass                                     # the service makes it, next to the data

@@ -122,6 +122,24 @@ def test_unknown_files_and_originals_no_longer_online_are_404s_that_say_which(on
     problem(service.request('GET', '/nowhere'), 404, 'http-error')
 
 
+def test_an_original_replaced_between_the_lookup_and_the_read_is_no_longer_online(online, monkeypatch):
+    """Another request replaces the original (commits, then deletes it) just after this GET
+    asked the catalog: the answer is 404 original-not-online, not 502 original-missing."""
+    world, image = online.world, online.image
+    looked_up = ms.active_original
+
+    def then_replaced(conn, backends, group, file_id):
+        found = looked_up(conn, backends, group, file_id)
+        monkeypatch.setattr(ms, 'active_original', looked_up)
+        world.query('UPDATE mm_files_image_storage SET type = 1 WHERE file_id = %s', (file_id,))
+        world.s3.delete_object(Bucket=online.bucket, Key=image.object_name)
+        return found
+    monkeypatch.setattr(ms, 'active_original', then_replaced)
+    problem(online.service.request('GET', f'/images/{image.file_id}/original'), 404, 'original-not-online')
+    world.s3.delete_object(Bucket=online.bucket, Key=online.images[1].object_name)      # missing, still recorded
+    problem(online.service.request('GET', f'/images/{online.images[1].file_id}/original'), 502, 'original-missing')
+
+
 @pytest.mark.parametrize('damage', ['same size', 'longer', 'shorter'])
 def test_a_corrupted_original_aborts_the_stream_never_a_clean_end(online, damage, caplog):
     data = bytearray(online.image.data)
