@@ -53,6 +53,7 @@ import datetime as dt
 import errno
 import fcntl
 import functools
+import getpass
 import glob
 import gzip
 import hashlib
@@ -67,6 +68,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import struct
 import sys
@@ -99,6 +101,8 @@ with warnings.catch_warnings():
     warnings.simplefilter('ignore', DeprecationWarning)
     from pydub import AudioSegment
     from pydub.exceptions import CouldntDecodeError
+
+__version__ = '1.4.0'
 
 log = logging.getLogger('mitwelten_storage')
 
@@ -534,6 +538,114 @@ def fetch_backends(conn) -> list[BackendRow]:
     return [BackendRow(*row) for row in rows]
 
 
+# --- the fixity log ---------------------------------------------------------------------------------
+#
+# storage_fixity has one row per check of one copy (SPEC "Catalog: Fixity log"). A copy's last
+# check is its newest row since the copy was written (a row older than the storage row's
+# created_at speaks of an earlier copy, removed by `verify --fix` and written again); a copy
+# without one was checked when it was written (created_at). Rule 8: a copy whose last check found
+# it missing or corrupt counts for nothing until it is written again and checked. The table is
+# optional: production before `init-db` has none, and everything works as before without it.
+
+FIXITY_TABLE = 'storage_fixity'
+DAMAGED_OUTCOMES = ('missing', 'corrupt')
+SOUND_OUTCOMES = ('ok', 'repaired')
+# The versions that are the original's exact bytes: the original, and gzip of it (type 10,
+# checked to decompress to the catalog's sha256). Either counts as a copy of the original.
+ORIGINAL_COPY_TYPES = (0, 10)
+_fixity_notice_given = False
+
+
+def has_fixity_log(conn) -> bool:
+    """Whether the catalog's schema has the fixity log; says once per process that `init-db`
+    would keep it when it has not."""
+    global _fixity_notice_given
+    with conn.cursor() as cur:
+        cur.execute('SELECT to_regclass(%s)', (FIXITY_TABLE,))
+        present = cur.fetchone()[0] is not None
+    conn.commit()
+    if not present and not _fixity_notice_given:
+        _fixity_notice_given = True
+        log.info('the catalog has no fixity log (%s): `init-db` would create it, so that every check of a copy '
+                 'is kept', FIXITY_TABLE)
+    return present
+
+
+def last_check_join(group: Group, copy: str, alias: str, has_log: bool) -> str:
+    """SQL: a LEFT JOIN LATERAL that gives `alias.outcome` and `alias.checked_at`, the last check
+    in the fixity log of the copy whose storage row is `copy` (NULLs where there is none since
+    the copy was written, or no log at all)."""
+    if not has_log:
+        return f'LEFT JOIN LATERAL (SELECT NULL::text AS outcome, NULL::timestamptz AS checked_at) {alias} ON true'
+    return (f'LEFT JOIN LATERAL (SELECT x.outcome, x.checked_at FROM {FIXITY_TABLE} x '
+            f"WHERE x.file_group = '{group.name}' AND x.storage_id = {copy}.storage_id AND x.file_id = {copy}.file_id "
+            f"AND x.type = {copy}.type AND x.checked_at >= coalesce({copy}.created_at, '-infinity') "
+            f'ORDER BY x.checked_at DESC, x.check_id DESC LIMIT 1) {alias} ON true')
+
+
+def sound_original_sql(copy: str, check: str, verified_within_days: float | None = None) -> str:
+    """SQL: true where the storage row `copy` (with its last check joined as `check`, see
+    last_check_join) is a sound copy of the original: the original or gzip of it, not found
+    missing or corrupt by its last check (rule 8); with `verified_within_days`, its last check
+    (or its writing) passed within that many days."""
+    types = ', '.join(map(str, ORIGINAL_COPY_TYPES))
+    damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+    condition = f'{copy}.type IN ({types}) AND ({check}.outcome IS NULL OR {check}.outcome NOT IN ({damaged}))'
+    if verified_within_days is not None:
+        condition += (f" AND coalesce({check}.checked_at, {copy}.created_at) >= now() - "
+                      f"interval '1 day' * {float(verified_within_days)!r}")
+    return condition
+
+
+def sound_originals_elsewhere(conn, group: Group, file_ids: list[int], storage_id: int, *,
+                              verified_within_days: float | None = None) -> dict[int, int]:
+    """For each file, how many backends other than `storage_id` record a sound copy of its
+    original (rule 8: not found missing or corrupt by its last check; gzip counts): the copies
+    that let an original leave `storage_id` (rule 3). One query for the whole list."""
+    if not file_ids:
+        return {}
+    check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT s.file_id, count(*) FROM {group.storage_table} s {check} '
+                    f'WHERE s.file_id = ANY(%s) AND s.storage_id <> %s AND '
+                    f'{sound_original_sql("s", "c", verified_within_days)} GROUP BY s.file_id',
+                    (list(file_ids), storage_id))
+        counts = dict(cur.fetchall())
+    conn.commit()
+    return counts
+
+
+@functools.cache
+def fixity_agent() -> str:
+    """Who checked: the tool and its version, user@host."""
+    try:
+        user = getpass.getuser()
+    except Exception:           # no user name in the environment or the password database
+        user = str(os.getuid()) if hasattr(os, 'getuid') else '?'
+    return f'mitwelten-storage {__version__} {user}@{socket.gethostname()}'
+
+
+@dataclasses.dataclass(frozen=True)
+class FixityCheck:
+    """One check of one copy, for the fixity log."""
+    file_id: int
+    storage_id: int
+    type: int
+    outcome: str            # 'ok' | 'missing' | 'corrupt' | 'repaired'
+    event: str              # 'copy' | 'archive' | 'release' | 'verify' | 'restore' | 'export'
+    detail: str | None = None
+
+
+def append_fixity(cur, group: Group, checks: list[FixityCheck], agent: str) -> None:
+    """Append checks to the fixity log in one statement (the caller commits)."""
+    if checks:
+        psycopg2.extras.execute_values(
+            cur, f'INSERT INTO {FIXITY_TABLE} (file_group, file_id, storage_id, type, outcome, event, agent, detail) '
+                 'VALUES %s',
+            [(group.name, c.file_id, c.storage_id, c.type, c.outcome, c.event, agent, c.detail) for c in checks],
+            page_size=1000)
+
+
 class SyncFailed(StorageError):
     """A backend could not make its writes durable (fsync failed): nothing written since its
     last successful sync is recorded (rule 1), and the run stops."""
@@ -566,6 +678,7 @@ class Recorder:
         self.inserts: list[tuple[CatalogFile, int, int]] = []
         self.type_changes: list[tuple[int, int, int, int]] = []
         self.removals: list[tuple[int, int]] = []
+        self.checks: list[FixityCheck] = []       # for the fixity log, with the next commit
         self.last_flush = time.monotonic()
         self.recorded = 0               # inserts recorded
         self.unrecorded = 0             # inserts dropped: their files are written but not recorded
@@ -573,7 +686,7 @@ class Recorder:
 
     @property
     def pending(self) -> int:
-        return len(self.inserts) + len(self.type_changes) + len(self.removals)
+        return len(self.inserts) + len(self.type_changes) + len(self.removals) + len(self.checks)
 
     @property
     def pending_inserts(self) -> int:
@@ -588,12 +701,19 @@ class Recorder:
     def remove(self, file_id: int, storage_id: int) -> None:
         self.removals.append((file_id, storage_id))
 
+    def log_check(self, check: FixityCheck) -> None:
+        """A check of a copy, for the fixity log: appended with the next commit, and only if
+        the changes it came with are recorded (a check whose copy is dropped unrecorded is
+        dropped too)."""
+        self.checks.append(check)
+
     def due(self) -> bool:
         return self.pending >= self.every_rows or (
             self.pending > 0 and time.monotonic() - self.last_flush >= self.every_seconds)
 
     def drop_pending(self) -> None:
         self.unrecorded += len(self.inserts)
+        self.checks.clear()
         self.inserts.clear()
         self.type_changes.clear()
         self.removals.clear()
@@ -624,18 +744,12 @@ class Recorder:
     def _record(self) -> list[tuple[int, str]]:
         raise NotImplementedError
 
-    def originals_elsewhere(self, file_ids: list[int], storage_id: int) -> dict[int, int]:
-        """How many recorded rows say a backend other than `storage_id` holds the original of
-        each file: the checked copies that let an original leave it (rule 3)."""
-        if not file_ids:
-            return {}
-        with self.conn.cursor() as cur:
-            cur.execute(sql.SQL('SELECT file_id, count(*) FROM {} WHERE file_id = ANY(%s) AND storage_id <> %s '
-                                'AND type = 0 GROUP BY file_id').format(sql.Identifier(self.group.storage_table)),
-                        (file_ids, storage_id))
-            counts = dict(cur.fetchall())
-        self.conn.commit()
-        return counts
+    def originals_elsewhere(self, file_ids: list[int], storage_id: int, *,
+                            verified_within_days: float | None = None) -> dict[int, int]:
+        """How many backends other than `storage_id` record a sound copy of each file's original
+        (rule 8): the copies that let an original leave it (rule 3)."""
+        return sound_originals_elsewhere(self.conn, self.group, file_ids, storage_id,
+                                         verified_within_days=verified_within_days)
 
 
 class CatalogWriter(Recorder):
@@ -662,6 +776,8 @@ class CatalogWriter(Recorder):
                         'DELETE FROM {} AS s USING (VALUES %s) AS v (file_id, storage_id) '
                         'WHERE s.file_id = v.file_id AND s.storage_id = v.storage_id').format(table)
                         .as_string(cur), self.removals, page_size=1000)
+                if self.checks and self.keeps_fixity_log():
+                    append_fixity(cur, self.group, self.checks, fixity_agent())
             self.conn.commit()
         except psycopg2.Error:
             with contextlib.suppress(psycopg2.Error):
@@ -672,7 +788,15 @@ class CatalogWriter(Recorder):
         self.inserts.clear()
         self.type_changes.clear()
         self.removals.clear()
+        self.checks.clear()
         return []
+
+    _has_log: bool | None = None
+
+    def keeps_fixity_log(self) -> bool:
+        if self._has_log is None:
+            self._has_log = has_fixity_log(self.conn)
+        return self._has_log
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -1961,6 +2085,9 @@ class ServiceRecorder(Recorder):
                 if result:
                     refused.append(result)
         self.inserts = [insert for insert in self.inserts if insert not in recorded]
+        # The workstation may only read the catalog: its checks are not logged through the
+        # service (the service logs the checks it makes itself).
+        self.checks.clear()
         self.recorded += len(recorded) - len(refused)
         if error is not None:
             raise error

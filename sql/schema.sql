@@ -140,3 +140,22 @@ CREATE INDEX IF NOT EXISTS mm_files_image_storage_storage_id_idx
     ON mm_files_image_storage (storage_id, file_id);
 CREATE INDEX IF NOT EXISTS mm_files_audio_storage_storage_id_idx
     ON mm_files_audio_storage (storage_id, file_id);
+
+-- The fixity log (optional on production, see README "Is everything safe?"): one row per check
+-- of one copy. A copy's last check is its newest row; a copy without one was checked when it
+-- was written (its storage row's created_at). A copy whose last check found it missing or
+-- corrupt counts for nothing until it is written again and checked (rule 8).
+CREATE TABLE IF NOT EXISTS storage_fixity (
+    check_id   bigserial PRIMARY KEY,
+    file_group text NOT NULL,          -- 'image' | 'audio'
+    file_id    integer NOT NULL,
+    storage_id integer NOT NULL,
+    type       smallint NOT NULL,      -- the version checked (see "Versions")
+    checked_at timestamptz NOT NULL DEFAULT now(),
+    outcome    text NOT NULL,          -- 'ok' | 'missing' | 'corrupt' | 'repaired'
+    event      text NOT NULL,          -- 'copy' | 'archive' | 'release' | 'verify' | 'restore' | 'export'
+    agent      text NOT NULL,          -- tool and version, user@host (or the token's subject)
+    detail     text
+);
+CREATE INDEX IF NOT EXISTS storage_fixity_copy_idx
+    ON storage_fixity (file_group, storage_id, file_id, checked_at);
