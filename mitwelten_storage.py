@@ -12,8 +12,11 @@ Never lose data: the rules, numbered as SPEC.md numbers them; the code cites the
     1. A catalog row is written only after the bytes are durable at the backend and checked. When
        a sync (fsync) fails, nothing written since the last successful sync is recorded.
     2. No partial file ever stands under its final name (temporary name, fsync, rename).
-    3. No original is removed or overwritten unless --min-copies other checked originals are
-       recorded.
+    3. No original is removed or overwritten unless --min-copies other sound originals are
+       recorded, and the copy the release relies on is proven at the moment of the release:
+       written in this run from the checked original, or read back and hashed right before it.
+       A recorded archive copy that is missing or damaged is written again first ('repaired'),
+       or the original stays. The same holds through the storage service (--via).
     4. Nothing is written outside a backend's root, whatever an object name holds (`..`,
        absolute paths).
     5. A crash or kill at any moment, then the same command again, ends with disk and catalog
@@ -21,6 +24,8 @@ Never lose data: the rules, numbered as SPEC.md numbers them; the code cites the
     6. Bad input gets a clear message naming the file or setting, never a traceback; a run that
        has started always ends with its summary and log path.
     7. An original whose version cannot be made is still archived (and kept on the active tier).
+    8. A damaged copy is never trusted: a copy whose last check found it missing or corrupt
+       counts for nothing until it is written again and checked.
 
 The module is one file, laid out in sections in the order a run needs them:
 
@@ -455,6 +460,11 @@ class CatalogFile:
     sha256: str
     source_type: int = 0
     target_type: int | None = None
+    # For `archive`: sound originals recorded on backends other than the source and the target
+    # (rule 8; within --verified-within, if given), and whether the target's recorded copy was
+    # found missing or corrupt by its last check.
+    others: int = 0
+    target_damaged: bool = False
 
 
 def pg_error_line(exc: BaseException) -> str:
@@ -597,19 +607,20 @@ def sound_original_sql(copy: str, check: str, verified_within_days: float | None
     return condition
 
 
-def sound_originals_elsewhere(conn, group: Group, file_ids: list[int], storage_id: int, *,
+def sound_originals_elsewhere(conn, group: Group, file_ids: list[int], excluding: int | Iterable[int], *,
                               verified_within_days: float | None = None) -> dict[int, int]:
-    """For each file, how many backends other than `storage_id` record a sound copy of its
-    original (rule 8: not found missing or corrupt by its last check; gzip counts): the copies
-    that let an original leave `storage_id` (rule 3). One query for the whole list."""
+    """For each file, how many backends other than `excluding` (one storage id or several)
+    record a sound copy of its original (rule 8: not found missing or corrupt by its last check;
+    gzip counts): the copies that let an original leave a backend (rule 3). One query."""
     if not file_ids:
         return {}
+    excluded = [excluding] if isinstance(excluding, int) else list(excluding)
     check = last_check_join(group, 's', 'c', has_fixity_log(conn))
     with conn.cursor() as cur:
         cur.execute(f'SELECT s.file_id, count(*) FROM {group.storage_table} s {check} '
-                    f'WHERE s.file_id = ANY(%s) AND s.storage_id <> %s AND '
+                    f'WHERE s.file_id = ANY(%s) AND s.storage_id <> ALL(%s) AND '
                     f'{sound_original_sql("s", "c", verified_within_days)} GROUP BY s.file_id',
-                    (list(file_ids), storage_id))
+                    (list(file_ids), excluded))
         counts = dict(cur.fetchall())
     conn.commit()
     return counts
@@ -744,11 +755,11 @@ class Recorder:
     def _record(self) -> list[tuple[int, str]]:
         raise NotImplementedError
 
-    def originals_elsewhere(self, file_ids: list[int], storage_id: int, *,
+    def originals_elsewhere(self, file_ids: list[int], excluding: int | Iterable[int], *,
                             verified_within_days: float | None = None) -> dict[int, int]:
-        """How many backends other than `storage_id` record a sound copy of each file's original
-        (rule 8): the copies that let an original leave it (rule 3)."""
-        return sound_originals_elsewhere(self.conn, self.group, file_ids, storage_id,
+        """How many backends other than `excluding` record a sound copy of each file's original
+        (rule 8): the copies that let an original leave a backend (rule 3)."""
+        return sound_originals_elsewhere(self.conn, self.group, file_ids, excluding,
                                          verified_within_days=verified_within_days)
 
 
@@ -859,10 +870,23 @@ class Selection:
     version_type: int = 0
     limit: int | None = None
     archive: bool = False
+    verified_within_days: float | None = None   # archive: other copies count if checked within
 
     @property
     def group(self) -> Group:
         return GROUPS[self.batch.group]
+
+    def _archive_columns(self, has_log: bool) -> str:
+        """For archive: the sound originals recorded on backends other than SOURCE and TARGET
+        (rule 8), and whether TARGET's recorded copy was found damaged by its last check."""
+        if not self.archive:
+            return '0, false'
+        storage = self.group.storage_table
+        damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+        return (f'(SELECT count(*) FROM {storage} o {last_check_join(self.group, "o", "oc", has_log)} '
+                'WHERE o.file_id = b.file_id AND o.storage_id NOT IN (%(source)s, %(target)s) AND '
+                f'{sound_original_sql("o", "oc", self.verified_within_days)}), '
+                f'coalesce(tc.outcome IN ({damaged}), false)')
 
     @property
     def _todo(self) -> str:
@@ -875,7 +899,10 @@ class Selection:
         joins = (') AS b\n'
                  f'JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s\n'
                  f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n')
+        if self.archive:
+            joins += last_check_join(self.group, 't', 'tc', has_fixity_log(conn)) + '\n'
         with conn.cursor() as cur:
+            head = cur.mogrify(head, params).decode() if '%(' in head else head
             tail = cur.mogrify(joins + tail, params).decode()
         return f'{head}\n{batch_sql(self.batch)}\n{tail}'
 
@@ -903,17 +930,18 @@ class Selection:
                 'at_source': at_source}
 
     def files(self, conn) -> Iterator[CatalogFile]:
-        head = 'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type FROM ('
+        head = (f'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type, '
+                f'{self._archive_columns(has_fixity_log(conn))} FROM (')
         tail = f'WHERE {self._todo} ORDER BY b.file_id' + (f' LIMIT {int(self.limit)}' if self.limit is not None else '')
         rows = streamed_rows(conn, self._query(conn, head, tail))
         last_id = None
         try:
-            for file_id, object_name, file_size, sha256, source_type, target_type in rows:
+            for file_id, object_name, file_size, sha256, source_type, target_type, others, damaged in rows:
                 if file_id == last_id:   # a batch whose joins repeat a file
                     continue
                 last_id = file_id
                 yield CatalogFile(file_id, object_name, int(file_size), (sha256 or '').strip().lower(),
-                                  source_type, target_type)
+                                  source_type, target_type, others, damaged)
         except psycopg2.Error as exc:
             raise selection_error(self.batch, exc) from None
 
@@ -3728,21 +3756,28 @@ def explain_fault(exc: BaseException, report: RunReport, backends: tuple) -> str
 
 @dataclasses.dataclass
 class Plan:
-    """A dry run: what a copy or archive would do, file by file, changing nothing. Iterating
-    it streams (action, file) from the catalog; `notes` says what the counts tell."""
+    """A dry run: what a copy or archive would do, file by file, changing nothing. A context
+    manager that holds the run's catalog connections until it is closed; iterating it streams
+    (action, file) from the catalog; `notes` says what the counts tell."""
     command: str
     title: str
     notes: list
-    steps: Iterator
+    frame: 'BatchFrame'
+    selection: Selection
+    action: Callable[[CatalogFile], str]
+
+    def __enter__(self) -> 'Plan':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.frame.__exit__(None, None, None)
 
     def __iter__(self) -> Iterator[tuple[str, CatalogFile]]:
-        return iter(self.steps)
-
-
-def _planned(frame: BatchFrame, selection: Selection, action: Callable[[CatalogFile], str]) -> Iterator:
-    with frame:
-        for file in selection.files(frame.reader):
-            yield action(file), file
+        for file in self.selection.files(self.frame.reader):
+            yield self.action(file), file
 
 
 # --- copy ------------------------------------------------------------------------------------------------
@@ -3805,16 +3840,21 @@ class CopyJob(BatchJob):
         self.run.outcome(file, outcome, nbytes)
 
     def notes(self, counts: dict) -> list[str]:
-        notes = []
-        if not counts['at_source']:
-            notes.append('the source holds none of the files of this batch, as that version or as the original')
-        if counts['done']:
-            notes.append(f"{counts['done']} of the batch's {counts['at_source']} files at the source were at the "
-                         'target already')
-        if counts['other_version']:
-            notes.append(f"{counts['other_version']} files skipped: the target holds another version of them "
-                         f'(one version per backend)')
-        return notes
+        return copy_notes(counts)
+
+
+def copy_notes(counts: dict) -> list[str]:
+    """What the selection's counts tell about a copy."""
+    notes = []
+    if not counts['at_source']:
+        notes.append('the source holds none of the files of this batch, as that version or as the original')
+    if counts['done']:
+        notes.append(f"{counts['done']} of the batch's {counts['at_source']} files at the source were at the "
+                     'target already')
+    if counts['other_version']:
+        notes.append(f"{counts['other_version']} files skipped: the target holds another version of them "
+                     f'(one version per backend)')
+    return notes
 
 
 def _copy_title(batch, version: Version, source: Backend, target: Backend) -> str:
@@ -3840,19 +3880,18 @@ def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str
 
 def plan_copy(settings: Settings, source_id: int, target_id: int, batch_id: str, *, version_type: int = 0,
               options: RunOptions | None = None) -> Plan:
-    """What copy_batch would do (a dry run): backends checked, nothing written."""
-    frame = BatchFrame(settings, 'copy', options).__enter__()
-    try:
+    """What copy_batch would do (a dry run): backends checked, nothing written. Close the plan
+    (or use it in a `with`) once read."""
+    with contextlib.ExitStack() as on_error:
+        frame = on_error.enter_context(BatchFrame(settings, 'copy', options))
         batch = find_batch(batch_id)
         version = find_version(batch.group, version_type)
         source, target = frame.open_pair(source_id, target_id, batch.group)
         selection = Selection(batch, source_id, target_id, version.type, frame.options.limit)
-        notes = CopyJob.notes(None, selection.counts(frame.reader))
-    except BaseException:
-        frame.__exit__(None, None, None)
-        raise
+        notes = copy_notes(selection.counts(frame.reader))
+        on_error.pop_all()
     action = lambda f: 'copy' if f.source_type == version.type else f'make {version.label} of'
-    return Plan('copy', _copy_title(batch, version, source, target), notes, _planned(frame, selection, action))
+    return Plan('copy', _copy_title(batch, version, source, target), notes, frame, selection, action)
 
 
 # --- archive -------------------------------------------------------------------------------------------
@@ -3861,53 +3900,75 @@ def plan_copy(settings: Settings, source_id: int, target_id: int, batch_id: str,
 class ArchiveStep:
     """What archiving the original of one file did, for releasing it at ACTIVE."""
     file: CatalogFile
+    original: bytes | None = None        # the checked original, where it was read (to repair the archive copy)
     version_bytes: bytes | None = None
     version_failed: str | None = None    # rule 7: the original is archived all the same, and kept at ACTIVE
     tags: dict | None = None
     archived_now: bool = False           # this run wrote (or found) the original at ARCHIVE: record it
+    proven: bool = False                 # the archive copy was written in this run from the checked original
+    repaired: str | None = None          # the recorded archive copy was damaged (why), and written again
+    proof: str | None = None             # the release's check of the archive copy: 'ok', 'repaired',
+                                         # or 'missing'/'corrupt' where it could not be written again
+    kept: str | None = None              # why the original stays at ACTIVE whatever happens (too few copies)
     missing: bool = False                # the original is no longer at ACTIVE (an earlier run was cut off)
     version_present: bool = False        # ... and the replacement version is there, sound
     released_before: bool = False        # through the service: another run had released it already
+
+    @property
+    def archive_holds(self) -> bool:
+        """Whether ARCHIVE holds (or now records) the original, to be proven before the release."""
+        return self.archived_now or self.file.target_type == 0
 
 
 class Archiver:
     """The model process for one file, in its two halves: archive the original (read it from
     ACTIVE once, check it, write it to ARCHIVE, make the version in memory), and, once the
-    archive's row is committed and enough checked copies are recorded elsewhere, release the
-    original at ACTIVE (put the version in its place, or delete it)."""
+    archive's row is committed and enough sound copies are recorded elsewhere, release the
+    original at ACTIVE: prove the archive copy it relies on (rule 3), then put the version in
+    its place, or delete it."""
 
-    def __init__(self, group: str, active: Backend, archive: Backend, version: Version | None,
+    def __init__(self, group: str, active: Backend, archive: Backend | None, version: Version | None,
                  progress: Callable[[int], None] = lambda n: None):
         self.active, self.archive, self.version = active, archive, version
         self.original = VERSIONS[(group, 0)]
         self.progress = progress
 
-    def archive_original(self, file: CatalogFile) -> ArchiveStep:
-        """Read the original from ACTIVE once and check it; write it to ARCHIVE (unless it is
-        recorded there already, or found there sound); make the version. Nothing at ACTIVE
-        changes here. A version that cannot be made fails only the release (rule 7)."""
+    def archive_original(self, file: CatalogFile, can_release: bool = True) -> ArchiveStep:
+        """Read the original from ACTIVE once and check it; write it to ARCHIVE unless it is
+        recorded there (and not found damaged by its last check), or found there sound; make
+        the version. Nothing at ACTIVE changes here. Where the original cannot be released in
+        this run (`can_release` False: too few copies would remain), nothing is read but what
+        ARCHIVE lacks, and no version is made. A version that cannot be made fails only the
+        release (rule 7)."""
         step = ArchiveStep(file)
         if file.target_type not in (None, 0):
             raise FileFailure(f'{self.archive.describe()} holds version {file.target_type} of this file, so its '
                               'original cannot be archived there', file.object_name)
-        archived = file.target_type == 0
-        if archived and self.version is None:
-            self.progress(file.file_size)      # recorded at ARCHIVE already: nothing to read
+        recorded = file.target_type == 0 and not file.target_damaged
+        if not can_release:
+            step.kept = 'too few copies'
+        if recorded and (not can_release or self.version is None):
+            self.progress(file.file_size)      # proven at the release, if there is one: nothing to read now
             return step
         self.archive.tidy(file.object_name)
         try:
             original = read_original(self.active, file, self.progress)
         except SourceMissing as exc:
             return self.original_missing(step, exc)
-        if not archived:
-            if self.archive.adopts_found_files and sound_copy_at(self.archive, file, self.original):
-                self.archive.will_sync(file.object_name)
+        if not recorded:
+            if file.target_damaged:
+                step.repaired = 'its last check found it missing or corrupt'
+            if self.archive.adopts_found_files and not file.target_damaged and \
+                    sound_copy_at(self.archive, file, self.original):
+                self.archive.will_sync(file.object_name)    # found sound: proven again at the release
             else:
                 self.archive.write(file.object_name, [original], file.file_size,
                                    content_type_of(self.original, file.object_name), file.sha256)
                 crash_point('after-archive-write')
+                step.proven = True
             step.archived_now = True
-        if self.version is not None:
+        if can_release and self.version is not None:
+            step.original = original
             self.make_version(step, original)
         return step
 
@@ -3927,11 +3988,45 @@ class Archiver:
             return
         step.tags = self.active.tags(step.file.object_name)
 
-    def release_original(self, step: ArchiveStep) -> str:
-        """With the original's copies recorded elsewhere: put the version in its place at ACTIVE
-        (written before the original is deleted), or delete it. Returns 'replaced' or
-        'deleted'; the caller records the change."""
+    def prove_archive_copy(self, step: ArchiveStep) -> None:
+        """Rule 3: the archive copy the release relies on, proven now. Written in this run from
+        the checked original, it is; else it is read back from ARCHIVE and hashed. A copy that is
+        missing, of the wrong size or hash is written again, atomically and durably, from the
+        checked original (read from ACTIVE if this run has not read it yet) and named
+        `repaired`; where that cannot be done, FileFailure, and the original stays."""
         file = step.file
+        if step.proven:
+            return
+        try:
+            for _ in CheckedStream(self.archive.read(file.object_name), file):
+                pass
+            step.proven, step.proof = True, 'ok'
+            return
+        except SourceMissing:
+            damage, step.proof = f'missing on {self.archive.describe()}', 'missing'
+        except ChecksumMismatch as exc:
+            damage, step.proof = f'damaged on {self.archive.describe()} ({exc})', 'corrupt'
+        step.repaired = damage
+        try:
+            original = step.original if step.original is not None else read_original(self.active, file)
+            self.archive.write(file.object_name, [original], file.file_size,
+                               content_type_of(self.original, file.object_name), file.sha256)
+            self.archive.sync()
+        except (SourceMissing, ChecksumMismatch) as exc:
+            raise FileFailure(f'the archive copy is {damage}, and the original cannot be read to write it again '
+                              f'({exc}): nothing released', file.object_name) from None
+        except OSError as exc:
+            raise FileFailure(f'the archive copy is {damage}, and it cannot be written again '
+                              f'({describe_exception(exc)}): the original stays online', file.object_name) from None
+        step.proven, step.proof = True, 'repaired'
+
+    def release_original(self, step: ArchiveStep) -> str:
+        """With the original's copies recorded elsewhere: prove the archive copy (rule 3), then
+        put the version in its place at ACTIVE (written before the original is deleted), or
+        delete it. Returns 'replaced' or 'deleted'; the caller records the change."""
+        file = step.file
+        if self.archive is not None and step.archive_holds:
+            self.prove_archive_copy(step)
         if step.missing:
             # An earlier run was cut off after removing the original: only the row is left to fix.
             if self.version is None or step.version_present:
@@ -3956,7 +4051,8 @@ class Archiver:
 class ServiceArchiver(Archiver):
     """Archiving through the service: the original is read from it and archived here; the
     version is made by the service next to the data, which then replaces the original (or
-    deletes it) and records that itself, in the same crash-safe order."""
+    deletes it) and records that itself, in the same crash-safe order. The workstation proves
+    its disk copy before it asks (rule 3)."""
 
     def __init__(self, client: ServiceClient, group: str, active: Backend, archive: Backend,
                  version: Version | None):
@@ -3964,11 +4060,11 @@ class ServiceArchiver(Archiver):
         self.client = client
         self.group = group
 
-    def archive_original(self, file: CatalogFile) -> ArchiveStep:
-        if file.target_type == 0:                # archived already: the service has what it needs
+    def archive_original(self, file: CatalogFile, can_release: bool = True) -> ArchiveStep:
+        if file.target_type == 0 and not file.target_damaged:    # archived already: proven at the release
             self.progress(file.file_size)
-            return ArchiveStep(file)
-        return super().archive_original(file)
+            return ArchiveStep(file, kept=None if can_release else 'too few copies')
+        return super().archive_original(file, can_release)
 
     def original_missing(self, step: ArchiveStep, exc: SourceMissing) -> ArchiveStep:
         raise exc       # the service records what it changes as it changes it: no row to fix here
@@ -3977,6 +4073,8 @@ class ServiceArchiver(Archiver):
         pass                                     # the service makes it, next to the data
 
     def release_original(self, step: ArchiveStep) -> str:
+        if step.archive_holds:
+            self.prove_archive_copy(step)
         if self.version is not None:
             state = self.client.make_version_in_place(self.group, step.file, self.version.type)
             step.released_before = state.get('outcome') == 'already replaced'
@@ -3992,26 +4090,35 @@ class ServiceArchiver(Archiver):
 
 class ArchiveJob(BatchJob):
     """`archive` over a batch: each file's original archived on a worker; the rows committed in
-    batches; then, for the files with enough checked copies recorded elsewhere (rule 3), the
-    original released at ACTIVE, and the change recorded."""
+    batches; then, for the files with enough sound copies recorded elsewhere (rule 3), the
+    archive copy proven and the original released at ACTIVE, and the change recorded. A file
+    that cannot reach --min-copies in this run is only archived (if it is not yet): no download
+    otherwise, no version made."""
 
     command = 'archive'
 
-    def __init__(self, archiver: Archiver, recorder, min_copies: int):
+    def __init__(self, archiver: Archiver, recorder, min_copies: int, verified_within_days: float | None = None):
         super().__init__(recorder, (archiver.active, archiver.archive), (archiver.archive, archiver.active))
         self.archiver = archiver
         self.min_copies = min_copies
+        self.verified_within_days = verified_within_days
         self.active_id = archiver.active.row.storage_id
         self.archive_id = archiver.archive.row.storage_id
         self.awaiting: list[ArchiveStep] = []   # archived; waiting for the archive rows' commit
         self.kept = 0
+        self.repaired: list[str] = []
 
     def start(self, run: Run, pipeline: Pipeline) -> None:
         super().start(run, pipeline)
         self.archiver.progress = run.progress
 
+    def can_release(self, file: CatalogFile) -> bool:
+        """Whether the file can reach --min-copies in this run: the sound copies on other
+        backends the selection counted, and the archive copy (written or proven in this run)."""
+        return file.others + 1 >= self.min_copies
+
     def work(self, file: CatalogFile) -> ArchiveStep:
-        return self.archiver.archive_original(file)
+        return self.archiver.archive_original(file, self.can_release(file))
 
     def held(self) -> int:
         return len(self.awaiting)
@@ -4026,17 +4133,34 @@ class ArchiveJob(BatchJob):
             return
         if step.archived_now:
             self.record(file, self.archive_id, 0)
-        self.awaiting.append(step)
+            if step.proven:
+                self.check(step, 'archive')
+        if step.kept:
+            self.keep(step, f'{file.others} sound originals recorded on other backends and the archive copy, '
+                            f'--min-copies {self.min_copies}')
+        else:
+            self.awaiting.append(step)
+
+    def check(self, step: ArchiveStep, event: str, outcome: str | None = None) -> None:
+        """The archive copy's check, for the fixity log (with the next commit)."""
+        outcome = outcome or ('repaired' if step.repaired else 'ok')
+        self.recorder.log_check(FixityCheck(step.file.file_id, self.archive_id, 0, outcome, event, step.repaired))
+        if outcome == 'repaired':
+            self.repaired.append(step.file.object_name)
+            self.run.log_entry('repaired', step.file.file_id, step.file.file_size, step.file.object_name,
+                               f'archive copy {step.repaired}; written again from the checked original')
 
     def between(self, idle: bool) -> None:
         if self.awaiting and (idle or len(self.awaiting) >= self.pipeline.jobs or self.recorder.due()):
             # Rule 3: the archive rows are committed before any original leaves ACTIVE, and only
-            # originals with enough checked copies recorded elsewhere leave.
+            # originals with enough sound copies elsewhere leave: those on the other backends,
+            # as the catalog records them now, and the archive copy, proven at the release.
             self.flush()
             steps, self.awaiting = self.awaiting, []
-            copies = self.recorder.originals_elsewhere([s.file.file_id for s in steps], self.active_id)
+            others = self.recorder.originals_elsewhere([s.file.file_id for s in steps], (self.active_id, self.archive_id),
+                                                       verified_within_days=self.verified_within_days)
             for step in steps:
-                self.decide(step, copies.get(step.file.file_id, 0))
+                self.decide(step, others.get(step.file.file_id, 0) + (1 if step.archive_holds else 0))
         elif idle or self.recorder.due():
             self.flush()
 
@@ -4048,14 +4172,14 @@ class ArchiveJob(BatchJob):
             self.pipeline.submit(self.archiver.release_original, step, self.released)
         elif step.missing:
             self.run.file_failed(file, FileFailure(
-                f'the original is missing at {self.archiver.active.describe()} and only {copies} checked originals '
+                f'the original is missing at {self.archiver.active.describe()} and only {copies} sound originals '
                 'are recorded elsewhere', file.object_name))
         else:
-            self.keep(step, f'{copies} checked originals recorded elsewhere, --min-copies {self.min_copies}')
+            self.keep(step, f'{copies} sound originals recorded elsewhere, --min-copies {self.min_copies}')
 
     def keep(self, step: ArchiveStep, why: str) -> None:
         self.kept += 1
-        self.run.outcome(step.file, 'kept', step.file.file_size,
+        self.run.outcome(step.file, 'kept', step.file.file_size if step.archived_now else 0,
                          why + (f'; archived at {self.archive_id}' if step.archived_now else ''))
 
     def released(self, step: ArchiveStep, future: Future) -> None:
@@ -4065,41 +4189,67 @@ class ArchiveJob(BatchJob):
         except Cancelled:
             return
         except TooFewCopies as exc:         # through the service, whose own minimum is higher
+            self.release_checked(step)
             self.keep(step, str(exc))
             return
         except ConversionError as exc:      # through the service, which made the version
+            self.release_checked(step)
             self.run.failure(file, f'archived, version failed: {exc}')
             return
         except Exception as exc:
+            if step.proof in DAMAGED_OUTCOMES:      # found damaged, and could not be written again
+                self.check(step, 'release', step.proof)
             self.run.file_failed(file, exc)
             return
+        self.release_checked(step)
         if outcome == 'replaced':
             self.recorder.change_type(file.file_id, self.active_id, 0, self.archiver.version.type)
         elif outcome == 'deleted':
             self.recorder.remove(file.file_id, self.active_id)
-        detail = (f'archived at {self.archive_id}' if step.archived_now else
+        detail = (f'archived at {self.archive_id}' if step.archived_now and not step.repaired else
                   'the original had left ACTIVE in an earlier run that was cut off; row corrected'
-                  if step.missing else 'archived earlier')
+                  if step.missing else 'archived earlier, archive copy proven')
+        if step.repaired:
+            detail += f'; archive copy repaired ({step.repaired})'
         if step.released_before:
             detail += f'; {outcome} already (by another run)'
         self.run.outcome(file, outcome, file.file_size, detail)
+
+    def release_checked(self, step: ArchiveStep) -> None:
+        """The archive copy proven at the release (read back, or written again), for the fixity log."""
+        if step.proof in SOUND_OUTCOMES:
+            self.check(step, 'release', step.proof)
 
     def finish(self) -> None:
         self.flush()
         if self.kept:
             self.run.report.notes.append(f'{self.kept} originals kept at ACTIVE: fewer than --min-copies '
-                                         f'{self.min_copies} checked originals are recorded on other backends')
+                                         f'{self.min_copies} sound originals are recorded on other backends')
+        if self.repaired:
+            self.run.report.counts['repaired'] = len(self.repaired)
+            self.run.report.notes.append(
+                f'{len(self.repaired)} archive copies were missing or damaged and were written again from the checked '
+                'original before the release: ' + ', '.join(self.repaired[:10])
+                + (f' and {len(self.repaired) - 10} more (see the log)' if len(self.repaired) > 10 else ''))
 
     def notes(self, counts: dict) -> list[str]:
-        return ([f"{counts['other_version']} files fail: the archive holds another version of them"]
-                if counts['other_version'] else [])
+        return archive_notes(counts)
 
 
-def _archive_request(batch_id: str, replace_with: int | None, delete_originals: bool, min_copies: int):
+def archive_notes(counts: dict) -> list[str]:
+    """What the selection's counts tell about an archive run."""
+    return ([f"{counts['other_version']} files fail: the archive holds another version of them"]
+            if counts['other_version'] else [])
+
+
+def _archive_request(batch_id: str, replace_with: int | None, delete_originals: bool, min_copies: int,
+                     verified_within_days: float | None = None):
     if (replace_with is None) == (not delete_originals):
         raise ConfigError('say what happens at ACTIVE: --replace-with N or --delete-original')
     if min_copies < 1:
         raise ConfigError('--min-copies must be at least 1: an original never leaves ACTIVE without a copy')
+    if verified_within_days is not None and verified_within_days <= 0:
+        raise ConfigError('--verified-within must be a number of days above 0')
     batch = find_batch(batch_id)
     version = find_version(batch.group, replace_with) if replace_with is not None else None
     if version is not None and version.type == 0:
@@ -4114,11 +4264,14 @@ def _archive_title(batch, version: Version | None, active: Backend, archive: Bac
 
 def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id: str, *,
                   replace_with: int | None = None, delete_originals: bool = False, min_copies: int = 1,
-                  options: RunOptions | None = None) -> RunReport:
+                  verified_within_days: float | None = None, options: RunOptions | None = None) -> RunReport:
     """The model process, one pass and one download per file: read the original from ACTIVE and
     check it; write it to ARCHIVE and record it; make version N in memory (--replace-with N);
-    then, while at least `min_copies` checked originals are recorded on other backends, put
-    version N in the original's place at ACTIVE, or delete the original there.
+    then, while at least `min_copies` sound originals are recorded on other backends (with
+    `verified_within_days`, those elsewhere than ARCHIVE count only if their last check passed
+    within that many days), prove the archive copy (written in this run, or read back and
+    hashed now; written again if it is missing or damaged) and put version N in the original's
+    place at ACTIVE, or delete the original there.
 
     Order per file, chosen so that a kill at any moment followed by the same command ends well:
     the archive row is committed before anything at ACTIVE changes; the version is written
@@ -4127,32 +4280,47 @@ def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id:
     fixes the row. Through the service (options.via), the service makes the version and
     changes ACTIVE and its rows, in the same order."""
     with BatchFrame(settings, 'archive', options) as frame:
-        batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies)
+        batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies, verified_within_days)
         active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
-        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True)
+        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True,
+                              verified_within_days=verified_within_days)
         archiver = (ServiceArchiver(frame.service, batch.group, active, archive, version) if frame.service
                     else Archiver(batch.group, active, archive, version))
         recorder = frame.recorder(selection.group, (archive, active), every_rows=200, every_seconds=2.0)
-        return frame.run(ArchiveJob(archiver, recorder, min_copies), selection,
+        return frame.run(ArchiveJob(archiver, recorder, min_copies, verified_within_days), selection,
                          _archive_title(batch, version, active, archive))
+
+
+def planned_archive_action(file: CatalogFile, version: Version | None, min_copies: int) -> str:
+    """What the real run will do with the file, as a dry run says it: the same decisions."""
+    at_active = 'replace' if version else 'delete'
+    if file.target_type not in (None, 0):
+        return f'fail (the archive holds version {file.target_type})'
+    reach = file.others + 1
+    if reach < min_copies:
+        why = f'{reach} of --min-copies {min_copies} sound copies'
+        return f'keep ({why})' if file.target_type == 0 and not file.target_damaged else f'archive, keep ({why})'
+    if file.target_type == 0:
+        if file.target_damaged:
+            return f'repair the archive copy (its last check failed) and {at_active}'
+        return f'prove the archive copy and {at_active}'
+    return f'archive and {at_active}'
 
 
 def plan_archive(settings: Settings, active_id: int, archive_id: int, batch_id: str, *,
                  replace_with: int | None = None, delete_originals: bool = False, min_copies: int = 1,
-                 options: RunOptions | None = None) -> Plan:
+                 verified_within_days: float | None = None, options: RunOptions | None = None) -> Plan:
     """What archive_batch would do (a dry run): backends checked, nothing changed."""
-    frame = BatchFrame(settings, 'archive', options).__enter__()
-    try:
-        batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies)
+    with contextlib.ExitStack() as on_error:
+        frame = on_error.enter_context(BatchFrame(settings, 'archive', options))
+        batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies, verified_within_days)
         active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
-        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True)
-        notes = ArchiveJob.notes(None, selection.counts(frame.reader))
-    except BaseException:
-        frame.__exit__(None, None, None)
-        raise
-    at_active = 'replace' if version else 'delete'
-    action = lambda f: at_active if f.target_type == 0 else f'archive and {at_active}'
-    return Plan('archive', _archive_title(batch, version, active, archive), notes, _planned(frame, selection, action))
+        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True,
+                              verified_within_days=verified_within_days)
+        notes = archive_notes(selection.counts(frame.reader))
+        on_error.pop_all()
+    action = lambda f: planned_archive_action(f, version, min_copies)
+    return Plan('archive', _archive_title(batch, version, active, archive), notes, frame, selection, action)
 
 
 # --- one file, directly (the one-file forms of copy and archive) --------------------------------------
@@ -4735,10 +4903,11 @@ def format_verify_report(report: VerifyReport) -> str:
 def print_plan(plan: Plan) -> RunReport:
     report = RunReport(plan.command, plan.title)
     print(f'dry run: would {plan.command} {plan.title}')
-    for action, file in plan:
-        print(f'  {action}: {file.object_name} ({human_bytes(file.file_size)})')
-        report.counts['would do'] = report.count('would do') + 1
-        report.bytes_done += file.file_size
+    with plan:
+        for action, file in plan:
+            print(f'  {action}: {file.object_name} ({human_bytes(file.file_size)})')
+            report.counts['would do'] = report.count('would do') + 1
+            report.bytes_done += file.file_size
     print(f"dry run: would {plan.command} {report.count('would do')} files, {human_bytes(report.bytes_done)}; "
           'nothing was written')
     for note in plan.notes:
@@ -4870,6 +5039,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0 or value == float('inf'):
+        raise argparse.ArgumentTypeError(f"'{text}' must be a number above 0")
+    return value
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog='mitwelten_storage.py', description=__doc__.split('\n\n')[0],
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -4934,7 +5113,11 @@ def build_parser() -> ArgumentParser:
                       help='put version N in place of the original at ACTIVE')
     then.add_argument('--delete-original', action='store_true', help='delete the original at ACTIVE')
     archive.add_argument('--min-copies', type=positive_int, default=1, metavar='N',
-                         help='checked originals that must be recorded on other backends (default 1)')
+                         help='sound originals that must be recorded on other backends (default 1), the archive '
+                              'copy (proven at the release) included')
+    archive.add_argument('--verified-within', type=positive_number, metavar='DAYS', dest='verified_within',
+                         help='count the copies on other backends than ARCHIVE only where their last check passed '
+                              'within DAYS days')
     archive.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
                          help=f'parallel transfers (default {DEFAULT_JOBS})')
     archive.add_argument('--dry-run', action='store_true', help='say what would be done; change nothing')
@@ -5030,7 +5213,7 @@ def run_command(args, settings: Settings) -> int:
             report = copy_batch(settings, args.source, args.target, args.batch, **request)
         else:
             request = dict(replace_with=args.replace_with, delete_originals=args.delete_original,
-                           min_copies=args.min_copies, options=options)
+                           min_copies=args.min_copies, verified_within_days=args.verified_within, options=options)
             if args.dry_run:
                 return print_plan(plan_archive(settings, args.source, args.target, args.batch, **request)).exit_status
             report = archive_batch(settings, args.source, args.target, args.batch, **request)

@@ -48,12 +48,14 @@ def test_a_plan_streams_what_a_dry_run_would_do(world):
     disk_id, disk = world.create_local_backend()
     files = world.images_on_s3(3, source)
     assert world.copy(source, disk_id, limit=1).count('copied') == 1
-    plan = ms.plan_copy(world.settings, source, disk_id, 'all_images', version_type=0, options=world.options())
-    assert [(action, file.object_name) for action, file in plan] == [('copy', f.object_name) for f in files[1:]]
-    assert plan.notes == ["1 of the batch's 3 files at the source were at the target already"]
-    plan = ms.plan_archive(world.settings, source, disk_id, 'all_images', delete_originals=True,
-                           options=world.options())
-    assert [action for action, _ in plan] == ['delete', 'archive and delete', 'archive and delete']
+    with ms.plan_copy(world.settings, source, disk_id, 'all_images', version_type=0, options=world.options()) as plan:
+        assert [(action, file.object_name) for action, file in plan] == [('copy', f.object_name) for f in files[1:]]
+        assert plan.notes == ["1 of the batch's 3 files at the source were at the target already"]
+    with ms.plan_archive(world.settings, source, disk_id, 'all_images', delete_originals=True,
+                         options=world.options()) as plan:
+        assert [action for action, _ in plan] == ['prove the archive copy and delete', 'archive and delete',
+                                                 'archive and delete']
+    assert plan.frame.reader.closed, 'a closed plan keeps no connection open'
     assert len(world.rows(disk_id)) == 1 and len(files_under(disk / 'archive')) == 1
 
 
