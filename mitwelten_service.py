@@ -619,7 +619,7 @@ app = create_app()
 # =================================================================================================
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='mitwelten_service.py', description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])  # prog: as called
     parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
     parser.add_argument('--port', type=int, default=8080, help='port (default 8080)')
     parser.add_argument('--workers', type=int, default=1, help='worker processes (default 1)')

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -163,13 +164,17 @@ class Installed:
 
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory):
-    """The project installed from the checkout into a fresh venv, as `pip install .` does."""
+    """The project installed from the checkout into a fresh venv, as `pip install .` does; removed
+    afterwards (a few hundred MB that pytest would otherwise keep for three sessions)."""
     root = tmp_path_factory.mktemp('installed')
-    subprocess.run([sys.executable, '-m', 'venv', str(root / 'venv')], check=True, timeout=300)
-    (root / 'elsewhere').mkdir()
-    tool = Installed(root / 'venv', root / 'elsewhere')
-    tool.pip_install(str(ROOT))
-    return tool
+    try:
+        subprocess.run([sys.executable, '-m', 'venv', str(root / 'venv')], check=True, timeout=300)
+        (root / 'elsewhere').mkdir()
+        tool = Installed(root / 'venv', root / 'elsewhere')
+        tool.pip_install(str(ROOT))
+        yield tool
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_installed_tool_runs_from_another_folder_with_its_shipped_batches(installed):
@@ -215,4 +220,4 @@ def test_installed_service_command_needs_its_extra(installed):
     installed.pip_install(f'{ROOT}[service]')
     result = installed.run('mitwelten-service', '--help')
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith('usage: ') and '--workers' in result.stdout
+    assert result.stdout.startswith('usage: mitwelten-service ') and '--workers' in result.stdout
