@@ -19,6 +19,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+import mitwelten_storage as ms
 from conftest import ROOT
 
 try:
@@ -194,6 +195,9 @@ def test_installed_tool_runs_from_another_folder_with_its_shipped_batches(instal
                                            'print(mitwelten_storage.__file__, importlib.util.find_spec("batches"))')
     module, batches_spec = result.stdout.split()
     assert Path(module).is_relative_to(installed.venv) and batches_spec == 'None'
+    # the package's version is the module's
+    result = installed.run('python', '-c', 'import importlib.metadata as m; print(m.version("mitwelten-storage"))')
+    assert result.stdout.strip() == ms.__version__
 
 
 def test_installed_init_db_finds_its_schema(installed, services, world):
