@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import enum
+import importlib.util
 import itertools
 import logging
 import os
@@ -44,6 +45,16 @@ import queue
 import re
 import sys
 from typing import Annotated, Iterator
+
+# Installed with pip or pipx, the mitwelten-service command is there without the `service` extra too
+# (pip installs every entry point): run as a command, say what to install rather than fail with a
+# traceback. (Imported, a missing module is the ImportError it is.)
+_MISSING = [name for name in ('fastapi', 'starlette', 'pydantic', 'uvicorn', 'jwt', 'cryptography')
+            if importlib.util.find_spec(name) is None]
+if _MISSING and (__name__ == '__main__' or os.path.basename(sys.argv[0]) == 'mitwelten-service'):
+    print(f"error: the storage service needs {', '.join(_MISSING)}: install the tool with its service extra "
+          "(pipx install '.[service]', pip install '.[service]') or requirements-service.txt", file=sys.stderr)
+    sys.exit(2)
 
 import botocore.exceptions
 import jwt
@@ -608,7 +619,7 @@ app = create_app()
 # =================================================================================================
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='mitwelten_service.py', description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])  # prog: as called
     parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
     parser.add_argument('--port', type=int, default=8080, help='port (default 8080)')
     parser.add_argument('--workers', type=int, default=1, help='worker processes (default 1)')

@@ -112,7 +112,28 @@ __version__ = '1.4.0'
 log = logging.getLogger('mitwelten_storage')
 
 TOOL_DIR = Path(__file__).resolve().parent
-SCHEMA_FILE = TOOL_DIR / 'sql' / 'schema.sql'
+# Installed with pip or pipx, the tool finds sql/schema.sql and the shipped batches.py in this
+# data-only package (the wheel's build copies them there: pyproject.toml); a clone has them beside it.
+DATA_PACKAGE = 'mitwelten_storage_data'
+
+
+def shipped_file(clone_path: str) -> Path:
+    """A file shipped with the tool: beside this file in a clone (`sql/schema.sql`, `batches.py`),
+    else, installed, in DATA_PACKAGE under its own name. A clone is known by its sql/schema.sql, so
+    an installed tool never takes another package's top-level file for its own. Found nowhere: the
+    clone's path, for the error to name."""
+    beside = TOOL_DIR / clone_path
+    if (TOOL_DIR / 'sql' / 'schema.sql').is_file():
+        return beside
+    try:
+        import importlib.resources
+        installed = Path(str(importlib.resources.files(DATA_PACKAGE) / Path(clone_path).name))
+    except (ImportError, TypeError, ValueError):
+        return beside
+    return installed if installed.is_file() else beside
+
+
+SCHEMA_FILE = shipped_file('sql/schema.sql')
 DEFAULT_SCHEMA = 'prod'
 DEFAULT_JOBS = 8
 CHUNK = 1024 * 1024
@@ -812,11 +833,33 @@ class CatalogWriter(Recorder):
 
 # --- batches -------------------------------------------------------------------------------------
 
+# --batches FILE, set by the command line; None: $MITWELTEN_BATCHES, ./batches.py, the shipped one.
+BATCHES_FILE: str | Path | None = None
+
+
+def batches_file() -> tuple[Path, str]:
+    """The batches file to read, and what chose it: --batches FILE (BATCHES_FILE), else
+    $MITWELTEN_BATCHES, else batches.py in the current folder, else the one shipped with the tool."""
+    if BATCHES_FILE:
+        return Path(BATCHES_FILE).expanduser().absolute(), '--batches'
+    if os.environ.get('MITWELTEN_BATCHES'):
+        return Path(os.environ['MITWELTEN_BATCHES']).expanduser().absolute(), 'MITWELTEN_BATCHES'
+    here = Path('batches.py')
+    if here.is_file():
+        return here.absolute(), 'the current folder'
+    return shipped_file('batches.py'), 'shipped with the tool'
+
+
 def load_batches(path: Path | None = None) -> dict:
-    """The batches defined in batches.py (next to this tool), by id."""
-    path = path or TOOL_DIR / 'batches.py'
+    """The batches defined in the batches file (see batches_file), or in `path`, by id."""
+    origin = None
+    if path is None:
+        path, origin = batches_file()
     if not path.exists():
-        raise ConfigError(f'{path} not found: it defines the batches')
+        named = f' (named by {origin})' if origin in ('--batches', 'MITWELTEN_BATCHES') else ''
+        raise ConfigError(f'{path}{named} not found: it defines the batches')
+    if path.is_dir():
+        raise ConfigError(f'{path} is a folder: name the batches file (a batches.py) itself')
     spec = importlib.util.spec_from_file_location('batches', path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -837,7 +880,7 @@ def find_batch(batch_id: str, path: Path | None = None):
     batches = load_batches(path)
     if batch_id not in batches:
         known = ', '.join(sorted(batches)) or '(none)'
-        raise ConfigError(f"unknown batch '{batch_id}'; batches.py defines: {known}")
+        raise ConfigError(f"unknown batch '{batch_id}'; {path or batches_file()[0]} defines: {known}")
     return batches[batch_id]
 
 
@@ -853,7 +896,7 @@ def batch_sql(batch) -> str:
 def selection_error(batch, exc: psycopg2.Error) -> StorageError:
     if catalog_outage(exc):
         return exc
-    return ConfigError(f"batch '{batch.id}' (batches.py) cannot be selected: {pg_error_line(exc)}")
+    return ConfigError(f"batch '{batch.id}' ({batches_file()[0]}) cannot be selected: {pg_error_line(exc)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5050,10 +5093,14 @@ def positive_number(text: str) -> float:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog='mitwelten_storage.py', description=__doc__.split('\n\n')[0],
+    # prog: as it was called, `mitwelten_storage.py` from a clone, `mitwelten-storage` installed
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0],
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--db', metavar='DSN', help='libpq connection string or URI of the catalog')
     parser.add_argument('--schema', metavar='NAME', help="catalog schema (default: $MITWELTEN_DB_SCHEMA or 'prod')")
+    parser.add_argument('--batches', metavar='FILE', dest='batches_file',
+                        help='the batches file (default: $MITWELTEN_BATCHES, else ./batches.py, else the one '
+                             'shipped with the tool)')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
 
     commands.add_parser('init-db', help='create the catalog schema and tables (idempotent)')
@@ -5071,7 +5118,8 @@ def build_parser() -> ArgumentParser:
                         help='local: the folder where the disk is mounted; s3: http[s]://HOST[:PORT]/BUCKET[/PREFIX]')
 
     info = commands.add_parser('info', help='list the backends (or, with --batches, the batches)')
-    info.add_argument('--batches', action='store_true', help='list the batches defined in batches.py')
+    info.add_argument('--batches', action='store_true',
+                      help='list the batches defined in the batches file (and say on stderr which file)')
     info.add_argument('--json', action='store_true', help='print JSON instead of a table')
 
     copy = commands.add_parser(
@@ -5162,7 +5210,9 @@ def run_options(args, **extra) -> RunOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BATCHES_FILE
     args = build_parser().parse_args(argv)
+    given_batches, BATCHES_FILE = BATCHES_FILE, args.batches_file or BATCHES_FILE
     handler = MessageHandler()
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -5184,6 +5234,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURES
     finally:
         log.removeHandler(handler)
+        BATCHES_FILE = given_batches
 
 
 def run_command(args, settings: Settings) -> int:
@@ -5199,7 +5250,9 @@ def run_command(args, settings: Settings) -> int:
               f'(priority {backend_row.priority})')
     elif args.command == 'info':
         if args.batches:
-            print_batches(load_batches(), args.json)
+            batches = load_batches()
+            print('note: batches from {} ({})'.format(*batches_file()), file=sys.stderr)
+            print_batches(batches, args.json)
         else:
             listing = list_backends(settings)
             print(json.dumps(listing, indent=2)) if args.json else print_backends(listing)
@@ -5229,7 +5282,8 @@ def run_command(args, settings: Settings) -> int:
     return EXIT_OK
 
 
-if __name__ == '__main__':
+def console_main() -> None:
+    """The command: `python mitwelten_storage.py`, and `mitwelten-storage` installed (pyproject.toml)."""
     status = main()
     if status == EXIT_INTERRUPTED:
         # A second Ctrl-C leaves transfer threads running; do not wait for them at exit.
@@ -5238,3 +5292,7 @@ if __name__ == '__main__':
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+if __name__ == '__main__':
+    console_main()
