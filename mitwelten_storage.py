@@ -219,7 +219,7 @@ class NotFound(Refusal):
 
 
 class TooFewCopies(Refusal):
-    """Fewer than min-copies checked originals are recorded elsewhere (rule 3)."""
+    """Fewer than min-copies sound originals are recorded elsewhere (rule 3)."""
 
 
 class VersionConflict(Refusal):
@@ -587,14 +587,15 @@ ORIGINAL_COPY_TYPES = (0, 10)
 _fixity_notice_given = False
 
 
-def has_fixity_log(conn) -> bool:
+def has_fixity_log(conn, *, end_transaction: bool = True) -> bool:
     """Whether the catalog's schema has the fixity log; says once per process that `init-db`
     would keep it when it has not."""
     global _fixity_notice_given
     with conn.cursor() as cur:
         cur.execute('SELECT to_regclass(%s)', (FIXITY_TABLE,))
         present = cur.fetchone()[0] is not None
-    conn.commit()
+    if end_transaction:
+        conn.commit()
     if not present and not _fixity_notice_given:
         _fixity_notice_given = True
         log.info('the catalog has no fixity log (%s): `init-db` would create it, so that every check of a copy '
@@ -629,21 +630,24 @@ def sound_original_sql(copy: str, check: str, verified_within_days: float | None
 
 
 def sound_originals_elsewhere(conn, group: Group, file_ids: list[int], excluding: int | Iterable[int], *,
-                              verified_within_days: float | None = None) -> dict[int, int]:
+                              verified_within_days: float | None = None,
+                              end_transaction: bool = True) -> dict[int, int]:
     """For each file, how many backends other than `excluding` (one storage id or several)
     record a sound copy of its original (rule 8: not found missing or corrupt by its last check;
-    gzip counts): the copies that let an original leave a backend (rule 3). One query."""
+    gzip counts): the copies that let an original leave a backend (rule 3). One query; with
+    `end_transaction` False, inside the caller's transaction (and its row locks)."""
     if not file_ids:
         return {}
     excluded = [excluding] if isinstance(excluding, int) else list(excluding)
-    check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+    check = last_check_join(group, 's', 'c', has_fixity_log(conn, end_transaction=end_transaction))
     with conn.cursor() as cur:
         cur.execute(f'SELECT s.file_id, count(*) FROM {group.storage_table} s {check} '
                     f'WHERE s.file_id = ANY(%s) AND s.storage_id <> ALL(%s) AND '
                     f'{sound_original_sql("s", "c", verified_within_days)} GROUP BY s.file_id',
                     (list(file_ids), excluded))
         counts = dict(cur.fetchall())
-    conn.commit()
+    if end_transaction:
+        conn.commit()
     return counts
 
 
@@ -3421,8 +3425,11 @@ def _fetch_backend_or_404(conn, storage_id: int) -> BackendRow:
         raise NotFound(str(exc), 'backend') from None
 
 
-def _copies_elsewhere(held: list[HeldVersion], storage_id: int) -> int:
-    return sum(1 for h in held if h.type == 0 and h.backend.storage_id != storage_id)
+def _copies_elsewhere(conn, group: str, file_id: int, storage_id: int) -> int:
+    """The sound originals (rule 8) recorded on backends other than `storage_id`, counted inside
+    the transaction that holds the file's row locks."""
+    return sound_originals_elsewhere(conn, GROUPS[group], [file_id], storage_id,
+                                     end_transaction=False).get(file_id, 0)
 
 
 def active_original(conn, backends: BackendCache, group: str, file_id: int) -> tuple[CatalogFile, Backend]:
@@ -3508,7 +3515,7 @@ def make_version_in_place(conn, backends: BackendCache, group: str, file_id: int
     try:
         backend = backends.get(active.backend)
         version_name = version.object_name(file.object_name)
-        copies = _copies_elsewhere(held, active.backend.storage_id)
+        copies = _copies_elsewhere(conn, group, file_id, active.backend.storage_id)
         if active.type == version.type:
             # Done before. A request cut off between its commit and the delete left the
             # original beside its version: it goes now, if its copies elsewhere still stand.
@@ -3521,33 +3528,39 @@ def make_version_in_place(conn, backends: BackendCache, group: str, file_id: int
             raise VersionConflict(f'{active.backend.describe()} holds version {active.type} of {group} file {file_id}, '
                                   'not its original: no other version can be made there')
         if copies < min_copies:
-            raise TooFewCopies(f'{copies} checked originals of {group} file {file_id} are recorded on other backends; '
+            raise TooFewCopies(f'{copies} sound originals of {group} file {file_id} are recorded on other backends; '
                                f'{min_copies} are needed before the original leaves {active.backend.describe()}')
+        # The model process's release, as a batch run does it, with the row committed between
+        # the version's write and the original's delete (a request is answered only once its
+        # row is committed; a request cut off after the commit and repeated deletes the
+        # original left beside the version, above).
+        archiver = Archiver(group, backend, None, version)
+        step = ArchiveStep(file)
         try:
-            original = read_original(backend, file)
-        except SourceMissing:
+            step.original = read_original(backend, file)
+        except SourceMissing as exc:
             # The original is gone from the active tier though the row says it is there (a
-            # run of an earlier version of this tool cut off, or a hand): the replacement is
-            # finished if the version is there and sound.
-            if not sound_copy_at(backend, file, version):
+            # run cut off after its delete, or a hand): the replacement is finished if the
+            # version is there and sound.
+            archiver.original_missing(step, exc)
+            if not step.version_present:
                 raise NotFound(f'the original of {group} file {file_id} is missing at {backend.describe()} and its '
                                f'{version.label} version is not there either; it is archived: copy it back, or run '
                                f'`verify {active.backend.storage_id} --fix`', 'original') from None
         else:
-            data = version.make(original, file)
-            backend.write(version_name, [data], len(data), content_type_of(version, version_name),
-                          tags=backend.tags(file.object_name))
-            crash_point('after-version-write')
-        _set_type(conn, group, file_id, active.backend.storage_id, version.type)
-        conn.commit()
-        crash_point('after-commit')
+            archiver.make_version(step, step.original)
+            if step.version_failed:
+                raise ConversionError(step.version_failed, file.object_name)
+
+        def commit() -> None:
+            _set_type(conn, group, file_id, active.backend.storage_id, version.type)
+            conn.commit()
+            crash_point('after-commit')
+        archiver.release_original(step, commit=commit)
     except BaseException:
         with contextlib.suppress(psycopg2.Error):
             conn.rollback()
         raise
-    if version_name != file.object_name:
-        backend.delete(file.object_name)
-    crash_point('after-original-delete')
     return file_state(conn, group, file_id, 'replaced')
 
 
@@ -3557,7 +3570,7 @@ def delete_original(conn, backends: BackendCache, group: str, file_id: int, sha2
     the object deleted, then the row's removal committed (a request cut off in between and
     repeated finds the object gone and removes the row). `sha256_hex` must be the catalog's
     (If-Match: OriginalChanged otherwise). NotFound('original') when it is gone already;
-    TooFewCopies (rule 3) when fewer than min_copies checked originals are recorded elsewhere."""
+    TooFewCopies (rule 3) when fewer than min_copies sound originals are recorded elsewhere."""
     file, held, active = _locked_active(conn, group, file_id)
     try:
         if active.type != 0:
@@ -3565,14 +3578,14 @@ def delete_original(conn, backends: BackendCache, group: str, file_id: int, sha2
                            f'({active.backend.describe()} holds version {active.type})', 'original')
         if (sha256_hex or '').strip().lower() != file.sha256:
             raise OriginalChanged(f"{sha256_hex!r} is not the sha256 of {group} file {file_id}'s original")
-        copies = _copies_elsewhere(held, active.backend.storage_id)
+        copies = _copies_elsewhere(conn, group, file_id, active.backend.storage_id)
         if copies < min_copies:
-            raise TooFewCopies(f'{copies} checked originals of {group} file {file_id} are recorded on other backends; '
+            raise TooFewCopies(f'{copies} sound originals of {group} file {file_id} are recorded on other backends; '
                                f'{min_copies} are needed before the original leaves {active.backend.describe()}')
-        backends.get(active.backend).delete(file.object_name)
-        crash_point('after-original-delete')
-        _set_type(conn, group, file_id, active.backend.storage_id, None)
-        conn.commit()
+        def commit() -> None:
+            _set_type(conn, group, file_id, active.backend.storage_id, None)
+            conn.commit()
+        Archiver(group, backends.get(active.backend), None, None).release_original(ArchiveStep(file), commit=commit)
     except BaseException:
         with contextlib.suppress(psycopg2.Error):
             conn.rollback()
@@ -4063,16 +4076,20 @@ class Archiver:
                               f'({describe_exception(exc)}): the original stays online', file.object_name) from None
         step.proven, step.proof = True, 'repaired'
 
-    def release_original(self, step: ArchiveStep) -> str:
+    def release_original(self, step: ArchiveStep, commit: Callable[[], None] | None = None) -> str:
         """With the original's copies recorded elsewhere: prove the archive copy (rule 3), then
         put the version in its place at ACTIVE (written before the original is deleted), or
-        delete it. Returns 'replaced' or 'deleted'; the caller records the change."""
+        delete it. Returns 'replaced' or 'deleted'. A batch run records the change after this
+        returns; the service passes `commit`, which records a replacement between the version's
+        write and the original's delete (SPEC's order for a request)."""
         file = step.file
         if self.archive is not None and step.archive_holds:
             self.prove_archive_copy(step)
         if step.missing:
             # An earlier run was cut off after removing the original: only the row is left to fix.
             if self.version is None or step.version_present:
+                if commit:
+                    commit()
                 return 'deleted' if self.version is None else 'replaced'
             raise FileFailure(f'the original is missing at {self.active.describe()} and its {self.version.label} '
                               'version is not there either; its original is archived: copy it back, or run '
@@ -4082,12 +4099,16 @@ class Archiver:
             self.active.write(version_name, [step.version_bytes], len(step.version_bytes),
                               content_type_of(self.version, version_name), tags=step.tags)
             crash_point('after-version-write')
+            if commit:
+                commit()
             if version_name != file.object_name:
                 self.active.delete(file.object_name)
             crash_point('after-original-delete')
             return 'replaced'
         self.active.delete(file.object_name)
         crash_point('after-original-delete')
+        if commit:
+            commit()
         return 'deleted'
 
 
@@ -4384,6 +4405,19 @@ def _one_file(conn, settings: Settings, group: str, file_id: int, source_id: int
     return dataclasses.replace(file, source_type=held[source_id], target_type=held.get(target_id)), source, target
 
 
+def _damaged_at(conn, group: str, file_id: int, storage_id: int) -> bool:
+    """Whether the last check of the file's copy at the backend found it missing or corrupt."""
+    group = GROUPS[group]
+    check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+    damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT coalesce(c.outcome IN ({damaged}), false) FROM {group.storage_table} s {check} '
+                    'WHERE s.file_id = %s AND s.storage_id = %s', (file_id, storage_id))
+        row = cur.fetchone()
+    conn.commit()
+    return bool(row and row[0])
+
+
 def copy_file(settings: Settings, group: str, file_id: int, source_id: int, target_id: int, *,
               version_type: int = 0, source_path: str | None = None, target_path: str | None = None) -> FileState:
     """copy_batch for one file: its version copied (or made) at TARGET, checked, synced and
@@ -4418,27 +4452,39 @@ def archive_file(settings: Settings, group: str, file_id: int, active_id: int, a
     <reason>' (rule 7: the original archived and recorded, kept at ACTIVE)."""
     if min_copies < 1:
         raise ConfigError('min_copies must be at least 1: an original never leaves ACTIVE without a copy')
+    version = find_version(group, replace_with) if replace_with is not None else None
+    if version is not None and version.type == 0:
+        raise ConfigError('replace_with 0 would replace the original with itself; name a version such as 1')
     conn = connect_catalog(settings)
     try:
         file, active, archive = _one_file(conn, settings, group, file_id, active_id, archive_id, active_path,
                                           archive_path, source_writing=True)
-        version = find_version(group, replace_with) if replace_with is not None else None
         if file.source_type != 0:
             raise NotFound(f'{active.describe()} holds version {file.source_type} of {group} file {file_id}, not '
                            'its original', 'original')
         archiver = Archiver(group, active, archive, version)
+        writer = CatalogWriter(conn, GROUPS[group], (archive, active))
+        others = writer.originals_elsewhere([file_id], (active_id, archive_id)).get(file_id, 0)
+        file = dataclasses.replace(file, others=others, target_damaged=_damaged_at(conn, group, file_id, archive_id))
         with archive.writing(), active.writing():
-            step = archiver.archive_original(file)
-            writer = CatalogWriter(conn, GROUPS[group], (archive, active))
+            step = archiver.archive_original(file, can_release=others + 1 >= min_copies)
             if step.archived_now:
                 writer.add(file, archive_id, 0)
+                if step.proven:
+                    writer.log_check(FixityCheck(file_id, archive_id, 0, 'repaired' if step.repaired else 'ok',
+                                                 'archive', step.repaired))
             writer.flush()
             if step.version_failed:
                 return file_state(conn, group, file_id, f'archived, version failed: {step.version_failed}')
-            copies = writer.originals_elsewhere([file_id], active_id).get(file_id, 0)
-            if copies < min_copies:
+            if step.kept:
                 return file_state(conn, group, file_id, 'kept')
-            outcome = archiver.release_original(step)
+            try:
+                outcome = archiver.release_original(step)
+            finally:
+                if step.proof:
+                    writer.log_check(FixityCheck(file_id, archive_id, 0, step.proof, 'release', step.repaired))
+                    with contextlib.suppress(Exception):
+                        writer.flush()
             if outcome == 'replaced':
                 writer.change_type(file_id, active_id, 0, version.type)
             else:
@@ -5147,7 +5193,7 @@ def build_parser() -> ArgumentParser:
         description='For every file of the batch whose original ACTIVE holds: read it once and check it, write '
                     'it to ARCHIVE and record it, then put version N in its place at ACTIVE (--replace-with N) '
                     'or delete it there (--delete-original). An original leaves ACTIVE only while at least '
-                    '--min-copies checked originals are recorded on other backends.',
+                    '--min-copies sound originals are recorded on other backends.',
         epilog='examples:\n  archive -s 1 -t 3 fs1_images --replace-with 1\n'
                '  archive -s 1 -t 3 fs1_audio --replace-with 1 --min-copies 2\n'
                '  archive -s 2 -t 3 all_images --delete-original --dry-run\n\n'

@@ -137,7 +137,7 @@ def test_record_archived_inserts_once_and_refuses_what_it_should(world, one_file
 def test_make_version_in_place_needs_copies_then_replaces_once(world, one_file):
     bucket, active, archive, disk, image, conn, backends = one_file
     make = lambda: ms.make_version_in_place(conn, backends, 'image', image.file_id, 1, min_copies=1)
-    with pytest.raises(ms.TooFewCopies, match='0 checked originals'):
+    with pytest.raises(ms.TooFewCopies, match='0 sound originals'):
         make()
     assert bucket_keys(world, bucket) == {image.object_name}
     world.query('INSERT INTO mm_files_image_storage (file_id, storage_id, type) VALUES (%s, %s, 0)',
@@ -190,7 +190,7 @@ def test_delete_original_checks_if_match_and_copies(world, one_file):
         delete(image.sha256)
     world.query('INSERT INTO mm_files_image_storage (file_id, storage_id, type) VALUES (%s, %s, 0)',
                 (image.file_id, archive))
-    with pytest.raises(ms.TooFewCopies, match='1 checked originals'):
+    with pytest.raises(ms.TooFewCopies, match='1 sound originals'):
         delete(image.sha256, copies=2)
     assert bucket_keys(world, bucket) == {image.object_name}
     assert delete(image.sha256).outcome == 'deleted'

@@ -180,3 +180,17 @@ def test_a_dry_run_names_the_files_the_real_run_will_fail(world):
     assert f'fail (the archive holds version 1): {files[0].object_name}' in result.stdout
     real = world.archive(active, archive, replace_with=1)
     assert [name for name, _ in real.failures] == [files[0].object_name]
+
+
+def test_the_one_file_api_proves_the_archive_copy_too(world):
+    bucket, active, archive, disk, files = copied_to_disk(world, 2)
+    image = files[0]
+    with pytest.raises(ms.ConfigError, match='replace the original with itself'):
+        ms.archive_file(world.settings, 'image', image.file_id, active, archive, replace_with=0)
+    assert world.rows(active) == {f.file_id: 0 for f in files}
+    damage(disk, image, 'truncated')
+    state = ms.archive_file(world.settings, 'image', image.file_id, active, archive, replace_with=1)
+    assert state.outcome == 'replaced'
+    assert (disk / 'archive' / image.object_name).read_bytes() == image.data
+    assert (image.file_id, 'repaired', 'release') in fixity(world, archive)
+    assert world.rows(active)[image.file_id] == 1
