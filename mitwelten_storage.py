@@ -167,7 +167,16 @@ EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # =================================================================================================
 
 class StorageError(Exception):
-    """Base of every error this tool reports to its user as a message rather than a traceback."""
+    """Base of every error this tool reports to its user as a message rather than a traceback.
+
+    An error that the storage service answers as a problem (RFC 9457) names its problem type
+    (`urn:mitwelten:storage:problem:<problem_type>`), status and title here; the service's
+    answers and the --via client's reading of them are both derived from these classes."""
+    problem_type: str | None = None
+    status: int = 500
+    title: str = 'Storage error'
+    hint: str = ''                       # added to the problem's detail
+    retry_after: int | None = None       # seconds, for a problem that passes
 
 
 class ConfigError(StorageError):
@@ -175,16 +184,29 @@ class ConfigError(StorageError):
     start). Nothing has been done; the command exits with status 2."""
 
 
-class FileFailure(StorageError):
-    """One file could not be handled; the run goes on with the others and exits with status 1."""
+class CatalogUnavailable(ConfigError):
+    """The catalog's server cannot be reached (or refuses the connection)."""
+    problem_type, status, title, retry_after = 'catalog-unavailable', 503, 'Catalog unavailable', 10
 
-    def __init__(self, message: str, object_name: str | None = None):
+
+class FileFailure(StorageError):
+    """One file could not be handled; the run goes on with the others and exits with status 1.
+    Carries what a caller needs without parsing the message: the file's object name, the
+    backend it concerns, and what was expected and found (sizes, digests), where known."""
+
+    def __init__(self, message: str, object_name: str | None = None, *, backend: str | None = None,
+                 expected: object = None, found: object = None):
         super().__init__(message)
         self.object_name = object_name
+        self.backend = backend
+        self.expected = expected
+        self.found = found
 
 
 class ChecksumMismatch(FileFailure):
     """The bytes are not the original's: their size or sha256 differs from the catalog's."""
+    problem_type, status, title = 'original-corrupt', 502, 'Original corrupt on the online tier'
+    hint = ': run `verify` on the active backend'
 
 
 class UnsafeObjectName(FileFailure):
@@ -193,14 +215,37 @@ class UnsafeObjectName(FileFailure):
 
 class SourceMissing(FileFailure):
     """The object is not where the catalog says it is."""
+    problem_type, status, title = 'original-missing', 502, 'Original missing on the online tier'
+    hint = ', though the catalog records it there: run `verify` on the active backend'
 
 
 class ConversionError(FileFailure):
     """A version could not be made from the original (or stored bytes of it did not check out)."""
+    problem_type, status, title = 'version-failed', 422, 'Version cannot be made'
+
+
+class SyncFailed(StorageError):
+    """A backend could not make its writes durable (fsync failed): nothing written since its
+    last successful sync is recorded (rule 1), and the run stops."""
+
+    def __init__(self, backend, error: OSError):
+        super().__init__(f'{backend.describe()} could not make its writes durable '
+                         f'(fsync: {error.strerror or error})')
+        self.backend = backend
+        self.error = error
 
 
 class Unreachable(StorageError):
     """A server (S3, the storage service) did not answer, after the retries the settings allow."""
+
+
+class TokenRefused(StorageError):
+    """The storage service refused the token (401: missing, expired or invalid; 403: no role)."""
+
+
+class Cancelled(Exception):
+    """Work not started because the run is stopping: not an error, the file is left for the
+    next run."""
 
 
 # --- refusals of the per-file operations ---------------------------------------------------------
@@ -208,34 +253,61 @@ class Unreachable(StorageError):
 
 class Refusal(StorageError):
     """A per-file operation that was refused and changed nothing."""
+    status = 409
 
 
 class NotFound(Refusal):
     """`subject` is 'file' (not in the catalog), 'backend', or 'original' (no longer online)."""
+    status = 404
 
     def __init__(self, message: str, subject: str):
         super().__init__(message)
         self.subject = subject
 
+    @property
+    def problem_type(self) -> str:
+        return 'original-not-online' if self.subject == 'original' else f'{self.subject}-not-found'
+
+    @property
+    def title(self) -> str:
+        return 'Original not online' if self.subject == 'original' else f'Unknown {self.subject}'
+
 
 class TooFewCopies(Refusal):
     """Fewer than min-copies sound originals are recorded elsewhere (rule 3)."""
+    problem_type, title = 'too-few-copies', 'Too few copies elsewhere'
 
 
 class VersionConflict(Refusal):
     """The backend records another version of the file than the one the operation needs."""
+    problem_type, title = 'version-conflict', 'Another version is recorded'
 
 
 class InvalidArchive(Refusal):
     """An archive cannot be recorded as asked: not the catalog's sha256, or not an archive backend."""
+    problem_type, status, title = 'invalid-archive', 422, 'Not an archive of this original'
 
 
 class Busy(Refusal):
     """Another request holds the file's rows for longer than a request should wait."""
+    problem_type, title = 'busy', 'File busy'
 
 
 class OriginalChanged(Refusal):
     """The caller's idea of the original (If-Match) is not the catalog's."""
+    problem_type, status, title = 'original-changed', 412, 'Precondition failed'
+
+
+def _error_classes(base: type) -> Iterator[type]:
+    for cls in base.__subclasses__():
+        yield cls
+        yield from _error_classes(cls)
+
+
+# The service's problem types that stand for one of the engine's errors, by type: the service
+# answers an error with its type, and the --via client raises the error again from the type.
+SERVICE_PROBLEMS = {cls.__dict__['problem_type']: cls for cls in _error_classes(StorageError)
+                    if isinstance(cls.__dict__.get('problem_type'), str)}
 
 
 # --- crash and fault points: how the tests break runs on purpose -----------------------------------
@@ -254,32 +326,43 @@ FAULT_POINTS = frozenset({
 })
 
 
-class TestFaults:
-    """Test hooks for rules 1 and 5, from the environment:
+class FaultHooks:
+    """Test hooks for rules 1 and 5, from the environment, read when first used:
 
     MITWELTEN_CRASH_AT=POINT:N  the process kills itself with SIGKILL the N-th time it passes
                                 POINT (one of CRASH_POINTS);
     MITWELTEN_FAULT_AT=POINT:N  from the N-th time on, POINT fails as a dying disk would (one of
-                                FAULT_POINTS: 'fsync' raises OSError(EIO)).
+                                FAULT_POINTS: 'fsync' and 'rename' raise OSError(EIO)).
 
-    An unknown point is refused by the command line (`problem`) rather than silently ignored."""
+    An unknown point is refused, by the command line and by the service, through `check()`,
+    rather than silently ignored."""
 
     def __init__(self, environ=os.environ):
-        self.problem = None
-        self.crash = self._parse(environ.get('MITWELTEN_CRASH_AT', ''), CRASH_POINTS, 'MITWELTEN_CRASH_AT')
-        self.fault = self._parse(environ.get('MITWELTEN_FAULT_AT', ''), FAULT_POINTS, 'MITWELTEN_FAULT_AT')
+        self.environ = environ
         self.passed: dict[str, int] = {}
         self.lock = threading.Lock()
 
-    def _parse(self, value: str, known: frozenset, variable: str) -> tuple[str, int] | None:
+    @functools.cached_property
+    def _points(self) -> tuple:
+        problems = []
+        crash = self._parse('MITWELTEN_CRASH_AT', CRASH_POINTS, problems)
+        fault = self._parse('MITWELTEN_FAULT_AT', FAULT_POINTS, problems)
+        return crash, fault, problems[0] if problems else None
+
+    def _parse(self, variable: str, known: frozenset, problems: list) -> tuple[str, int] | None:
+        value = self.environ.get(variable, '')
         if not value:
             return None
         name, _, count = value.partition(':')
         if name not in known or not (count or '1').isdigit():
-            self.problem = (f"{variable}={value!r}: expected POINT[:N] with POINT one of "
-                            f"{', '.join(sorted(known))}")
+            problems.append(f"{variable}={value!r}: expected POINT[:N] with POINT one of {', '.join(sorted(known))}")
             return None
         return name, int(count or 1)
+
+    def check(self) -> None:
+        """ConfigError naming the variable when a hook names a point that does not exist."""
+        if self._points[2]:
+            raise ConfigError(self._points[2])
 
     def _count(self, name: str) -> int:
         with self.lock:
@@ -287,16 +370,19 @@ class TestFaults:
             return self.passed[name]
 
     def crash_point(self, name: str) -> None:
-        if self.crash and self.crash[0] == name and self._count(name) == self.crash[1]:
+        crash = self._points[0]
+        if crash and crash[0] == name and self._count(name) == crash[1]:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def fault_point(self, name: str, path: object = None) -> None:
-        if self.fault and self.fault[0] == name and self._count(name) >= self.fault[1]:
+        fault = self._points[1]
+        if fault and fault[0] == name and self._count(name) >= fault[1]:
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path) if path is not None else None)
 
 
-TEST_FAULTS = TestFaults()
-crash_point = TEST_FAULTS.crash_point
+FAULTS = FaultHooks()
+crash_point = FAULTS.crash_point
+fault_point = FAULTS.fault_point
 
 
 # =================================================================================================
@@ -510,8 +596,8 @@ def connect_catalog(settings: Settings, *, require_tables: bool = True):
         conn = psycopg2.connect(settings.dsn, application_name='mitwelten-storage', connect_timeout=15,
                                 keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
     except psycopg2.OperationalError as exc:
-        raise ConfigError(f'cannot connect to the catalog, {describe_dsn(settings.dsn)}: {pg_error_line(exc)} '
-                          '(set --db or MITWELTEN_DB)') from None
+        raise CatalogUnavailable(f'cannot connect to the catalog, {describe_dsn(settings.dsn)}: {pg_error_line(exc)} '
+                                 '(set --db or MITWELTEN_DB)') from None
     except psycopg2.ProgrammingError as exc:
         raise ConfigError(f'--db / MITWELTEN_DB is not a valid connection string: {exc}') from None
     with conn.cursor() as cur:
@@ -680,16 +766,6 @@ def append_fixity(cur, group: Group, checks: list[FixityCheck], agent: str) -> N
                  'VALUES %s',
             [(group.name, c.file_id, c.storage_id, c.type, c.outcome, c.event, agent, c.detail) for c in checks],
             page_size=1000)
-
-
-class SyncFailed(StorageError):
-    """A backend could not make its writes durable (fsync failed): nothing written since its
-    last successful sync is recorded (rule 1), and the run stops."""
-
-    def __init__(self, backend: 'Backend', error: OSError):
-        super().__init__(f'{backend.describe()} could not make its writes durable '
-                         f'(fsync: {error.strerror or error})')
-        self.backend = backend
 
 
 class Recorder:
@@ -1098,7 +1174,7 @@ def full_fsync(fd: int) -> None:
 
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries (renames, new files, removals) durable."""
-    TEST_FAULTS.fault_point('fsync', path)
+    fault_point('fsync', path)
     fd = os.open(path, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
     try:
         full_fsync(fd)
@@ -1153,7 +1229,7 @@ def atomic_file(final: Path, *, sync_folder: bool = True,
         finally:
             os.close(fd)
         crash_point('before-rename')
-        TEST_FAULTS.fault_point('rename', final)
+        fault_point('rename', final)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -1566,7 +1642,7 @@ class LocalBackend(Backend):
             if not files:
                 return
             try:
-                TEST_FAULTS.fault_point('fsync', self.root)
+                fault_point('fsync', self.root)
                 if SYNCFS(self._lock_fd) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f'syncfs: {os.strerror(err)}', str(self.root))
@@ -1583,7 +1659,7 @@ class LocalBackend(Backend):
             try:
                 for tmp, final in files:
                     crash_point('before-rename')
-                    TEST_FAULTS.fault_point('rename', final)
+                    fault_point('rename', final)
                     os.replace(tmp, final)
                     self._changed(final.parent)
             except BaseException as exc:
@@ -1869,17 +1945,6 @@ def open_backend(backend_row: BackendRow, settings: Settings, *, path: str | Non
 
 KINDS = {'image': 'images', 'audio': 'audio'}        # a group's name in the service's paths
 PROBLEM = 'urn:mitwelten:storage:problem:'           # the prefix of the service's problem types
-# The service's problem types that stand for one of the engine's errors: the service answers an
-# error with its type, and the client raises the error again from the type.
-SERVICE_PROBLEMS = {'too-few-copies': TooFewCopies, 'version-conflict': VersionConflict, 'busy': Busy,
-                    'invalid-archive': InvalidArchive, 'original-changed': OriginalChanged,
-                    'version-failed': ConversionError, 'original-missing': SourceMissing,
-                    'original-corrupt': ChecksumMismatch}
-
-
-class TokenRefused(StorageError):
-    """The storage service refused the token (401: missing, expired or invalid; 403: no role)."""
-
 
 def read_token_file(path: str) -> str:
     return Path(path).expanduser().read_text(encoding='utf-8').strip()
@@ -2859,10 +2924,6 @@ class RunReport:
 
     def count(self, outcome: str) -> int:
         return self.counts.get(outcome, 0)
-
-
-class Cancelled(Exception):
-    """Work that was not started because the run is stopping: left for the next run."""
 
 
 class Run:
@@ -5264,8 +5325,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
-        if TEST_FAULTS.problem:
-            raise ConfigError(TEST_FAULTS.problem)
+        FAULTS.check()
         settings = Settings.from_env(args.db, args.schema)
         return run_command(args, settings)
     except ConfigError as exc:

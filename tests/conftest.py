@@ -59,6 +59,7 @@ class World:
                    MITWELTEN_LOG_DIR=str(self.log_dir), PYTHONUNBUFFERED='1',
                    MITWELTEN_MOUNT_ROOTS=os.environ['MITWELTEN_MOUNT_ROOTS'])
         env.pop('MITWELTEN_CRASH_AT', None)
+        env.pop('MITWELTEN_FAULT_AT', None)
         return env
 
     def cli(self, *args, env: dict | None = None, unset: tuple = (), **kwargs) -> subprocess.CompletedProcess:

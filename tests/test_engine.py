@@ -65,6 +65,19 @@ def test_an_unknown_crash_point_is_refused(world):
     assert "MITWELTEN_CRASH_AT='after-lunch:1'" in result.stderr and 'after-commit' in result.stderr
 
 
+def test_the_service_refuses_an_unknown_fault_point_too(world, issuer):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    result = subprocess.run([sys.executable, str(ROOT / 'mitwelten_service.py'), '--port', '1'],
+                            env={**world.env, 'MITWELTEN_FAULT_AT': 'fsnyc:2', 'MITWELTEN_OIDC_ISSUER': issuer.url,
+                                 'MITWELTEN_OIDC_AUDIENCE': issuer.audience},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "MITWELTEN_FAULT_AT='fsnyc:2'" in result.stderr and 'rename' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
 def test_bad_network_settings_are_named(world):
     result = world.cli('info', env={'MITWELTEN_READ_TIMEOUT': 'soon'})
     assert result.returncode == 2 and "MITWELTEN_READ_TIMEOUT='soon' is not a number" in result.stderr
