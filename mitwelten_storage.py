@@ -2155,6 +2155,48 @@ def read_original(backend: Backend, file: CatalogFile, progress: Callable[[int],
     return b''.join(CheckedStream(backend.read_original(file), file, progress))
 
 
+# --- gzip is the original ---------------------------------------------------------------------------
+#
+# A gzip version (type 10) decompresses to the original's exact bytes: where a backend holds it,
+# the original is read from it, decompressed as it streams and checked like any original
+# (CheckedStream against the catalog's size and sha256). `restore`, `export` and the service's
+# GET …/original read originals so.
+
+GZIP_PIECE = 1024 * 1024        # decompressed output per step: memory stays bounded, whatever the ratio
+
+
+def gunzipped(chunks: Iterable[bytes], object_name: str) -> Iterator[bytes]:
+    """The decompressed bytes of a gzip stream, as it streams (zlib, gzip header and trailer:
+    its CRC-32 and length are checked by zlib); ChecksumMismatch for a damaged or cut-off one."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        for chunk in chunks:
+            data = inflater.decompress(chunk, GZIP_PIECE)
+            while data:
+                yield data
+                data = inflater.decompress(inflater.unconsumed_tail, GZIP_PIECE) if inflater.unconsumed_tail else b''
+        tail = inflater.flush()
+        if tail:
+            yield tail
+    except zlib.error as exc:
+        raise ChecksumMismatch(f'the gzip copy does not decompress: {exc}', object_name) from None
+    if not inflater.eof:
+        raise ChecksumMismatch('the gzip copy ends early: not the whole original', object_name)
+
+
+def original_from(backend: Backend, file: CatalogFile, held_type: int,
+                  into: memoryview | None = None) -> Iterator[bytes]:
+    """The original's bytes from a backend that holds it as `held_type`: the original itself
+    (type 0), or gzip of it (type 10), decompressed as it streams. Unchecked: pass it through a
+    CheckedStream. Other versions are not the original (VersionConflict)."""
+    if held_type == 0:
+        return backend.read_original(file, into=into)
+    if held_type == 10:
+        return gunzipped(backend.read(with_suffix('.gz')(file.object_name), into=into), file.object_name)
+    raise VersionConflict(f'{backend.describe()} holds version {held_type} of {file.object_name}, not its original '
+                          'nor gzip of it')
+
+
 # =================================================================================================
 # Versions
 # =================================================================================================
