@@ -212,6 +212,10 @@ class OriginalChanged(Refusal):
     """The caller's idea of the original (If-Match) is not the catalog's."""
 
 
+class TooLarge(Refusal):
+    """Bytes offered as an original are more than the catalog's size of it (refused unread)."""
+
+
 # --- crash and fault points: how the tests break runs on purpose -----------------------------------
 
 CRASH_POINTS = frozenset({
@@ -221,6 +225,9 @@ CRASH_POINTS = frozenset({
     'after-archive-write',      # an original written to the archive, not yet recorded
     'after-version-write',      # a version written at ACTIVE, the original still there
     'after-original-delete',    # the original deleted at ACTIVE, the row not yet changed
+    'after-restore-write',      # restore: the original written back at ACTIVE, the row still the version's
+    'after-restore-commit',     # restore: the rows say type 0 at ACTIVE, the version object still there
+    'after-version-delete',     # restore: the version object deleted, its fixity row not yet committed
 })
 FAULT_POINTS = frozenset({
     'fsync',                    # from the N-th sync of a disk on (folder fsync, syncfs), it fails with EIO
@@ -4197,6 +4204,348 @@ def plan_archive(settings: Settings, active_id: int, archive_id: int, batch_id: 
     return Plan('archive', _archive_title(batch, version, active, archive), notes, _planned(frame, selection, action))
 
 
+# --- restore ---------------------------------------------------------------------------------------------
+#
+# `archive` backwards: the original read from ARCHIVE (as it is, or from gzip of it) and checked;
+# written to ACTIVE under its own object name, durably; the row at ACTIVE made type 0 (the
+# version's row becomes the original's, or a new row where the original had been deleted);
+# only then the version object deleted. Each file's fixity rows: the ARCHIVE copy read (checked)
+# with the row change; the ACTIVE copy once its version object is gone. That last row is also
+# how a later run knows the restore of a file finished: a row of ACTIVE changed to type 0 (only
+# a restore changes a row to 0, so its updated_at is past its created_at) with no 'restore'
+# check of ACTIVE since is a restore cut off between its commit and the version's removal. Such
+# files are selected again, their original at ACTIVE checked, and the version object left beside
+# it removed. Without the fixity log, every row changed to 0 is looked at (a HEAD per version
+# name), and only a version object found there costs a read.
+
+@dataclasses.dataclass(frozen=True)
+class RestoreFile(CatalogFile):
+    """A file of a restore's selection: source_type is what ARCHIVE holds (0, 10 or None),
+    target_type what ACTIVE holds; with the last check of ARCHIVE's copy, and whether it is
+    only left to finish (ACTIVE holds the restored original; a version object may be left)."""
+    archive_outcome: str | None = None
+    archive_checked_at: dt.datetime | None = None
+    unfinished: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreSelection(Selection):
+    """The files of a batch to restore from SOURCE (ARCHIVE) to TARGET (ACTIVE): ARCHIVE records
+    the original or gzip of it, and ACTIVE holds it only as a version, not at all, or as an
+    original found damaged by its last check; and the files whose restore was cut off before it
+    finished (see above). A damaged copy at ARCHIVE is selected too, to be named (rule 8)."""
+
+    def _query(self, conn, head: str, tail: str) -> str:
+        group = self.group
+        has_log = has_fixity_log(conn)
+        storage = group.storage_table
+        types = ', '.join(map(str, ORIGINAL_COPY_TYPES))
+        damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+        if has_log:
+            mark = (f'LEFT JOIN LATERAL (SELECT 1 AS found FROM {FIXITY_TABLE} m WHERE m.file_group = '
+                    f"'{group.name}' AND m.storage_id = t.storage_id AND m.file_id = t.file_id AND m.type = 0 AND "
+                    "m.event = 'restore' AND m.checked_at >= t.updated_at LIMIT 1) tm ON true")
+        else:
+            mark = 'LEFT JOIN LATERAL (SELECT NULL::int AS found) tm ON true'
+        joins = (') AS b\n'
+                 f'LEFT JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s\n'
+                 f"{last_check_join(group, 's', 'sc', has_log)}\n"
+                 f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n'
+                 f"{last_check_join(group, 't', 'tc', has_log)}\n{mark}\n")
+        restorable = (f's.type IN ({types}) AND (t.file_id IS NULL OR t.type <> 0 OR '
+                      f'coalesce(tc.outcome IN ({damaged}), false))')
+        unfinished = ("(t.type = 0 AND coalesce(t.updated_at > coalesce(t.created_at, '-infinity'), false) "
+                      'AND tm.found IS NULL)')
+        params = {'source': self.source_id, 'target': self.target_id}
+        with conn.cursor() as cur:
+            tail = cur.mogrify(joins + tail.replace('{restorable}', restorable).replace('{unfinished}', unfinished)
+                               .replace('{todo}', f'(({restorable}) OR {unfinished})'), params).decode()
+        head = head.replace('{restorable}', restorable).replace('{unfinished}', unfinished)
+        head = head.replace('{todo}', f'(({restorable}) OR {unfinished})')
+        return f'{head}\n{batch_sql(self.batch)}\n{tail}'
+
+    def counts(self, conn) -> dict:
+        head = ('SELECT count(*) FILTER (WHERE {todo}),\n'
+                '       coalesce(sum(b.file_size) FILTER (WHERE {todo}), 0),\n'
+                '       count(*) FILTER (WHERE t.type = 0 AND NOT {todo}),\n'
+                '       count(*) FILTER (WHERE s.type IS NOT NULL AND s.type NOT IN (0, 10)),\n'
+                '       count(*) FILTER (WHERE s.type IS NOT NULL)\n'
+                'FROM (')
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._query(conn, head, ''))
+                todo, todo_bytes, done, other, at_source = cur.fetchone()
+            conn.commit()
+        except psycopg2.Error as exc:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+            raise selection_error(self.batch, exc) from None
+        if self.limit is not None and todo > self.limit:
+            todo, todo_bytes = self.limit, None
+        return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
+                'at_source': at_source}
+
+    def files(self, conn) -> Iterator[RestoreFile]:
+        head = ('SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type, sc.outcome, sc.checked_at, '
+                'NOT coalesce(({restorable}), false) FROM (')
+        tail = ('WHERE {todo} ORDER BY b.file_id'
+                + (f' LIMIT {int(self.limit)}' if self.limit is not None else ''))
+        rows = streamed_rows(conn, self._query(conn, head, tail))
+        last_id = None
+        try:
+            for file_id, object_name, size, sha256, source_type, target_type, outcome, checked_at, unfinished in rows:
+                if file_id == last_id:
+                    continue
+                last_id = file_id
+                yield RestoreFile(file_id, object_name, int(size), (sha256 or '').strip().lower(), source_type,
+                                  target_type, outcome, checked_at, bool(unfinished))
+        except psycopg2.Error as exc:
+            raise selection_error(self.batch, exc) from None
+
+
+@dataclasses.dataclass
+class RestoreStep:
+    """What restoring one file did at ACTIVE, for recording it and removing the version."""
+    file: RestoreFile
+    outcome: str = 'restored'
+    found: bool = False                  # ACTIVE held the original already, unrecorded (a killed run wrote it)
+    version_name: str | None = None      # the version object to remove once the row says type 0
+
+
+class RestoreJob(BatchJob):
+    """`restore` over a batch: each original read from ARCHIVE, checked and written to ACTIVE on
+    a worker; the rows committed in batches (type 0 at ACTIVE); then each file's version object
+    at ACTIVE deleted, and its fixity row appended. Through the service (`client`), each
+    original goes up with PUT …/original, and the service does the rest in the same order."""
+
+    command = 'restore'
+
+    def __init__(self, archive: Backend, active: Backend, recorder, group: str, client: ServiceClient | None = None,
+                 marks: bool = True):
+        super().__init__(recorder, (archive, active), () if client else (active,))
+        self.archive, self.active, self.group, self.client = archive, active, group, client
+        self.archive_id, self.active_id = archive.row.storage_id, active.row.storage_id
+        self.original = VERSIONS[(group, 0)]
+        self.marks = marks                   # the fixity log marks restores that finished
+        self.awaiting: list[RestoreStep] = []
+
+    def held(self) -> int:
+        return len(self.awaiting)
+
+    def versions_at_active(self, file: CatalogFile) -> list[Version]:
+        return [v for (g, t), v in VERSIONS.items() if g == self.group and t != 0
+                and v.object_name(file.object_name) != file.object_name]
+
+    def work(self, file: RestoreFile) -> RestoreStep:
+        if file.unfinished and (self.client is None or file.source_type not in ORIGINAL_COPY_TYPES):
+            return self.finish_earlier(file)
+        if file.archive_outcome in DAMAGED_OUTCOMES:
+            when = file.archive_checked_at.strftime('%Y-%m-%d %H:%M') if file.archive_checked_at else '?'
+            raise FileFailure(f'its copy at {self.archive.describe()} was found {file.archive_outcome} by its last '
+                              f'check ({when} UTC): a damaged copy is never restored from (rule 8); the version at '
+                              'ACTIVE stays', file.object_name)
+        from_gzip = file.source_type == 10
+        if self.client is not None:
+            outcome = self.client.restore_original(self.group, file, lambda: CheckedStream(
+                original_from(self.archive, file, file.source_type), file, self.run.progress, withhold_last=True))
+            return RestoreStep(file, 'restored' if outcome == 'restored' else 'restored already')
+        name = file.object_name
+        self.active.tidy(name)
+        step = RestoreStep(file)
+        if file.target_type not in (None, 0):
+            step.version_name = find_version(self.group, file.target_type).object_name(name)
+        if self.active.adopts_found_files and sound_copy_at(self.active, file, self.original):
+            self.active.will_sync(name)       # a killed run wrote it; its rename may not be synced
+            self.run.progress(file.file_size)
+            step.found = True
+            return step
+        into = io_buffer() if self.active.writes_from_buffer and not from_gzip else None
+        chunks = CheckedStream(original_from(self.archive, file, file.source_type, into=into), file, self.run.progress)
+        self.active.write(name, chunks, file.file_size, content_type_of(self.original, name), file.sha256,
+                          tags=None)
+        crash_point('after-restore-write')
+        return step
+
+    def finish_earlier(self, file: RestoreFile) -> RestoreStep:
+        """A restore cut off after its commit: ACTIVE's row says original. The original there is
+        checked; then any version object left beside it (a sound copy of one of the file's
+        versions, so never someone else's file) is removed."""
+        step = RestoreStep(file, 'finished')
+        versions = self.versions_at_active(file)
+        if not self.marks and all(self.active.size(v.object_name(file.object_name)) is None for v in versions):
+            step.outcome = 'nothing left'
+            return step
+        try:
+            read_original(self.active, file, self.run.progress)
+        except (ChecksumMismatch, SourceMissing) as exc:
+            raise FileFailure(f'restored earlier, but the original at {self.active.describe()} is not sound now '
+                              f'({exc}); any version left there is kept: run `verify {self.active_id}`',
+                              file.object_name) from None
+        for version in versions:
+            if self.active.size(version.object_name(file.object_name)) is not None \
+                    and sound_copy_at(self.active, file, version):
+                self.active.delete(version.object_name(file.object_name))
+                crash_point('after-version-delete')
+        return step
+
+    def done(self, file: RestoreFile, future: Future) -> None:
+        try:
+            step = future.result()
+        except Cancelled:
+            return
+        except Exception as exc:
+            if isinstance(exc, (ChecksumMismatch, SourceMissing)) and not file.unfinished and self.client is None:
+                # Read from ARCHIVE and found damaged: the fixity log says so (rule 8).
+                self.recorder.log_check(FixityCheck(file.file_id, self.archive_id, file.source_type,
+                                                    'corrupt' if isinstance(exc, ChecksumMismatch) else 'missing',
+                                                    'restore', str(exc)))
+            self.failed(file, exc)
+            return
+        if step.outcome == 'nothing left':
+            self.run.outcome(file, 'finished', 0, 'restored earlier; no version object left at ACTIVE')
+            return
+        if step.outcome == 'finished':
+            if self.marks:
+                self.recorder.log_check(FixityCheck(file.file_id, self.active_id, 0, 'ok', 'restore',
+                                                    'restored earlier; the version object left beside it removed'))
+            self.run.outcome(file, 'finished', file.file_size,
+                             'restored earlier; the version object left beside it removed')
+            return
+        if self.client is not None:
+            self.run.outcome(file, step.outcome, file.file_size, f'from {self.archive_id} through the service')
+            return
+        self.recorder.log_check(FixityCheck(file.file_id, self.archive_id, file.source_type, 'ok', 'restore',
+                                            'read and checked to restore the original at '
+                                            f'{self.active_id}'))
+        if file.target_type is None:
+            self.record(file, self.active_id, 0)
+        else:
+            if file.target_type != 0:
+                self.recorder.change_type(file.file_id, self.active_id, file.target_type, 0)
+            self.files_in_recording[file.file_id] = file
+        self.awaiting.append(step)
+
+    def between(self, idle: bool) -> None:
+        if self.awaiting and (idle or len(self.awaiting) >= self.pipeline.jobs or self.recorder.due()):
+            # The rows say type 0 at ACTIVE (committed) before any version object goes.
+            self.flush()
+            crash_point('after-restore-commit')
+            steps, self.awaiting = self.awaiting, []
+            for step in steps:
+                if step.version_name:
+                    self.pipeline.submit(self.remove_version, step, self.version_removed)
+                else:
+                    self.restored(step)
+        elif idle or self.recorder.due():
+            self.flush()
+
+    def remove_version(self, step: RestoreStep) -> RestoreStep:
+        self.active.delete(step.version_name)
+        crash_point('after-version-delete')
+        return step
+
+    def version_removed(self, step: RestoreStep, future: Future) -> None:
+        try:
+            future.result()
+        except Cancelled:
+            return                  # the next run finds it unfinished and removes the version
+        except Exception as exc:
+            self.run.failure(step.file, f'restored, but its version {step.version_name} at ACTIVE could not be '
+                                        f'removed ({describe_exception(exc)}); the next run removes it')
+            return
+        self.restored(step)
+
+    def restored(self, step: RestoreStep) -> None:
+        file = step.file
+        self.recorder.log_check(FixityCheck(file.file_id, self.active_id, 0, 'ok', 'restore',
+                                            f'restored from {self.archive_id}'))
+        detail = f'from {self.archive_id}' + (' (gzip)' if file.source_type == 10 else '')
+        if step.found:
+            detail += '; found written by an earlier run'
+        if step.version_name:
+            detail += f'; {step.version_name} removed'
+        self.run.outcome(file, 'restored', file.file_size, detail)
+
+    def notes(self, counts: dict) -> list[str]:
+        notes = []
+        if not counts['at_source']:
+            notes.append('the archive records none of the files of this batch')
+        if counts['done']:
+            notes.append(f"{counts['done']} files of the batch are at ACTIVE as originals already")
+        if counts['other_version']:
+            notes.append(f"{counts['other_version']} files skipped: the archive holds a version of them that is not "
+                         'the original (only originals and gzip of them are restored)')
+        return notes
+
+
+def _restore_pair(frame: BatchFrame, archive_id: int, active_id: int, group: str) -> tuple[Backend, Backend]:
+    """ARCHIVE (read) and ACTIVE (written), opened and checked; through the service, ACTIVE must
+    be the active tier and is written by the service."""
+    if archive_id == active_id:
+        raise ConfigError('ARCHIVE and ACTIVE are the same backend')
+    archive_row, active_row = fetch_backend(frame.reader, archive_id), fetch_backend(frame.reader, active_id)
+    options = frame.options
+    archive = open_backend(archive_row, frame.settings, path=options.source_path, jobs=options.jobs)
+    if options.via:
+        tier = min((row for row in fetch_backends(frame.reader) if row.type == 's3'),
+                   key=lambda row: (row.priority, row.storage_id), default=None)
+        if tier is None or tier.storage_id != active_id:
+            raise ConfigError(f'through the service (--via) ACTIVE must be the active tier, the S3 backend with the '
+                              f'lowest priority number' + (f': {tier.describe()}' if tier else '')
+                              + f', not {active_row.describe()}')
+        frame.service = ServiceClient.from_options(options, frame.settings)
+        active = ServiceSource(active_row, frame.service, group)
+    else:
+        active = open_backend(active_row, frame.settings, path=options.target_path, jobs=options.jobs)
+    archive.check(writing=False)
+    active.check(writing=True)
+    return archive, active
+
+
+def _restore_title(batch, archive: Backend, active: Backend) -> str:
+    return f"originals of batch '{batch.id}' from {archive.describe()} back to {active.describe()}"
+
+
+def restore_batch(settings: Settings, archive_id: int, active_id: int, batch_id: str, *,
+                  options: RunOptions | None = None) -> RunReport:
+    """`archive` backwards, for every file of the batch whose original ARCHIVE holds soundly
+    (the original, or gzip of it; rule 8) and ACTIVE holds only as a version (or not at all):
+    read the original from ARCHIVE and check it; write it to ACTIVE under its own name,
+    durably; record it there as type 0; only then delete the version object at ACTIVE. A kill
+    at any moment and the same command again end consistent: a version object left beside a
+    restored original is removed by the next run."""
+    with BatchFrame(settings, 'restore', options) as frame:
+        batch = find_batch(batch_id)
+        archive, active = _restore_pair(frame, archive_id, active_id, batch.group)
+        selection = RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
+        recorder = frame.recorder(selection.group, (active,), every_rows=200, every_seconds=2.0)
+        job = RestoreJob(archive, active, recorder, batch.group, frame.service,
+                         marks=has_fixity_log(frame.reader))
+        return frame.run(job, selection, _restore_title(batch, archive, active))
+
+
+def plan_restore(settings: Settings, archive_id: int, active_id: int, batch_id: str, *,
+                 options: RunOptions | None = None) -> Plan:
+    """What restore_batch would do (a dry run): backends checked, nothing changed."""
+    frame = BatchFrame(settings, 'restore', options).__enter__()
+    try:
+        batch = find_batch(batch_id)
+        archive, active = _restore_pair(frame, archive_id, active_id, batch.group)
+        selection = RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
+        notes = RestoreJob.notes(None, selection.counts(frame.reader))
+    except BaseException:
+        frame.__exit__(None, None, None)
+        raise
+
+    def action(f: RestoreFile) -> str:
+        if f.unfinished:
+            return 'finish the earlier restore of'
+        if f.archive_outcome in DAMAGED_OUTCOMES:
+            return f'refuse (its archive copy was found {f.archive_outcome})'
+        return 'restore' + (' from gzip' if f.source_type == 10 else '')
+    return Plan('restore', _restore_title(batch, archive, active), notes, _planned(frame, selection, action))
+
+
 # --- one file, directly (the one-file forms of copy and archive) --------------------------------------
 
 def _one_file(conn, settings: Settings, group: str, file_id: int, source_id: int, target_id: int,
@@ -5003,6 +5352,30 @@ def build_parser() -> ArgumentParser:
     verify.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
                         help=f'files checked in parallel (default {DEFAULT_JOBS})')
 
+    restore = commands.add_parser(
+        'restore', help='bring originals back from an archive to the active tier (archive backwards)',
+        description='For every file of the batch whose original ARCHIVE holds soundly (the original, or gzip of it) '
+                    'and ACTIVE holds only as a version (or not at all): read it from ARCHIVE and check it, write it '
+                    'to ACTIVE under its own name, record it there as the original, then delete the version at '
+                    'ACTIVE. A damaged archive copy is never restored from. Run the same command again after an '
+                    'interruption: it finishes what was cut off.',
+        epilog='examples:\n  restore -s 3 -t 1 fs1_images --dry-run\n  restore -s 3 -t 1 fs1_images --jobs 8\n'
+               '  restore -s 3 -t 1 fs1_images --via https://storage.mitwelten.org',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    restore.add_argument('-s', '--source', type=int, required=True, metavar='ARCHIVE', help='archive storage id')
+    restore.add_argument('-t', '--target', type=int, required=True, metavar='ACTIVE', help='active storage id')
+    restore.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
+    restore.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+                         help=f'parallel transfers (default {DEFAULT_JOBS})')
+    restore.add_argument('--dry-run', action='store_true', help='say what would be restored; change nothing')
+    restore.add_argument('--limit', type=non_negative_int, metavar='N', help='restore at most N files')
+    restore.add_argument('--source-path', metavar='P', help='where the archive disk is mounted, if not at its recorded '
+                                                            'path')
+    restore.add_argument('--target-path', metavar='P', help='where ACTIVE is mounted, if a disk not at its recorded path')
+    restore.add_argument('--via', metavar='URL', help='send the originals to the storage service at URL (PUT '
+                                                      '…/original): no S3 keys needed (token: $MITWELTEN_TOKEN or '
+                                                      '$MITWELTEN_TOKEN_FILE)')
+
     report = commands.add_parser(
         'report', help='write REPORT.md, a sha256 manifest and a SQLite index onto a disk',
         description='Writes onto a local disk what makes it readable without the database: REPORT.md, '
@@ -5076,6 +5449,14 @@ def run_command(args, settings: Settings) -> int:
             if args.dry_run:
                 return print_plan(plan_archive(settings, args.source, args.target, args.batch, **request)).exit_status
             report = archive_batch(settings, args.source, args.target, args.batch, **request)
+        print(format_summary(report))
+        return report.exit_status
+    elif args.command == 'restore':
+        options = run_options(args, limit=args.limit, source_path=args.source_path, target_path=args.target_path,
+                              via=args.via)
+        if args.dry_run:
+            return print_plan(plan_restore(settings, args.source, args.target, args.batch, options=options)).exit_status
+        report = restore_batch(settings, args.source, args.target, args.batch, options=options)
         print(format_summary(report))
         return report.exit_status
     elif args.command == 'verify':

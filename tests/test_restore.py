@@ -1,0 +1,172 @@
+"""restore: originals back from an archive disk to the active tier, archive backwards, with the
+same care: read and checked, written durably, recorded, and only then the version removed; a
+damaged disk copy never restored from; a kill at each step and the same command again."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+import mitwelten_storage as ms
+from conftest import files_under
+
+
+def bucket_keys(world, bucket: str) -> set[str]:
+    pages = world.s3.get_paginator('list_objects_v2').paginate(Bucket=bucket)
+    return {obj['Key'] for page in pages for obj in page.get('Contents', [])}
+
+
+def archived(world, count=6, replace_with=1, group='image', **kwargs):
+    """Originals archived onto a disk and replaced (or deleted) on the active bucket."""
+    bucket = world.new_bucket()
+    active = world.create_s3_backend(bucket)
+    archive, disk = world.create_local_backend(label='Archive 01')
+    files = (world.images_on_s3(count, active, **kwargs) if group == 'image'
+             else world.recordings_on_s3(count, active, **kwargs))
+    batch = 'all_images' if group == 'image' else 'all_audio'
+    report = world.archive(active, archive, batch, replace_with=replace_with,
+                           delete_originals=replace_with is None)
+    assert report.exit_status == 0, report.failures
+    return bucket, active, archive, disk, files
+
+
+def restore(world, archive, active, batch='all_images', **options) -> ms.RunReport:
+    return ms.restore_batch(world.settings, archive, active, batch, options=world.options(**options))
+
+
+def fixity(world, storage_id: int, event: str = 'restore') -> dict[int, list[str]]:
+    rows = world.query('SELECT file_id, outcome FROM storage_fixity WHERE storage_id = %s AND event = %s '
+                       'ORDER BY check_id', (storage_id, event))
+    found: dict[int, list[str]] = {}
+    for file_id, outcome in rows:
+        found.setdefault(file_id, []).append(outcome)
+    return found
+
+
+def assert_restored(world, bucket, active, archive, disk, files, group='image'):
+    """Every original back at ACTIVE with its bytes, recorded as type 0; no version left there;
+    the archive untouched."""
+    assert {k: world.s3_bytes(bucket, k) for k in bucket_keys(world, bucket)} == {f.object_name: f.data for f in files}
+    assert world.rows(active, group) == {f.file_id: 0 for f in files}
+    assert world.rows(archive, group) == {f.file_id: 0 for f in files}
+    assert files_under(disk / 'archive') == {f.object_name: f.data for f in files}
+
+
+def test_restore_after_replace_with_webp(world):
+    bucket, active, archive, disk, files = archived(world, 5, replace_with=1)
+    assert bucket_keys(world, bucket) == {f.object_name.replace('.jpg', '.webp') for f in files}
+    report = restore(world, archive, active)
+    assert report.exit_status == 0 and report.counts == {'restored': 5}, report.failures
+    assert_restored(world, bucket, active, archive, disk, files)
+    # Each restored original: its archive copy checked, and the new copy at ACTIVE.
+    assert fixity(world, archive) == {f.file_id: ['ok'] for f in files}
+    assert fixity(world, active) == {f.file_id: ['ok'] for f in files}
+    again = restore(world, archive, active)
+    assert again.exit_status == 0 and again.counts == {}
+    assert again.notes == ['5 files of the batch are at ACTIVE as originals already']
+
+
+def test_restore_after_delete_original_makes_new_rows(world):
+    bucket, active, archive, disk, files = archived(world, 4, replace_with=None)
+    assert bucket_keys(world, bucket) == set() and world.rows(active) == {}
+    result = world.cli('restore', '-s', archive, '-t', active, 'all_images')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '4 restored' in result.stdout and 'log:' in result.stdout
+    assert_restored(world, bucket, active, archive, disk, files)
+
+
+def test_restore_of_audio_replaced_with_flac(world):
+    bucket, active, archive, disk, files = archived(world, 2, replace_with=1, group='audio')
+    report = restore(world, archive, active, 'all_audio')
+    assert report.exit_status == 0 and report.counts == {'restored': 2}, report.failures
+    assert_restored(world, bucket, active, archive, disk, files, 'audio')
+
+
+def test_dry_run_and_limit(world):
+    bucket, active, archive, disk, files = archived(world, 4, replace_with=2)
+    dry = world.cli('restore', '-s', archive, '-t', active, 'all_images', '--dry-run')
+    assert dry.returncode == 0 and 'would restore 4 files' in dry.stdout, dry.stdout + dry.stderr
+    assert files[0].object_name in dry.stdout
+    assert world.rows(active) == {f.file_id: 2 for f in files}
+    limited = world.cli('restore', '-s', archive, '-t', active, 'all_images', '--limit', 1, '--jobs', 2)
+    assert limited.returncode == 0 and '1 restored' in limited.stdout, limited.stdout + limited.stderr
+    assert sorted(world.rows(active).values()) == [0, 2, 2, 2]
+
+
+def test_a_damaged_disk_copy_is_never_restored(world):
+    """Bytes overwritten on the disk: found corrupt while reading, named, exit 1, the version
+    stays online; the fixity log says so, and the next run refuses it from the log unread."""
+    bucket, active, archive, disk, files = archived(world, 4, replace_with=1)
+    damaged = files[1]
+    path = disk / 'archive' / damaged.object_name
+    path.write_bytes(damaged.data[:-10] + b'0123456789')
+    result = world.cli('restore', '-s', archive, '-t', active, 'all_images')
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f'FAILED {damaged.object_name}: sha256' in result.stderr and '3 restored' in result.stdout
+    assert world.rows(active)[damaged.file_id] == 1
+    assert world.s3_bytes(bucket, damaged.object_name) is None
+    assert world.s3_bytes(bucket, damaged.object_name.replace('.jpg', '.webp')) is not None
+    assert fixity(world, archive)[damaged.file_id] == ['corrupt']
+    again = world.cli('restore', '-s', archive, '-t', active, 'all_images')
+    assert again.returncode == 1
+    assert f'FAILED {damaged.object_name}: its copy at backend {archive}' in again.stderr
+    assert 'was found corrupt by its last check' in again.stderr
+    assert world.rows(active)[damaged.file_id] == 1
+
+
+def test_a_disk_copy_marked_corrupt_by_verify_is_not_read(world):
+    bucket, active, archive, disk, files = archived(world, 3, replace_with=1)
+    world.query("INSERT INTO storage_fixity (file_group, file_id, storage_id, type, outcome, event, agent) "
+                "VALUES ('image', %s, %s, 0, 'corrupt', 'verify', 'test')", (files[0].file_id, archive))
+    report = restore(world, archive, active)
+    assert report.exit_status == 1 and report.counts == {'restored': 2, 'failed': 1}
+    assert report.failures[0][0] == files[0].object_name and 'rule 8' in report.failures[0][1]
+    assert world.rows(active)[files[0].file_id] == 1
+
+
+def test_gzip_on_the_disk_is_the_original(world):
+    """The disk holds gzip of the originals only (type 10); the online originals are gone:
+    restore reads gzip, decompresses, checks, and puts the originals back."""
+    bucket = world.new_bucket()
+    active = world.create_s3_backend(bucket)
+    archive, disk = world.create_local_backend()
+    files = world.images_on_s3(3, active)
+    assert world.copy(active, archive, version_type=10).count('made') == 3
+    for f in files:
+        world.s3.delete_object(Bucket=bucket, Key=f.object_name)
+    world.query('DELETE FROM mm_files_image_storage WHERE storage_id = %s', (active,))
+    report = restore(world, archive, active)
+    assert report.exit_status == 0 and report.counts == {'restored': 3}, report.failures
+    assert {k: world.s3_bytes(bucket, k) for k in bucket_keys(world, bucket)} == {f.object_name: f.data for f in files}
+    assert world.rows(active) == {f.file_id: 0 for f in files}
+    assert world.rows(archive) == {f.file_id: 10 for f in files}
+
+
+# --- kills --------------------------------------------------------------------------------------
+
+def assert_nothing_lost(world, bucket, active, archive, disk, files):
+    """At any moment: the archive's originals are whole and recorded, and ACTIVE's row speaks
+    of an object that is there."""
+    assert files_under(disk / 'archive') == {f.object_name: f.data for f in files}
+    keys = bucket_keys(world, bucket)
+    for f, (file_id, version_type) in zip(files, sorted(world.rows(active).items())):
+        name = ms.VERSIONS[('image', version_type)].object_name(f.object_name)
+        assert name in keys, (f.object_name, version_type)
+
+
+@pytest.mark.parametrize('crash_at', ['after-restore-write:3', 'after-commit:1',
+                                      'after-restore-commit:1', 'after-version-delete:2'])
+def test_crash_at_each_step_of_restore_then_rerun(world, crash_at):
+    bucket, active, archive, disk, files = archived(world, 12, replace_with=2)
+    args = ('restore', '-s', archive, '-t', active, 'all_images', '--jobs', 3)
+    first = world.cli(*args, env={'MITWELTEN_CRASH_AT': crash_at})
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    assert_nothing_lost(world, bucket, active, archive, disk, files)
+    second = world.cli(*args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    if crash_at.startswith(('after-restore-commit', 'after-version-delete')):
+        assert 'finished' in second.stdout      # the versions left beside restored originals: removed
+    assert_restored(world, bucket, active, archive, disk, files)
+    third = world.cli(*args)
+    assert third.returncode == 0 and 'nothing to do' in third.stdout, third.stdout
