@@ -4546,6 +4546,334 @@ def plan_restore(settings: Settings, archive_id: int, active_id: int, batch_id: 
     return Plan('restore', _restore_title(batch, archive, active), notes, _planned(frame, selection, action))
 
 
+# --- export ----------------------------------------------------------------------------------------------
+#
+# A researcher's working copy: the originals (or version N) of a batch in a plain folder, each
+# read from the most accessible backend that holds it soundly (S3 tiers by priority, then disks
+# that are online), checked, written atomically under DIR/<object name>, and listed in
+# DIR/manifest-sha256.txt. Files held only on disks that are not mounted get a recall plan: the
+# fewest disks to mount (greedy set cover, the disk that brings the most files first). Nothing
+# is written to the catalog but the fixity log (the source copies checked).
+
+EXPORT_MANIFEST = 'manifest-sha256.txt'
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFile(CatalogFile):
+    """A file of an export: read from backend `source_id` (which holds it as `source_type`), or,
+    with no source online, held soundly on the offline disks `offline`."""
+    source_id: int | None = None
+    offline: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSelection(Selection):
+    """Every file of the batch, with the backend to read it from: the first of `order` (the
+    backends reachable now, most accessible first) that holds a sound copy (rule 8) of the
+    version (for originals: the original or gzip of it); else the `offline` disks that do."""
+    order: tuple = ()
+    offline: frozenset = frozenset()
+
+    def _held_query(self, conn, head: str, tail: str) -> str:
+        group = self.group
+        check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+        if self.version_type == 0:
+            sound = sound_original_sql('s', 'c')
+        else:
+            damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+            sound = f's.type = {int(self.version_type)} AND (c.outcome IS NULL OR c.outcome NOT IN ({damaged}))'
+        joins = (') AS b\n'
+                 'LEFT JOIN LATERAL (SELECT array_agg(s.storage_id) AS ids, array_agg(s.type) AS types '
+                 f'FROM {group.storage_table} s {check} WHERE s.file_id = b.file_id AND {sound}) h ON true\n')
+        return f'{head}\n{batch_sql(self.batch)}\n{joins}{tail}'
+
+    def counts(self, conn) -> dict:
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._held_query(conn, 'SELECT count(*), coalesce(sum(b.file_size), 0), '
+                                                   'count(*) FILTER (WHERE h.ids IS NOT NULL) FROM (', ''))
+                todo, todo_bytes, held = cur.fetchone()
+            conn.commit()
+        except psycopg2.Error as exc:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+            raise selection_error(self.batch, exc) from None
+        return {'todo': todo, 'todo_bytes': todo_bytes, 'done': 0, 'other_version': 0, 'at_source': held}
+
+    def files(self, conn) -> Iterator[ExportFile]:
+        query = self._held_query(conn, 'SELECT b.file_id, b.object_name, b.file_size, b.sha256, h.ids, h.types FROM (',
+                                 'ORDER BY b.file_id')
+        last_id = None
+        try:
+            for file_id, object_name, size, sha256, ids, types in streamed_rows(conn, query):
+                if file_id == last_id:
+                    continue
+                last_id = file_id
+                held = dict(zip(ids or (), types or ()))
+                source = next((i for i in self.order if i in held), None)
+                yield ExportFile(file_id, object_name, int(size or 0), (sha256 or '').strip().lower(),
+                                 held.get(source, 0), None, source,
+                                 tuple(sorted(i for i in held if i in self.offline)))
+        except psycopg2.Error as exc:
+            raise selection_error(self.batch, exc) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallStep:
+    """One disk to mount: its id and label, and how many of the files still missing it brings."""
+    storage_id: int
+    label: str
+    files: int
+
+    def describe(self) -> str:
+        return f'mount backend {self.storage_id} "{self.label}" for {self.files:,} files'
+
+
+def recall_plan(offline: dict[int, tuple], labels: dict[int, str]) -> list[RecallStep]:
+    """The fewest disks to mount to get every file (greedy set cover: each time the disk that
+    holds the most of the files left; ties by storage id)."""
+    left = {file_id: set(ids) for file_id, ids in offline.items() if ids}
+    steps = []
+    while left:
+        counts: dict[int, int] = {}
+        for ids in left.values():
+            for storage_id in ids:
+                counts[storage_id] = counts.get(storage_id, 0) + 1
+        best = min(counts, key=lambda storage_id: (-counts[storage_id], storage_id))
+        steps.append(RecallStep(best, labels.get(best) or f'backend {best}', counts[best]))
+        left = {file_id: ids for file_id, ids in left.items() if best not in ids}
+    return steps
+
+
+@dataclasses.dataclass
+class ExportReport(RunReport):
+    """An export's report: with the folder, its manifest, and the recall plan for the files
+    held only on disks that are not mounted (exit 1 while there are any)."""
+    directory: Path | None = None
+    manifest: Path | None = None
+    recall: list = dataclasses.field(default_factory=list)
+    offline: int = 0
+
+    @property
+    def exit_status(self) -> int:
+        status = RunReport.exit_status.fget(self)
+        return EXIT_FAILURES if status == EXIT_OK and self.offline else status
+
+
+def read_export_manifest(path: Path) -> dict[str, str]:
+    """The entries of an earlier export's manifest: relative path -> sha256."""
+    entries = {}
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        for line in path.read_text(encoding='utf-8').splitlines():
+            escaped = line.startswith('\\')
+            digest, sep, name = line.lstrip('\\').partition('  ')
+            if sep and re.fullmatch(r'[0-9a-f]{64}', digest):
+                if escaped:
+                    name = re.sub(r'\\(.)', lambda m: '\n' if m[1] == 'n' else m[1], name)
+                entries[name] = digest
+    return entries
+
+
+class ExportJob(BatchJob):
+    """`export` over a batch: each file checked in DIR (kept if sound), else read from its source,
+    checked, written atomically; the source's check appended to the fixity log; the manifest
+    written at the end."""
+
+    command = 'export'
+
+    def __init__(self, directory: Path, sources: dict[int, Backend], recorder, version: Version):
+        super().__init__(recorder, tuple(sources.values()), ())
+        self.directory = directory
+        self.root = directory.resolve()
+        self.sources = sources
+        self.version = version
+        self.entries: dict[str, str] = {}          # relative path -> sha256, for the manifest
+        self.visited: set[str] = set()
+        self.offline: dict[int, tuple] = {}
+
+    def target(self, file: CatalogFile) -> tuple[str, Path]:
+        name = self.version.object_name(file.object_name)
+        return name, self.directory.joinpath(*safe_object_parts(name))
+
+    def sound_in_folder(self, file: CatalogFile, path: Path) -> str | None:
+        """The sha256 of the file in DIR if it is there and sound (a regular file, not a link)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or (self.version.type == 0 and st.st_size != file.file_size):
+            return None
+        data = path.read_bytes()
+        try:
+            self.version.check(data, file)
+        except FileFailure:
+            return None
+        return file.sha256 if self.version.type == 0 else hashlib.sha256(data).hexdigest()
+
+    def work(self, file: ExportFile) -> tuple[str, str | None, int]:
+        name, path = self.target(file)
+        present = self.sound_in_folder(file, path)
+        if present:
+            self.run.progress(file.file_size)
+            return 'present', present, file.file_size
+        if file.source_id is None:
+            if file.offline:
+                return 'offline', None, 0
+            raise FileFailure('no backend to read it from records a sound copy of it'
+                              + ('' if self.version.type == 0 else f' ({self.version.label})'), file.object_name)
+        source = self.sources[file.source_id]
+        if self.version.type == 0:
+            chunks = CheckedStream(original_from(source, file, file.source_type), file, self.run.progress)
+        else:
+            data = b''.join(source.read(name))
+            self.version.check(data, file)
+            self.run.progress(len(data))
+            chunks = [data]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.resolve().is_relative_to(self.root):      # a link inside DIR: rule 4
+            raise UnsafeObjectName(f'{path.parent} leads outside {self.directory}', file.object_name)
+        digest, size = hashlib.sha256(), 0
+        with atomic_file(path) as tmp, open(tmp, 'xb') as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        return 'exported', digest.hexdigest(), size
+
+    def done(self, file: ExportFile, future: Future) -> None:
+        name = self.version.object_name(file.object_name)
+        try:
+            outcome, digest, size = future.result()
+        except Cancelled:
+            return
+        except Exception as exc:
+            if isinstance(exc, (ChecksumMismatch, SourceMissing)) and file.source_id is not None:
+                self.recorder.log_check(FixityCheck(file.file_id, file.source_id, file.source_type,
+                                                    'corrupt' if isinstance(exc, ChecksumMismatch) else 'missing',
+                                                    'export', str(exc)))
+            self.visited.add(name)
+            self.failed(file, exc)
+            return
+        self.visited.add(name)
+        if outcome == 'offline':
+            self.offline[file.file_id] = file.offline
+            self.run.outcome(file, 'offline', 0, 'held only on disks not mounted: ' + ', '.join(map(str, file.offline)))
+            return
+        self.entries[name] = digest
+        if outcome == 'exported':
+            self.recorder.log_check(FixityCheck(file.file_id, file.source_id, file.source_type, 'ok', 'export',
+                                                f'exported to {self.directory}'))
+            self.run.outcome(file, 'exported', size, f'from {file.source_id}'
+                             + (' (gzip)' if file.source_type == 10 and self.version.type == 0 else ''))
+        else:
+            self.run.outcome(file, 'present', 0, 'in the folder already, sound')
+
+    def finish(self) -> None:
+        self.flush()
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        """DIR/manifest-sha256.txt: every file of the batch in DIR so far (this run's, and an
+        earlier run's where this one did not get to it and the file is still there)."""
+        manifest = self.directory / EXPORT_MANIFEST
+        entries = {name: digest for name, digest in read_export_manifest(manifest).items()
+                   if name not in self.visited and (self.directory / name).is_file()}
+        entries.update(self.entries)
+        with atomic_file(manifest) as tmp, open(tmp, 'x', encoding='utf-8') as out:
+            for name in sorted(entries):
+                out.write(manifest_line(entries[name], name))
+
+
+def _export_sources(frame: BatchFrame, from_ids: list[int] | None) -> tuple[dict[int, Backend], dict[int, Backend],
+                                                                           dict[int, str]]:
+    """The backends to read from, most accessible first (S3 tiers by priority, then disks
+    online), the disks not mounted, and every backend's label; with `from_ids`, those only,
+    in that order."""
+    rows = {row.storage_id: row for row in fetch_backends(frame.reader)}
+    labels = {i: (row.notes or row.url_prefix) for i, row in rows.items()}
+    if from_ids:
+        unknown = [i for i in from_ids if i not in rows]
+        if unknown:
+            raise ConfigError(f'--from: no storage backend with id {", ".join(map(str, unknown))} (see `info`)')
+        chosen = list(dict.fromkeys(from_ids))
+    else:
+        chosen = sorted(rows, key=lambda i: (rows[i].type != 's3', rows[i].priority, i))
+    online, offline = {}, {}
+    for storage_id in chosen:
+        backend = open_backend(rows[storage_id], frame.settings, jobs=frame.options.jobs)
+        try:
+            backend.check(writing=False)
+        except ConfigError as exc:
+            if backend.root is not None:
+                offline[storage_id] = backend
+            else:
+                log.warning('not reading from %s: %s', backend.describe(), exc)
+            continue
+        online[storage_id] = backend
+    return online, offline, labels
+
+
+def _export_request(frame: BatchFrame, batch_id: str, directory: str, version_type: int,
+                    from_ids: list[int] | None):
+    batch = find_batch(batch_id)
+    version = find_version(batch.group, version_type)
+    folder = Path(directory).expanduser().absolute()
+    if (folder / DOT_FILE).exists():
+        raise ConfigError(f'{folder} is a storage backend (it has {DOT_FILE}): export into a plain folder')
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f'--to {folder} is not a folder')
+    online, offline, labels = _export_sources(frame, from_ids)
+    selection = ExportSelection(batch, 0, 0, version.type, None, order=tuple(online),
+                                offline=frozenset(offline))
+    what = 'originals' if version.type == 0 else f'{version.label} versions'
+    title = f"{what} of batch '{batch.id}' into {folder}"
+    return batch, version, folder, online, labels, selection, title
+
+
+def export_batch(settings: Settings, batch_id: str, directory: str, *, version_type: int = 0,
+                 from_ids: list[int] | None = None, options: RunOptions | None = None) -> ExportReport:
+    """Copy the originals (or version `version_type`) of the batch into `directory`, a plain
+    folder, each from the most accessible backend that holds it soundly, checked, with
+    manifest-sha256.txt; a recall plan for the files held only on disks that are not mounted.
+    Writes nothing to the catalog but the fixity log. Run again, it continues."""
+    with BatchFrame(settings, 'export', options) as frame:
+        batch, version, folder, online, labels, selection, title = _export_request(
+            frame, batch_id, directory, version_type, from_ids)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f'cannot make the folder {folder}: {exc.strerror}') from None
+        job = ExportJob(folder, online, frame.recorder(selection.group, ()), version)
+        report = frame.run(job, selection, title)
+    plan = recall_plan(job.offline, labels)
+    result = ExportReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(RunReport)},
+                          directory=folder, manifest=folder / EXPORT_MANIFEST, recall=plan, offline=len(job.offline))
+    if plan:
+        result.notes.append(f'{len(job.offline):,} files are held only on disks that are not mounted: mount the '
+                            'disks of the recall plan, then run the same command again')
+    return result
+
+
+def plan_export(settings: Settings, batch_id: str, directory: str, *, version_type: int = 0,
+                from_ids: list[int] | None = None, options: RunOptions | None = None) -> Plan:
+    """What export_batch would do (a dry run): where each file would be read from."""
+    frame = BatchFrame(settings, 'export', options).__enter__()
+    try:
+        batch, version, folder, online, labels, selection, title = _export_request(
+            frame, batch_id, directory, version_type, from_ids)
+    except BaseException:
+        frame.__exit__(None, None, None)
+        raise
+
+    def action(f: ExportFile) -> str:
+        if f.source_id is not None:
+            return f'read from backend {f.source_id}' + (' (gzip)' if f.source_type == 10 and version.type == 0 else '')
+        if f.offline:
+            return 'needs a disk mounted: ' + ', '.join(f'backend {i} "{labels[i]}"' for i in f.offline)
+        return 'no sound copy recorded on the backends to read from:'
+    return Plan('export', title, [], _planned(frame, selection, action))
+
+
 # --- one file, directly (the one-file forms of copy and archive) --------------------------------------
 
 def _one_file(conn, settings: Settings, group: str, file_id: int, source_id: int, target_id: int,
@@ -5137,6 +5465,16 @@ def print_plan(plan: Plan) -> RunReport:
     return report
 
 
+def print_recall_plan(report: ExportReport) -> None:
+    if report.manifest and report.manifest.exists():
+        print(f'  check the folder without the database: cd {report.directory} && sha256sum -c {EXPORT_MANIFEST}')
+    if report.recall:
+        print(f'recall plan: {report.offline:,} files are held only on disks that are not mounted; mount')
+        for step in report.recall:
+            print(f'  {step.describe()}')
+        print('then run the same command again')
+
+
 def print_backends(listing: list[dict]) -> None:
     if not listing:
         print('no storage backends yet: add one with `create`')
@@ -5261,6 +5599,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def storage_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(',') if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of storage ids such as 3,7") from None
+    if not ids:
+        raise argparse.ArgumentTypeError('name at least one storage id')
+    return ids
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog='mitwelten_storage.py', description=__doc__.split('\n\n')[0],
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -5376,6 +5724,26 @@ def build_parser() -> ArgumentParser:
                                                       '…/original): no S3 keys needed (token: $MITWELTEN_TOKEN or '
                                                       '$MITWELTEN_TOKEN_FILE)')
 
+    export = commands.add_parser(
+        'export', help="copy a batch's originals into a plain folder (a working copy), with a recall plan",
+        description='Copies the originals (or version --type N) of the batch into DIR, a plain folder, each checked, '
+                    'with manifest-sha256.txt (`sha256sum -c` from DIR). Each file is read from the most accessible '
+                    'backend that holds it soundly: S3 tiers by priority, then disks that are mounted. Files held '
+                    'only on disks that are not mounted get a recall plan: the fewest disks to mount. Run the same '
+                    'command again after mounting a disk: files in DIR already and sound are not read again.',
+        epilog='examples:\n  export fs1_images --to ~/work/fs1\n  export fs1_audio --to ~/work/audio --type 1\n'
+               '  export fs1_images --to ~/work/fs1 --from 3,7',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
+    export.add_argument('--to', required=True, metavar='DIR', help='the folder to write into (made if missing)')
+    export.add_argument('--type', type=non_negative_int, default=0, dest='version_type', metavar='N',
+                        help='version to export (default 0, the original)')
+    export.add_argument('--from', dest='from_ids', type=storage_ids, metavar='S,…',
+                        help='read only from these backends, in this order')
+    export.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+                        help=f'parallel transfers (default {DEFAULT_JOBS})')
+    export.add_argument('--dry-run', action='store_true', help='say where each file would be read from; write nothing')
+
     report = commands.add_parser(
         'report', help='write REPORT.md, a sha256 manifest and a SQLite index onto a disk',
         description='Writes onto a local disk what makes it readable without the database: REPORT.md, '
@@ -5458,6 +5826,14 @@ def run_command(args, settings: Settings) -> int:
             return print_plan(plan_restore(settings, args.source, args.target, args.batch, options=options)).exit_status
         report = restore_batch(settings, args.source, args.target, args.batch, options=options)
         print(format_summary(report))
+        return report.exit_status
+    elif args.command == 'export':
+        request = dict(version_type=args.version_type, from_ids=args.from_ids, options=run_options(args))
+        if args.dry_run:
+            return print_plan(plan_export(settings, args.batch, args.to, **request)).exit_status
+        report = export_batch(settings, args.batch, args.to, **request)
+        print(format_summary(report))
+        print_recall_plan(report)
         return report.exit_status
     elif args.command == 'verify':
         report = verify_backend(settings, args.storage, args.batch, fix=args.fix, path=args.path,
