@@ -1861,13 +1861,15 @@ class ServiceClient:
     FILE_PROBLEMS = {'original-missing', 'original-corrupt', 's3-error'}
 
     def request(self, method: str, path: str, *, body: dict | None = None, headers: dict | None = None,
-                stream: bool = False, token: bool = True, slow: bool = False):
+                stream: bool = False, token: bool = True, slow: bool = False,
+                content: Callable[[], Iterable[bytes]] | None = None):
         """The answer to a request, after up to `attempts` tries with backoff for answers that
         did not come (connection refused or dropped, timeouts, 502/503/504 without a problem of
         one file) and while the file is busy with another request. A problem answer raises the
         refusal it stands for; a service still down raises Unreachable. A refused token is
         read again from MITWELTEN_TOKEN_FILE once (a refresher may have renewed it). `slow`:
-        a request that makes a version, given three times the read timeout."""
+        a request that makes a version, given three times the read timeout. `content`: a body
+        streamed from the chunks it gives, called anew for each try."""
         headers = dict(headers or {})
         data = None
         if body is not None:
@@ -1884,8 +1886,9 @@ class ServiceClient:
             if token:
                 headers['Authorization'] = f'Bearer {self.token}'
             try:
-                response = self.http.request(method, self.base + path, body=data, headers=headers, timeout=timeout,
-                                             preload_content=not stream, redirect=False)
+                response = self.http.request(method, self.base + path, body=content() if content else data,
+                                             headers=headers, timeout=timeout, preload_content=not stream,
+                                             redirect=False)
             except self.urllib3.exceptions.HTTPError as exc:
                 reason = f'{type(exc).__name__}: {exc}'
                 continue
@@ -1940,7 +1943,7 @@ class ServiceClient:
                                'MITWELTEN_TOKEN or MITWELTEN_TOKEN_FILE')
         if status == 404:
             raise NotFound(detail, 'original' if kind == 'original-not-online' else kind or 'file')
-        errors = {**SERVICE_PROBLEMS, 's3-error': FileFailure}
+        errors = {**SERVICE_PROBLEMS, 's3-error': FileFailure, 'wrong-original': ChecksumMismatch, 'too-large': TooLarge}
         if kind in errors:
             raise errors[kind](detail)
         raise StorageError(f'{self.describe()} answered {status}: {detail}')
@@ -2017,6 +2020,16 @@ class ServiceClient:
     def delete_original(self, group: str, file: CatalogFile) -> None:
         self.request('DELETE', self.path(group, file.file_id, 'original'), headers={'If-Match': f'"{file.sha256}"'},
                      slow=True)
+
+    def restore_original(self, group: str, file: CatalogFile, chunks: Callable[[], Iterable[bytes]]) -> str:
+        """Send the original (`chunks()`, checked as it is read, e.g. a CheckedStream) with PUT
+        …/original, streamed with a Content-Length; 'restored', or 'exists' when the service had
+        it already. A try that got no answer sends it again from the start."""
+        response = self.request('PUT', self.path(group, file.file_id, 'original'), content=chunks, slow=True,
+                                headers={'Content-Length': str(file.file_size),
+                                         'Content-Type': 'application/octet-stream'})
+        response.release_conn()
+        return 'restored' if response.status == 201 else 'exists'
 
 
 def random_fraction() -> float:
@@ -3556,6 +3569,101 @@ def delete_original(conn, backends: BackendCache, group: str, file_id: int, sha2
             conn.rollback()
         raise
     return file_state(conn, group, file_id, 'deleted')
+
+
+def _versions_left_removed(backend: Backend, file: CatalogFile, group: str) -> list[str]:
+    """Remove the versions of the file left beside its original at the backend (a restore cut
+    off after its commit), each only if it is a sound copy of that version of this very file
+    (never another file that happens to have the name). Returns the names removed."""
+    removed = []
+    for (g, version_type), version in VERSIONS.items():
+        name = version.object_name(file.object_name)
+        if g != group or version_type == 0 or name == file.object_name:
+            continue
+        if backend.size(name) is not None and sound_copy_at(backend, file, version):
+            backend.delete(name)
+            crash_point('after-version-delete')
+            removed.append(name)
+    return removed
+
+
+def _log_restored(conn, group: str, file_id: int, storage_id: int, detail: str, agent: str | None = None) -> None:
+    """The fixity row of an original restored at a backend (appended once its version object is
+    gone: what tells a later restore that this one finished)."""
+    if has_fixity_log(conn):
+        with conn.cursor() as cur:
+            append_fixity(cur, GROUPS[group], [FixityCheck(file_id, storage_id, 0, 'ok', 'restore', detail)],
+                          agent or fixity_agent())
+        conn.commit()
+
+
+def restore_original(conn, backends: BackendCache, group: str, file_id: int, chunks: Iterable[bytes],
+                     length: int, agent: str | None = None) -> FileState:
+    """Restore the file's original at the active tier from `chunks` (`length` bytes, offered by
+    a workstation that read it from its disk): under the file's row locks, in the order of
+    `restore`: the bytes hashed while they stream and stored only if they are the catalog's
+    (S3 is given the sha256 to check as well), the row made type 0 (a new row where the
+    original had been deleted) and committed, then the version object deleted. Outcome
+    'restored', or 'exists' when the original is there already (a version left beside it by a
+    request cut off after its commit is removed then; `chunks` are not read). Refuses, storing
+    nothing: TooLarge (more bytes than the catalog's size, before reading), ChecksumMismatch
+    (not the original's bytes), NotFound (no such file, or no S3 backend to restore to)."""
+    file = fetch_file(conn, group, file_id)
+    conn.commit()
+    if length > file.file_size:
+        raise TooLarge(f'{length:,} bytes offered, but the original of {group} file {file_id} has {file.file_size:,}')
+    if length < file.file_size:
+        raise ChecksumMismatch(f'{length:,} bytes offered, the catalog says {file.file_size:,}: not the original',
+                               file.object_name)
+    held = held_versions(conn, group, file_id, lock=True)
+    try:
+        active = active_version(held)
+        if active is not None:
+            backend_row, old_type = active.backend, active.type
+        else:                   # released with --delete-original: back to the active tier
+            backend_row = min((row for row in fetch_backends_in(conn) if row.type == 's3'),
+                              key=lambda row: (row.priority, row.storage_id), default=None)
+            if backend_row is None:
+                raise NotFound('the catalog has no S3 backend to restore the original to', 'backend')
+            old_type = None
+        backend = backends.get(backend_row)
+        name = file.object_name
+        if old_type == 0 and backend.size(name) == file.file_size:
+            removed = _versions_left_removed(backend, file, group)
+            conn.commit()
+            if removed:
+                _log_restored(conn, group, file_id, backend_row.storage_id,
+                              f'restored earlier; {", ".join(removed)} left beside it removed', agent)
+            return file_state(conn, group, file_id, 'exists')
+        original = VERSIONS[(group, 0)]
+        backend.write(name, CheckedStream(chunks, file), file.file_size, content_type_of(original, name), file.sha256)
+        crash_point('after-restore-write')
+        table = sql.Identifier(GROUPS[group].storage_table)
+        if old_type is None:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL('INSERT INTO {} (file_id, storage_id, type, created_at, updated_at) '
+                                    'VALUES (%s, %s, 0, now(), now())').format(table),
+                            (file_id, backend_row.storage_id))
+        elif old_type != 0:
+            _set_type(conn, group, file_id, backend_row.storage_id, 0)
+        conn.commit()
+        crash_point('after-restore-commit')
+    except BaseException:
+        with contextlib.suppress(psycopg2.Error):
+            conn.rollback()
+        raise
+    if old_type not in (None, 0):
+        backend.delete(find_version(group, old_type).object_name(name))
+        crash_point('after-version-delete')
+    _log_restored(conn, group, file_id, backend_row.storage_id, 'restored from the bytes sent, checked', agent)
+    return file_state(conn, group, file_id, 'restored')
+
+
+def fetch_backends_in(conn) -> list[BackendRow]:
+    """The backends, inside the caller's transaction (no commit: its row locks stay)."""
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT {BACKEND_COLUMNS} FROM storage_backend ORDER BY storage_id')
+        return [BackendRow(*row) for row in cur.fetchall()]
 
 
 # --- the frame of a batch run (copy, archive) ----------------------------------------------------------

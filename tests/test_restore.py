@@ -170,3 +170,96 @@ def test_crash_at_each_step_of_restore_then_rerun(world, crash_at):
     assert_restored(world, bucket, active, archive, disk, files)
     third = world.cli(*args)
     assert third.returncode == 0 and 'nothing to do' in third.stdout, third.stdout
+
+
+# --- through the service: PUT …/original and restore --via ------------------------------------------
+
+NO_S3_KEYS = ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_DEFAULT_REGION', 'AWS_PROFILE')
+
+
+def problem_type(response) -> str:
+    import json
+    assert response.headers['Content-Type'] == 'application/problem+json', response.data[:300]
+    return json.loads(response.data)['type'].removeprefix(ms.PROBLEM)
+
+
+def test_put_original_stores_only_the_original(world, service):
+    bucket, active, archive, disk, files = archived(world, 2, replace_with=1)
+    image = files[0]
+    webp = image.object_name.replace('.jpg', '.webp')
+    path = f'/images/{image.file_id}/original'
+    wrong = service.http.request('PUT', service.url + path, body=image.data[:-3] + b'abc',
+                                 headers={'Authorization': f'Bearer {service.token()}'})
+    assert wrong.status == 422 and problem_type(wrong) == 'wrong-original'
+    assert world.s3_bytes(bucket, image.object_name) is None and world.rows(active)[image.file_id] == 1
+    larger = service.http.request('PUT', service.url + path, body=image.data + b'x',
+                                  headers={'Authorization': f'Bearer {service.token()}'})
+    assert larger.status == 413 and problem_type(larger) == 'too-large'
+    unlengthed = service.http.request('PUT', service.url + path, body=iter([image.data]), chunked=True,
+                                      headers={'Authorization': f'Bearer {service.token()}'})
+    assert unlengthed.status == 411 and problem_type(unlengthed) == 'length-required'
+    unknown = service.http.request('PUT', service.url + '/images/999999/original', body=b'12345',
+                                   headers={'Authorization': f'Bearer {service.token()}'})
+    assert unknown.status == 404
+    reader = service.http.request('PUT', service.url + path, body=image.data,
+                                  headers={'Authorization': f"Bearer {service.token(roles=('internal',))}"})
+    assert reader.status == 403
+    assert world.s3_bytes(bucket, image.object_name) is None and world.s3_bytes(bucket, webp) is not None
+    good = service.http.request('PUT', service.url + path, body=image.data,
+                                headers={'Authorization': f'Bearer {service.token()}'})
+    assert good.status == 201, good.data
+    assert world.s3_bytes(bucket, image.object_name) == image.data and world.s3_bytes(bucket, webp) is None
+    assert world.rows(active) == {image.file_id: 0, files[1].file_id: 1}
+    again = service.http.request('PUT', service.url + path, body=image.data,
+                                 headers={'Authorization': f'Bearer {service.token()}'})
+    assert again.status == 200, again.data
+    got = service.request('GET', path)
+    assert got.status == 200 and got.data == image.data
+
+
+def test_restore_via_the_service_with_no_s3_keys(world, service, readonly_dsn):
+    bucket, active, archive, disk, files = archived(world, 4, replace_with=None)
+    damaged = files[2]
+    (disk / 'archive' / damaged.object_name).write_bytes(damaged.data[:-5] + b'!!!!!')
+    args = ('restore', '-s', archive, '-t', active, 'all_images', '--via', service.url)
+    env = {**service.env(), 'MITWELTEN_DB': readonly_dsn}
+    result = world.cli(*args, env=env, unset=NO_S3_KEYS)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert '3 restored' in result.stdout and f'FAILED {damaged.object_name}: sha256' in result.stderr
+    good = [f for f in files if f is not damaged]
+    assert {k: world.s3_bytes(bucket, k) for k in bucket_keys(world, bucket)} == {f.object_name: f.data for f in good}
+    assert world.rows(active) == {f.file_id: 0 for f in good}
+    (disk / 'archive' / damaged.object_name).write_bytes(damaged.data)
+    again = world.cli(*args, env=env, unset=NO_S3_KEYS)
+    assert again.returncode == 0 and '1 restored' in again.stdout, again.stdout + again.stderr
+    assert_restored(world, bucket, active, archive, disk, files)
+    wrong_target = world.cli('restore', '-s', archive, '-t', archive, 'all_images', '--via', service.url,
+                             env=env, unset=NO_S3_KEYS)
+    assert wrong_target.returncode == 2
+
+
+def test_restore_via_finishes_a_put_cut_off_after_its_commit(world, issuer):
+    """The service killed between its commit and the version's removal: the next restore --via
+    sends the file again, and the service removes the version left beside the original."""
+    from conftest import service_process
+    bucket, active, archive, disk, files = archived(world, 3, replace_with=1)
+    process, url = service_process(world, issuer, env={'MITWELTEN_CRASH_AT': 'after-restore-commit:2'})
+    token = issuer.token(('internal', 'storage-admin'))
+    args = ('restore', '-s', archive, '-t', active, 'all_images', '--via', url, '--jobs', 1)
+    try:
+        first = world.cli(*args, env={'MITWELTEN_TOKEN': token, 'MITWELTEN_ATTEMPTS': '1'}, unset=NO_S3_KEYS)
+        assert first.returncode != 0
+        process.wait(30)
+    finally:
+        process.kill()
+    assert sorted(world.rows(active).values()) == [0, 0, 1]
+    assert len([k for k in bucket_keys(world, bucket) if k.endswith('.webp')]) == 2   # one left beside its original
+    process, url = service_process(world, issuer)
+    try:
+        args = args[:-3] + (url, '--jobs', 1)
+        second = world.cli(*args, env={'MITWELTEN_TOKEN': token}, unset=NO_S3_KEYS)
+        assert second.returncode == 0, second.stdout + second.stderr
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert_restored(world, bucket, active, archive, disk, files)
