@@ -2217,6 +2217,55 @@ def original_from(backend: Backend, file: CatalogFile, held_type: int,
                           'nor gzip of it')
 
 
+class GzipHeldOriginal(Backend):
+    """A backend that holds a file's original as gzip (type 10), presented as holding the
+    original itself: its size is the catalog's, its reads decompress as they stream (a range
+    is cut from the decompressed bytes), so that whoever reads originals from a backend (the
+    service's GET …/original) serves it unchanged; the caller checks it (CheckedStream) as any
+    original. Nothing is written through it."""
+
+    def __init__(self, backend: Backend, file: CatalogFile):
+        self.inner, self.file = backend, file
+        self.row, self.kind = backend.row, backend.kind
+        self.gz_name = with_suffix('.gz')(file.object_name)
+
+    def location(self) -> str:
+        return self.inner.location()
+
+    def describe(self) -> str:
+        return f'{self.inner.describe()} (the original, from its gzip version)'
+
+    def check(self, writing: bool) -> None:
+        self.inner.check(writing)
+
+    def size(self, object_name: str) -> int | None:
+        if object_name != self.file.object_name:
+            return self.inner.size(object_name)
+        return self.file.file_size if self.inner.size(self.gz_name) is not None else None
+
+    def read(self, object_name: str, *, start: int = 0, end: int | None = None,
+             piece: int | None = None, into: memoryview | None = None) -> Iterator[bytes]:
+        if object_name != self.file.object_name:
+            yield from self.inner.read(object_name, start=start, end=end, piece=piece)
+            return
+        position = 0
+        for chunk in gunzipped(self.inner.read(self.gz_name, piece=piece), object_name):
+            first, position = position, position + len(chunk)
+            if position <= start:
+                continue
+            if end is not None and first > end:
+                return
+            yield chunk[max(0, start - first):None if end is None else end + 1 - first]
+
+    def read_original(self, file: CatalogFile, into: memoryview | None = None) -> Iterator[bytes]:
+        return self.read(file.object_name)
+
+    def _read_only(self, *args, **kwargs):
+        raise ConfigError(f'{self.describe()} is read through its gzip version: nothing is written through it')
+
+    write = delete = _read_only
+
+
 # =================================================================================================
 # Versions
 # =================================================================================================
@@ -3418,13 +3467,16 @@ def _copies_elsewhere(held: list[HeldVersion], storage_id: int) -> int:
 
 def active_original(conn, backends: BackendCache, group: str, file_id: int) -> tuple[CatalogFile, Backend]:
     """The file and the backend of its active copy (the S3 backend with the lowest priority
-    number that records it: the one the writes act on too), which must be the original.
+    number that records it: the one the writes act on too), which must be the original, or gzip
+    of it (type 10: the backend is then a GzipHeldOriginal, which reads it decompressed).
     NotFound('file') when the catalog does not know the file, NotFound('original') when the
     active tier holds a version instead, or no online tier records the file."""
     file = fetch_file(conn, group, file_id)
     held = held_versions(conn, group, file_id)
     conn.commit()
     active = active_version(held)
+    if active is not None and active.type == 10:        # gzip is the original: served decompressed
+        return file, GzipHeldOriginal(backends.get(active.backend), file)
     if active is None or active.type != 0:
         raise NotFound(f'the original of {group} file {file_id} is no longer online (it is archived; the online '
                        'tier holds a version of it, if any)', 'original')

@@ -263,3 +263,24 @@ def test_restore_via_finishes_a_put_cut_off_after_its_commit(world, issuer):
         process.terminate()
         process.wait(30)
     assert_restored(world, bucket, active, archive, disk, files)
+
+
+def test_get_original_where_the_active_tier_holds_gzip(world, service):
+    """gzip is the original: GET …/original serves it decompressed, checked, with the same
+    ETag and Repr-Digest; HEAD and ranges too."""
+    bucket, active, archive, disk, files = archived(world, 2, replace_with=10, group='audio')
+    recording = files[0]
+    assert world.s3_bytes(bucket, recording.object_name) is None
+    path = f'/audio/{recording.file_id}/original'
+    got = service.request('GET', path)
+    assert got.status == 200 and got.data == recording.data
+    assert got.headers['ETag'] == f'"{recording.sha256}"'
+    assert got.headers['Repr-Digest'] == ms.repr_digest(recording.sha256)
+    head = service.request('HEAD', path)
+    assert head.status == 200 and head.headers['Content-Length'] == str(len(recording.data))
+    part = service.request('GET', path, headers={'Range': 'bytes=100-1099'})
+    assert part.status == 206 and part.data == recording.data[100:1100]
+    # A damaged gzip is never served as the original: found before the answer starts, a 502.
+    world.s3.put_object(Bucket=bucket, Key=files[1].object_name + '.gz', Body=b'\x1f\x8b' + b'0' * 50)
+    broken = service.request('GET', f'/audio/{files[1].file_id}/original')
+    assert broken.status == 502 and problem_type(broken) == 'original-corrupt'
