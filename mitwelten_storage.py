@@ -4561,8 +4561,9 @@ class RestoreJob(BatchJob):
                                                     'restore', str(exc)))
             self.failed(file, exc)
             return
-        if step.outcome == 'nothing left':
-            self.run.outcome(file, 'finished', 0, 'restored earlier; no version object left at ACTIVE')
+        if step.outcome == 'nothing left':      # (no fixity log) restored earlier and finished: logged, not counted
+            self.run.log_entry('checked', file.file_id, 0, file.object_name,
+                               'restored earlier; no version object left at ACTIVE')
             return
         if step.outcome == 'finished':
             if self.marks:

@@ -284,3 +284,19 @@ def test_get_original_where_the_active_tier_holds_gzip(world, service):
     world.s3.put_object(Bucket=bucket, Key=files[1].object_name + '.gz', Body=b'\x1f\x8b' + b'0' * 50)
     broken = service.request('GET', f'/audio/{files[1].file_id}/original')
     assert broken.status == 502 and problem_type(broken) == 'original-corrupt'
+
+
+def test_restore_without_the_fixity_log_then_a_kill_after_the_commit(world):
+    """Production before `init-db` has no fixity log: restore works, and a version left beside
+    a restored original by a kill is found (a HEAD per version name of the restored files)."""
+    bucket, active, archive, disk, files = archived(world, 5, replace_with=1)
+    world.query('DROP TABLE storage_fixity')
+    args = ('restore', '-s', archive, '-t', active, 'all_images', '--jobs', 2)
+    first = world.cli(*args, env={'MITWELTEN_CRASH_AT': 'after-restore-commit:1'})
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    assert any(k.endswith('.webp') for k in bucket_keys(world, bucket))
+    second = world.cli(*args)
+    assert second.returncode == 0 and 'finished' in second.stdout, second.stdout + second.stderr
+    assert_restored(world, bucket, active, archive, disk, files)
+    third = world.cli(*args)
+    assert third.returncode == 0 and 'nothing to do' in third.stdout, third.stdout
