@@ -3639,6 +3639,15 @@ def _versions_left_removed(backend: Backend, file: CatalogFile, group: str) -> l
     return removed
 
 
+def _sound_original_at(backend: Backend, file: CatalogFile) -> bool:
+    """Whether the backend's original of the file reads back whole and hashes to the catalog's."""
+    try:
+        read_original(backend, file)
+    except (ChecksumMismatch, SourceMissing):
+        return False
+    return True
+
+
 def _log_restored(conn, group: str, file_id: int, storage_id: int, detail: str, agent: str | None = None) -> None:
     """The fixity row of an original restored at a backend (appended once its version object is
     gone: what tells a later restore that this one finished)."""
@@ -3656,8 +3665,9 @@ def restore_original(conn, backends: BackendCache, group: str, file_id: int, chu
     `restore`: the bytes hashed while they stream and stored only if they are the catalog's
     (S3 is given the sha256 to check as well), the row made type 0 (a new row where the
     original had been deleted) and committed, then the version object deleted. Outcome
-    'restored', or 'exists' when the original is there already (a version left beside it by a
-    request cut off after its commit is removed then; `chunks` are not read). Refuses, storing
+    'restored', or 'exists' when the original is there already and reads back sound (a version
+    left beside it by a request cut off after its commit is removed then; `chunks` are not
+    read; an original there that is not sound is written again from `chunks`). Refuses, storing
     nothing: TooLarge (more bytes than the catalog's size, before reading), ChecksumMismatch
     (not the original's bytes), NotFound (no such file, or no S3 backend to restore to)."""
     file = fetch_file(conn, group, file_id)
@@ -3680,7 +3690,7 @@ def restore_original(conn, backends: BackendCache, group: str, file_id: int, chu
             old_type = None
         backend = backends.get(backend_row)
         name = file.object_name
-        if old_type == 0 and backend.size(name) == file.file_size:
+        if old_type == 0 and backend.size(name) == file.file_size and _sound_original_at(backend, file):
             removed = _versions_left_removed(backend, file, group)
             conn.commit()
             if removed:
@@ -4890,9 +4900,9 @@ class ExportJob(BatchJob):
             self.version.check(data, file)
             self.run.progress(len(data))
             chunks = [data]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.parent.resolve().is_relative_to(self.root):      # a link inside DIR: rule 4
+        if not Path(os.path.realpath(path.parent)).is_relative_to(self.root):     # a link inside DIR: rule 4
             raise UnsafeObjectName(f'{path.parent} leads outside {self.directory}', file.object_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
         with atomic_file(path) as tmp, open(tmp, 'xb') as out:
             for chunk in chunks:

@@ -150,3 +150,18 @@ def test_export_refuses_a_backend_folder_and_dry_run_writes_nothing(world, tmp_p
     dry = world.cli('export', 'all_images', '--to', tmp_path / 'work', '--dry-run')
     assert dry.returncode == 0 and 'would export 2 files' in dry.stdout and f'read from backend {active}' in dry.stdout
     assert not (tmp_path / 'work').exists()
+
+
+def test_export_never_writes_outside_the_folder(world, tmp_path):
+    """Rule 4 for the working copy: a folder in DIR that is a link leading elsewhere is refused."""
+    bucket = world.new_bucket()
+    active = world.create_s3_backend(bucket)
+    files = world.images_on_s3(2, active)
+    folder, elsewhere = tmp_path / 'work', tmp_path / 'elsewhere'
+    folder.mkdir()
+    elsewhere.mkdir()
+    first_part = files[0].object_name.split('/')[0]
+    (folder / first_part).symlink_to(elsewhere)
+    report = export(world, 'all_images', folder)
+    assert report.exit_status == 1 and any('leads outside' in reason for _, reason in report.failures)
+    assert list(elsewhere.rglob('*')) == []
