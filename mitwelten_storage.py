@@ -4732,9 +4732,11 @@ EXPORT_MANIFEST = 'manifest-sha256.txt'
 @dataclasses.dataclass(frozen=True)
 class ExportFile(CatalogFile):
     """A file of an export: read from backend `source_id` (which holds it as `source_type`), or,
-    with no source online, held soundly on the offline disks `offline`."""
+    with no source online, held soundly on the offline disks `offline`. `others`: the further
+    backends online that hold it soundly, (storage_id, type) in order, should the first fail."""
     source_id: int | None = None
     offline: tuple = ()
+    others: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4781,10 +4783,12 @@ class ExportSelection(Selection):
                     continue
                 last_id = file_id
                 held = dict(zip(ids or (), types or ()))
-                source = next((i for i in self.order if i in held), None)
+                sources = [i for i in self.order if i in held]
+                source = sources[0] if sources else None
                 yield ExportFile(file_id, object_name, int(size or 0), (sha256 or '').strip().lower(),
                                  held.get(source, 0), None, source,
-                                 tuple(sorted(i for i in held if i in self.offline)))
+                                 tuple(sorted(i for i in held if i in self.offline)),
+                                 tuple((i, held[i]) for i in sources[1:]))
         except psycopg2.Error as exc:
             raise selection_error(self.batch, exc) from None
 
@@ -4881,20 +4885,41 @@ class ExportJob(BatchJob):
             return None
         return file.sha256 if self.version.type == 0 else hashlib.sha256(data).hexdigest()
 
-    def work(self, file: ExportFile) -> tuple[str, str | None, int]:
+    def work(self, file: ExportFile) -> tuple:
+        """('present' | 'exported' | 'offline', sha256, bytes, the source used, the checks of
+        sources that failed theirs); a source whose copy is damaged or missing is passed over
+        for the next one that holds the file soundly."""
         name, path = self.target(file)
         present = self.sound_in_folder(file, path)
         if present:
             self.run.progress(file.file_size)
-            return 'present', present, file.file_size
+            return 'present', present, file.file_size, None, []
         if file.source_id is None:
             if file.offline:
-                return 'offline', None, 0
+                return 'offline', None, 0, None, []
             raise FileFailure('no backend to read it from records a sound copy of it'
                               + ('' if self.version.type == 0 else f' ({self.version.label})'), file.object_name)
-        source = self.sources[file.source_id]
+        damaged = []
+        sources = [(file.source_id, file.source_type), *file.others]
+        for number, (storage_id, held_type) in enumerate(sources):
+            try:
+                digest, size = self.fetch(file, name, path, self.sources[storage_id], held_type)
+            except (ChecksumMismatch, SourceMissing, ConversionError) as exc:
+                outcome = 'missing' if isinstance(exc, SourceMissing) else 'corrupt'
+                damaged.append(FixityCheck(file.file_id, storage_id, held_type, outcome, 'export', str(exc)))
+                if number == len(sources) - 1:
+                    exc.damaged = damaged
+                    raise
+                log.warning('%s: %s at %s; reading it from the next backend that holds it', file.object_name, exc,
+                            self.sources[storage_id].describe())
+                continue
+            return 'exported', digest, size, (storage_id, held_type), damaged
+        raise AssertionError('unreachable')
+
+    def fetch(self, file: ExportFile, name: str, path: Path, source: Backend, held_type: int) -> tuple[str, int]:
+        """Read the file's version from `source`, check it, write it atomically at `path`."""
         if self.version.type == 0:
-            chunks = CheckedStream(original_from(source, file, file.source_type), file, self.run.progress)
+            chunks = CheckedStream(original_from(source, file, held_type), file, self.run.progress)
         else:
             data = b''.join(source.read(name))
             self.version.check(data, file)
@@ -4909,33 +4934,34 @@ class ExportJob(BatchJob):
                 digest.update(chunk)
                 size += len(chunk)
                 out.write(chunk)
-        return 'exported', digest.hexdigest(), size
+        return digest.hexdigest(), size
 
     def done(self, file: ExportFile, future: Future) -> None:
         name = self.version.object_name(file.object_name)
         try:
-            outcome, digest, size = future.result()
+            outcome, digest, size, source, damaged = future.result()
         except Cancelled:
             return
         except Exception as exc:
-            if isinstance(exc, (ChecksumMismatch, SourceMissing)) and file.source_id is not None:
-                self.recorder.log_check(FixityCheck(file.file_id, file.source_id, file.source_type,
-                                                    'corrupt' if isinstance(exc, ChecksumMismatch) else 'missing',
-                                                    'export', str(exc)))
+            for check in getattr(exc, 'damaged', []):     # rule 8: the fixity log says which copies failed
+                self.recorder.log_check(check)
             self.visited.add(name)
             self.failed(file, exc)
             return
         self.visited.add(name)
+        for check in damaged:
+            self.recorder.log_check(check)
         if outcome == 'offline':
             self.offline[file.file_id] = file.offline
             self.run.outcome(file, 'offline', 0, 'held only on disks not mounted: ' + ', '.join(map(str, file.offline)))
             return
         self.entries[name] = digest
         if outcome == 'exported':
-            self.recorder.log_check(FixityCheck(file.file_id, file.source_id, file.source_type, 'ok', 'export',
+            storage_id, held_type = source
+            self.recorder.log_check(FixityCheck(file.file_id, storage_id, held_type, 'ok', 'export',
                                                 f'exported to {self.directory}'))
-            self.run.outcome(file, 'exported', size, f'from {file.source_id}'
-                             + (' (gzip)' if file.source_type == 10 and self.version.type == 0 else ''))
+            self.run.outcome(file, 'exported', size, f'from {storage_id}'
+                             + (' (gzip)' if held_type == 10 and self.version.type == 0 else ''))
         else:
             self.run.outcome(file, 'present', 0, 'in the folder already, sound')
 

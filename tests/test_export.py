@@ -165,3 +165,17 @@ def test_export_never_writes_outside_the_folder(world, tmp_path):
     report = export(world, 'all_images', folder)
     assert report.exit_status == 1 and any('leads outside' in reason for _, reason in report.failures)
     assert list(elsewhere.rglob('*')) == []
+
+
+def test_a_damaged_copy_is_passed_over_for_the_next_backend_in_the_same_run(world, tmp_path):
+    bucket = world.new_bucket()
+    active = world.create_s3_backend(bucket)
+    disk, path = world.create_local_backend()
+    files = world.images_on_s3(2, active)
+    assert world.copy(active, disk).count('copied') == 2
+    world.s3.put_object(Bucket=bucket, Key=files[0].object_name, Body=files[0].data[:-4] + b'XXXX')
+    report = export(world, 'all_images', tmp_path / 'work')
+    assert report.exit_status == 0 and report.counts == {'exported': 2}, report.failures
+    assert (tmp_path / 'work' / files[0].object_name).read_bytes() == files[0].data
+    assert fixity(world) == [(files[0].file_id, active, 0, 'corrupt'), (files[0].file_id, disk, 0, 'ok'),
+                             (files[1].file_id, active, 0, 'ok')]
