@@ -300,3 +300,20 @@ def test_restore_without_the_fixity_log_then_a_kill_after_the_commit(world):
     assert_restored(world, bucket, active, archive, disk, files)
     third = world.cli(*args)
     assert third.returncode == 0 and 'nothing to do' in third.stdout, third.stdout
+
+
+def test_restore_to_a_disk_from_a_bucket(world):
+    """Any direction: a disk that keeps gzip versions gets its originals back from a bucket,
+    written atomically and synced before they are recorded."""
+    from devkit import sample_data
+    disk_id, disk = world.create_local_backend()
+    files = sample_data.sample_images(3, seed=57)
+    world.files_on_disk(files, disk_id, disk)
+    bucket = world.new_bucket()
+    s3_id = world.create_s3_backend(bucket, priority=1)
+    assert world.archive(disk_id, s3_id, replace_with=10).counts == {'replaced': 3}
+    report = restore(world, s3_id, disk_id)
+    assert report.exit_status == 0 and report.counts == {'restored': 3}, report.failures
+    assert files_under(disk / 'archive') == {f.object_name: f.data for f in files}
+    assert world.rows(disk_id) == {f.file_id: 0 for f in files}
+    assert [p for p in disk.rglob('*') if p.name.endswith(ms.TMP_SUFFIX)] == []
