@@ -27,6 +27,7 @@ Endpoints (KIND is `images` or `audio`):
     POST      /KIND/ID/archive      {"storage_id": S, "sha256": H}: archive S holds the original
     POST      /KIND/ID/scaled       {"type": N}: version N in place of the original online
     DELETE    /KIND/ID/original     with If-Match: "<sha256>": the original leaves the online tier
+    PUT       /KIND/ID/original     the original's bytes: restored online (checked), the version removed
     GET       /backends             what `info --json` prints
     GET       /healthz              database and S3 reachable (no token)
 """
@@ -56,6 +57,7 @@ if _MISSING and (__name__ == '__main__' or os.path.basename(sys.argv[0]) == 'mit
           "(pipx install '.[service]', pip install '.[service]') or requirements-service.txt", file=sys.stderr)
     sys.exit(2)
 
+import anyio.from_thread
 import botocore.exceptions
 import jwt
 import psycopg2
@@ -525,6 +527,47 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
             ms.delete_original(conn, service().backends, kind.group, file_id, file.sha256,
                                service().config.min_copies)
         return Response(status_code=204)
+
+    body_problems = {status: {'model': Problem, 'description': description, 'content': {
+        'application/problem+json': {'schema': {'$ref': '#/components/schemas/Problem'}}}}
+        for status, description in {411: 'no Content-Length', 413: "more bytes than the catalog's size of the original"
+                                    }.items()}
+
+    @app.put('/{kind}/{file_id}/original', response_model=FileStateModel, status_code=201,
+             summary='Restore the original at the online tier from its bytes (the body)',
+             responses={200: {'model': FileStateModel, 'description': 'the original was there already'},
+                        **problems(401, 403, 404, 409, 422), **body_problems},
+             openapi_extra={'requestBody': {'required': True, 'content': {
+                 'application/octet-stream': {'schema': {'type': 'string', 'format': 'binary'}}}}})
+    async def put_original(kind: Kind, file_id: FileId, request: Request, claims: dict = Depends(writer)):
+        length = request.headers.get('content-length', '')
+        if not length.isdigit():
+            raise Failure(411, 'length-required', 'Length required',
+                          'send the original with a Content-Length (its size in bytes)')
+        stream = request.stream()
+
+        def body() -> Iterator[bytes]:
+            while True:
+                try:
+                    chunk = anyio.from_thread.run(stream.__anext__)
+                except StopAsyncIteration:
+                    return
+                if chunk:
+                    yield chunk
+
+        def restore() -> ms.FileState:
+            chunks = body()
+            with service().pool.connection() as conn:
+                state = ms.restore_original(conn, service().backends, kind.group, file_id, chunks, int(length),
+                                            agent=f"mitwelten-service {claims.get('sub', '?')}")
+            for _ in chunks:            # the original was there already: the rest is read and dropped
+                pass
+            return state
+        try:
+            state = await run_in_threadpool(restore)
+        except ms.ChecksumMismatch as exc:     # here: the bytes sent are not the original (not S3's fault)
+            raise Failure(422, 'wrong-original', 'Not the original', f'{exc}; nothing was stored') from None
+        return JSONResponse(state.as_dict(), status_code=201 if state.outcome == 'restored' else 200)
 
     @app.get('/backends', summary='The backends, as `info --json` lists them', responses=problems(401, 403))
     def get_backends(claims: dict = Depends(reader)) -> list[dict]:

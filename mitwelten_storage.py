@@ -298,6 +298,11 @@ class OriginalChanged(Refusal):
     problem_type, status, title = 'original-changed', 412, 'Precondition failed'
 
 
+class TooLarge(Refusal):
+    """Bytes offered as an original are more than the catalog's size of it (refused unread)."""
+    problem_type, status, title = 'too-large', 413, 'Larger than the original'
+
+
 def _error_classes(base: type) -> Iterator[type]:
     for cls in base.__subclasses__():
         yield cls
@@ -319,6 +324,9 @@ CRASH_POINTS = frozenset({
     'after-archive-write',      # an original written to the archive, not yet recorded
     'after-version-write',      # a version written at ACTIVE, the original still there
     'after-original-delete',    # the original deleted at ACTIVE, the row not yet changed
+    'after-restore-write',      # restore: the original written back at ACTIVE, the row still the version's
+    'after-restore-commit',     # restore: the rows say type 0 at ACTIVE, the version object still there
+    'after-version-delete',     # restore: the version object deleted, its fixity row not yet committed
 })
 FAULT_POINTS = frozenset({
     'fsync',                    # from the N-th sync of a disk on (folder fsync, syncfs), it fails with EIO
@@ -1994,13 +2002,15 @@ class ServiceClient:
     FILE_PROBLEMS = {'original-missing', 'original-corrupt', 's3-error'}
 
     def request(self, method: str, path: str, *, body: dict | None = None, headers: dict | None = None,
-                stream: bool = False, token: bool = True, slow: bool = False):
+                stream: bool = False, token: bool = True, slow: bool = False,
+                content: Callable[[], Iterable[bytes]] | None = None):
         """The answer to a request, after up to `attempts` tries with backoff for answers that
         did not come (connection refused or dropped, timeouts, 502/503/504 without a problem of
         one file) and while the file is busy with another request. A problem answer raises the
         refusal it stands for; a service still down raises Unreachable. A refused token is
         read again from MITWELTEN_TOKEN_FILE once (a refresher may have renewed it). `slow`:
-        a request that makes a version, given three times the read timeout."""
+        a request that makes a version, given three times the read timeout. `content`: a body
+        streamed from the chunks it gives, called anew for each try."""
         headers = dict(headers or {})
         data = None
         if body is not None:
@@ -2017,8 +2027,9 @@ class ServiceClient:
             if token:
                 headers['Authorization'] = f'Bearer {self.token}'
             try:
-                response = self.http.request(method, self.base + path, body=data, headers=headers, timeout=timeout,
-                                             preload_content=not stream, redirect=False)
+                response = self.http.request(method, self.base + path, body=content() if content else data,
+                                             headers=headers, timeout=timeout, preload_content=not stream,
+                                             redirect=False)
             except self.urllib3.exceptions.HTTPError as exc:
                 reason = f'{type(exc).__name__}: {exc}'
                 continue
@@ -2073,7 +2084,7 @@ class ServiceClient:
                                'MITWELTEN_TOKEN or MITWELTEN_TOKEN_FILE')
         if status == 404:
             raise NotFound(detail, 'original' if kind == 'original-not-online' else kind or 'file')
-        errors = {**SERVICE_PROBLEMS, 's3-error': FileFailure}
+        errors = {**SERVICE_PROBLEMS, 's3-error': FileFailure, 'wrong-original': ChecksumMismatch}
         if kind in errors:
             raise errors[kind](detail)
         raise StorageError(f'{self.describe()} answered {status}: {detail}')
@@ -2150,6 +2161,16 @@ class ServiceClient:
     def delete_original(self, group: str, file: CatalogFile) -> None:
         self.request('DELETE', self.path(group, file.file_id, 'original'), headers={'If-Match': f'"{file.sha256}"'},
                      slow=True)
+
+    def restore_original(self, group: str, file: CatalogFile, chunks: Callable[[], Iterable[bytes]]) -> str:
+        """Send the original (`chunks()`, checked as it is read, e.g. a CheckedStream) with PUT
+        …/original, streamed with a Content-Length; 'restored', or 'exists' when the service had
+        it already. A try that got no answer sends it again from the start."""
+        response = self.request('PUT', self.path(group, file.file_id, 'original'), content=chunks, slow=True,
+                                headers={'Content-Length': str(file.file_size),
+                                         'Content-Type': 'application/octet-stream'})
+        response.release_conn()
+        return 'restored' if response.status == 201 else 'exists'
 
 
 def random_fraction() -> float:
@@ -2293,6 +2314,97 @@ class CheckedStream:
 def read_original(backend: Backend, file: CatalogFile, progress: Callable[[int], None] | None = None) -> bytes:
     """The original's bytes, read once and checked against the catalog's size and sha256."""
     return b''.join(CheckedStream(backend.read_original(file), file, progress))
+
+
+# --- gzip is the original ---------------------------------------------------------------------------
+#
+# A gzip version (type 10) decompresses to the original's exact bytes: where a backend holds it,
+# the original is read from it, decompressed as it streams and checked like any original
+# (CheckedStream against the catalog's size and sha256). `restore`, `export` and the service's
+# GET …/original read originals so.
+
+GZIP_PIECE = 1024 * 1024        # decompressed output per step: memory stays bounded, whatever the ratio
+
+
+def gunzipped(chunks: Iterable[bytes], object_name: str) -> Iterator[bytes]:
+    """The decompressed bytes of a gzip stream, as it streams (zlib, gzip header and trailer:
+    its CRC-32 and length are checked by zlib); ChecksumMismatch for a damaged or cut-off one."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        for chunk in chunks:
+            data = inflater.decompress(chunk, GZIP_PIECE)
+            while data:
+                yield data
+                data = inflater.decompress(inflater.unconsumed_tail, GZIP_PIECE) if inflater.unconsumed_tail else b''
+        tail = inflater.flush()
+        if tail:
+            yield tail
+    except zlib.error as exc:
+        raise ChecksumMismatch(f'the gzip copy does not decompress: {exc}', object_name) from None
+    if not inflater.eof:
+        raise ChecksumMismatch('the gzip copy ends early: not the whole original', object_name)
+
+
+def original_from(backend: Backend, file: CatalogFile, held_type: int,
+                  into: memoryview | None = None) -> Iterator[bytes]:
+    """The original's bytes from a backend that holds it as `held_type`: the original itself
+    (type 0), or gzip of it (type 10), decompressed as it streams. Unchecked: pass it through a
+    CheckedStream. Other versions are not the original (VersionConflict)."""
+    if held_type == 0:
+        return backend.read_original(file, into=into)
+    if held_type == 10:
+        return gunzipped(backend.read(with_suffix('.gz')(file.object_name), into=into), file.object_name)
+    raise VersionConflict(f'{backend.describe()} holds version {held_type} of {file.object_name}, not its original '
+                          'nor gzip of it')
+
+
+class GzipHeldOriginal(Backend):
+    """A backend that holds a file's original as gzip (type 10), presented as holding the
+    original itself: its size is the catalog's, its reads decompress as they stream (a range
+    is cut from the decompressed bytes), so that whoever reads originals from a backend (the
+    service's GET …/original) serves it unchanged; the caller checks it (CheckedStream) as any
+    original. Nothing is written through it."""
+
+    def __init__(self, backend: Backend, file: CatalogFile):
+        self.inner, self.file = backend, file
+        self.row, self.kind = backend.row, backend.kind
+        self.gz_name = with_suffix('.gz')(file.object_name)
+
+    def location(self) -> str:
+        return self.inner.location()
+
+    def describe(self) -> str:
+        return f'{self.inner.describe()} (the original, from its gzip version)'
+
+    def check(self, writing: bool) -> None:
+        self.inner.check(writing)
+
+    def size(self, object_name: str) -> int | None:
+        if object_name != self.file.object_name:
+            return self.inner.size(object_name)
+        return self.file.file_size if self.inner.size(self.gz_name) is not None else None
+
+    def read(self, object_name: str, *, start: int = 0, end: int | None = None,
+             piece: int | None = None, into: memoryview | None = None) -> Iterator[bytes]:
+        if object_name != self.file.object_name:
+            yield from self.inner.read(object_name, start=start, end=end, piece=piece)
+            return
+        position = 0
+        for chunk in gunzipped(self.inner.read(self.gz_name, piece=piece), object_name):
+            first, position = position, position + len(chunk)
+            if position <= start:
+                continue
+            if end is not None and first > end:
+                return
+            yield chunk[max(0, start - first):None if end is None else end + 1 - first]
+
+    def read_original(self, file: CatalogFile, into: memoryview | None = None) -> Iterator[bytes]:
+        return self.read(file.object_name)
+
+    def _read_only(self, *args, **kwargs):
+        raise ConfigError(f'{self.describe()} is read through its gzip version: nothing is written through it')
+
+    write = delete = _read_only
 
 
 # =================================================================================================
@@ -3495,13 +3607,16 @@ def _copies_elsewhere(conn, group: str, file_id: int, storage_id: int) -> int:
 
 def active_original(conn, backends: BackendCache, group: str, file_id: int) -> tuple[CatalogFile, Backend]:
     """The file and the backend of its active copy (the S3 backend with the lowest priority
-    number that records it: the one the writes act on too), which must be the original.
+    number that records it: the one the writes act on too), which must be the original, or gzip
+    of it (type 10: the backend is then a GzipHeldOriginal, which reads it decompressed).
     NotFound('file') when the catalog does not know the file, NotFound('original') when the
     active tier holds a version instead, or no online tier records the file."""
     file = fetch_file(conn, group, file_id)
     held = held_versions(conn, group, file_id)
     conn.commit()
     active = active_version(held)
+    if active is not None and active.type == 10:        # gzip is the original: served decompressed
+        return file, GzipHeldOriginal(backends.get(active.backend), file)
     if active is None or active.type != 0:
         raise NotFound(f'the original of {group} file {file_id} is no longer online (it is archived; the online '
                        'tier holds a version of it, if any)', 'original')
@@ -3652,6 +3767,111 @@ def delete_original(conn, backends: BackendCache, group: str, file_id: int, sha2
             conn.rollback()
         raise
     return file_state(conn, group, file_id, 'deleted')
+
+
+def _versions_left_removed(backend: Backend, file: CatalogFile, group: str) -> list[str]:
+    """Remove the versions of the file left beside its original at the backend (a restore cut
+    off after its commit), each only if it is a sound copy of that version of this very file
+    (never another file that happens to have the name). Returns the names removed."""
+    removed = []
+    for (g, version_type), version in VERSIONS.items():
+        name = version.object_name(file.object_name)
+        if g != group or version_type == 0 or name == file.object_name:
+            continue
+        if backend.size(name) is not None and sound_copy_at(backend, file, version):
+            backend.delete(name)
+            crash_point('after-version-delete')
+            removed.append(name)
+    return removed
+
+
+def _sound_original_at(backend: Backend, file: CatalogFile) -> bool:
+    """Whether the backend's original of the file reads back whole and hashes to the catalog's."""
+    try:
+        read_original(backend, file)
+    except (ChecksumMismatch, SourceMissing):
+        return False
+    return True
+
+
+def _log_restored(conn, group: str, file_id: int, storage_id: int, detail: str, agent: str | None = None) -> None:
+    """The fixity row of an original restored at a backend (appended once its version object is
+    gone: what tells a later restore that this one finished)."""
+    if has_fixity_log(conn):
+        with conn.cursor() as cur:
+            append_fixity(cur, GROUPS[group], [FixityCheck(file_id, storage_id, 0, 'ok', 'restore', detail)],
+                          agent or fixity_agent())
+        conn.commit()
+
+
+def restore_original(conn, backends: BackendCache, group: str, file_id: int, chunks: Iterable[bytes],
+                     length: int, agent: str | None = None) -> FileState:
+    """Restore the file's original at the active tier from `chunks` (`length` bytes, offered by
+    a workstation that read it from its disk): under the file's row locks, in the order of
+    `restore`: the bytes hashed while they stream and stored only if they are the catalog's
+    (S3 is given the sha256 to check as well), the row made type 0 (a new row where the
+    original had been deleted) and committed, then the version object deleted. Outcome
+    'restored', or 'exists' when the original is there already and reads back sound (a version
+    left beside it by a request cut off after its commit is removed then; `chunks` are not
+    read; an original there that is not sound is written again from `chunks`). Refuses, storing
+    nothing: TooLarge (more bytes than the catalog's size, before reading), ChecksumMismatch
+    (not the original's bytes), NotFound (no such file, or no S3 backend to restore to)."""
+    file = fetch_file(conn, group, file_id)
+    conn.commit()
+    if length > file.file_size:
+        raise TooLarge(f'{length:,} bytes offered, but the original of {group} file {file_id} has {file.file_size:,}')
+    if length < file.file_size:
+        raise ChecksumMismatch(f'{length:,} bytes offered, the catalog says {file.file_size:,}: not the original',
+                               file.object_name)
+    held = held_versions(conn, group, file_id, lock=True)
+    try:
+        active = active_version(held)
+        if active is not None:
+            backend_row, old_type = active.backend, active.type
+        else:                   # released with --delete-original: back to the active tier
+            backend_row = min((row for row in fetch_backends_in(conn) if row.type == 's3'),
+                              key=lambda row: (row.priority, row.storage_id), default=None)
+            if backend_row is None:
+                raise NotFound('the catalog has no S3 backend to restore the original to', 'backend')
+            old_type = None
+        backend = backends.get(backend_row)
+        name = file.object_name
+        if old_type == 0 and backend.size(name) == file.file_size and _sound_original_at(backend, file):
+            removed = _versions_left_removed(backend, file, group)
+            conn.commit()
+            if removed:
+                _log_restored(conn, group, file_id, backend_row.storage_id,
+                              f'restored earlier; {", ".join(removed)} left beside it removed', agent)
+            return file_state(conn, group, file_id, 'exists')
+        original = VERSIONS[(group, 0)]
+        backend.write(name, CheckedStream(chunks, file), file.file_size, content_type_of(original, name), file.sha256)
+        crash_point('after-restore-write')
+        table = sql.Identifier(GROUPS[group].storage_table)
+        if old_type is None:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL('INSERT INTO {} (file_id, storage_id, type, created_at, updated_at) '
+                                    'VALUES (%s, %s, 0, now(), now())').format(table),
+                            (file_id, backend_row.storage_id))
+        elif old_type != 0:
+            _set_type(conn, group, file_id, backend_row.storage_id, 0)
+        conn.commit()
+        crash_point('after-restore-commit')
+    except BaseException:
+        with contextlib.suppress(psycopg2.Error):
+            conn.rollback()
+        raise
+    if old_type not in (None, 0):
+        backend.delete(find_version(group, old_type).object_name(name))
+        crash_point('after-version-delete')
+    _log_restored(conn, group, file_id, backend_row.storage_id, 'restored from the bytes sent, checked', agent)
+    return file_state(conn, group, file_id, 'restored')
+
+
+def fetch_backends_in(conn) -> list[BackendRow]:
+    """The backends, inside the caller's transaction (no commit: its row locks stay)."""
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT {BACKEND_COLUMNS} FROM storage_backend ORDER BY storage_id')
+        return [BackendRow(*row) for row in cur.fetchall()]
 
 
 # --- the frame of a batch run (copy, archive) ----------------------------------------------------------
@@ -4448,6 +4668,703 @@ def plan_archive(settings: Settings, active_id: int, archive_id: int, batch_id: 
     return Plan('archive', _archive_title(batch, version, active, archive), notes, frame, selection, action)
 
 
+# --- restore ---------------------------------------------------------------------------------------------
+#
+# `archive` backwards: the original read from ARCHIVE (as it is, or from gzip of it) and checked;
+# written to ACTIVE under its own object name, durably; the row at ACTIVE made type 0 (the
+# version's row becomes the original's, or a new row where the original had been deleted);
+# only then the version object deleted. Each file's fixity rows: the ARCHIVE copy read (checked)
+# with the row change; the ACTIVE copy once its version object is gone. That last row is also
+# how a later run knows the restore of a file finished: a row of ACTIVE changed to type 0 (only
+# a restore changes a row to 0, so its updated_at is past its created_at) with no 'restore'
+# check of ACTIVE since is a restore cut off between its commit and the version's removal. Such
+# files are selected again, their original at ACTIVE checked, and the version object left beside
+# it removed. Without the fixity log, every row changed to 0 is looked at (a HEAD per version
+# name), and only a version object found there costs a read.
+
+@dataclasses.dataclass(frozen=True)
+class RestoreFile(CatalogFile):
+    """A file of a restore's selection: source_type is what ARCHIVE holds (0, 10 or None),
+    target_type what ACTIVE holds; with the last check of ARCHIVE's copy, and whether it is
+    only left to finish (ACTIVE holds the restored original; a version object may be left)."""
+    archive_outcome: str | None = None
+    archive_checked_at: dt.datetime | None = None
+    unfinished: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreSelection(Selection):
+    """The files of a batch to restore from SOURCE (ARCHIVE) to TARGET (ACTIVE): ARCHIVE records
+    the original or gzip of it, and ACTIVE holds it only as a version, not at all, or as an
+    original found damaged by its last check; and the files whose restore was cut off before it
+    finished (see above). A damaged copy at ARCHIVE is selected too, to be named (rule 8)."""
+
+    def _query(self, conn, head: str, tail: str) -> str:
+        group = self.group
+        has_log = has_fixity_log(conn)
+        storage = group.storage_table
+        types = ', '.join(map(str, ORIGINAL_COPY_TYPES))
+        damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+        if has_log:
+            mark = (f'LEFT JOIN LATERAL (SELECT 1 AS found FROM {FIXITY_TABLE} m WHERE m.file_group = '
+                    f"'{group.name}' AND m.storage_id = t.storage_id AND m.file_id = t.file_id AND m.type = 0 AND "
+                    "m.event = 'restore' AND m.checked_at >= t.updated_at LIMIT 1) tm ON true")
+        else:
+            mark = 'LEFT JOIN LATERAL (SELECT NULL::int AS found) tm ON true'
+        joins = (') AS b\n'
+                 f'LEFT JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s\n'
+                 f"{last_check_join(group, 's', 'sc', has_log)}\n"
+                 f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n'
+                 f"{last_check_join(group, 't', 'tc', has_log)}\n{mark}\n")
+        restorable = (f's.type IN ({types}) AND (t.file_id IS NULL OR t.type <> 0 OR '
+                      f'coalesce(tc.outcome IN ({damaged}), false))')
+        unfinished = ("(t.type = 0 AND coalesce(t.updated_at > coalesce(t.created_at, '-infinity'), false) "
+                      'AND tm.found IS NULL)')
+        params = {'source': self.source_id, 'target': self.target_id}
+        with conn.cursor() as cur:
+            tail = cur.mogrify(joins + tail.replace('{restorable}', restorable).replace('{unfinished}', unfinished)
+                               .replace('{todo}', f'(({restorable}) OR {unfinished})'), params).decode()
+        head = head.replace('{restorable}', restorable).replace('{unfinished}', unfinished)
+        head = head.replace('{todo}', f'(({restorable}) OR {unfinished})')
+        return f'{head}\n{batch_sql(self.batch)}\n{tail}'
+
+    def counts(self, conn) -> dict:
+        head = ('SELECT count(*) FILTER (WHERE {todo}),\n'
+                '       coalesce(sum(b.file_size) FILTER (WHERE {todo}), 0),\n'
+                '       count(*) FILTER (WHERE t.type = 0 AND NOT {todo}),\n'
+                '       count(*) FILTER (WHERE s.type IS NOT NULL AND s.type NOT IN (0, 10)),\n'
+                '       count(*) FILTER (WHERE s.type IS NOT NULL)\n'
+                'FROM (')
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._query(conn, head, ''))
+                todo, todo_bytes, done, other, at_source = cur.fetchone()
+            conn.commit()
+        except psycopg2.Error as exc:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+            raise selection_error(self.batch, exc) from None
+        if self.limit is not None and todo > self.limit:
+            todo, todo_bytes = self.limit, None
+        return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
+                'at_source': at_source}
+
+    def files(self, conn) -> Iterator[RestoreFile]:
+        head = ('SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type, sc.outcome, sc.checked_at, '
+                'NOT coalesce(({restorable}), false) FROM (')
+        tail = ('WHERE {todo} ORDER BY b.file_id'
+                + (f' LIMIT {int(self.limit)}' if self.limit is not None else ''))
+        rows = streamed_rows(conn, self._query(conn, head, tail))
+        last_id = None
+        try:
+            for file_id, object_name, size, sha256, source_type, target_type, outcome, checked_at, unfinished in rows:
+                if file_id == last_id:
+                    continue
+                last_id = file_id
+                yield RestoreFile(file_id, object_name, int(size), (sha256 or '').strip().lower(), source_type,
+                                  target_type, outcome, checked_at, bool(unfinished))
+        except psycopg2.Error as exc:
+            raise selection_error(self.batch, exc) from None
+
+
+@dataclasses.dataclass
+class RestoreStep:
+    """What restoring one file did at ACTIVE, for recording it and removing the version."""
+    file: RestoreFile
+    outcome: str = 'restored'
+    found: bool = False                  # ACTIVE held the original already, unrecorded (a killed run wrote it)
+    version_name: str | None = None      # the version object to remove once the row says type 0
+
+
+class RestoreJob(BatchJob):
+    """`restore` over a batch: each original read from ARCHIVE, checked and written to ACTIVE on
+    a worker; the rows committed in batches (type 0 at ACTIVE); then each file's version object
+    at ACTIVE deleted, and its fixity row appended. Through the service (`client`), each
+    original goes up with PUT …/original, and the service does the rest in the same order."""
+
+    command = 'restore'
+
+    def __init__(self, archive: Backend, active: Backend, recorder, group: str, client: ServiceClient | None = None,
+                 marks: bool = True):
+        super().__init__(recorder, (archive, active), () if client else (active,))
+        self.archive, self.active, self.group, self.client = archive, active, group, client
+        self.archive_id, self.active_id = archive.row.storage_id, active.row.storage_id
+        self.original = VERSIONS[(group, 0)]
+        self.marks = marks                   # the fixity log marks restores that finished
+        self.awaiting: list[RestoreStep] = []
+
+    def held(self) -> int:
+        return len(self.awaiting)
+
+    def versions_at_active(self, file: CatalogFile) -> list[Version]:
+        return [v for (g, t), v in VERSIONS.items() if g == self.group and t != 0
+                and v.object_name(file.object_name) != file.object_name]
+
+    def work(self, file: RestoreFile) -> RestoreStep:
+        if file.unfinished and (self.client is None or file.source_type not in ORIGINAL_COPY_TYPES):
+            return self.finish_earlier(file)
+        if file.archive_outcome in DAMAGED_OUTCOMES:
+            when = file.archive_checked_at.strftime('%Y-%m-%d %H:%M') if file.archive_checked_at else '?'
+            raise FileFailure(f'its copy at {self.archive.describe()} was found {file.archive_outcome} by its last '
+                              f'check ({when} UTC): a damaged copy is never restored from (rule 8); the version at '
+                              'ACTIVE stays', file.object_name)
+        from_gzip = file.source_type == 10
+        if self.client is not None:
+            outcome = self.client.restore_original(self.group, file, lambda: CheckedStream(
+                original_from(self.archive, file, file.source_type), file, self.run.progress, withhold_last=True))
+            return RestoreStep(file, 'restored' if outcome == 'restored' else 'restored already')
+        name = file.object_name
+        self.active.tidy(name)
+        step = RestoreStep(file)
+        if file.target_type not in (None, 0):
+            step.version_name = find_version(self.group, file.target_type).object_name(name)
+        if self.active.adopts_found_files and sound_copy_at(self.active, file, self.original):
+            self.active.will_sync(name)       # a killed run wrote it; its rename may not be synced
+            self.run.progress(file.file_size)
+            step.found = True
+            return step
+        into = io_buffer() if self.active.writes_from_buffer and not from_gzip else None
+        chunks = CheckedStream(original_from(self.archive, file, file.source_type, into=into), file, self.run.progress)
+        self.active.write(name, chunks, file.file_size, content_type_of(self.original, name), file.sha256,
+                          tags=None)
+        crash_point('after-restore-write')
+        return step
+
+    def finish_earlier(self, file: RestoreFile) -> RestoreStep:
+        """A restore cut off after its commit: ACTIVE's row says original. The original there is
+        checked; then any version object left beside it (a sound copy of one of the file's
+        versions, so never someone else's file) is removed."""
+        step = RestoreStep(file, 'finished')
+        versions = self.versions_at_active(file)
+        if not self.marks and all(self.active.size(v.object_name(file.object_name)) is None for v in versions):
+            step.outcome = 'nothing left'
+            return step
+        try:
+            read_original(self.active, file, self.run.progress)
+        except (ChecksumMismatch, SourceMissing) as exc:
+            raise FileFailure(f'restored earlier, but the original at {self.active.describe()} is not sound now '
+                              f'({exc}); any version left there is kept: run `verify {self.active_id}`',
+                              file.object_name) from None
+        for version in versions:
+            if self.active.size(version.object_name(file.object_name)) is not None \
+                    and sound_copy_at(self.active, file, version):
+                self.active.delete(version.object_name(file.object_name))
+                crash_point('after-version-delete')
+        return step
+
+    def done(self, file: RestoreFile, future: Future) -> None:
+        try:
+            step = future.result()
+        except Cancelled:
+            return
+        except Exception as exc:
+            if isinstance(exc, (ChecksumMismatch, SourceMissing)) and not file.unfinished and self.client is None:
+                # Read from ARCHIVE and found damaged: the fixity log says so (rule 8).
+                self.recorder.log_check(FixityCheck(file.file_id, self.archive_id, file.source_type,
+                                                    'corrupt' if isinstance(exc, ChecksumMismatch) else 'missing',
+                                                    'restore', str(exc)))
+            self.failed(file, exc)
+            return
+        if step.outcome == 'nothing left':      # (no fixity log) restored earlier and finished: logged, not counted
+            self.run.log_entry('checked', file.file_id, 0, file.object_name,
+                               'restored earlier; no version object left at ACTIVE')
+            return
+        if step.outcome == 'finished':
+            if self.marks:
+                self.recorder.log_check(FixityCheck(file.file_id, self.active_id, 0, 'ok', 'restore',
+                                                    'restored earlier; the version object left beside it removed'))
+            self.run.outcome(file, 'finished', file.file_size,
+                             'restored earlier; the version object left beside it removed')
+            return
+        if self.client is not None:
+            self.run.outcome(file, step.outcome, file.file_size, f'from {self.archive_id} through the service')
+            return
+        self.recorder.log_check(FixityCheck(file.file_id, self.archive_id, file.source_type, 'ok', 'restore',
+                                            'read and checked to restore the original at '
+                                            f'{self.active_id}'))
+        if file.target_type is None:
+            self.record(file, self.active_id, 0)
+        else:
+            if file.target_type != 0:
+                self.recorder.change_type(file.file_id, self.active_id, file.target_type, 0)
+            self.files_in_recording[file.file_id] = file
+        self.awaiting.append(step)
+
+    def between(self, idle: bool) -> None:
+        if self.awaiting and (idle or len(self.awaiting) >= self.pipeline.jobs or self.recorder.due()):
+            # The rows say type 0 at ACTIVE (committed) before any version object goes.
+            self.flush()
+            crash_point('after-restore-commit')
+            steps, self.awaiting = self.awaiting, []
+            for step in steps:
+                if step.version_name:
+                    self.pipeline.submit(self.remove_version, step, self.version_removed)
+                else:
+                    self.restored(step)
+        elif idle or self.recorder.due():
+            self.flush()
+
+    def remove_version(self, step: RestoreStep) -> RestoreStep:
+        self.active.delete(step.version_name)
+        crash_point('after-version-delete')
+        return step
+
+    def version_removed(self, step: RestoreStep, future: Future) -> None:
+        try:
+            future.result()
+        except Cancelled:
+            return                  # the next run finds it unfinished and removes the version
+        except Exception as exc:
+            self.run.failure(step.file, f'restored, but its version {step.version_name} at ACTIVE could not be '
+                                        f'removed ({describe_exception(exc)}); the next run removes it')
+            return
+        self.restored(step)
+
+    def restored(self, step: RestoreStep) -> None:
+        file = step.file
+        self.recorder.log_check(FixityCheck(file.file_id, self.active_id, 0, 'ok', 'restore',
+                                            f'restored from {self.archive_id}'))
+        detail = f'from {self.archive_id}' + (' (gzip)' if file.source_type == 10 else '')
+        if step.found:
+            detail += '; found written by an earlier run'
+        if step.version_name:
+            detail += f'; {step.version_name} removed'
+        self.run.outcome(file, 'restored', file.file_size, detail)
+
+    def notes(self, counts: dict) -> list[str]:
+        notes = []
+        if not counts['at_source']:
+            notes.append('the archive records none of the files of this batch')
+        if counts['done']:
+            notes.append(f"{counts['done']} files of the batch are at ACTIVE as originals already")
+        if counts['other_version']:
+            notes.append(f"{counts['other_version']} files skipped: the archive holds a version of them that is not "
+                         'the original (only originals and gzip of them are restored)')
+        return notes
+
+
+def _restore_pair(frame: BatchFrame, archive_id: int, active_id: int, group: str) -> tuple[Backend, Backend]:
+    """ARCHIVE (read) and ACTIVE (written), opened and checked; through the service, ACTIVE must
+    be the active tier and is written by the service."""
+    if archive_id == active_id:
+        raise ConfigError('ARCHIVE and ACTIVE are the same backend')
+    archive_row, active_row = fetch_backend(frame.reader, archive_id), fetch_backend(frame.reader, active_id)
+    options = frame.options
+    archive = open_backend(archive_row, frame.settings, path=options.source_path, jobs=options.jobs)
+    if options.via:
+        tier = min((row for row in fetch_backends(frame.reader) if row.type == 's3'),
+                   key=lambda row: (row.priority, row.storage_id), default=None)
+        if tier is None or tier.storage_id != active_id:
+            raise ConfigError(f'through the service (--via) ACTIVE must be the active tier, the S3 backend with the '
+                              f'lowest priority number' + (f': {tier.describe()}' if tier else '')
+                              + f', not {active_row.describe()}')
+        frame.service = ServiceClient.from_options(options, frame.settings)
+        active = ServiceSource(active_row, frame.service, group)
+    else:
+        active = open_backend(active_row, frame.settings, path=options.target_path, jobs=options.jobs)
+    archive.check(writing=False)
+    active.check(writing=True)
+    return archive, active
+
+
+def _restore_title(batch, archive: Backend, active: Backend) -> str:
+    return f"originals of batch '{batch.id}' from {archive.describe()} back to {active.describe()}"
+
+
+def restore_batch(settings: Settings, archive_id: int, active_id: int, batch_id: str, *,
+                  options: RunOptions | None = None) -> RunReport:
+    """`archive` backwards, for every file of the batch whose original ARCHIVE holds soundly
+    (the original, or gzip of it; rule 8) and ACTIVE holds only as a version (or not at all):
+    read the original from ARCHIVE and check it; write it to ACTIVE under its own name,
+    durably; record it there as type 0; only then delete the version object at ACTIVE. A kill
+    at any moment and the same command again end consistent: a version object left beside a
+    restored original is removed by the next run."""
+    with BatchFrame(settings, 'restore', options) as frame:
+        batch = find_batch(batch_id)
+        archive, active = _restore_pair(frame, archive_id, active_id, batch.group)
+        selection = RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
+        recorder = frame.recorder(selection.group, (active,), every_rows=200, every_seconds=2.0)
+        job = RestoreJob(archive, active, recorder, batch.group, frame.service,
+                         marks=has_fixity_log(frame.reader))
+        return frame.run(job, selection, _restore_title(batch, archive, active))
+
+
+def plan_restore(settings: Settings, archive_id: int, active_id: int, batch_id: str, *,
+                 options: RunOptions | None = None) -> Plan:
+    """What restore_batch would do (a dry run): backends checked, nothing changed."""
+    frame = BatchFrame(settings, 'restore', options).__enter__()
+    try:
+        batch = find_batch(batch_id)
+        archive, active = _restore_pair(frame, archive_id, active_id, batch.group)
+        selection = RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
+        notes = RestoreJob.notes(None, selection.counts(frame.reader))
+    except BaseException:
+        frame.__exit__(None, None, None)
+        raise
+
+    def action(f: RestoreFile) -> str:
+        if f.unfinished:
+            return 'finish the earlier restore of'
+        if f.archive_outcome in DAMAGED_OUTCOMES:
+            return f'refuse (its archive copy was found {f.archive_outcome})'
+        return 'restore' + (' from gzip' if f.source_type == 10 else '')
+    return Plan('restore', _restore_title(batch, archive, active), notes, _planned(frame, selection, action))
+
+
+# --- export ----------------------------------------------------------------------------------------------
+#
+# A researcher's working copy: the originals (or version N) of a batch in a plain folder, each
+# read from the most accessible backend that holds it soundly (S3 tiers by priority, then disks
+# that are online), checked, written atomically under DIR/<object name>, and listed in
+# DIR/manifest-sha256.txt. Files held only on disks that are not mounted get a recall plan: the
+# fewest disks to mount (greedy set cover, the disk that brings the most files first). Nothing
+# is written to the catalog but the fixity log (the source copies checked).
+
+EXPORT_MANIFEST = 'manifest-sha256.txt'
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFile(CatalogFile):
+    """A file of an export: read from backend `source_id` (which holds it as `source_type`), or,
+    with no source online, held soundly on the offline disks `offline`. `others`: the further
+    backends online that hold it soundly, (storage_id, type) in order, should the first fail."""
+    source_id: int | None = None
+    offline: tuple = ()
+    others: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSelection(Selection):
+    """Every file of the batch, with the backend to read it from: the first of `order` (the
+    backends reachable now, most accessible first) that holds a sound copy (rule 8) of the
+    version (for originals: the original or gzip of it); else the `offline` disks that do."""
+    order: tuple = ()
+    offline: frozenset = frozenset()
+
+    def _held_query(self, conn, head: str, tail: str) -> str:
+        group = self.group
+        check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+        if self.version_type == 0:
+            sound = sound_original_sql('s', 'c')
+        else:
+            damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+            sound = f's.type = {int(self.version_type)} AND (c.outcome IS NULL OR c.outcome NOT IN ({damaged}))'
+        joins = (') AS b\n'
+                 'LEFT JOIN LATERAL (SELECT array_agg(s.storage_id) AS ids, array_agg(s.type) AS types '
+                 f'FROM {group.storage_table} s {check} WHERE s.file_id = b.file_id AND {sound}) h ON true\n')
+        return f'{head}\n{batch_sql(self.batch)}\n{joins}{tail}'
+
+    def counts(self, conn) -> dict:
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._held_query(conn, 'SELECT count(*), coalesce(sum(b.file_size), 0), '
+                                                   'count(*) FILTER (WHERE h.ids IS NOT NULL) FROM (', ''))
+                todo, todo_bytes, held = cur.fetchone()
+            conn.commit()
+        except psycopg2.Error as exc:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+            raise selection_error(self.batch, exc) from None
+        return {'todo': todo, 'todo_bytes': todo_bytes, 'done': 0, 'other_version': 0, 'at_source': held}
+
+    def files(self, conn) -> Iterator[ExportFile]:
+        query = self._held_query(conn, 'SELECT b.file_id, b.object_name, b.file_size, b.sha256, h.ids, h.types FROM (',
+                                 'ORDER BY b.file_id')
+        last_id = None
+        try:
+            for file_id, object_name, size, sha256, ids, types in streamed_rows(conn, query):
+                if file_id == last_id:
+                    continue
+                last_id = file_id
+                held = dict(zip(ids or (), types or ()))
+                sources = [i for i in self.order if i in held]
+                source = sources[0] if sources else None
+                yield ExportFile(file_id, object_name, int(size or 0), (sha256 or '').strip().lower(),
+                                 held.get(source, 0), None, source,
+                                 tuple(sorted(i for i in held if i in self.offline)),
+                                 tuple((i, held[i]) for i in sources[1:]))
+        except psycopg2.Error as exc:
+            raise selection_error(self.batch, exc) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallStep:
+    """One disk to mount: its id and label, and how many of the files still missing it brings."""
+    storage_id: int
+    label: str
+    files: int
+
+    def describe(self) -> str:
+        return f'mount backend {self.storage_id} "{self.label}" for {self.files:,} files'
+
+
+def recall_plan(offline: dict[int, tuple], labels: dict[int, str]) -> list[RecallStep]:
+    """The fewest disks to mount to get every file (greedy set cover: each time the disk that
+    holds the most of the files left; ties by storage id)."""
+    left = {file_id: set(ids) for file_id, ids in offline.items() if ids}
+    steps = []
+    while left:
+        counts: dict[int, int] = {}
+        for ids in left.values():
+            for storage_id in ids:
+                counts[storage_id] = counts.get(storage_id, 0) + 1
+        best = min(counts, key=lambda storage_id: (-counts[storage_id], storage_id))
+        steps.append(RecallStep(best, labels.get(best) or f'backend {best}', counts[best]))
+        left = {file_id: ids for file_id, ids in left.items() if best not in ids}
+    return steps
+
+
+@dataclasses.dataclass
+class ExportReport(RunReport):
+    """An export's report: with the folder, its manifest, and the recall plan for the files
+    held only on disks that are not mounted (exit 1 while there are any)."""
+    directory: Path | None = None
+    manifest: Path | None = None
+    recall: list = dataclasses.field(default_factory=list)
+    offline: int = 0
+
+    @property
+    def exit_status(self) -> int:
+        status = RunReport.exit_status.fget(self)
+        return EXIT_FAILURES if status == EXIT_OK and self.offline else status
+
+
+def read_export_manifest(path: Path) -> dict[str, str]:
+    """The entries of an earlier export's manifest: relative path -> sha256."""
+    entries = {}
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        for line in path.read_text(encoding='utf-8').splitlines():
+            escaped = line.startswith('\\')
+            digest, sep, name = line.lstrip('\\').partition('  ')
+            if sep and re.fullmatch(r'[0-9a-f]{64}', digest):
+                if escaped:
+                    name = re.sub(r'\\(.)', lambda m: '\n' if m[1] == 'n' else m[1], name)
+                entries[name] = digest
+    return entries
+
+
+class ExportJob(BatchJob):
+    """`export` over a batch: each file checked in DIR (kept if sound), else read from its source,
+    checked, written atomically; the source's check appended to the fixity log; the manifest
+    written at the end."""
+
+    command = 'export'
+
+    def __init__(self, directory: Path, sources: dict[int, Backend], recorder, version: Version):
+        super().__init__(recorder, tuple(sources.values()), ())
+        self.directory = directory
+        self.root = directory.resolve()
+        self.sources = sources
+        self.version = version
+        self.entries: dict[str, str] = {}          # relative path -> sha256, for the manifest
+        self.visited: set[str] = set()
+        self.offline: dict[int, tuple] = {}
+
+    def target(self, file: CatalogFile) -> tuple[str, Path]:
+        name = self.version.object_name(file.object_name)
+        return name, self.directory.joinpath(*safe_object_parts(name))
+
+    def sound_in_folder(self, file: CatalogFile, path: Path) -> str | None:
+        """The sha256 of the file in DIR if it is there and sound (a regular file, not a link)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or (self.version.type == 0 and st.st_size != file.file_size):
+            return None
+        data = path.read_bytes()
+        try:
+            self.version.check(data, file)
+        except FileFailure:
+            return None
+        return file.sha256 if self.version.type == 0 else hashlib.sha256(data).hexdigest()
+
+    def work(self, file: ExportFile) -> tuple:
+        """('present' | 'exported' | 'offline', sha256, bytes, the source used, the checks of
+        sources that failed theirs); a source whose copy is damaged or missing is passed over
+        for the next one that holds the file soundly."""
+        name, path = self.target(file)
+        present = self.sound_in_folder(file, path)
+        if present:
+            self.run.progress(file.file_size)
+            return 'present', present, file.file_size, None, []
+        if file.source_id is None:
+            if file.offline:
+                return 'offline', None, 0, None, []
+            raise FileFailure('no backend to read it from records a sound copy of it'
+                              + ('' if self.version.type == 0 else f' ({self.version.label})'), file.object_name)
+        damaged = []
+        sources = [(file.source_id, file.source_type), *file.others]
+        for number, (storage_id, held_type) in enumerate(sources):
+            try:
+                digest, size = self.fetch(file, name, path, self.sources[storage_id], held_type)
+            except (ChecksumMismatch, SourceMissing, ConversionError) as exc:
+                outcome = 'missing' if isinstance(exc, SourceMissing) else 'corrupt'
+                damaged.append(FixityCheck(file.file_id, storage_id, held_type, outcome, 'export', str(exc)))
+                if number == len(sources) - 1:
+                    exc.damaged = damaged
+                    raise
+                log.warning('%s: %s at %s; reading it from the next backend that holds it', file.object_name, exc,
+                            self.sources[storage_id].describe())
+                continue
+            return 'exported', digest, size, (storage_id, held_type), damaged
+        raise AssertionError('unreachable')
+
+    def fetch(self, file: ExportFile, name: str, path: Path, source: Backend, held_type: int) -> tuple[str, int]:
+        """Read the file's version from `source`, check it, write it atomically at `path`."""
+        if self.version.type == 0:
+            chunks = CheckedStream(original_from(source, file, held_type), file, self.run.progress)
+        else:
+            data = b''.join(source.read(name))
+            self.version.check(data, file)
+            self.run.progress(len(data))
+            chunks = [data]
+        if not Path(os.path.realpath(path.parent)).is_relative_to(self.root):     # a link inside DIR: rule 4
+            raise UnsafeObjectName(f'{path.parent} leads outside {self.directory}', file.object_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        with atomic_file(path) as tmp, open(tmp, 'xb') as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        return digest.hexdigest(), size
+
+    def done(self, file: ExportFile, future: Future) -> None:
+        name = self.version.object_name(file.object_name)
+        try:
+            outcome, digest, size, source, damaged = future.result()
+        except Cancelled:
+            return
+        except Exception as exc:
+            for check in getattr(exc, 'damaged', []):     # rule 8: the fixity log says which copies failed
+                self.recorder.log_check(check)
+            self.visited.add(name)
+            self.failed(file, exc)
+            return
+        self.visited.add(name)
+        for check in damaged:
+            self.recorder.log_check(check)
+        if outcome == 'offline':
+            self.offline[file.file_id] = file.offline
+            self.run.outcome(file, 'offline', 0, 'held only on disks not mounted: ' + ', '.join(map(str, file.offline)))
+            return
+        self.entries[name] = digest
+        if outcome == 'exported':
+            storage_id, held_type = source
+            self.recorder.log_check(FixityCheck(file.file_id, storage_id, held_type, 'ok', 'export',
+                                                f'exported to {self.directory}'))
+            self.run.outcome(file, 'exported', size, f'from {storage_id}'
+                             + (' (gzip)' if held_type == 10 and self.version.type == 0 else ''))
+        else:
+            self.run.outcome(file, 'present', 0, 'in the folder already, sound')
+
+    def finish(self) -> None:
+        self.flush()
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        """DIR/manifest-sha256.txt: every file of the batch in DIR so far (this run's, and an
+        earlier run's where this one did not get to it and the file is still there)."""
+        manifest = self.directory / EXPORT_MANIFEST
+        entries = {name: digest for name, digest in read_export_manifest(manifest).items()
+                   if name not in self.visited and (self.directory / name).is_file()}
+        entries.update(self.entries)
+        with atomic_file(manifest) as tmp, open(tmp, 'x', encoding='utf-8') as out:
+            for name in sorted(entries):
+                out.write(manifest_line(entries[name], name))
+
+
+def _export_sources(frame: BatchFrame, from_ids: list[int] | None) -> tuple[dict[int, Backend], dict[int, Backend],
+                                                                           dict[int, str]]:
+    """The backends to read from, most accessible first (S3 tiers by priority, then disks
+    online), the disks not mounted, and every backend's label; with `from_ids`, those only,
+    in that order."""
+    rows = {row.storage_id: row for row in fetch_backends(frame.reader)}
+    labels = {i: (row.notes or row.url_prefix) for i, row in rows.items()}
+    if from_ids:
+        unknown = [i for i in from_ids if i not in rows]
+        if unknown:
+            raise ConfigError(f'--from: no storage backend with id {", ".join(map(str, unknown))} (see `info`)')
+        chosen = list(dict.fromkeys(from_ids))
+    else:
+        chosen = sorted(rows, key=lambda i: (rows[i].type != 's3', rows[i].priority, i))
+    online, offline = {}, {}
+    for storage_id in chosen:
+        backend = open_backend(rows[storage_id], frame.settings, jobs=frame.options.jobs)
+        try:
+            backend.check(writing=False)
+        except ConfigError as exc:
+            if backend.root is not None:
+                offline[storage_id] = backend
+            else:
+                log.warning('not reading from %s: %s', backend.describe(), exc)
+            continue
+        online[storage_id] = backend
+    return online, offline, labels
+
+
+def _export_request(frame: BatchFrame, batch_id: str, directory: str, version_type: int,
+                    from_ids: list[int] | None):
+    batch = find_batch(batch_id)
+    version = find_version(batch.group, version_type)
+    folder = Path(directory).expanduser().absolute()
+    if (folder / DOT_FILE).exists():
+        raise ConfigError(f'{folder} is a storage backend (it has {DOT_FILE}): export into a plain folder')
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f'--to {folder} is not a folder')
+    online, offline, labels = _export_sources(frame, from_ids)
+    selection = ExportSelection(batch, 0, 0, version.type, None, order=tuple(online),
+                                offline=frozenset(offline))
+    what = 'originals' if version.type == 0 else f'{version.label} versions'
+    title = f"{what} of batch '{batch.id}' into {folder}"
+    return batch, version, folder, online, labels, selection, title
+
+
+def export_batch(settings: Settings, batch_id: str, directory: str, *, version_type: int = 0,
+                 from_ids: list[int] | None = None, options: RunOptions | None = None) -> ExportReport:
+    """Copy the originals (or version `version_type`) of the batch into `directory`, a plain
+    folder, each from the most accessible backend that holds it soundly, checked, with
+    manifest-sha256.txt; a recall plan for the files held only on disks that are not mounted.
+    Writes nothing to the catalog but the fixity log. Run again, it continues."""
+    with BatchFrame(settings, 'export', options) as frame:
+        batch, version, folder, online, labels, selection, title = _export_request(
+            frame, batch_id, directory, version_type, from_ids)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f'cannot make the folder {folder}: {exc.strerror}') from None
+        job = ExportJob(folder, online, frame.recorder(selection.group, ()), version)
+        report = frame.run(job, selection, title)
+    plan = recall_plan(job.offline, labels)
+    result = ExportReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(RunReport)},
+                          directory=folder, manifest=folder / EXPORT_MANIFEST, recall=plan, offline=len(job.offline))
+    if plan:
+        result.notes.append(f'{len(job.offline):,} files are held only on disks that are not mounted: mount the '
+                            'disks of the recall plan, then run the same command again')
+    return result
+
+
+def plan_export(settings: Settings, batch_id: str, directory: str, *, version_type: int = 0,
+                from_ids: list[int] | None = None, options: RunOptions | None = None) -> Plan:
+    """What export_batch would do (a dry run): where each file would be read from."""
+    frame = BatchFrame(settings, 'export', options).__enter__()
+    try:
+        batch, version, folder, online, labels, selection, title = _export_request(
+            frame, batch_id, directory, version_type, from_ids)
+    except BaseException:
+        frame.__exit__(None, None, None)
+        raise
+
+    def action(f: ExportFile) -> str:
+        if f.source_id is not None:
+            return f'read from backend {f.source_id}' + (' (gzip)' if f.source_type == 10 and version.type == 0 else '')
+        if f.offline:
+            return 'needs a disk mounted: ' + ', '.join(f'backend {i} "{labels[i]}"' for i in f.offline)
+        return 'no sound copy recorded on the backends to read from:'
+    return Plan('export', title, [], _planned(frame, selection, action))
+
+
 # --- one file, directly (the one-file forms of copy and archive) --------------------------------------
 
 def _one_file(conn, settings: Settings, group: str, file_id: int, source_id: int, target_id: int,
@@ -5065,6 +5982,16 @@ def print_plan(plan: Plan) -> RunReport:
     return report
 
 
+def print_recall_plan(report: ExportReport) -> None:
+    if report.manifest and report.manifest.exists():
+        print(f'  check the folder without the database: cd {report.directory} && sha256sum -c {EXPORT_MANIFEST}')
+    if report.recall:
+        print(f'recall plan: {report.offline:,} files are held only on disks that are not mounted; mount')
+        for step in report.recall:
+            print(f'  {step.describe()}')
+        print('then run the same command again')
+
+
 def print_backends(listing: list[dict]) -> None:
     if not listing:
         print('no storage backends yet: add one with `create`')
@@ -5199,6 +6126,16 @@ def positive_number(text: str) -> float:
     return value
 
 
+def storage_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(',') if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of storage ids such as 3,7") from None
+    if not ids:
+        raise argparse.ArgumentTypeError('name at least one storage id')
+    return ids
+
+
 def build_parser() -> ArgumentParser:
     # prog: as it was called, `mitwelten_storage.py` from a clone, `mitwelten-storage` installed
     parser = ArgumentParser(description=__doc__.split('\n\n')[0],
@@ -5299,6 +6236,50 @@ def build_parser() -> ArgumentParser:
     verify.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
                         help=f'files checked in parallel (default {DEFAULT_JOBS})')
 
+    restore = commands.add_parser(
+        'restore', help='bring originals back from an archive to the active tier (archive backwards)',
+        description='For every file of the batch whose original ARCHIVE holds soundly (the original, or gzip of it) '
+                    'and ACTIVE holds only as a version (or not at all): read it from ARCHIVE and check it, write it '
+                    'to ACTIVE under its own name, record it there as the original, then delete the version at '
+                    'ACTIVE. A damaged archive copy is never restored from. Run the same command again after an '
+                    'interruption: it finishes what was cut off.',
+        epilog='examples:\n  restore -s 3 -t 1 fs1_images --dry-run\n  restore -s 3 -t 1 fs1_images --jobs 8\n'
+               '  restore -s 3 -t 1 fs1_images --via https://storage.mitwelten.org',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    restore.add_argument('-s', '--source', type=int, required=True, metavar='ARCHIVE', help='archive storage id')
+    restore.add_argument('-t', '--target', type=int, required=True, metavar='ACTIVE', help='active storage id')
+    restore.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
+    restore.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+                         help=f'parallel transfers (default {DEFAULT_JOBS})')
+    restore.add_argument('--dry-run', action='store_true', help='say what would be restored; change nothing')
+    restore.add_argument('--limit', type=non_negative_int, metavar='N', help='restore at most N files')
+    restore.add_argument('--source-path', metavar='P', help='where the archive disk is mounted, if not at its recorded '
+                                                            'path')
+    restore.add_argument('--target-path', metavar='P', help='where ACTIVE is mounted, if a disk not at its recorded path')
+    restore.add_argument('--via', metavar='URL', help='send the originals to the storage service at URL (PUT '
+                                                      '…/original): no S3 keys needed (token: $MITWELTEN_TOKEN or '
+                                                      '$MITWELTEN_TOKEN_FILE)')
+
+    export = commands.add_parser(
+        'export', help="copy a batch's originals into a plain folder (a working copy), with a recall plan",
+        description='Copies the originals (or version --type N) of the batch into DIR, a plain folder, each checked, '
+                    'with manifest-sha256.txt (`sha256sum -c` from DIR). Each file is read from the most accessible '
+                    'backend that holds it soundly: S3 tiers by priority, then disks that are mounted. Files held '
+                    'only on disks that are not mounted get a recall plan: the fewest disks to mount. Run the same '
+                    'command again after mounting a disk: files in DIR already and sound are not read again.',
+        epilog='examples:\n  export fs1_images --to ~/work/fs1\n  export fs1_audio --to ~/work/audio --type 1\n'
+               '  export fs1_images --to ~/work/fs1 --from 3,7',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
+    export.add_argument('--to', required=True, metavar='DIR', help='the folder to write into (made if missing)')
+    export.add_argument('--type', type=non_negative_int, default=0, dest='version_type', metavar='N',
+                        help='version to export (default 0, the original)')
+    export.add_argument('--from', dest='from_ids', type=storage_ids, metavar='S,…',
+                        help='read only from these backends, in this order')
+    export.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+                        help=f'parallel transfers (default {DEFAULT_JOBS})')
+    export.add_argument('--dry-run', action='store_true', help='say where each file would be read from; write nothing')
+
     report = commands.add_parser(
         'report', help='write REPORT.md, a sha256 manifest and a SQLite index onto a disk',
         description='Writes onto a local disk what makes it readable without the database: REPORT.md, '
@@ -5377,6 +6358,22 @@ def run_command(args, settings: Settings) -> int:
                 return print_plan(plan_archive(settings, args.source, args.target, args.batch, **request)).exit_status
             report = archive_batch(settings, args.source, args.target, args.batch, **request)
         print(format_summary(report))
+        return report.exit_status
+    elif args.command == 'restore':
+        options = run_options(args, limit=args.limit, source_path=args.source_path, target_path=args.target_path,
+                              via=args.via)
+        if args.dry_run:
+            return print_plan(plan_restore(settings, args.source, args.target, args.batch, options=options)).exit_status
+        report = restore_batch(settings, args.source, args.target, args.batch, options=options)
+        print(format_summary(report))
+        return report.exit_status
+    elif args.command == 'export':
+        request = dict(version_type=args.version_type, from_ids=args.from_ids, options=run_options(args))
+        if args.dry_run:
+            return print_plan(plan_export(settings, args.batch, args.to, **request)).exit_status
+        report = export_batch(settings, args.batch, args.to, **request)
+        print(format_summary(report))
+        print_recall_plan(report)
         return report.exit_status
     elif args.command == 'verify':
         report = verify_backend(settings, args.storage, args.batch, fix=args.fix, path=args.path,
