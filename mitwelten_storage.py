@@ -578,7 +578,7 @@ class CatalogFile:
     # For `archive`: sound originals recorded on backends other than the source and the target
     # (rule 8; within --verified-within, if given), and whether the target's recorded copy was
     # found missing or corrupt by its last check.
-    others: int = 0
+    copies_elsewhere: int = 0
     target_damaged: bool = False
 
 
@@ -1067,12 +1067,12 @@ class Selection:
         rows = streamed_rows(conn, self._query(conn, head, tail))
         last_id = None
         try:
-            for file_id, object_name, file_size, sha256, source_type, target_type, others, damaged in rows:
+            for file_id, object_name, file_size, sha256, source_type, target_type, elsewhere, damaged in rows:
                 if file_id == last_id:   # a batch whose joins repeat a file
                     continue
                 last_id = file_id
                 yield CatalogFile(file_id, object_name, int(file_size), (sha256 or '').strip().lower(),
-                                  source_type, target_type, others, damaged)
+                                  source_type, target_type, elsewhere, damaged)
         except psycopg2.Error as exc:
             raise selection_error(self.batch, exc) from None
 
@@ -4460,7 +4460,7 @@ class ArchiveJob(BatchJob):
     def can_release(self, file: CatalogFile) -> bool:
         """Whether the file can reach --min-copies in this run: the sound copies on other
         backends the selection counted, and the archive copy (written or proven in this run)."""
-        return file.others + 1 >= self.min_copies
+        return file.copies_elsewhere + 1 >= self.min_copies
 
     def work(self, file: CatalogFile) -> ArchiveStep:
         return self.archiver.archive_original(file, self.can_release(file))
@@ -4481,7 +4481,7 @@ class ArchiveJob(BatchJob):
             if step.proven:
                 self.check(step, 'archive')
         if step.kept:
-            self.keep(step, f'{file.others} sound originals recorded on other backends and the archive copy, '
+            self.keep(step, f'{file.copies_elsewhere} sound originals recorded on other backends and the archive copy, '
                             f'--min-copies {self.min_copies}')
         else:
             self.awaiting.append(step)
@@ -4641,7 +4641,7 @@ def planned_archive_action(file: CatalogFile, version: Version | None, min_copie
     at_active = 'replace' if version else 'delete'
     if file.target_type not in (None, 0):
         return f'fail (the archive holds version {file.target_type})'
-    reach = file.others + 1
+    reach = file.copies_elsewhere + 1
     if reach < min_copies:
         why = f'{reach} of --min-copies {min_copies} sound copies'
         return f'keep ({why})' if file.target_type == 0 and not file.target_damaged else f'archive, keep ({why})'
@@ -4762,7 +4762,8 @@ class RestoreSelection(Selection):
                     continue
                 last_id = file_id
                 yield RestoreFile(file_id, object_name, int(size), (sha256 or '').strip().lower(), source_type,
-                                  target_type, outcome, checked_at, bool(unfinished))
+                                  target_type, archive_outcome=outcome, archive_checked_at=checked_at,
+                                  unfinished=bool(unfinished))
         except psycopg2.Error as exc:
             raise selection_error(self.batch, exc) from None
 
@@ -4992,15 +4993,13 @@ def restore_batch(settings: Settings, archive_id: int, active_id: int, batch_id:
 def plan_restore(settings: Settings, archive_id: int, active_id: int, batch_id: str, *,
                  options: RunOptions | None = None) -> Plan:
     """What restore_batch would do (a dry run): backends checked, nothing changed."""
-    frame = BatchFrame(settings, 'restore', options).__enter__()
-    try:
+    with contextlib.ExitStack() as on_error:
+        frame = on_error.enter_context(BatchFrame(settings, 'restore', options))
         batch = find_batch(batch_id)
         archive, active = _restore_pair(frame, archive_id, active_id, batch.group)
         selection = RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
         notes = RestoreJob.notes(None, selection.counts(frame.reader))
-    except BaseException:
-        frame.__exit__(None, None, None)
-        raise
+        on_error.pop_all()
 
     def action(f: RestoreFile) -> str:
         if f.unfinished:
@@ -5008,7 +5007,7 @@ def plan_restore(settings: Settings, archive_id: int, active_id: int, batch_id: 
         if f.archive_outcome in DAMAGED_OUTCOMES:
             return f'refuse (its archive copy was found {f.archive_outcome})'
         return 'restore' + (' from gzip' if f.source_type == 10 else '')
-    return Plan('restore', _restore_title(batch, archive, active), notes, _planned(frame, selection, action))
+    return Plan('restore', _restore_title(batch, archive, active), notes, frame, selection, action)
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -5080,9 +5079,9 @@ class ExportSelection(Selection):
                 sources = [i for i in self.order if i in held]
                 source = sources[0] if sources else None
                 yield ExportFile(file_id, object_name, int(size or 0), (sha256 or '').strip().lower(),
-                                 held.get(source, 0), None, source,
-                                 tuple(sorted(i for i in held if i in self.offline)),
-                                 tuple((i, held[i]) for i in sources[1:]))
+                                 held.get(source, 0), None, source_id=source,
+                                 offline=tuple(sorted(i for i in held if i in self.offline)),
+                                 others=tuple((i, held[i]) for i in sources[1:]))
         except psycopg2.Error as exc:
             raise selection_error(self.batch, exc) from None
 
@@ -5348,13 +5347,11 @@ def export_batch(settings: Settings, batch_id: str, directory: str, *, version_t
 def plan_export(settings: Settings, batch_id: str, directory: str, *, version_type: int = 0,
                 from_ids: list[int] | None = None, options: RunOptions | None = None) -> Plan:
     """What export_batch would do (a dry run): where each file would be read from."""
-    frame = BatchFrame(settings, 'export', options).__enter__()
-    try:
+    with contextlib.ExitStack() as on_error:
+        frame = on_error.enter_context(BatchFrame(settings, 'export', options))
         batch, version, folder, online, labels, selection, title = _export_request(
             frame, batch_id, directory, version_type, from_ids)
-    except BaseException:
-        frame.__exit__(None, None, None)
-        raise
+        on_error.pop_all()
 
     def action(f: ExportFile) -> str:
         if f.source_id is not None:
@@ -5362,7 +5359,7 @@ def plan_export(settings: Settings, batch_id: str, directory: str, *, version_ty
         if f.offline:
             return 'needs a disk mounted: ' + ', '.join(f'backend {i} "{labels[i]}"' for i in f.offline)
         return 'no sound copy recorded on the backends to read from:'
-    return Plan('export', title, [], _planned(frame, selection, action))
+    return Plan('export', title, [], frame, selection, action)
 
 
 # --- one file, directly (the one-file forms of copy and archive) --------------------------------------
@@ -5443,7 +5440,7 @@ def archive_file(settings: Settings, group: str, file_id: int, active_id: int, a
         archiver = Archiver(group, active, archive, version)
         writer = CatalogWriter(conn, GROUPS[group], (archive, active))
         others = writer.originals_elsewhere([file_id], (active_id, archive_id)).get(file_id, 0)
-        file = dataclasses.replace(file, others=others, target_damaged=_damaged_at(conn, group, file_id, archive_id))
+        file = dataclasses.replace(file, copies_elsewhere=others, target_damaged=_damaged_at(conn, group, file_id, archive_id))
         with archive.writing(), active.writing():
             step = archiver.archive_original(file, can_release=others + 1 >= min_copies)
             if step.archived_now:
