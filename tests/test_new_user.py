@@ -17,6 +17,8 @@ import threading
 import types
 from pathlib import Path
 
+import psycopg2
+import psycopg2.errors
 import pytest
 
 import mitwelten_storage as ms
@@ -191,6 +193,19 @@ def test_the_catalog_gone_while_the_selection_streams_is_an_outage_not_the_batch
     assert_summary(stdout, 'stopped early: the catalog went away (', 'Run the same command again once the database '
                                                                      'is back')
     assert 'cannot be selected' not in stdout + stderr and 'Traceback' not in stderr
+
+
+def test_a_connection_lost_without_a_sqlstate_is_an_outage_and_a_wrong_query_is_not():
+    """libpq's own errors carry no SQLSTATE, and psycopg2 may raise a connection lost while
+    rows stream as a plain DatabaseError: the catalog went away, the batch is not to blame."""
+    batch = types.SimpleNamespace(id='all_images')
+    lost = psycopg2.DatabaseError('server closed the connection unexpectedly')
+    assert ms.catalog_outage(lost) and ms.selection_error(batch, lost) is lost
+    assert ms.explain_fault(lost, ms.RunReport('copy'), ()).startswith(
+        'the catalog went away (server closed the connection unexpectedly) after 0 files were recorded')
+    wrong = psycopg2.errors.SyntaxError('syntax error at or near "SELET"')
+    assert not ms.catalog_outage(wrong)
+    assert "batch 'all_images' (batches.py) cannot be selected: syntax error" in str(ms.selection_error(batch, wrong))
 
 
 # --- the option that names where a disk is ----------------------------------------------------------
