@@ -4351,8 +4351,8 @@ class VerifyReport(RunReport):
                                                              'unchecked': []})
     removed: list | None = None
     # After --fix: where to copy the removed files back from, per group: [(backend, files)], the
-    # other backends recording an original of them, the online tiers first.
-    copy_back: dict = dataclasses.field(default_factory=dict)
+    # other backends recording an original of them, the online tiers first (None: not known).
+    copy_back: dict | None = dataclasses.field(default_factory=dict)
     batch_id: str | None = None
     storage_id: int | None = None
     with_batch: bool = False
@@ -4533,7 +4533,10 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
                     writer_conn = connect_catalog(settings)
                     try:
                         report.removed = verifier.remove_rows(writer_conn, storage_id)
-                        report.copy_back = verifier.copy_back_sources(writer_conn, storage_id)
+                        try:            # only the hint: the rows are gone either way
+                            report.copy_back = verifier.copy_back_sources(writer_conn, storage_id)
+                        except psycopg2.Error:
+                            report.copy_back = None
                     finally:
                         writer_conn.close()
                 except (StorageError, psycopg2.Error) as exc:
@@ -4808,12 +4811,12 @@ def format_verify_report(report: VerifyReport) -> str:
     if report.removed is not None:
         lines.append(f'  --fix: removed the catalog rows of {len(report.removed)} missing or corrupt files (no file '
                      'was touched)' if report.removed else '  --fix: no rows to remove')
-        for group, sources in report.copy_back.items():
+        for group, sources in (report.copy_back or {}).items():
             batch = report.batch_id or ('all_images' if group == 'image' else 'all_audio')
             for backend_row, files in sources:
                 lines.append(f'    {files} of them ({group}) recorded as originals on {backend_row.describe()}: '
                              f'`copy -s {backend_row.storage_id} -t {report.storage_id} {batch}` puts them back')
-        if report.removed and not any(report.copy_back.values()):
+        if report.removed and report.copy_back is not None and not any(report.copy_back.values()):
             lines.append('    no other backend records an original of them: the catalog knows of no copy to put '
                          'them back from')
     elif found['missing'] or found['corrupt']:
