@@ -589,8 +589,11 @@ def pg_error_line(exc: BaseException) -> str:
 
 
 def catalog_outage(exc: BaseException) -> bool:
-    """Whether `exc` says the catalog's server is gone (not that a query was wrong)."""
-    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+    """Whether `exc` says the catalog's server is gone (not that a query was wrong). Every
+    error the server sends has a SQLSTATE; libpq's own (a connection lost while rows stream)
+    has none, and psycopg2 may raise it as a plain DatabaseError."""
+    return (isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+            or (type(exc) is psycopg2.DatabaseError and not getattr(exc, 'pgcode', None)))
 
 
 def connect_catalog(settings: Settings, *, require_tables: bool = True):
@@ -1060,6 +1063,19 @@ class Selection:
         return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
                 'at_source': at_source}
 
+    def check(self, conn) -> None:
+        """Have PostgreSQL plan the selection (EXPLAIN: nothing runs), so that a batch whose SQL
+        is wrong is a configuration error before a run starts, not a run stopped early."""
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._query(conn, 'EXPLAIN SELECT b.file_id, b.object_name, b.file_size, b.sha256 FROM (',
+                                        ''))
+            conn.commit()
+        except psycopg2.Error as exc:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+            raise selection_error(self.batch, exc) from None
+
     def files(self, conn) -> Iterator[CatalogFile]:
         head = (f'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type, '
                 f'{self._archive_columns(has_fixity_log(conn))} FROM (')
@@ -1288,6 +1304,26 @@ def dot_file_mismatch(root: Path, backend_row: BackendRow) -> str | None:
     return None
 
 
+def normal_path(path: str | Path) -> Path:
+    """A folder's path as the file system means it, for comparing one path with another: `~`
+    expanded, made absolute, '.', '..' and trailing or doubled slashes gone, and symbolic links
+    resolved as far as the path exists. A url_prefix stored as typed ('/media/archive07/', as
+    the earlier Mitwelten script stored it) is the same folder as '/media/archive07'."""
+    return Path(os.path.expanduser(str(path))).resolve(strict=False)
+
+
+def same_folder(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one folder: the same normalised path, or (a bind mount, a link
+    on the way) the same folder on the same file system."""
+    if normal_path(a) == normal_path(b):
+        return True
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
 DEFAULT_MOUNT_ROOTS = ('/Volumes', '/media/*', '/run/media/*/*', '/mnt')
 
 
@@ -1303,6 +1339,14 @@ def mount_roots() -> list[str]:
 def find_disk(backend_row: BackendRow) -> Path | None:
     """The folder, under the mount roots, whose dot-file matches the backend: each root itself
     and the folders in it (a disk, or a backend folder at the top of a disk)."""
+    found = find_disks(backend_row)
+    return found[0] if found else None
+
+
+def find_disks(backend_row: BackendRow) -> list[Path]:
+    """Every folder under the mount roots whose dot-file matches the backend, each folder once
+    (one reached through two paths counts once). More than one is a disk and its copy."""
+    found: list[Path] = []
     for pattern in mount_roots():
         for candidate in sorted(glob.glob(os.path.expanduser(pattern))):
             places = [Path(candidate)]
@@ -1310,9 +1354,19 @@ def find_disk(backend_row: BackendRow) -> Path | None:
                 places += sorted(Path(e.path) for e in entries if not e.name.startswith('.') and e.is_dir())
             for place in places:
                 with contextlib.suppress(OSError):
-                    if (place / DOT_FILE).is_file() and dot_file_mismatch(place, backend_row) is None:
-                        return place
-    return None
+                    if ((place / DOT_FILE).is_file() and dot_file_mismatch(place, backend_row) is None
+                            and not any(same_folder(place, known) for known in found)):
+                        found.append(place)
+    return found
+
+
+def two_claims(backend_row: BackendRow, first: Path, second: Path) -> ConfigError:
+    """Two folders whose dot-files both match one backend: a disk copied whole (`rsync -a`, its
+    dot-file with it). Which one the catalog's rows speak of cannot be told, so neither is used."""
+    return ConfigError(f'two folders claim to be backend {backend_row.storage_id}: {first} and {second} (both have its '
+                       f'{DOT_FILE}; one is a copy of the other). Refusing to use either: unmount or rename the copy, '
+                       'or remove its dot-file (a copy becomes a backend of its own with `create` on an empty folder '
+                       'and `copy`)')
 
 
 # --- the interface ---------------------------------------------------------------------------------
@@ -1411,9 +1465,10 @@ class LocalBackend(Backend):
     adopts_found_files = True
     writes_from_buffer = True
 
-    def __init__(self, backend_row: BackendRow, root: Path | None = None):
+    def __init__(self, backend_row: BackendRow, root: Path | None = None, path_option: str | None = None):
         self.row = backend_row
         self.given_path = root is not None        # --path / --source-path / --target-path
+        self.path_option = path_option            # the option of the command that names where the disk is
         self.root = Path(root or backend_row.url_prefix)
         self.archive = self.root / 'archive'
         self._checked_dirs: set[Path] = set()
@@ -1439,18 +1494,28 @@ class LocalBackend(Backend):
         the usual mount roots; a path given by the user is used as it is."""
         problem = dot_file_mismatch(self.root, self.row)
         if problem and not self.given_path:
-            found = find_disk(self.row)
+            found = find_disks(self.row)
+            if len(found) > 1:
+                raise two_claims(self.row, found[0], found[1])
             if found:
                 log.info('%s is not at its recorded path; found it at %s (its %s matches)',
-                         self.describe(), found, DOT_FILE)
-                self.root, problem = found, None
+                         self.describe(), found[0], DOT_FILE)
+                self.root, problem = found[0], None
         if problem:
-            hint = '--target-path' if writing else '--source-path'
+            hint = self.path_option or ('--target-path' if writing else '--source-path')
             if not self.root.is_dir():
                 raise ConfigError(f'{self.describe()} is not mounted: {self.root} does not exist and no disk with '
-                                  f'its {DOT_FILE} is mounted under {", ".join(mount_roots())}; pass {hint} (or '
-                                  '--path) where the disk is mounted now')
+                                  f'its {DOT_FILE} is mounted under {", ".join(mount_roots()) or "(no mount roots)"}; '
+                                  f'pass {hint} where the disk is mounted now')
             raise ConfigError(f'refusing to use {self.describe()}: {problem}')
+        if self.given_path:
+            # The folder given matches; the disk itself may be online too, at its recorded path or
+            # under the mount roots: then the folder given is a copy, or the disk is the copy.
+            recorded = Path(self.row.url_prefix)
+            elsewhere = ([recorded] if dot_file_mismatch(recorded, self.row) is None else []) + find_disks(self.row)
+            for other in elsewhere:
+                if not same_folder(other, self.root):
+                    raise two_claims(self.row, self.root, other)
         storage_dir = read_dot_file(self.root).get('storage_dir') or 'archive'
         if '/' in storage_dir or storage_dir in ('.', '..'):
             raise ConfigError(f"{self.root / DOT_FILE}: storage_dir '{storage_dir}' must be a folder name")
@@ -1910,6 +1975,16 @@ class ChunkReader(io.RawIOBase):
         return data
 
 
+def connection_problem(exc: BaseException) -> str:
+    """What went wrong on the way to a server ('Connection refused', 'no answer in time'), for a
+    message that names the server itself."""
+    if isinstance(exc, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
+        return 'no answer in time'
+    error = getattr(exc, 'kwargs', {}).get('error') or exc
+    found = re.search(r'\[Errno -?\d+\] ([^\]\)]+)', str(error))
+    return found.group(1).strip() if found else type(error).__name__
+
+
 def check_bucket(client, where: S3Location, what: str) -> None:
     try:
         client.head_bucket(Bucket=where.bucket)
@@ -1917,7 +1992,7 @@ def check_bucket(client, where: S3Location, what: str) -> None:
         raise ConfigError(f'no S3 credentials for {where.netloc}: set AWS_ACCESS_KEY_ID and '
                           f"AWS_SECRET_ACCESS_KEY, or create an AWS profile named '{where.netloc}'") from None
     except S3_CONNECTION_ERRORS as exc:
-        raise ConfigError(f'cannot reach the S3 server {where.endpoint} ({what}): {describe_exception(exc)}; '
+        raise ConfigError(f'cannot reach the S3 server {where.endpoint} ({what}): {connection_problem(exc)}; '
                           'check the server and the network (timeouts: MITWELTEN_CONNECT_TIMEOUT, '
                           'MITWELTEN_READ_TIMEOUT, MITWELTEN_ATTEMPTS)') from None
     except botocore.exceptions.ClientError as exc:
@@ -1931,9 +2006,11 @@ def check_bucket(client, where: S3Location, what: str) -> None:
 
 
 def open_backend(backend_row: BackendRow, settings: Settings, *, path: str | None = None,
-                 jobs: int = DEFAULT_JOBS) -> Backend:
+                 jobs: int = DEFAULT_JOBS, path_option: str | None = None) -> Backend:
+    """The backend of a catalog row; `path` is where a disk is mounted if not at its recorded
+    path, and `path_option` the command's option that gives it (named in messages)."""
     if backend_row.type == 'local':
-        return LocalBackend(backend_row, Path(path).expanduser().absolute() if path else None)
+        return LocalBackend(backend_row, Path(path).expanduser().absolute() if path else None, path_option)
     if path:
         raise ConfigError(f'{backend_row.describe()} is an S3 backend: a path applies to local disks only')
     if backend_row.type == 's3':
@@ -3044,9 +3121,16 @@ class Run:
     context manager. Messages for the user go through the module's logger."""
 
     def __init__(self, report: RunReport, options: RunOptions, total_files: int | None = None,
-                 total_bytes: int | None = None, backends: tuple = (), stall_after: float = 10.0):
+                 total_bytes: int | None = None, backends: tuple = (), stall_after: float = 10.0,
+                 abandon_after: float | None = None):
         self.report = report
         self.stall_after = stall_after         # seconds without data before the progress says it waits
+        # Once the run has decided to stop, the files in flight get this many seconds without data
+        # before they are abandoned: half of stall_after, which BatchFrame sets to min(10, the read
+        # timeout), so a run stops within one read timeout of its decision.
+        self.abandon_after = stall_after / 2 if abandon_after is None else abandon_after
+        self.stopped_at: float | None = None
+        self.last_data = time.monotonic()     # bytes last moved
         self.options = options
         self.total_files = total_files
         self.total_bytes = total_bytes
@@ -3065,6 +3149,7 @@ class Run:
         self._log_file = None
         self._old_handlers = {}
         self._connection_failures = 0
+        self._reasons_said: set[str] = set()
 
     # -- context ---------------------------------------------------------------------------------
     def __enter__(self) -> 'Run':
@@ -3111,7 +3196,7 @@ class Run:
 
     # -- outcomes --------------------------------------------------------------------------------
     def progress(self, nbytes: int) -> None:
-        self.last_activity = time.monotonic()
+        self.last_activity = self.last_data = time.monotonic()
         self.progress_shown.advance(nbytes)
 
     def _show_status(self, waiting: str = '') -> None:
@@ -3159,8 +3244,15 @@ class Run:
             self._show_status()
 
     def failure(self, file: CatalogFile, reason: str) -> None:
-        self.report.failures.append((file.object_name, reason))
-        log.warning('FAILED %s: %s', file.object_name, reason)
+        """Count, log and name one file's failure. A reason said already for another file (a
+        full disk fails every file in flight alike) is not said again on the way: the summary
+        counts them, the log names each."""
+        with self._lock:
+            self.report.failures.append((file.object_name, reason))
+            said = reason in self._reasons_said
+            self._reasons_said.add(reason)
+        if not said:
+            log.warning('FAILED %s: %s', file.object_name, reason)
         self.outcome(file, 'failed', 0, reason)
 
     def file_failed(self, file: CatalogFile, exc: BaseException) -> None:
@@ -3182,7 +3274,24 @@ class Run:
             if self.report.stopped:
                 return
             self.report.stopped = reason
+            self.stopped_at = time.monotonic()
         log.warning('stopping: %s', reason)
+
+    def gives_up_waiting(self) -> bool:
+        """Whether the files still in flight of a run that decided to stop are to be abandoned:
+        nothing has moved for `abandon_after` seconds since the decision. A frozen server would
+        otherwise hold the run for every attempt of every transfer in flight."""
+        if self.stopped_at is None:
+            return False
+        return time.monotonic() - max(self.stopped_at, self.last_data) >= self.abandon_after
+
+    def abandoned(self, in_flight: int) -> None:
+        """Say in the stop line that `in_flight` files were abandoned."""
+        note = (f'{in_flight} files in flight were abandoned after {self.abandon_after:.0f} s without data (nothing '
+                'of them is recorded; the next run removes their temporary files)')
+        self.report.stopped = f'{self.report.stopped}; {note}' if self.report.stopped else note
+        self.log_line(f'abandoned: {note}')
+        log.warning('stopping now: %s', note)
 
     def stop_for(self, fault: BaseException) -> None:
         """A fault that escaped the work on the files (the catalog gone, a disk gone, a sync
@@ -3263,11 +3372,18 @@ def fatal_reason(exc: BaseException, backends: Iterable[Backend]) -> str | None:
     return None
 
 
+# Set when a run left work running on its threads (a frozen server's transfers, abandoned): the
+# command line then exits without waiting for them.
+LEFT_RUNNING = threading.Event()
+
+
 class Pipeline:
     """Work for a run on `jobs` threads. Items are fed from an iterator as slots free up (so a
     selection of millions is never held whole); each finished piece of work is handed to its
     handler on this thread, which may submit follow-up work. Stops feeding when the run stops;
-    work queued but not started is cancelled, the work in flight finishes."""
+    work queued but not started is cancelled, the work in flight finishes, or, when nothing of
+    it moves for `Run.abandon_after` seconds after a stop, is abandoned as a second Ctrl-C
+    abandons it (nothing of it recorded; the next run removes its temporary files)."""
 
     def __init__(self, jobs: int, run: Run):
         self.jobs = jobs
@@ -3312,6 +3428,9 @@ class Pipeline:
                     done, _ = wait(self.pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     self._handle(done)
                     self.run.watch(len(self.pending))
+                    if self.pending and self.run.gives_up_waiting():
+                        self.abandon()
+                        return
                 idle = not self.pending and (exhausted or self.run.stopping)
                 between(idle)
                 if idle and not self.pending:
@@ -3331,6 +3450,14 @@ class Pipeline:
             self.pool.shutdown(wait=True)
             raise
         self.pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Leave the work in flight running, unhandled: nothing of it is recorded."""
+        in_flight = len(self.pending)
+        self.pending.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        LEFT_RUNNING.set()
+        self.run.abandoned(in_flight)
 
 
 # =================================================================================================
@@ -3402,6 +3529,48 @@ PRIORITY_TIERS = {0: 'online S3, public', 1: 'online S3, not public', 2: 'offlin
 ARCHIVE_PRIORITY = 2
 
 
+def check_priority(kind: str, priority: int) -> None:
+    """Priorities are the tiers of SPEC.md: 0 online S3, public; 1 online S3, not public; 2
+    offline archive disks. A disk is offline storage, so never 0 or 1 (the service and `--via`
+    would take it for an online tier, and `export` would read from it first); an S3 bucket is
+    online, so never 2 or above (the service and `--via` take priority 2 for an archive disk
+    a workstation writes to). Disks may use 3 and above for tiers of their own."""
+    tiers = ', '.join(f'{number} {tier}' for number, tier in PRIORITY_TIERS.items())
+    if priority < 0:
+        raise ConfigError(f'priority {priority} is negative: priorities are {tiers}')
+    if kind == 'local' and priority < ARCHIVE_PRIORITY:
+        raise ConfigError(f'priority {priority} is the tier of {PRIORITY_TIERS[priority]} buckets: a local disk is '
+                          f'an offline archive, priority {ARCHIVE_PRIORITY} (or above, for a tier of your own)')
+    if kind == 's3' and priority >= ARCHIVE_PRIORITY:
+        raise ConfigError(f'priority {priority} is for offline archive disks: an S3 bucket is an online tier, '
+                          f'priority 0 ({PRIORITY_TIERS[0]}) or 1 ({PRIORITY_TIERS[1]})')
+
+
+def overlapping_backend(conn, root: Path) -> str | None:
+    """Why a disk at `root` would overlap a local backend: the same folder, a folder inside
+    another backend's root (its archive/ folder, say), or a folder holding one. Paths are
+    compared normalised, links resolved; a disk's dot-file found above `root` counts too (a
+    disk of another catalog, or one mounted elsewhere than its recorded path)."""
+    resolved = normal_path(root)
+    for row in fetch_backends(conn):
+        if row.type != 'local':
+            continue
+        other = normal_path(row.url_prefix)
+        if other == resolved or same_folder(other, root):
+            return f'{root} is already registered as storage backend {row.storage_id}'
+        if other in resolved.parents:
+            return (f'{root} is inside the root of backend {row.storage_id} ({row.url_prefix}): a backend cannot be '
+                    'part of another; use a folder of its own')
+        if resolved in other.parents:
+            return (f'{root} holds the root of backend {row.storage_id} ({row.url_prefix}): a backend cannot hold '
+                    'another; use a folder of its own')
+    for parent in resolved.parents:
+        if (parent / DOT_FILE).is_file():
+            return (f'{root} is inside the disk of a storage backend ({parent / DOT_FILE} exists): a backend cannot '
+                    'be part of another; use a folder of its own')
+    return None
+
+
 def write_text_file(path: Path, text: str) -> None:
     """A small text file written atomically (rule 2)."""
     with atomic_file(path) as tmp:
@@ -3411,7 +3580,9 @@ def write_text_file(path: Path, text: str) -> None:
 def create_local_backend(settings: Settings, path: str, priority: int, label: str) -> BackendRow:
     """Register the folder at `path` (an archive disk's mount point) as a local backend: the
     catalog row, the dot-file, README.md and archive/. Refuses, leaving nothing behind, a
-    missing folder, one that is already a backend, or a path already registered."""
+    missing folder, one that is already a backend, a path already registered, one inside
+    another local backend's root or holding one, and a priority below the archive tier."""
+    check_priority('local', priority)
     root = Path(path).expanduser().absolute()
     if not root.is_dir():
         raise ConfigError(f'{root} does not exist or is not a folder: mount the disk first')
@@ -3429,6 +3600,9 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
     conn = connect_catalog(settings)
     created: list[Path] = []
     try:
+        overlap = overlapping_backend(conn, root)
+        if overlap:
+            raise ConfigError(overlap)
         backend_row = _insert_backend(conn, str(root), 'local', priority, label)
         dot_lines = [f'storage_id={backend_row.storage_id}', f'created_at={backend_row.created_at}',
                      'storage_dir=archive', f'url_prefix={root}', f'device_label={label}']
@@ -3458,6 +3632,7 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
 
 def create_s3_backend(settings: Settings, url: str, priority: int, notes: str) -> BackendRow:
     """Register a bucket (with optional prefix) as an S3 backend, after checking it exists."""
+    check_priority('s3', priority)
     where = S3Location.parse(url)
     check_bucket(s3_client(where, settings), where, f'new backend {where.url}')
     conn = connect_catalog(settings)
@@ -3529,6 +3704,9 @@ def list_backends(settings: Settings, *, conn=None) -> list[dict]:
             mounted_at = Path(backend_row.url_prefix) if at_recorded_path else find_disk(backend_row)
             entry['online'] = mounted_at is not None
             entry['mounted_at'] = str(mounted_at) if mounted_at else None
+            # Elsewhere than recorded: compared normalised, so that '/media/archive07/' as stored
+            # by the earlier script is where '/media/archive07' is.
+            entry['moved'] = mounted_at is not None and not same_folder(mounted_at, backend_row.url_prefix)
         listing.append(entry)
     return listing
 
@@ -4005,8 +4183,10 @@ class BatchFrame:
                 raise ConfigError(f'{target_row.describe()} has priority {target_row.priority}: through the service '
                                   f'(--via) the target must be an archive backend (priority {ARCHIVE_PRIORITY})')
         else:
-            source = open_backend(source_row, self.settings, path=options.source_path, jobs=options.jobs)
-        target = open_backend(target_row, self.settings, path=options.target_path, jobs=options.jobs)
+            source = open_backend(source_row, self.settings, path=options.source_path, jobs=options.jobs,
+                                  path_option='--source-path')
+        target = open_backend(target_row, self.settings, path=options.target_path, jobs=options.jobs,
+                              path_option='--target-path')
         source.check(writing=source_writing)
         target.check(writing=True)
         return source, target
@@ -4211,6 +4391,7 @@ def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str
         if frame.service and version.type != 0:
             raise ConfigError('through the service (--via) only originals are copied: leave out --type')
         selection = Selection(batch, source_id, target_id, version.type, frame.options.limit)
+        selection.check(frame.reader)
         job = CopyJob(source, target, version, frame.recorder(selection.group, (target,)))
         return frame.run(job, selection, _copy_title(batch, version, source, target))
 
@@ -4629,6 +4810,7 @@ def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id:
         active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
         selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True,
                               verified_within_days=verified_within_days)
+        selection.check(frame.reader)
         archiver = (ServiceArchiver(frame.service, batch.group, active, archive, version) if frame.service
                     else Archiver(batch.group, active, archive, version))
         recorder = frame.recorder(selection.group, (archive, active), every_rows=200, every_seconds=2.0)
@@ -5527,6 +5709,11 @@ class VerifyReport(RunReport):
     found: dict = dataclasses.field(default_factory=lambda: {'missing': [], 'corrupt': [], 'unknown': [],
                                                              'unchecked': []})
     removed: list | None = None
+    # After --fix: where to copy the removed files back from, per group: [(backend, files)], the
+    # other backends recording an original of them, the online tiers first (None: not known).
+    copy_back: dict | None = dataclasses.field(default_factory=dict)
+    batch_id: str | None = None
+    storage_id: int | None = None
     with_batch: bool = False
     lists_files: bool = False
     files_root: str = ''
@@ -5645,6 +5832,26 @@ class Verifier:
             self.run.log_line(f'--fix removed the row of file {held.file.file_id} ({held.stored_name})')
         return [held.stored_name for held in self.rows_to_remove]
 
+    def copy_back_sources(self, conn, storage_id: int) -> dict[str, list[tuple[BackendRow, int]]]:
+        """Per group, the other backends that record an original of the files whose rows --fix
+        removed, with how many of them each holds, the online tiers first: one grouped query
+        per group."""
+        sources = {}
+        for group in GROUPS.values():
+            file_ids = [held.file.file_id for held in self.rows_to_remove if held.group == group.name]
+            if not file_ids:
+                continue
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL(f'SELECT s.file_count, {", ".join("b." + c for c in BACKEND_COLUMNS.split(", "))} '
+                                    'FROM (SELECT storage_id, count(*) AS file_count FROM {} WHERE file_id = ANY(%s) '
+                                    'AND storage_id <> %s AND type = 0 GROUP BY storage_id) s '
+                                    'JOIN storage_backend b ON b.storage_id = s.storage_id '
+                                    'ORDER BY b.priority, b.storage_id').format(sql.Identifier(group.storage_table)),
+                            (file_ids, storage_id))
+                sources[group.name] = [(BackendRow(*row[1:]), row[0]) for row in cur.fetchall()]
+            conn.commit()
+        return sources
+
 
 def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = None, *, fix: bool = False,
                    path: str | None = None, options: RunOptions | None = None) -> VerifyReport:
@@ -5657,10 +5864,12 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
     batch = find_batch(batch_id) if batch_id else None
     reader = connect_catalog(settings)
     try:
-        backend = open_backend(fetch_backend(reader, storage_id), settings, path=path, jobs=options.jobs)
+        backend = open_backend(fetch_backend(reader, storage_id), settings, path=path, jobs=options.jobs,
+                               path_option='--path')
         backend.check(writing=False)
         files, totals = held_files(reader, storage_id, batch)
         report = VerifyReport('verify', backend.describe() + (f", batch '{batch.id}'" if batch else ''),
+                              batch_id=batch.id if batch else None, storage_id=storage_id,
                               with_batch=batch is not None, lists_files=backend.lists_files,
                               files_root=backend.files_location())
         # Versions' sizes are not in the catalog: with versions on the backend, count files only.
@@ -5683,6 +5892,10 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
                     writer_conn = connect_catalog(settings)
                     try:
                         report.removed = verifier.remove_rows(writer_conn, storage_id)
+                        try:            # only the hint: the rows are gone either way
+                            report.copy_back = verifier.copy_back_sources(writer_conn, storage_id)
+                        except psycopg2.Error:
+                            report.copy_back = None
                     finally:
                         writer_conn.close()
                 except (StorageError, psycopg2.Error) as exc:
@@ -5724,7 +5937,7 @@ def write_report(settings: Settings, storage_id: int, *, path: str | None = None
     conn = connect_catalog(settings)
     try:
         backend_row = fetch_backend(conn, storage_id)
-        backend = open_backend(backend_row, settings, path=path)
+        backend = open_backend(backend_row, settings, path=path, path_option='--path')
         if backend.root is None:
             raise ConfigError(f'{backend_row.describe()} is an S3 backend: `report` writes onto a local disk')
         backend.check(writing=True)
@@ -5908,18 +6121,23 @@ def format_summary(report: RunReport) -> str:
     lines = [f'{report.command} {report.title}']
     parts = [f'{n} {outcome}' for outcome, n in sorted(report.counts.items()) if n]
     if parts:
-        lines.append(f"  {', '.join(parts)}; {human_bytes(report.bytes_done)} in {report.seconds:.1f} s "
-                     f'({human_bytes(report.bytes_done / seconds)}/s)')
+        rate = f' ({human_bytes(report.bytes_done / seconds)}/s)' if report.bytes_done else ''
+        lines.append(f"  {', '.join(parts)}; {human_bytes(report.bytes_done)} in {report.seconds:.1f} s{rate}")
     else:
         lines.append('  nothing to do')
     for note in report.notes:
         lines.append(f'  note: {note}')
     if report.failures:
         lines.append(f'  {len(report.failures)} failed:')
-        for object_name, reason in report.failures[:20]:
-            lines.append(f'    {object_name}: {reason}')
-        if len(report.failures) > 20:
-            lines.append(f'    … and {len(report.failures) - 20} more (see the log)')
+        by_reason: dict[str, list[str]] = {}       # files failing for the same reason: one line
+        for object_name, reason in report.failures:
+            by_reason.setdefault(reason, []).append(object_name)
+        shown = list(by_reason.items())[:20]
+        for reason, names in shown:
+            lines.append(f'    {names[0]}: {reason}' if len(names) == 1 else
+                         f'    {len(names)} files ({names[0]} and {len(names) - 1} more, named in the log): {reason}')
+        if len(by_reason) > len(shown):
+            lines.append(f'    … and {sum(len(n) for _, n in list(by_reason.items())[20:])} more (see the log)')
     if report.stopped:
         lines.append(f'  stopped early: {report.stopped}')
     if report.interrupted:
@@ -5951,7 +6169,15 @@ def format_verify_report(report: VerifyReport) -> str:
         lines.append('  (unknown files are looked for when the whole backend is verified, without a batch)')
     if report.removed is not None:
         lines.append(f'  --fix: removed the catalog rows of {len(report.removed)} missing or corrupt files (no file '
-                     'was touched); `copy` puts them back' if report.removed else '  --fix: no rows to remove')
+                     'was touched)' if report.removed else '  --fix: no rows to remove')
+        for group, sources in (report.copy_back or {}).items():
+            batch = report.batch_id or ('all_images' if group == 'image' else 'all_audio')
+            for backend_row, files in sources:
+                lines.append(f'    {files} of them ({group}) recorded as originals on {backend_row.describe()}: '
+                             f'`copy -s {backend_row.storage_id} -t {report.storage_id} {batch}` puts them back')
+        if report.removed and report.copy_back is not None and not any(report.copy_back.values()):
+            lines.append('    no other backend records an original of them: the catalog knows of no copy to put '
+                         'them back from')
     elif found['missing'] or found['corrupt']:
         lines.append('  run again with --fix to remove the rows of the missing and corrupt files, then `copy` '
                      'to put them back')
@@ -5997,10 +6223,10 @@ def print_backends(listing: list[dict]) -> None:
     for entry in listing:
         status = ''
         if entry['type'] == 'local':
-            status = ('offline' if not entry['online'] else 'online' if entry['mounted_at'] == entry['url_prefix']
-                      else 'moved')
+            status = 'offline' if not entry['online'] else 'moved' if entry['moved'] else 'online'
+        created = dt.datetime.fromisoformat(entry['created_at']).astimezone(dt.timezone.utc)   # one zone for all
         rows.append((str(entry['storage_id']), entry['type'], str(entry['priority']), entry['url_prefix'],
-                     entry['created_at'][:19].replace('T', ' '), status, (entry['notes'] or '').replace('\n', ' ')))
+                     created.strftime('%Y-%m-%d %H:%M:%S UTC'), status, (entry['notes'] or '').replace('\n', ' ')))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     print('  '.join(cell.ljust(width) for cell, width in zip(rows[0], widths)) + '  ' + rows[0][-1])
     for row, entry in zip(rows[1:], listing):
@@ -6008,7 +6234,7 @@ def print_backends(listing: list[dict]) -> None:
         held = [f"{c['group']} {c['version']}: {c['files']:,} files"
                 + (f", {human_bytes(c['bytes'])}" if c['bytes'] is not None else '') for c in entry['versions']]
         print('      ' + ('; '.join(held) if held else 'no files recorded'))
-        if entry.get('mounted_at') and entry['mounted_at'] != entry['url_prefix']:
+        if entry.get('moved'):
             print(f"      mounted at {entry['mounted_at']}, not at its recorded path")
 
 
@@ -6151,8 +6377,9 @@ def build_parser() -> ArgumentParser:
                                         '  create -t s3 -p 0 -n "active" http://minio:9000/mitwelten',
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     create.add_argument('-t', '--type', choices=('local', 's3'), required=True)
-    create.add_argument('-p', '--priority', type=non_negative_int, required=True,
-                        help='0 online S3 public, 1 online S3 not public, 2 offline archive disk')
+    create.add_argument('-p', '--priority', type=int, required=True,
+                        help='0 online S3 public, 1 online S3 not public (S3: 0 or 1); 2 offline archive disk '
+                             '(local: 2, or above for a tier of your own)')
     create.add_argument('-n', '--notes', required=True, metavar='LABEL',
                         help='for a disk, its label (as written on it); for S3, notes')
     create.add_argument('location', metavar='PATH|URL',
@@ -6385,8 +6612,9 @@ def run_command(args, settings: Settings) -> int:
 def console_main() -> None:
     """The command: `python mitwelten_storage.py`, and `mitwelten-storage` installed (pyproject.toml)."""
     status = main()
-    if status == EXIT_INTERRUPTED:
-        # A second Ctrl-C leaves transfer threads running; do not wait for them at exit.
+    if status == EXIT_INTERRUPTED or LEFT_RUNNING.is_set():
+        # A second Ctrl-C, or a stop on a frozen server, leaves transfer threads running; do not
+        # wait for them at exit.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
