@@ -5166,6 +5166,7 @@ def restore_batch(settings: Settings, archive_id: int, active_id: int, batch_id:
         batch = find_batch(batch_id)
         archive, active = _restore_pair(frame, archive_id, active_id, batch.group)
         selection = RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
+        selection.check(frame.reader)
         recorder = frame.recorder(selection.group, (active,), every_rows=200, every_seconds=2.0)
         job = RestoreJob(archive, active, recorder, batch.group, frame.service,
                          marks=has_fixity_log(frame.reader))
@@ -5497,6 +5498,7 @@ def _export_request(frame: BatchFrame, batch_id: str, directory: str, version_ty
     online, offline, labels = _export_sources(frame, from_ids)
     selection = ExportSelection(batch, 0, 0, version.type, None, order=tuple(online),
                                 offline=frozenset(offline))
+    selection.check(frame.reader)
     what = 'originals' if version.type == 0 else f'{version.label} versions'
     title = f"{what} of batch '{batch.id}' into {folder}"
     return batch, version, folder, online, labels, selection, title

@@ -158,8 +158,9 @@ def tool_with_batches(tmp_path):
 
 
 def run_tool(world, tool: Path, *args, **kwargs):
+    """The tool run from the researcher's folder: its ./batches.py is the one read."""
     return subprocess.run([sys.executable, str(tool), *map(str, args)], capture_output=True, text=True,
-                          env=world.env, timeout=300, **kwargs)
+                          env=world.env, timeout=300, cwd=tool.parent, **kwargs)
 
 
 @pytest.mark.parametrize('command', ['copy', 'archive'])
@@ -170,7 +171,8 @@ def test_a_typo_in_a_batch_is_a_configuration_error_before_anything_is_done(worl
     args = ('--replace-with', 1) if command == 'archive' else ()
     result = run_tool(world, tool_with_batches, command, '-s', source, '-t', disk_id, 'typo', *args)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "batch 'typo' (batches.py) cannot be selected" in result.stderr and 'syntax error' in result.stderr
+    assert f"batch 'typo' ({tool_with_batches.parent / 'batches.py'}) cannot be selected" in result.stderr
+    assert 'syntax error' in result.stderr
     assert 'stopped early' not in result.stdout and 'Traceback' not in result.stderr
     assert not world.log_dir.exists() or list(world.log_dir.iterdir()) == []      # no run was started
     assert world.rows(disk_id) == {} and list((disk / 'archive').iterdir()) == []
@@ -183,7 +185,8 @@ def test_the_catalog_gone_while_the_selection_streams_is_an_outage_not_the_batch
     disk_id, disk = world.create_local_backend()
     world.images_on_s3(40, source, width=64, height=48)      # 40 × 0.25 s of selection
     process = subprocess.Popen([sys.executable, str(tool_with_batches), 'copy', '-s', str(source), '-t', str(disk_id),
-                                'slow'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=world.env)
+                                'slow'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=world.env,
+                               cwd=tool_with_batches.parent)
     wait_for(lambda: (world.log_dir.exists() and any(world.log_dir.iterdir())) or process.poll() is not None,
              'the run to start')
     assert process.poll() is None, process.communicate()
@@ -205,7 +208,8 @@ def test_a_connection_lost_without_a_sqlstate_is_an_outage_and_a_wrong_query_is_
         'the catalog went away (server closed the connection unexpectedly) after 0 files were recorded')
     wrong = psycopg2.errors.SyntaxError('syntax error at or near "SELET"')
     assert not ms.catalog_outage(wrong)
-    assert "batch 'all_images' (batches.py) cannot be selected: syntax error" in str(ms.selection_error(batch, wrong))
+    assert "batch 'all_images' (" in str(ms.selection_error(batch, wrong))
+    assert "batches.py) cannot be selected: syntax error" in str(ms.selection_error(batch, wrong))
 
 
 # --- the option that names where a disk is ----------------------------------------------------------
