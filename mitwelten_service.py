@@ -491,6 +491,8 @@ class Metrics:
         self.failed_checks = prometheus_client.Counter(
             'mitwelten_originals_failed_check', "Originals whose bytes did not hash to the catalog's sha256 "
             'while being served (the answer was cut off)', ['kind'], registry=r)
+        for kind in Kind:
+            self.failed_checks.labels(kind.value)       # 0 from the start, for alerts on its rate
         self.s3 = prometheus_client.Histogram(
             'mitwelten_s3_request_duration_seconds', "S3 requests, until their answer's headers, by operation",
             ['operation'], buckets=self.LATENCY, registry=r)

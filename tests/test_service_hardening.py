@@ -332,3 +332,247 @@ def test_aria2c_segments_never_end_with_a_damaged_original(large, tmp_path, soun
         assert result.returncode == 0 and right, result.stdout + result.stderr
     else:
         assert result.returncode != 0 and not right, result.stdout + result.stderr
+
+
+# --- a standard provider -----------------------------------------------------------------------------
+
+def test_a_trailing_slash_issuer_is_compared_exactly_and_its_keys_found_by_discovery(world):
+    with oidc.TestIssuer(path='/', trailing_slash=True) as issuer, \
+            service_in_thread(service_config(world, issuer, config={'jwks_url': None})) as url:
+        assert issuer.url.endswith('/') and issuer.url.count('/') == 3
+        service = ServiceUnderTest(url, issuer, world)
+        for _ in range(3):
+            assert service.request('GET', '/backends').status == 200
+        assert issuer.discovery_requests == 1 and issuer.jwks_requests >= 1        # fetched once, kept
+        problem(service.request('GET', '/backends', token=issuer.token(issuer=issuer.url.rstrip('/'))),
+                401, 'invalid-token')
+    # Configured without the slash the provider's discovery document has: said, not guessed.
+    with oidc.TestIssuer(path='/', trailing_slash=True) as issuer:
+        stated = types.SimpleNamespace(url=issuer.url.rstrip('/'), audience=issuer.audience, jwks_url=None)
+        with service_in_thread(service_config(world, stated, config={'jwks_url': None})) as url:
+            body = problem(ServiceUnderTest(url, issuer, world).request('GET', '/backends'), 503,
+                           'identity-provider-unavailable')
+            assert issuer.url in body['detail'] and 'exactly' in body['detail']
+
+
+def test_a_keycloak_realm_found_by_discovery(world):
+    with oidc.TestIssuer() as issuer, service_in_thread(service_config(world, issuer, config={'jwks_url': None})) as url:
+        assert ServiceUnderTest(url, issuer, world).request('GET', '/backends').status == 200
+        assert issuer.discovery_requests == 1
+
+
+@pytest.mark.parametrize('claim', ['scope', 'resource_access.mitwelten-storage.roles', 'roles', 'groups'])
+def test_roles_from_the_claim_configured(world, issuer, claim):
+    bucket = world.new_bucket()
+    active = world.create_s3_backend(bucket)
+    image, = world.images_on_s3(1, active)
+    with service_in_thread(service_config(world, issuer, config={'roles_claim': claim})) as url:
+        service = ServiceUnderTest(url, issuer, world)
+        reader = issuer.token(roles=['internal'], roles_at=claim)
+        writer = issuer.token(roles=['internal', 'storage-admin'], roles_at=claim)
+        realm_only = issuer.token(roles=['internal', 'storage-admin'])            # Keycloak's realm roles
+        got = service.request('GET', f'/images/{image.file_id}/original', token=reader)
+        assert got.status == 200 and got.data == image.data
+        problem(service.request('POST', f'/images/{image.file_id}/scaled', token=reader, json_body={'type': 1}),
+                403, 'forbidden')
+        problem(service.request('POST', f'/images/{image.file_id}/scaled', token=writer, json_body={'type': 1}),
+                409, 'too-few-copies')                          # past the role check
+        problem(service.request('GET', '/backends', token=realm_only), 403, 'forbidden')
+        me = json.loads(service.request('GET', '/me', token=writer).data)
+        assert me['roles'] == ['internal', 'storage-admin'] and me['can_read'] and me['can_write']
+        if claim == 'scope':
+            # A scope that merely contains the role's name is not the role.
+            tricky = issuer.token(roles=(), scope='internal-not storage-admins')
+            problem(service.request('GET', '/backends', token=tricky), 403, 'forbidden')
+
+
+def test_token_leeway(world, issuer):
+    late = issuer.token(expires_in=-10)
+    with service_in_thread(service_config(world, issuer)) as url:
+        assert ServiceUnderTest(url, issuer, world).request('GET', '/backends', token=late).status == 200
+    with service_in_thread(service_config(world, issuer, config={'token_leeway': 0})) as url:
+        problem(ServiceUnderTest(url, issuer, world).request('GET', '/backends', token=late), 401, 'invalid-token')
+
+
+def test_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv('MITWELTEN_OIDC_ISSUER', 'https://id.example.org/')
+    monkeypatch.setenv('MITWELTEN_OIDC_AUDIENCE', 'mitwelten-storage')
+    for name in ('MITWELTEN_OIDC_JWKS_URL', 'MITWELTEN_ROLES_CLAIM', 'MITWELTEN_TOKEN_LEEWAY', 'MITWELTEN_METRICS',
+                 'MITWELTEN_LOG_FORMAT', 'MITWELTEN_RANGE_CHECK_MAX', 'MITWELTEN_CHECKED_TTL'):
+        monkeypatch.delenv(name, raising=False)
+    config = mitwelten_service.ServiceConfig.from_env()
+    assert (config.issuer, config.jwks_url, config.roles_claim, config.token_leeway, config.metrics,
+            config.log_format, config.range_check_max, config.checked_ttl) == (
+        'https://id.example.org/', None, 'realm_access.roles', 30, True, 'text', 256 * MiB, 300)
+    monkeypatch.setenv('MITWELTEN_TOKEN_LEEWAY', '5')
+    monkeypatch.setenv('MITWELTEN_ROLES_CLAIM', 'scope')
+    monkeypatch.setenv('MITWELTEN_METRICS', '0')
+    monkeypatch.setenv('MITWELTEN_LOG_FORMAT', 'json')
+    monkeypatch.setenv('MITWELTEN_CHECKED_TTL', '0')
+    config = mitwelten_service.ServiceConfig.from_env()
+    assert (config.token_leeway, config.roles_claim, config.metrics, config.log_format, config.checked_ttl) == (
+        5, 'scope', False, 'json', 0)
+    for name, value in (('MITWELTEN_TOKEN_LEEWAY', 'soon'), ('MITWELTEN_ROLES_CLAIM', 'realm_access..roles'),
+                        ('MITWELTEN_LOG_FORMAT', 'xml'), ('MITWELTEN_METRICS', 'maybe'),
+                        ('MITWELTEN_RANGE_CHECK_MAX', '-1')):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(ms.ConfigError, match=name):
+                mitwelten_service.ServiceConfig.from_env()
+
+
+NODE_OIDC = ROOT / 'devkit' / 'node-oidc'
+
+
+@pytest.mark.skipif(not shutil.which('node') or not (NODE_OIDC / 'node_modules' / 'oidc-provider').is_dir(),
+                    reason='node-oidc-provider needs node and `npm ci` in devkit/node-oidc (see its README.md)')
+def test_node_oidc_provider_client_credentials_tokens(world):
+    """A certified provider, not our test issuer: node-oidc-provider, client credentials, RS256
+    JWT access tokens, roles as scopes, an issuer with a trailing slash found by discovery."""
+    from devkit.services import free_port
+    import base64
+    import urllib.parse
+    import urllib.request
+    port = free_port()
+    provider = subprocess.Popen(['node', str(NODE_OIDC / 'provider.mjs'), str(port)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in provider.stdout:
+            if line.startswith('ready '):
+                issuer_url = line.split()[1]
+                break
+        else:
+            pytest.fail('node-oidc-provider did not start')
+
+        def token(client: str, secret: str, scope: str) -> str:
+            request = urllib.request.Request(
+                issuer_url + 'token', data=urllib.parse.urlencode({'grant_type': 'client_credentials',
+                                                                    'scope': scope}).encode(),
+                headers={'Authorization': 'Basic ' + base64.b64encode(f'{client}:{secret}'.encode()).decode()})
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return json.loads(answer.read())['access_token']
+        bucket = world.new_bucket()
+        active = world.create_s3_backend(bucket)
+        image, = world.images_on_s3(1, active)
+        provider_issuer = types.SimpleNamespace(url=issuer_url, audience='mitwelten-storage', jwks_url=None)
+        with service_in_thread(service_config(world, provider_issuer,
+                                              config={'jwks_url': None, 'roles_claim': 'scope'})) as url:
+            service = ServiceUnderTest(url, None, world)
+            writer = token('mitwelten-storage-cli', 'cli-secret', 'internal storage-admin')
+            reader = token('mitwelten-storage-reader', 'reader-secret', 'internal')
+            got = service.request('GET', f'/images/{image.file_id}/original', token=writer)
+            assert got.status == 200 and got.data == image.data
+            me = json.loads(service.request('GET', '/me', token=writer).data)
+            assert me == {'subject': 'mitwelten-storage-cli', 'roles': ['internal', 'storage-admin'],
+                          'can_read': True, 'can_write': True, 'read_role': 'internal',
+                          'write_role': 'storage-admin'}
+            assert service.request('GET', f'/images/{image.file_id}/original', token=reader).status == 200
+            problem(service.request('POST', f'/images/{image.file_id}/scaled', token=reader, json_body={'type': 1}),
+                    403, 'forbidden')
+            problem(service.request('GET', '/backends', token=writer[:-4] + 'AAAA'), 401, 'invalid-token')
+    finally:
+        provider.terminate()
+        provider.wait(30)
+
+
+# --- GET /me and the workstation's check ---------------------------------------------------------------
+
+def test_me_says_who_the_token_is(online):
+    service = online.service
+    me = service.request('GET', '/me')
+    assert me.status == 200 and json.loads(me.data) == {
+        'subject': 'researcher', 'roles': ['internal', 'storage-admin'], 'can_read': True, 'can_write': True,
+        'read_role': 'internal', 'write_role': 'storage-admin'}
+    none = json.loads(service.request('GET', '/me', token=service.issuer.token(roles=['offline_access'])).data)
+    assert none['roles'] == ['offline_access'] and not none['can_read'] and not none['can_write']
+    problem(service.request('GET', '/me', token=None), 401, 'unauthorized')
+
+
+NO_S3_KEYS = ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_DEFAULT_REGION', 'AWS_PROFILE')
+
+
+@pytest.mark.parametrize('command', [('copy',), ('archive', '--replace-with', 1), ('archive', '--delete-original')])
+@pytest.mark.parametrize('roles, missing', [(['internal'], "the write role 'storage-admin'"),
+                                            (['storage-admin'], "the read role 'internal'")])
+def test_via_with_a_token_lacking_a_role_stops_before_anything_is_done(world, service, command, roles, missing):
+    bucket = world.new_bucket()
+    active = world.create_s3_backend(bucket)
+    archive, disk = world.create_local_backend()
+    files = world.images_on_s3(2, active)
+    result = world.cli(command[0], '-s', active, '-t', archive, 'all_images', *command[1:], '--via', service.url,
+                       env={'MITWELTEN_TOKEN': service.issuer.token(roles=roles)}, unset=NO_S3_KEYS)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert missing in result.stderr and 'Traceback' not in result.stderr
+    assert not [p for p in disk.rglob('*') if p.is_file() and p.parent != disk]          # no file written
+    assert world.rows(archive) == {} and world.rows(active) == {f.file_id: 0 for f in files}
+    assert {o['Key'] for o in world.s3.list_objects_v2(Bucket=bucket)['Contents']} == {f.object_name for f in files}
+
+
+# --- operable: metrics and the request log ---------------------------------------------------------------
+
+def metric(text: str, line_start: str) -> float:
+    values = [float(line.rsplit(' ', 1)[1]) for line in text.splitlines() if line.startswith(line_start)]
+    assert values, f'no {line_start} in the metrics'
+    return sum(values)
+
+
+def test_metrics_in_the_prometheus_text_format(online):
+    service, image = online.service, online.image
+    assert service.request('GET', online.path).data == image.data
+    problem(service.request('GET', '/images/424242/original'), 404, 'file-not-found')
+    response = service.request('GET', '/metrics', token=None)
+    assert response.status == 200 and response.headers['Content-Type'].startswith('text/plain; version=')
+    text = response.data.decode()
+    route = '/{kind}/{file_id}/original'
+    assert metric(text, f'mitwelten_http_requests_total{{method="GET",route="{route}",status="200"}}') == 1
+    assert metric(text, f'mitwelten_http_requests_total{{method="GET",route="{route}",status="404"}}') == 1
+    assert metric(text, f'mitwelten_http_sent_bytes_total{{route="{route}"}}') >= len(image.data)
+    assert metric(text, 'mitwelten_http_request_duration_seconds_count{method="GET",route="' + route) == 2
+    assert metric(text, 'mitwelten_s3_request_duration_seconds_count{operation="GetObject"}') >= 1
+    assert metric(text, 'mitwelten_catalog_query_duration_seconds_count') >= 2
+    assert metric(text, 'mitwelten_originals_failed_check_total') == 0
+    assert '424242' not in text                     # routes by template: ids never become labels
+
+
+def test_metrics_off(world, issuer):
+    with service_in_thread(service_config(world, issuer, config={'metrics': False})) as url:
+        response = ServiceUnderTest(url, issuer, world).request('GET', '/metrics', token=None)
+        problem(response, 404, 'http-error')
+        assert b'mitwelten_http' not in response.data
+
+
+def test_one_log_line_per_request_never_the_token(online, caplog):
+    service = online.service
+    token = service.token()
+    with caplog.at_level(logging.INFO, logger='mitwelten_service'):
+        service.request('GET', online.path, token=token)
+        service.request('GET', '/backends', token=token + 'x')
+    lines = [r for r in caplog.records if r.name == 'mitwelten_service.access']
+    assert len(lines) == 2
+    first = lines[0].request
+    assert (first['method'], first['path'], first['route'], first['status'], first['bytes'], first['subject']) == (
+        'GET', online.path, '/{kind}/{file_id}/original', 200, len(online.image.data), 'researcher')
+    assert lines[1].request['status'] == 401 and lines[1].request['subject'] is None
+    assert token not in caplog.text and token.split('.')[2] not in caplog.text
+
+
+def test_json_logs_of_the_service_process(world, issuer):
+    bucket = world.new_bucket()
+    active = world.create_s3_backend(bucket)
+    image, = world.images_on_s3(1, active)
+    process, url = service_process(world, issuer, {'MITWELTEN_LOG_FORMAT': 'json'})
+    token = issuer.token()
+    try:
+        client = ServiceUnderTest(url, issuer, world)
+        assert client.request('GET', f'/images/{image.file_id}/original', token=token).data == image.data
+        assert client.request('GET', '/healthz', token=None).status == 200
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    entries = [json.loads(line) for line in output.splitlines() if line.startswith('{')]
+    assert entries and len(entries) == len(output.strip().splitlines()), output[-2000:]     # every line JSON
+    requests = [e for e in entries if e.get('route') == '/{kind}/{file_id}/original']
+    assert len(requests) == 1
+    assert (requests[0]['status'], requests[0]['bytes'], requests[0]['subject']) == (200, len(image.data), 'researcher')
+    assert requests[0]['duration_ms'] > 0
+    assert token not in output and os.environ.get('AWS_SECRET_ACCESS_KEY', 'no-key-set') not in output
