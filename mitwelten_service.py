@@ -847,8 +847,16 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         else:
             # The whole is read and hashed even for a part, whose last piece waits for the
             # digest: no client can put a damaged original together from checked answers.
-            body = started(ms.checked_range(backend, file, first, last, checked=service().checked, piece=PIECE),
-                           kind, file_id)
+            try:
+                body = started(ms.checked_range(backend, file, first, last, checked=service().checked,
+                                                piece=PIECE), kind, file_id)
+            except ms.ChecksumMismatch as exc:
+                if not getattr(exc, 'actual_sha256', None):
+                    raise
+                # It failed its check moments ago (a client resuming the download it saw cut):
+                # the headers say what the object online is, and the answer is cut at once.
+                headers['Repr-Digest'] = ms.repr_digest(exc.actual_sha256)
+                body = failing(exc)
             body = checked_body(body, kind, file_id, service().metrics)
         return StreamingResponse(body, status_code=206 if wanted else 200, media_type=content_type, headers=headers)
 
@@ -977,6 +985,11 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         return JSONResponse(openapi())
 
     return app
+
+
+def failing(exc: BaseException) -> Iterator[bytes]:
+    raise exc
+    yield b''       # a generator: the answer's headers go out, then it is cut
 
 
 def checked_body(chunks: Iterator[bytes], kind: Kind, file_id: int, metrics: Metrics | None) -> Iterator[bytes]:

@@ -1862,8 +1862,10 @@ class ServiceClient:
             try:
                 digest = response.headers.get('Repr-Digest', '')
                 if digest and digest != repr_digest(file.sha256):
-                    raise ChecksumMismatch(f'the service says the original has the digest {digest}, not the '
-                                           "catalog's sha256", file.object_name)
+                    found = re.fullmatch(r'sha-256=:([A-Za-z0-9+/=]+):', digest)
+                    actual = base64.b64decode(found.group(1)).hex() if found else digest
+                    raise ChecksumMismatch(f"sha256 {actual} (the service's Repr-Digest) does not match the "
+                                           f"catalog's {file.sha256}: not the original", file.object_name)
                 skip = received if response.status == 200 else 0    # a Range the service did not honour
                 try:
                     # Pieces of 64 KiB: what arrived before a drop is kept, and only the rest
@@ -2049,13 +2051,29 @@ class CheckedObjects:
     """The objects that hashed to their catalog sha256 lately, each by its backend, name, sha256
     and the ETag S3 gave it, kept `ttl` seconds: the segments of one download (aria2c's, curl
     -C -) are then not each a full read. An object changed since has another ETag and is read
-    whole again."""
+    whole again. Those that did not hash right are kept too, with the sha256 they have: asked
+    for again (a client resuming a cut download), they are refused before a byte is sent."""
 
     def __init__(self, ttl: float, limit: int = 20000):
         self.ttl = ttl
         self.limit = limit
         self._checked: dict[tuple, tuple[str, float]] = {}
+        self._bad: dict[tuple, tuple[str, str, float]] = {}
         self._lock = threading.Lock()
+
+    def add_bad(self, backend: Backend, file: CatalogFile, etag: str | None, actual_sha256: str) -> None:
+        if not etag or self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._bad) >= self.limit:
+                self._bad.clear()
+            self._bad[self._key(backend, file)] = (etag, actual_sha256, time.monotonic() + self.ttl)
+
+    def bad(self, backend: Backend, file: CatalogFile, etag: str | None) -> str | None:
+        """The sha256 the object with this ETag had when it failed its check lately, or None."""
+        with self._lock:
+            known, actual, until = self._bad.get(self._key(backend, file), (None, None, 0.0))
+        return actual if etag and known == etag and until > time.monotonic() else None
 
     @staticmethod
     def _key(backend: Backend, file: CatalogFile) -> tuple:
@@ -2105,6 +2123,13 @@ def checked_range(backend: Backend, file: CatalogFile, first: int, last: int, *,
     meta = {}
     chunks = backend.read(file.object_name, piece=piece, **({'meta': meta} if backend.read_etags else {}))
     head = next(chunks, None)
+    actual = checked.bad(backend, file, meta.get('etag')) if checked is not None and backend.read_etags else None
+    if actual:
+        chunks.close()
+        mismatch = ChecksumMismatch(f"sha256 {actual} does not match the catalog's {file.sha256}: not the "
+                                    'original (found so moments ago)', file.object_name)
+        mismatch.actual_sha256 = actual
+        raise mismatch
     yield b''
     digest = hashlib.sha256()
     offset = 0
@@ -2120,7 +2145,12 @@ def checked_range(backend: Backend, file: CatalogFile, first: int, last: int, *,
             if held is not None:
                 yield held
             held = chunk if (low, high) == (start, offset) else bytes(chunk[low - start:high - start])
-    check_original(file, offset, digest.hexdigest())
+    try:
+        check_original(file, offset, digest.hexdigest())
+    except ChecksumMismatch:
+        if checked is not None and backend.read_etags:
+            checked.add_bad(backend, file, meta.get('etag'), digest.hexdigest())
+        raise
     if checked is not None and backend.read_etags:
         checked.add(backend, file, meta.get('etag'))
     if held is not None:

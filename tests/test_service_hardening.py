@@ -21,7 +21,7 @@ import urllib3
 
 import mitwelten_service
 import mitwelten_storage as ms
-from conftest import ROOT, ServiceUnderTest, service_config, service_in_thread, service_process
+from conftest import ROOT, ServiceUnderTest, service_config, service_in_thread, service_process, wait_for
 from devkit import oidc
 
 MiB = 1024 * 1024
@@ -547,6 +547,9 @@ def test_one_log_line_per_request_never_the_token(online, caplog):
     with caplog.at_level(logging.INFO, logger='mitwelten_service'):
         service.request('GET', online.path, token=token)
         service.request('GET', '/backends', token=token + 'x')
+        # The line is written once the answer is out: the client may have it a moment before.
+        wait_for(lambda: len([r for r in caplog.records if r.name == 'mitwelten_service.access']) >= 2,
+                 'two request log lines', 30)
     lines = [r for r in caplog.records if r.name == 'mitwelten_service.access']
     assert len(lines) == 2
     first = lines[0].request
@@ -576,3 +579,76 @@ def test_json_logs_of_the_service_process(world, issuer):
     assert (requests[0]['status'], requests[0]['bytes'], requests[0]['subject']) == (200, len(image.data), 'researcher')
     assert requests[0]['duration_ms'] > 0
     assert token not in output and os.environ.get('AWS_SECRET_ACCESS_KEY', 'no-key-set') not in output
+
+
+def test_an_original_over_the_range_check_limit_is_sent_as_read(world, issuer):
+    """Over MITWELTEN_RANGE_CHECK_MAX a range is not worth a whole read: it is sent as S3 gives
+    it, and the client checks the whole against Repr-Digest (as --via does)."""
+    bucket = world.new_bucket()
+    active = world.create_s3_backend(bucket)
+    image, = world.images_on_s3(1, active, width=2400, height=1800)
+    o = types.SimpleNamespace(world=world, bucket=bucket, image=image)
+    corrupt(o, 0.5)
+    with service_in_thread(service_config(world, issuer, config={'range_check_max': 1000})) as url:
+        service = ServiceUnderTest(url, issuer, world)
+        part = service.request('GET', f'/images/{image.file_id}/original', headers={'Range': 'bytes=0-99'})
+        assert part.status == 206 and part.data == image.data[:100]
+        assert part.headers['Repr-Digest'] == ms.repr_digest(image.sha256)
+
+
+def test_metrics_of_several_workers_are_summed(world, issuer):
+    from devkit.services import free_port
+    bucket = world.new_bucket()
+    active = world.create_s3_backend(bucket)
+    image, = world.images_on_s3(1, active)
+    port = free_port()
+    process = subprocess.Popen([os.sys.executable, str(ROOT / 'mitwelten_service.py'), '--port', str(port),
+                                '--workers', '2'],
+                               env={**world.env, 'MITWELTEN_OIDC_ISSUER': issuer.url,
+                                    'MITWELTEN_OIDC_AUDIENCE': issuer.audience},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f'http://127.0.0.1:{port}'
+    try:
+        http = urllib3.PoolManager(retries=urllib3.Retry(connect=100, backoff_factor=0.1))
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                http.request('GET', url + '/healthz', timeout=2)
+                break
+            except urllib3.exceptions.HTTPError:
+                assert time.monotonic() < deadline and process.poll() is None, 'the service did not start'
+                time.sleep(0.2)
+        token = issuer.token()
+        for _ in range(12):         # new connections: spread over the workers
+            answer = urllib3.PoolManager().request('GET', url + f'/images/{image.file_id}/original',
+                                                   headers={'Authorization': f'Bearer {token}'})
+            assert answer.status == 200
+        for _ in range(4):          # whichever worker answers, the sum of all of them
+            text = urllib3.PoolManager().request('GET', url + '/metrics').data.decode()
+            assert metric(text, 'mitwelten_http_requests_total{method="GET",route="/{kind}/{file_id}/original",'
+                                'status="200"}') == 12
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=60)[0]
+    assert token not in output
+
+
+def test_an_original_that_failed_its_check_is_named_by_its_digest_when_asked_again(large):
+    """A client resuming a cut download of a corrupted original: the answer's Repr-Digest is what
+    the object online hashes to (so a client that checks it, as --via does, names the damage),
+    and the answer is cut all the same (for those that do not)."""
+    corrupt(large)
+    service = large.service
+    first = service.request('GET', large.path, stream=True)
+    assert first.headers['Repr-Digest'] == ms.repr_digest(large.image.sha256)     # not known yet
+    with pytest.raises(urllib3.exceptions.ProtocolError):
+        b''.join(first.stream(65536))
+    damaged = bytearray(large.image.data)
+    damaged[int(len(damaged) * 0.9)] ^= 0xFF
+    for headers in ({'Range': 'bytes=1000-'}, {}):
+        again = service.request('GET', large.path, headers=headers, stream=True)
+        assert again.headers['Repr-Digest'] == ms.repr_digest(hashlib.sha256(damaged).hexdigest())
+        with pytest.raises(urllib3.exceptions.ProtocolError):
+            b''.join(again.stream(65536))
+    large.world.s3.put_object(Bucket=large.bucket, Key=large.image.object_name, Body=large.image.data)   # repaired
+    assert service.request('GET', large.path, headers={'Range': 'bytes=1000-'}).data == large.image.data[1000:]
