@@ -161,7 +161,7 @@ def hey_compare(args) -> int:
                  '|---:|---|---:|---:|---:|---:|']
         names = list(contenders)
         for concurrency in (1, 8, 64):
-            requests = max(args.hey_requests, 8 * concurrency)
+            requests = -(-max(args.hey_requests, 8 * concurrency) // concurrency) * concurrency  # hey: n/c each
             samples: dict[str, list] = {name: [] for name in names}
             for round_ in range(args.rounds):
                 for name in names[round_ % len(names):] + names[:round_ % len(names)]:
@@ -180,16 +180,58 @@ def hey_compare(args) -> int:
                 lines.append(f'| {concurrency} | {name} | {rate:,.0f} | {p99:,.1f} | {rate / direct:.2f} | '
                              + ('' if cpu != cpu else f'{cpu:.2f}') + ' |')
         print('\n'.join(lines), flush=True)
+        if args.profile:
+            profile(contenders[names[1]], mb)
         for process, _ in services.values():
             process.terminate()
             process.wait(30)
     return 0
 
 
+def profile(contender: tuple, mb: float, seconds: int = 15) -> None:
+    """Where a worker's time goes: py-spy samples the service (1 worker) while hey keeps it busy
+    at concurrency 8; the frames that hold most samples, inclusive and as the innermost one."""
+    import collections
+    import threading
+    url, headers, pid = contender
+    spy = shutil.which('py-spy', path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not spy:
+        print('\n(py-spy is not installed: pip install py-spy)')
+        return
+    raw = Path(tempfile.mkdtemp()) / 'profile.txt'
+    load = threading.Thread(target=hey, args=(url, 8, 8 * max(25, int(seconds * 50 / mb)), headers))
+    load.start()
+    time.sleep(1)
+    subprocess.run([spy, 'record', '--pid', str(pid), '--subprocesses', '--duration', str(seconds),
+                    '--rate', '200', '--format', 'raw', '--output', str(raw), '--nonblocking'],
+                   check=True, capture_output=True)
+    load.join()
+    inclusive, innermost, total = collections.Counter(), collections.Counter(), 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(' ')
+        frames = [re.sub(r' \((?:.*/)?([^/]+):\d+\)', r' (\1)', f) for f in stack.split(';')]
+        if frames[-1].startswith(('Condition.wait (threading.py)', 'EpollSelector.select (selectors.py)')):
+            continue                    # idle: a thread waiting for work, the event loop for events
+        n = int(count)
+        total += n
+        innermost[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    print(f'\nWhere a worker\'s busy time goes (py-spy, {total} busy samples at 200 Hz, hey -c 8):\n')
+    print('| innermost frame | share |', '|---|---:|', sep='\n')
+    for frame, n in innermost.most_common(12):
+        print(f'| `{frame}` | {n / total:.0%} |')
+    print('\n| frame, with what it calls | share |', '|---|---:|', sep='\n')
+    for frame, n in inclusive.most_common(40):
+        if n < total * 0.97:
+            print(f'| `{frame}` | {n / total:.0%} |')
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--hey', action='store_true', help='only the hey comparison at concurrency 1, 8, 64')
     parser.add_argument('--hey-requests', type=int, default=200, help='requests per hey run (at least 8 × concurrency)')
+    parser.add_argument('--profile', action='store_true', help='with --hey: py-spy on the service under load')
     parser.add_argument('--files', type=int, default=100)
     parser.add_argument('--archive-files', type=int, default=40)
     parser.add_argument('--rounds', type=int, default=3)
