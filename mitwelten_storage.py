@@ -1383,6 +1383,7 @@ class Backend:
     root: Path | None = None        # the folder it lives in, where `report` writes (disks only)
     writes_from_buffer = False      # writes best from this thread's io_buffer() (O_DIRECT): read into it
     group_writes = False            # may make new files durable in groups, by `sync` (set by `copy`)
+    read_etags = False              # `read` takes meta={} and fills in the object's 'etag' (S3's ETag)
 
     def location(self) -> str:
         raise NotImplementedError
@@ -1814,6 +1815,7 @@ class S3Backend(Backend):
 
     kind = 's3'
     keeps_tags = True
+    read_etags = True
     # Up to this size an object is read into memory and written with one PUT whose checksums
     # the server verifies; larger ones stream through the transfer manager's multipart upload.
     SINGLE_PUT_LIMIT = 32 * 1024 * 1024
@@ -1847,7 +1849,7 @@ class S3Backend(Backend):
         return head['ContentLength']
 
     def read(self, object_name: str, *, start: int = 0, end: int | None = None,
-             piece: int | None = None, into: memoryview | None = None) -> Iterator[bytes]:
+             piece: int | None = None, into: memoryview | None = None, meta: dict | None = None) -> Iterator[bytes]:
         extra = {}
         if start or end is not None:
             extra['Range'] = f'bytes={start}-{"" if end is None else end}'
@@ -1858,6 +1860,8 @@ class S3Backend(Backend):
                 raise SourceMissing(f'object {self.key(object_name)} is missing in {self.describe()}',
                                     object_name) from None
             raise
+        if meta is not None:
+            meta['etag'] = response.get('ETag')
         body = response['Body']
         raw = getattr(body, '_raw_stream', None)
         fp = getattr(raw, '_fp', None)
@@ -2167,16 +2171,29 @@ class ServiceClient:
         raise StorageError(f'{self.describe()} answered {status}: {detail}')
 
     def check(self) -> None:
-        """The service answers, and takes the token: before a run writes anything."""
+        """The service answers, takes the token, and the token carries both roles a --via run
+        needs (it reads originals, and records what it wrote): GET /me, before a run does
+        anything. ConfigError naming the role that is missing."""
         try:
-            self.request('GET', '/backends', headers={'Accept': 'application/json'})
+            response = self.request('GET', '/me', headers={'Accept': 'application/json'})
+            me = json.loads(response.data)
+            if not isinstance(me, dict) or 'can_read' not in me:
+                raise StorageError(f'GET /me answered {str(me)[:100]}')
         except Unreachable as exc:
             raise ConfigError(f'cannot reach {self.describe()}: {exc}') from None
         except TokenRefused as exc:
             raise ConfigError(str(exc)) from None
-        except StorageError as exc:
+        except (StorageError, ValueError) as exc:
             raise ConfigError(f'{self.describe()} does not answer as the storage service does ({exc}): is --via '
                               "the service's URL?") from None
+        missing = [f"the {what} role{f' {name!r}' if isinstance(name, str) else ''}"
+                   for what, allowed, name in (('read', me.get('can_read'), me.get('read_role')),
+                                               ('write', me.get('can_write'), me.get('write_role')))
+                   if allowed is not True]
+        if missing:
+            raise ConfigError(f"the token (subject {me.get('subject')!r}) lacks {' and '.join(missing)} at "
+                              f'{self.describe()}: a --via run reads originals and records what it wrote '
+                              'through the service, so it needs both; get a token with them')
 
     def path(self, group: str, file_id: int, what: str) -> str:
         return f'/{KINDS[group]}/{int(file_id)}/{what}'
@@ -2197,8 +2214,10 @@ class ServiceClient:
             try:
                 digest = response.headers.get('Repr-Digest', '')
                 if digest and digest != repr_digest(file.sha256):
-                    raise ChecksumMismatch(f'the service says the original has the digest {digest}, not the '
-                                           "catalog's sha256", file.object_name)
+                    found = re.fullmatch(r'sha-256=:([A-Za-z0-9+/=]+):', digest)
+                    actual = base64.b64decode(found.group(1)).hex() if found else digest
+                    raise ChecksumMismatch(f"sha256 {actual} (the service's Repr-Digest) does not match the "
+                                           f"catalog's {file.sha256}: not the original", file.object_name)
                 skip = received if response.status == 200 else 0    # a Range the service did not honour
                 try:
                     # Pieces of 64 KiB: what arrived before a drop is kept, and only the rest
@@ -2482,6 +2501,116 @@ class GzipHeldOriginal(Backend):
         raise ConfigError(f'{self.describe()} is read through its gzip version: nothing is written through it')
 
     write = delete = _read_only
+
+
+class CheckedObjects:
+    """The objects that hashed to their catalog sha256 lately, each by its backend, name, sha256
+    and the ETag S3 gave it, kept `ttl` seconds: the segments of one download (aria2c's, curl
+    -C -) are then not each a full read. An object changed since has another ETag and is read
+    whole again. Those that did not hash right are kept too, with the sha256 they have: asked
+    for again (a client resuming a cut download), they are refused before a byte is sent."""
+
+    def __init__(self, ttl: float, limit: int = 20000):
+        self.ttl = ttl
+        self.limit = limit
+        self._checked: dict[tuple, tuple[str, float]] = {}
+        self._bad: dict[tuple, tuple[str, str, float]] = {}
+        self._lock = threading.Lock()
+
+    def add_bad(self, backend: Backend, file: CatalogFile, etag: str | None, actual_sha256: str) -> None:
+        if not etag or self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._bad) >= self.limit:
+                self._bad.clear()
+            self._bad[self._key(backend, file)] = (etag, actual_sha256, time.monotonic() + self.ttl)
+
+    def bad(self, backend: Backend, file: CatalogFile, etag: str | None) -> str | None:
+        """The sha256 the object with this ETag had when it failed its check lately, or None."""
+        with self._lock:
+            known, actual, until = self._bad.get(self._key(backend, file), (None, None, 0.0))
+        return actual if etag and known == etag and until > time.monotonic() else None
+
+    @staticmethod
+    def _key(backend: Backend, file: CatalogFile) -> tuple:
+        return backend.location(), file.object_name, file.sha256
+
+    def add(self, backend: Backend, file: CatalogFile, etag: str | None) -> None:
+        if not etag or self.ttl <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if len(self._checked) >= self.limit:
+                self._checked = {k: v for k, v in self._checked.items() if v[1] > now}
+                while len(self._checked) >= self.limit:         # still full: the oldest go
+                    del self._checked[next(iter(self._checked))]
+            self._checked.pop(self._key(backend, file), None)
+            self._checked[self._key(backend, file)] = (etag, now + self.ttl)
+
+    def etag(self, backend: Backend, file: CatalogFile) -> str | None:
+        """The ETag with which the object hashed right lately, or None."""
+        with self._lock:
+            etag, until = self._checked.get(self._key(backend, file), (None, 0.0))
+        return etag if until > time.monotonic() else None
+
+
+def checked_range(backend: Backend, file: CatalogFile, first: int, last: int, *,
+                  checked: CheckedObjects | None = None, piece: int | None = None) -> Iterator[bytes]:
+    """Bytes `first` to `last` (inclusive) of an original, never passed on unchecked: the whole
+    object is read and hashed, the range passed on as it goes by, and the range's last piece
+    held back until the whole has the catalog's size and sha256 (ChecksumMismatch otherwise, so
+    that a client putting an original together from ranges never ends with a damaged one).
+    Where `checked` holds the object as hashed right lately with the very ETag this read finds
+    (a backend that reads ETags), a part is read alone. The first thing yielded is b'', once
+    the backend has answered and before anything is checked: a caller can tell a source that
+    cannot be read (raised before it) from an original that does not check out (raised later)."""
+    whole = first == 0 and last >= file.file_size - 1
+    if checked is not None and backend.read_etags and not whole and checked.etag(backend, file):
+        meta: dict = {}
+        chunks = backend.read(file.object_name, start=first, end=last, piece=piece, meta=meta)
+        head = next(chunks, None)                   # S3 answers: its ETag is known
+        if meta.get('etag') and meta['etag'] == checked.etag(backend, file):
+            yield b''
+            if head is not None:
+                yield head
+            yield from chunks
+            return
+        chunks.close()
+    meta = {}
+    chunks = backend.read(file.object_name, piece=piece, **({'meta': meta} if backend.read_etags else {}))
+    head = next(chunks, None)
+    actual = checked.bad(backend, file, meta.get('etag')) if checked is not None and backend.read_etags else None
+    if actual:
+        chunks.close()
+        mismatch = ChecksumMismatch(f"sha256 {actual} does not match the catalog's {file.sha256}: not the "
+                                    'original (found so moments ago)', file.object_name)
+        mismatch.actual_sha256 = actual
+        raise mismatch
+    yield b''
+    digest = hashlib.sha256()
+    offset = 0
+    held = None
+    for chunk in itertools.chain([head] if head is not None else [], chunks):
+        digest.update(chunk)
+        start, offset = offset, offset + len(chunk)
+        if offset > file.file_size:
+            raise ChecksumMismatch(f'larger at the source than the catalog\'s {file.file_size:,} bytes',
+                                   file.object_name)
+        low, high = max(first, start), min(last + 1, offset)
+        if low < high:
+            if held is not None:
+                yield held
+            held = chunk if (low, high) == (start, offset) else bytes(chunk[low - start:high - start])
+    try:
+        check_original(file, offset, digest.hexdigest())
+    except ChecksumMismatch:
+        if checked is not None and backend.read_etags:
+            checked.add_bad(backend, file, meta.get('etag'), digest.hexdigest())
+        raise
+    if checked is not None and backend.read_etags:
+        checked.add(backend, file, meta.get('etag'))
+    if held is not None:
+        yield held
 
 
 # =================================================================================================

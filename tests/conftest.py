@@ -264,10 +264,13 @@ class ServiceUnderTest:
         return {'MITWELTEN_TOKEN': self.token()}
 
 
-def service_config(world, issuer, **settings):
+def service_config(world, issuer, config: dict | None = None, **settings):
+    """The service's configuration for a world: `settings` change the catalog's, `config` the
+    service's own (roles_claim, jwks_url=None for discovery, ...)."""
     import mitwelten_service as service
     return service.ServiceConfig(catalog=dataclasses.replace(world.settings, **settings), issuer=issuer.url,
-                                 audience=issuer.audience, jwks_url=issuer.jwks_url, jwks_cooldown=0)
+                                 audience=issuer.audience, **{'jwks_url': issuer.jwks_url, 'jwks_cooldown': 0,
+                                                              **(config or {})})
 
 
 @contextlib.contextmanager
