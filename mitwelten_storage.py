@@ -6491,6 +6491,8 @@ def storage_ids(text: str) -> list[int]:
 
 
 def build_parser() -> ArgumentParser:
+    """The command line: one subparser per command, each naming the function that runs it
+    (`set_defaults(func=…)`); the options copy, archive and restore share come from one parent."""
     # prog: as it was called, `mitwelten_storage.py` from a clone, `mitwelten-storage` installed
     parser = ArgumentParser(description=__doc__.split('\n\n')[0],
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -6501,60 +6503,70 @@ def build_parser() -> ArgumentParser:
                              'shipped with the tool)')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
 
-    commands.add_parser('init-db', help='create the catalog schema and tables (idempotent)')
+    def command(name: str, func: Callable, help: str, *, description: str | None = None,
+                examples: str = '', parents: tuple = ()) -> ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + '.',
+                                  epilog=examples or None, parents=list(parents),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(func=func)
+        return sub
 
-    create = commands.add_parser('create', help='register a new backend: a local disk or an S3 bucket',
-                                 epilog='examples:\n  create -t local -p 2 -n "Archive 07" /media/archive07\n'
-                                        '  create -t s3 -p 0 -n "active" http://minio:9000/mitwelten',
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # What copy, archive and restore share: the batch, how many at once, a dry run, where the
+    # disks are, and the storage service.
+    batch_run = ArgumentParser(add_help=False)
+    batch_run.add_argument('batch', help='batch id from the batches file (see `info --batches`)')
+    batch_run.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+                           help=f'parallel transfers (default {DEFAULT_JOBS})')
+    batch_run.add_argument('--dry-run', action='store_true', help='say what would be done, file by file; change nothing')
+    batch_run.add_argument('--limit', type=non_negative_int, metavar='N', help='do at most N files')
+    batch_run.add_argument('--source-path', metavar='P', help='where the source disk is mounted, if not at its '
+                                                              'recorded path')
+    batch_run.add_argument('--target-path', metavar='P', help='where the target disk is mounted, if not at its '
+                                                              'recorded path')
+    batch_run.add_argument('--via', metavar='URL', help='through the storage service at URL: no S3 keys needed '
+                                                        '(token: $MITWELTEN_TOKEN or $MITWELTEN_TOKEN_FILE)')
+
+    command('init-db', cmd_init_db, 'create the catalog schema and tables (idempotent)')
+
+    create = command('create', cmd_create, 'register a new backend: a local disk or an S3 bucket',
+                     examples='examples:\n  create -t local -p 2 -n "Archive 07" /media/archive07\n'
+                              '  create -t s3 -p 0 -n "active" http://minio:9000/mitwelten\n\n' + priority_table())
     create.add_argument('-t', '--type', choices=('local', 's3'), required=True)
     create.add_argument('-p', '--priority', type=int, required=True,
-                        help='0 online S3 public, 1 online S3 not public (S3: 0 or 1); 2 offline archive disk '
-                             '(local: 2, or above for a tier of your own)')
+                        help='the tier (see below): S3 0 or 1; a local disk 2, or above for a tier of your own')
     create.add_argument('-n', '--notes', required=True, metavar='LABEL',
                         help='for a disk, its label (as written on it); for S3, notes')
     create.add_argument('location', metavar='PATH|URL',
                         help='local: the folder where the disk is mounted; s3: http[s]://HOST[:PORT]/BUCKET[/PREFIX]')
 
-    info = commands.add_parser('info', help='list the backends (or, with --batches, the batches)')
+    info = command('info', cmd_info, 'list the backends (or, with --batches, the batches)')
     info.add_argument('--batches', action='store_true',
                       help='list the batches defined in the batches file (and say on stderr which file)')
     info.add_argument('--json', action='store_true', help='print JSON instead of a table')
 
-    copy = commands.add_parser(
-        'copy', help='copy a batch of files from one backend to another',
-        epilog='examples:\n  copy -s 1 -t 3 all_images --dry-run\n  copy -s 1 -t 3 fs1_images --jobs 16\n'
-               '  copy -s 3 -t 4 all_images --source-path /Volumes/archive07',
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    copy = command('copy', cmd_copy, 'copy a batch of files from one backend to another', parents=(batch_run,),
+                   examples='examples:\n  copy -s 1 -t 3 all_images --dry-run\n  copy -s 1 -t 3 fs1_images --jobs 16\n'
+                            '  copy -s 3 -t 4 all_images --source-path /Volumes/archive07\n'
+                            '  copy -s 1 -t 2 all_images --type 2\n\n' + version_table())
     copy.add_argument('-s', '--source', type=int, required=True, metavar='ID', help='source storage id')
     copy.add_argument('-t', '--target', type=int, required=True, metavar='ID', help='target storage id')
-    copy.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
     copy.add_argument('--type', type=non_negative_int, default=0, dest='version_type', metavar='N',
-                      help='version to copy (default 0, the original)')
-    copy.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
-                      help=f'parallel transfers (default {DEFAULT_JOBS})')
-    copy.add_argument('--dry-run', action='store_true', help='say what would be copied; write nothing')
-    copy.add_argument('--limit', type=non_negative_int, metavar='N', help='copy at most N files')
-    copy.add_argument('--source-path', metavar='P', help='where the source disk is mounted, if not at its recorded path')
-    copy.add_argument('--target-path', metavar='P', help='where the target disk is mounted, if not at its recorded path')
-    copy.add_argument('--via', metavar='URL', help='read originals and record them through the storage service at '
-                                                   'URL: no S3 keys needed (token: $MITWELTEN_TOKEN or '
-                                                   '$MITWELTEN_TOKEN_FILE)')
+                      help='version to copy (default 0, the original; see below)')
 
-    archive = commands.add_parser(
-        'archive', help='archive originals from the active tier and replace them there with a version (or delete them)',
+    archive = command(
+        'archive', cmd_archive, 'archive originals from the active tier and replace them there with a version '
+                                '(or delete them)', parents=(batch_run,),
         description='For every file of the batch whose original ACTIVE holds: read it once and check it, write '
                     'it to ARCHIVE and record it, then put version N in its place at ACTIVE (--replace-with N) '
                     'or delete it there (--delete-original). An original leaves ACTIVE only while at least '
-                    '--min-copies sound originals are recorded on other backends.',
-        epilog='examples:\n  archive -s 1 -t 3 fs1_images --replace-with 1\n'
-               '  archive -s 1 -t 3 fs1_audio --replace-with 1 --min-copies 2\n'
-               '  archive -s 2 -t 3 all_images --delete-original --dry-run\n\n'
-               'versions: image 1 WebP 1920x1440, 2 WebP 640x480, 10 gzip -9; audio 1 FLAC, 10 gzip -9',
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    '--min-copies sound originals are recorded on other backends, and only against an archive '
+                    'copy proven at that moment (written in this run, or read back and hashed; written again '
+                    'from the checked original if it is missing or damaged).',
+        examples='examples:\n  archive -s 1 -t 3 fs1_images --replace-with 1\n'
+                 '  archive -s 1 -t 3 fs1_audio --replace-with 1 --min-copies 2\n'
+                 '  archive -s 2 -t 3 all_images --delete-original --dry-run\n\n' + version_table())
     archive.add_argument('-s', '--source', type=int, required=True, metavar='ACTIVE', help='active storage id')
     archive.add_argument('-t', '--target', type=int, required=True, metavar='ARCHIVE', help='archive storage id')
-    archive.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
     then = archive.add_mutually_exclusive_group(required=True)
     then.add_argument('--replace-with', type=non_negative_int, metavar='N',
                       help='put version N in place of the original at ACTIVE')
@@ -6565,23 +6577,13 @@ def build_parser() -> ArgumentParser:
     archive.add_argument('--verified-within', type=positive_number, metavar='DAYS', dest='verified_within',
                          help='count the copies on other backends than ARCHIVE only where their last check passed '
                               'within DAYS days')
-    archive.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
-                         help=f'parallel transfers (default {DEFAULT_JOBS})')
-    archive.add_argument('--dry-run', action='store_true', help='say what would be done; change nothing')
-    archive.add_argument('--limit', type=non_negative_int, metavar='N', help='archive at most N files')
-    archive.add_argument('--source-path', metavar='P', help='where ACTIVE is mounted, if a disk not at its recorded path')
-    archive.add_argument('--target-path', metavar='P', help='where the archive disk is mounted, if not at its recorded path')
-    archive.add_argument('--via', metavar='URL', help='through the storage service at URL: it reads the originals, '
-                                                      'makes the versions and changes ACTIVE; no S3 keys needed '
-                                                      '(token: $MITWELTEN_TOKEN or $MITWELTEN_TOKEN_FILE)')
 
-    verify = commands.add_parser(
-        'verify', help='check the files the catalog records on a backend',
+    verify = command(
+        'verify', cmd_verify, 'check the files the catalog records on a backend',
         description='Checks every file the catalog records on STORAGE (in BATCH, if given): there, and sound '
                     '(originals hash to the catalog sha256, gzip versions decompress to it, WebP and FLAC versions '
                     'decode). Lists what is missing or corrupt and, on a disk, files the catalog does not know.',
-        epilog='examples:\n  verify 3\n  verify 3 fs1_images --path /Volumes/archive07\n  verify 3 --fix',
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples='examples:\n  verify 3\n  verify 3 fs1_images --path /Volumes/archive07\n  verify 3 --fix')
     verify.add_argument('storage', type=int, metavar='STORAGE', help='storage id')
     verify.add_argument('batch', nargs='?', help='only the files of this batch')
     verify.add_argument('--fix', action='store_true',
@@ -6591,41 +6593,29 @@ def build_parser() -> ArgumentParser:
     verify.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
                         help=f'files checked in parallel (default {DEFAULT_JOBS})')
 
-    restore = commands.add_parser(
-        'restore', help='bring originals back from an archive to the active tier (archive backwards)',
+    restore = command(
+        'restore', cmd_restore, 'bring originals back from an archive to the active tier (archive backwards)',
+        parents=(batch_run,),
         description='For every file of the batch whose original ARCHIVE holds soundly (the original, or gzip of it) '
                     'and ACTIVE holds only as a version (or not at all): read it from ARCHIVE and check it, write it '
                     'to ACTIVE under its own name, record it there as the original, then delete the version at '
                     'ACTIVE. A damaged archive copy is never restored from. Run the same command again after an '
                     'interruption: it finishes what was cut off.',
-        epilog='examples:\n  restore -s 3 -t 1 fs1_images --dry-run\n  restore -s 3 -t 1 fs1_images --jobs 8\n'
-               '  restore -s 3 -t 1 fs1_images --via https://storage.mitwelten.org',
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples='examples:\n  restore -s 3 -t 1 fs1_images --dry-run\n  restore -s 3 -t 1 fs1_images --jobs 8\n'
+                 '  restore -s 3 -t 1 fs1_images --via https://storage.mitwelten.org')
     restore.add_argument('-s', '--source', type=int, required=True, metavar='ARCHIVE', help='archive storage id')
     restore.add_argument('-t', '--target', type=int, required=True, metavar='ACTIVE', help='active storage id')
-    restore.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
-    restore.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
-                         help=f'parallel transfers (default {DEFAULT_JOBS})')
-    restore.add_argument('--dry-run', action='store_true', help='say what would be restored; change nothing')
-    restore.add_argument('--limit', type=non_negative_int, metavar='N', help='restore at most N files')
-    restore.add_argument('--source-path', metavar='P', help='where the archive disk is mounted, if not at its recorded '
-                                                            'path')
-    restore.add_argument('--target-path', metavar='P', help='where ACTIVE is mounted, if a disk not at its recorded path')
-    restore.add_argument('--via', metavar='URL', help='send the originals to the storage service at URL (PUT '
-                                                      '…/original): no S3 keys needed (token: $MITWELTEN_TOKEN or '
-                                                      '$MITWELTEN_TOKEN_FILE)')
 
-    export = commands.add_parser(
-        'export', help="copy a batch's originals into a plain folder (a working copy), with a recall plan",
+    export = command(
+        'export', cmd_export, "copy a batch's originals into a plain folder (a working copy), with a recall plan",
         description='Copies the originals (or version --type N) of the batch into DIR, a plain folder, each checked, '
                     'with manifest-sha256.txt (`sha256sum -c` from DIR). Each file is read from the most accessible '
                     'backend that holds it soundly: S3 tiers by priority, then disks that are mounted. Files held '
                     'only on disks that are not mounted get a recall plan: the fewest disks to mount. Run the same '
                     'command again after mounting a disk: files in DIR already and sound are not read again.',
-        epilog='examples:\n  export fs1_images --to ~/work/fs1\n  export fs1_audio --to ~/work/audio --type 1\n'
-               '  export fs1_images --to ~/work/fs1 --from 3,7',
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    export.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
+        examples='examples:\n  export fs1_images --to ~/work/fs1\n  export fs1_audio --to ~/work/audio --type 1\n'
+                 '  export fs1_images --to ~/work/fs1 --from 3,7')
+    export.add_argument('batch', help='batch id from the batches file (see `info --batches`)')
     export.add_argument('--to', required=True, metavar='DIR', help='the folder to write into (made if missing)')
     export.add_argument('--type', type=non_negative_int, default=0, dest='version_type', metavar='N',
                         help='version to export (default 0, the original)')
@@ -6635,35 +6625,155 @@ def build_parser() -> ArgumentParser:
                         help=f'parallel transfers (default {DEFAULT_JOBS})')
     export.add_argument('--dry-run', action='store_true', help='say where each file would be read from; write nothing')
 
-    report = commands.add_parser(
-        'report', help='write REPORT.md, a sha256 manifest and a SQLite index onto a disk',
+    report = command(
+        'report', cmd_report, 'write REPORT.md, a sha256 manifest and a SQLite index onto a disk',
         description='Writes onto a local disk what makes it readable without the database: REPORT.md, '
                     'manifest-sha256.txt (for `sha256sum -c` from the disk\'s root) and archive_index.db (SQLite).',
-        epilog='example:\n  report 3\n  cd /media/archive07 && sha256sum -c manifest-sha256.txt',
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples='example:\n  report 3\n  cd /media/archive07 && sha256sum -c manifest-sha256.txt')
     report.add_argument('storage', type=int, metavar='STORAGE', help='storage id of a local disk')
     report.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
     return parser
 
 
+def version_table() -> str:
+    """The versions, for --help: from VERSIONS, the one table of them."""
+    lines = ['versions (--type, --replace-with):']
+    for group in GROUPS:
+        lines.append(f'  {group}: ' + ', '.join(f'{t} {v.label}' for (g, t), v in sorted(VERSIONS.items()) if g == group))
+    return '\n'.join(lines)
 
+
+def priority_table() -> str:
+    """The tiers, for --help: from PRIORITY_TIERS."""
+    return 'priorities:\n' + '\n'.join(f'  {number}  {tier}' for number, tier in PRIORITY_TIERS.items())
+
+
+# --- the commands: each runs an operation and prints what it returned ------------------------------
 
 def run_options(args, **extra) -> RunOptions:
     return RunOptions(jobs=args.jobs, progress=TqdmProgress(), handle_signals=True, **extra)
 
 
+def batch_run_options(args) -> RunOptions:
+    return run_options(args, limit=args.limit, source_path=args.source_path, target_path=args.target_path,
+                       via=args.via)
+
+
+def summed_up(report: RunReport) -> int:
+    print(format_summary(report))
+    return report.exit_status
+
+
+def cmd_init_db(args, settings: Settings) -> int:
+    ready = init_db(settings)
+    print(f"catalog schema '{ready.schema}' is ready in {ready.where} ({ready.tables} tables)")
+    return EXIT_OK
+
+
+def cmd_create(args, settings: Settings) -> int:
+    create = create_local_backend if args.type == 'local' else create_s3_backend
+    backend_row = create(settings, args.location, args.priority, args.notes)
+    print(f'created storage backend {backend_row.storage_id}: {backend_row.type} {backend_row.url_prefix} '
+          f'(priority {backend_row.priority})')
+    return EXIT_OK
+
+
+def cmd_info(args, settings: Settings) -> int:
+    if args.batches:
+        batches = load_batches()
+        print('note: batches from {} ({})'.format(*batches_file()), file=sys.stderr)
+        print_batches(batches, args.json)
+    else:
+        listing = list_backends(settings)
+        print(json.dumps(listing, indent=2)) if args.json else print_backends(listing)
+    return EXIT_OK
+
+
+def cmd_copy(args, settings: Settings) -> int:
+    request = dict(version_type=args.version_type, options=batch_run_options(args))
+    if args.dry_run:
+        return print_plan(plan_copy(settings, args.source, args.target, args.batch, **request)).exit_status
+    return summed_up(copy_batch(settings, args.source, args.target, args.batch, **request))
+
+
+def cmd_archive(args, settings: Settings) -> int:
+    request = dict(replace_with=args.replace_with, delete_originals=args.delete_original, min_copies=args.min_copies,
+                   verified_within_days=args.verified_within, options=batch_run_options(args))
+    if args.dry_run:
+        return print_plan(plan_archive(settings, args.source, args.target, args.batch, **request)).exit_status
+    return summed_up(archive_batch(settings, args.source, args.target, args.batch, **request))
+
+
+def cmd_restore(args, settings: Settings) -> int:
+    options = batch_run_options(args)
+    if args.dry_run:
+        return print_plan(plan_restore(settings, args.source, args.target, args.batch, options=options)).exit_status
+    return summed_up(restore_batch(settings, args.source, args.target, args.batch, options=options))
+
+
+def cmd_export(args, settings: Settings) -> int:
+    request = dict(version_type=args.version_type, from_ids=args.from_ids, options=run_options(args))
+    if args.dry_run:
+        return print_plan(plan_export(settings, args.batch, args.to, **request)).exit_status
+    report = export_batch(settings, args.batch, args.to, **request)
+    print(format_summary(report))
+    print_recall_plan(report)
+    return report.exit_status
+
+
+def cmd_verify(args, settings: Settings) -> int:
+    report = verify_backend(settings, args.storage, args.batch, fix=args.fix, path=args.path,
+                            options=run_options(args))
+    print(format_verify_report(report))
+    return report.exit_status
+
+
+def cmd_report(args, settings: Settings) -> int:
+    print_disk_report(write_report(settings, args.storage, path=args.path))
+    return EXIT_OK
+
+
+# --- main ------------------------------------------------------------------------------------------
+
 def main(argv: list[str] | None = None) -> int:
-    global BATCHES_FILE
+    """The command line, in-process: the exit status. Leaves the logger and the batches file as
+    it found them, so a caller (the tests) can call it again."""
     args = build_parser().parse_args(argv)
-    given_batches, BATCHES_FILE = BATCHES_FILE, args.batches_file or BATCHES_FILE
-    handler = MessageHandler()
+    with messages_on_stderr(), batches_from(args.batches_file):
+        return exit_status_of(lambda: args.func(args, Settings.from_env(args.db, args.schema)))
+
+
+@contextlib.contextmanager
+def messages_on_stderr():
+    """The logger's messages on stderr (above the progress bar) while a command runs."""
+    handler, before = MessageHandler(), (log.level, log.propagate)
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(before[0])
+        log.propagate = before[1]
+
+
+@contextlib.contextmanager
+def batches_from(path: str | None):
+    """--batches FILE for the command's duration."""
+    global BATCHES_FILE
+    given, BATCHES_FILE = BATCHES_FILE, path or BATCHES_FILE
+    try:
+        yield
+    finally:
+        BATCHES_FILE = given
+
+
+def exit_status_of(command: Callable[[], int]) -> int:
+    """Run the command; an error it raises is a message on stderr and an exit status (rule 6)."""
+    try:
         FAULTS.check()
-        settings = Settings.from_env(args.db, args.schema)
-        return run_command(args, settings)
+        return command()
     except ConfigError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return EXIT_USAGE
@@ -6674,70 +6784,6 @@ def main(argv: list[str] | None = None) -> int:
             botocore.exceptions.ClientError, OSError) as exc:
         print(f'error: {describe_exception(exc)}', file=sys.stderr)
         return EXIT_FAILURES
-    finally:
-        log.removeHandler(handler)
-        BATCHES_FILE = given_batches
-
-
-def run_command(args, settings: Settings) -> int:
-    if args.command == 'init-db':
-        ready = init_db(settings)
-        print(f"catalog schema '{ready.schema}' is ready in {ready.where} ({ready.tables} tables)")
-    elif args.command == 'create':
-        if args.type == 'local':
-            backend_row = create_local_backend(settings, args.location, args.priority, args.notes)
-        else:
-            backend_row = create_s3_backend(settings, args.location, args.priority, args.notes)
-        print(f'created storage backend {backend_row.storage_id}: {backend_row.type} {backend_row.url_prefix} '
-              f'(priority {backend_row.priority})')
-    elif args.command == 'info':
-        if args.batches:
-            batches = load_batches()
-            print('note: batches from {} ({})'.format(*batches_file()), file=sys.stderr)
-            print_batches(batches, args.json)
-        else:
-            listing = list_backends(settings)
-            print(json.dumps(listing, indent=2)) if args.json else print_backends(listing)
-    elif args.command in ('copy', 'archive'):
-        options = run_options(args, limit=args.limit, source_path=args.source_path, target_path=args.target_path,
-                              via=args.via)
-        if args.command == 'copy':
-            request = dict(version_type=args.version_type, options=options)
-            if args.dry_run:
-                return print_plan(plan_copy(settings, args.source, args.target, args.batch, **request)).exit_status
-            report = copy_batch(settings, args.source, args.target, args.batch, **request)
-        else:
-            request = dict(replace_with=args.replace_with, delete_originals=args.delete_original,
-                           min_copies=args.min_copies, verified_within_days=args.verified_within, options=options)
-            if args.dry_run:
-                return print_plan(plan_archive(settings, args.source, args.target, args.batch, **request)).exit_status
-            report = archive_batch(settings, args.source, args.target, args.batch, **request)
-        print(format_summary(report))
-        return report.exit_status
-    elif args.command == 'restore':
-        options = run_options(args, limit=args.limit, source_path=args.source_path, target_path=args.target_path,
-                              via=args.via)
-        if args.dry_run:
-            return print_plan(plan_restore(settings, args.source, args.target, args.batch, options=options)).exit_status
-        report = restore_batch(settings, args.source, args.target, args.batch, options=options)
-        print(format_summary(report))
-        return report.exit_status
-    elif args.command == 'export':
-        request = dict(version_type=args.version_type, from_ids=args.from_ids, options=run_options(args))
-        if args.dry_run:
-            return print_plan(plan_export(settings, args.batch, args.to, **request)).exit_status
-        report = export_batch(settings, args.batch, args.to, **request)
-        print(format_summary(report))
-        print_recall_plan(report)
-        return report.exit_status
-    elif args.command == 'verify':
-        report = verify_backend(settings, args.storage, args.batch, fix=args.fix, path=args.path,
-                                options=run_options(args))
-        print(format_verify_report(report))
-        return report.exit_status
-    elif args.command == 'report':
-        print_disk_report(write_report(settings, args.storage, path=args.path))
-    return EXIT_OK
 
 
 def console_main() -> None:

@@ -67,6 +67,31 @@ class World:
         return subprocess.run([sys.executable, str(ROOT / 'mitwelten_storage.py'), *map(str, args)],
                               capture_output=True, text=True, env=full_env, timeout=300, **kwargs)
 
+    def main(self, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+        """The command line in this process (`ms.main`), as `cli` runs it in another: the same
+        environment, its exit status, stdout and stderr. For what needs no process of its own
+        (signals, kills and test hooks do)."""
+        import io
+        changed = {'MITWELTEN_DB': self.services.pg_dsn, 'MITWELTEN_DB_SCHEMA': self.schema,
+                   'MITWELTEN_LOG_DIR': str(self.log_dir), **(env or {})}
+        saved = {name: os.environ.get(name) for name in changed}
+        out, err = io.StringIO(), io.StringIO()
+        os.environ.update({k: str(v) for k, v in changed.items()})
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    status = ms.main([str(a) for a in args])
+                except SystemExit as exit:          # argparse's usage errors
+                    status = exit.code
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        return subprocess.CompletedProcess(['mitwelten_storage.py', *map(str, args)], status, out.getvalue(),
+                                           err.getvalue())
+
     # -- the engine, in-process (for logic; the command line is for exit status, signals, messages)
     def options(self, **options) -> ms.RunOptions:
         return ms.RunOptions(**{'jobs': 4, 'log_dir': self.log_dir, **options})

@@ -32,7 +32,7 @@ PRODUCTION_COLUMNS = {
 
 def test_init_db_creates_production_compatible_tables_idempotently(world):
     for _ in range(2):
-        result = world.cli('init-db')
+        result = world.main('init-db')
         assert result.returncode == 0, result.stderr
         assert f"catalog schema '{world.schema}' is ready" in result.stdout
     for table, columns in PRODUCTION_COLUMNS.items():
@@ -49,24 +49,24 @@ def test_init_db_creates_a_new_schema_and_keeps_existing_rows(world, services):
     storage_id = world.create_s3_backend()
     new_schema = world.schema + '_b'
     try:
-        result = world.cli('--schema', new_schema, 'init-db')
+        result = world.main('--schema', new_schema, 'init-db')
         assert result.returncode == 0, result.stderr
         assert world.query('SELECT count(*) FROM pg_tables WHERE schemaname = %s', (new_schema,))[0][0] == 10
-        assert world.cli('init-db').returncode == 0
+        assert world.main('init-db').returncode == 0
         assert world.query('SELECT storage_id FROM storage_backend') == [(storage_id,)]
     finally:
         world.query(f'DROP SCHEMA IF EXISTS "{new_schema}" CASCADE')
 
 
 def test_schema_comes_from_env_and_a_missing_one_is_named(world):
-    result = world.cli('info', env={'MITWELTEN_DB_SCHEMA': 'no_such_schema'})
+    result = world.main('info', env={'MITWELTEN_DB_SCHEMA': 'no_such_schema'})
     assert result.returncode == 2
     assert "schema 'no_such_schema'" in result.stderr and 'init-db' in result.stderr
     assert 'Traceback' not in result.stderr
 
 
 def test_db_flag_overrides_env_and_unreachable_database_is_a_clear_error(world):
-    result = world.cli('--db', 'host=127.0.0.1 port=1 user=postgres password=hunter2-secret connect_timeout=2',
+    result = world.main('--db', 'host=127.0.0.1 port=1 user=postgres password=hunter2-secret connect_timeout=2',
                        'info')
     assert result.returncode == 2
     assert 'cannot connect to the catalog' in result.stderr and '127.0.0.1:1' in result.stderr
@@ -89,7 +89,7 @@ def test_libpq_defaults_are_used_without_db_or_env(world, services):
 
 def test_create_local_writes_dot_file_readme_archive_and_row(world):
     disk = world.new_disk()
-    result = world.cli('create', '-t', 'local', '-p', '2', '-n', 'Archive 07 (WD 4TB)', disk)
+    result = world.main('create', '-t', 'local', '-p', '2', '-n', 'Archive 07 (WD 4TB)', disk)
     assert result.returncode == 0, result.stderr
     (storage_id, url, kind, priority, notes, created_at), = world.query(
         'SELECT storage_id, url_prefix, type, priority, notes, created_at FROM storage_backend')
@@ -131,7 +131,7 @@ def test_create_local_refuses_and_leaves_nothing_behind(world, case):
         (disk / 'archive').mkdir()
     before = files_under(disk.parent)
     rows_before = world.query('SELECT count(*) FROM storage_backend')[0][0]
-    result = world.cli('create', '-t', 'local', '-p', '2', '-n', 'Second', disk)
+    result = world.main('create', '-t', 'local', '-p', '2', '-n', 'Second', disk)
     assert result.returncode == 2
     assert str(disk) in result.stderr and 'Traceback' not in result.stderr
     assert files_under(disk.parent) == before
@@ -143,7 +143,7 @@ def test_create_local_refuses_a_path_already_registered(world):
     for name in (ms.DOT_FILE, 'README.md'):
         (disk / name).unlink()
     (disk / 'archive').rmdir()
-    result = world.cli('create', '-t', 'local', '-p', '2', '-n', 'Again', disk)
+    result = world.main('create', '-t', 'local', '-p', '2', '-n', 'Again', disk)
     assert result.returncode == 2
     assert f'already registered as storage backend {storage_id}' in result.stderr
     assert not (disk / ms.DOT_FILE).exists() and not (disk / 'archive').exists()
@@ -152,7 +152,7 @@ def test_create_local_refuses_a_path_already_registered(world):
 def test_create_local_leaves_nothing_when_the_catalog_refuses(world):
     """A failure after the files are written (here: the database is unreachable) removes them."""
     disk = world.new_disk()
-    result = world.cli('--db', 'host=127.0.0.1 port=1 connect_timeout=2', 'create', '-t', 'local', '-p', '2',
+    result = world.main('--db', 'host=127.0.0.1 port=1 connect_timeout=2', 'create', '-t', 'local', '-p', '2',
                        '-n', 'X', disk)
     assert result.returncode == 2
     assert list(disk.iterdir()) == []
@@ -163,12 +163,12 @@ def test_create_local_leaves_nothing_when_the_catalog_refuses(world):
 def test_create_s3_checks_the_bucket_and_records_the_url(world):
     bucket = world.new_bucket()
     url = world.s3_url(bucket, 'originals/2021') + '/'
-    result = world.cli('create', '-t', 's3', '-p', '0', '-n', 'active, public', url)
+    result = world.main('create', '-t', 's3', '-p', '0', '-n', 'active, public', url)
     assert result.returncode == 0, result.stderr
     (storage_id, stored_url, kind), = world.query('SELECT storage_id, url_prefix, type FROM storage_backend')
     assert stored_url == world.s3_url(bucket, 'originals/2021') and kind == 's3'
     assert f'created storage backend {storage_id}' in result.stdout
-    again = world.cli('create', '-t', 's3', '-p', '0', '-n', 'again', world.s3_url(bucket, 'originals/2021'))
+    again = world.main('create', '-t', 's3', '-p', '0', '-n', 'again', world.s3_url(bucket, 'originals/2021'))
     assert again.returncode == 2 and f'already registered as storage backend {storage_id}' in again.stderr
 
 
@@ -182,7 +182,7 @@ def test_create_s3_checks_the_bucket_and_records_the_url(world):
 ])
 def test_create_s3_refuses_bad_urls_and_missing_buckets(world, url, message):
     url = url.format(endpoint=world.services.s3_endpoint)
-    result = world.cli('create', '-t', 's3', '-p', '0', '-n', 'x', url)
+    result = world.main('create', '-t', 's3', '-p', '0', '-n', 'x', url)
     assert result.returncode == 2
     assert message in result.stderr
     assert 'secret-in-url' not in result.stderr + result.stdout
@@ -206,7 +206,7 @@ def test_credentials_never_appear_in_output_or_logs(world):
     source = world.create_s3_backend(bucket)
     target, disk = world.create_local_backend()
     world.images_on_s3(3, source)
-    outputs = [world.cli('info'), world.cli('info', '--json'), world.cli('copy', '-s', source, '-t', target,
+    outputs = [world.main('info'), world.main('info', '--json'), world.main('copy', '-s', source, '-t', target,
                                                                           'all_images')]
     text = ''.join(r.stdout + r.stderr for r in outputs)
     text += ''.join(p.read_text() for p in world.log_dir.glob('*.log'))
@@ -223,7 +223,7 @@ def test_info_lists_backends_as_table_and_json(world):
     offline_disk.rename(offline_disk.with_name('moved-away'))
     images = world.images_on_s3(3, s3_id)
     recordings = world.recordings_on_s3(2, s3_id)
-    table = world.cli('info')
+    table = world.main('info')
     assert table.returncode == 0
     lines = table.stdout.splitlines()
     assert lines[0].split() == ['ID', 'TYPE', 'PRIO', 'PATH', 'OR', 'URL', 'CREATED', 'STATUS', 'NOTES']
@@ -235,7 +235,7 @@ def test_info_lists_backends_as_table_and_json(world):
     assert lines[3].split()[:4] == [str(local_id), 'local', '2', str(disk)] and 'online' in lines[3]
     assert lines[4].strip() == 'no files recorded'
     assert 'offline' in lines[5] and 'In the drawer' in lines[5]
-    listing = json.loads(world.cli('info', '--json').stdout)
+    listing = json.loads(world.main('info', '--json').stdout)
     assert [e['storage_id'] for e in listing] == [s3_id, local_id, offline_id]
     for entry in listing:
         assert {'storage_id', 'type', 'url_prefix', 'priority', 'notes', 'created_at'} <= set(entry)
@@ -247,19 +247,19 @@ def test_info_lists_backends_as_table_and_json(world):
 
 
 def test_info_batches_lists_every_batch(world):
-    result = world.cli('info', '--batches')
+    result = world.main('info', '--batches')
     assert result.returncode == 0
     for batch in ('all_images', 'all_audio', 'fs1_images', 'pollinator_cams', 'fs3_merian_cams',
                   'images_2021_summer'):
         assert batch in result.stdout
-    listing = json.loads(world.cli('info', '--batches', '--json').stdout)
+    listing = json.loads(world.main('info', '--batches', '--json').stdout)
     assert {'id': 'all_audio', 'group': 'audio', 'description': 'every audio recording in the catalog'} in listing
 
 
 def test_usage_errors_exit_2(world):
-    assert world.cli().returncode == 2
-    result = world.cli('copy', '-s', 'one', '-t', '2', 'all_images')
+    assert world.main().returncode == 2
+    result = world.main('copy', '-s', 'one', '-t', '2', 'all_images')
     assert result.returncode == 2 and "invalid int value: 'one'" in result.stderr
-    result = world.cli('copy', '-s', '1', '-t', '2', 'all_images', '--jobs', '0')
+    result = world.main('copy', '-s', '1', '-t', '2', 'all_images', '--jobs', '0')
     assert result.returncode == 2 and 'must be at least 1' in result.stderr
-    assert world.cli('create', '-t', 'tape', '-p', '1', '-n', 'x', '/tmp').returncode == 2
+    assert world.main('create', '-t', 'tape', '-p', '1', '-n', 'x', '/tmp').returncode == 2

@@ -29,10 +29,10 @@ def test_verify_of_a_sound_disk_and_bucket_exits_0(world):
     world.recordings_on_s3(2, source)
     assert world.copy(source, disk_id, 'all_audio', version_type=1).counts == {'made': 2}
     for storage_id in (disk_id, source):
-        result = world.cli('verify', storage_id)
+        result = world.main('verify', storage_id)
         assert result.returncode == 0, result.stdout + result.stderr
         assert 'all is well' in result.stdout
-    assert '8 files sound' in world.cli('verify', disk_id).stdout
+    assert '8 files sound' in world.main('verify', disk_id).stdout
 
 
 def test_corrupt_missing_and_unknown_are_named_fix_removes_two_rows_and_copy_restores(world):
@@ -47,14 +47,14 @@ def test_corrupt_missing_and_unknown_are_named_fix_removes_two_rows_and_copy_res
     stray.write_text('not a catalogued file')
     rows_before = world.rows(disk_id)
 
-    result = world.cli('verify', disk_id)
+    result = world.main('verify', disk_id)
     assert result.returncode == 1
     assert f'1 missing (recorded, not there):\n    {missing.object_name}' in result.stdout
     assert f'1 corrupt (there, but not sound):\n    {corrupt.object_name}: sha256' in result.stdout
     assert f"{stray.relative_to(disk / 'archive')}" in result.stdout and '1 unknown' in result.stdout
     assert world.rows(disk_id) == rows_before      # without --fix nothing changes
 
-    fixed = world.cli('verify', disk_id, '--fix')
+    fixed = world.main('verify', disk_id, '--fix')
     assert fixed.returncode == 1
     assert 'removed the catalog rows of 2 missing or corrupt files' in fixed.stdout
     assert set(rows_before) - set(world.rows(disk_id)) == {corrupt.file_id, missing.file_id}
@@ -72,7 +72,7 @@ def test_corrupt_missing_and_unknown_are_named_fix_removes_two_rows_and_copy_res
 def test_verify_fix_with_a_catalog_that_refuses_says_so_and_still_lists_the_findings(world, readonly_dsn):
     bucket, source, disk_id, disk, files = copied_to_disk(world, 3)
     (disk / 'archive' / files[0].object_name).unlink()
-    result = world.cli('verify', disk_id, '--fix', env={'MITWELTEN_DB': readonly_dsn})
+    result = world.main('verify', disk_id, '--fix', env={'MITWELTEN_DB': readonly_dsn})
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert f'1 missing (recorded, not there):\n    {files[0].object_name}' in result.stdout
     assert 'stopped early: --fix could not remove the rows: catalog: ERROR:  permission denied' in result.stdout
@@ -130,7 +130,7 @@ def test_verify_lists_leftover_temporary_files(world):
     bucket, source, disk_id, disk, files = copied_to_disk(world, 2)
     leftover = disk / 'archive' / f'.x.jpg.0123456789-abcdef01{ms.TMP_SUFFIX}'
     leftover.write_bytes(b'partial')
-    result = world.cli('verify', disk_id)
+    result = world.main('verify', disk_id)
     assert result.returncode == 1
     assert f'{leftover.name}: a temporary file left by an interrupted run: safe to delete' in result.stdout
 
@@ -141,7 +141,7 @@ def test_report_manifest_passes_sha256sum_and_the_disk_reads_without_the_databas
     bucket, source, disk_id, disk, files = copied_to_disk(world, 6)
     recordings = world.recordings_on_s3(3, source)
     assert world.copy(source, disk_id, 'all_audio').count('copied') == 3
-    result = world.cli('report', disk_id)
+    result = world.main('report', disk_id)
     assert result.returncode == 0, result.stderr
     for name in ('manifest-sha256.txt', 'REPORT.md', 'archive_index.db'):
         assert f'wrote {disk / name}' in result.stdout
@@ -199,11 +199,11 @@ def test_manifest_lines_for_awkward_names_are_what_sha256sum_accepts(tmp_path):
 
 def test_report_refuses_a_bucket_and_a_wrong_disk(world):
     s3_id = world.create_s3_backend()
-    result = world.cli('report', s3_id)
+    result = world.main('report', s3_id)
     assert result.returncode == 2 and 'writes onto a local disk' in result.stderr
     disk_id, disk = world.create_local_backend()
     other_id, other = world.create_local_backend(label='other')
-    result = world.cli('report', disk_id, '--path', other)
+    result = world.main('report', disk_id, '--path', other)
     assert result.returncode == 2 and 'wrong disk' in result.stderr
     assert not (other / 'REPORT.md').exists()
 
@@ -224,21 +224,21 @@ def test_a_disk_moved_to_another_mount_root_is_found_by_copy_verify_report_and_i
     shutil.move(str(disk), moved)
     roots = {'MITWELTEN_MOUNT_ROOTS': f"{tmp_path / 'nothing-here'}:{tmp_path / 'run-media'}/*"}
 
-    listing = json.loads(world.cli('info', '--json', env=roots).stdout)
+    listing = json.loads(world.main('info', '--json', env=roots).stdout)
     entry = next(e for e in listing if e['storage_id'] == disk_id)
     assert entry['online'] is True and entry['mounted_at'] == str(moved)
-    assert f'mounted at {moved}, not at its recorded path' in world.cli('info', env=roots).stdout
+    assert f'mounted at {moved}, not at its recorded path' in world.main('info', env=roots).stdout
 
-    result = world.cli('copy', '-s', source, '-t', disk_id, 'all_images', env=roots)
+    result = world.main('copy', '-s', source, '-t', disk_id, 'all_images', env=roots)
     assert result.returncode == 0, result.stderr
     assert f'found it at {moved}' in result.stderr
     assert files_under(moved / 'archive') == {f.object_name: f.data for f in files}
     assert not disk.exists()
-    result = world.cli('verify', disk_id, env=roots)
+    result = world.main('verify', disk_id, env=roots)
     assert result.returncode == 0 and 'all is well' in result.stdout
-    assert world.cli('report', disk_id, env=roots).returncode == 0 and (moved / 'REPORT.md').exists()
+    assert world.main('report', disk_id, env=roots).returncode == 0 and (moved / 'REPORT.md').exists()
     # Without the mount roots to look in, the disk is not found, and the message says what to do.
-    lost = world.cli('verify', disk_id)
+    lost = world.main('verify', disk_id)
     assert lost.returncode == 2 and 'is not mounted' in lost.stderr and '--path' in lost.stderr
 
 
@@ -254,7 +254,7 @@ def test_a_disk_under_the_mount_roots_with_a_different_identity_is_never_used(wo
                                                   if line.startswith('created_at=') else line
                                                   for line in text.splitlines()))
     shutil.rmtree(disk)
-    result = world.cli('copy', '-s', source, '-t', disk_id, 'all_images',
+    result = world.main('copy', '-s', source, '-t', disk_id, 'all_images',
                        env={'MITWELTEN_MOUNT_ROOTS': str(tmp_path / 'mnt')})
     assert result.returncode == 2 and 'is not mounted' in result.stderr
     assert list((impostor / 'archive').iterdir()) == []
