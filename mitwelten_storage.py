@@ -1263,6 +1263,38 @@ def atomic_file(final: Path, *, sync_folder: bool = True,
         fsync_dir(final.parent)
 
 
+def write_chunks(handle, chunks: Iterable[bytes], direct: bool) -> bool:
+    """The O_DIRECT writer: write `chunks` to `handle` (an unbuffered file opened with O_DIRECT
+    when `direct`). Whole, aligned blocks of an aligned chunk (the transfer buffer, see
+    io_buffer) go straight to the disk, past the page cache; the tail that is not a whole block,
+    or a chunk that is not aligned, turns O_DIRECT off for the rest of the file. Returns False
+    when the file system refused O_DIRECT halfway (EINVAL), after writing the rest buffered."""
+    fd = handle.fileno()
+    accepted = True
+    for chunk in chunks:
+        view = memoryview(chunk).cast('B')
+        if direct:
+            whole = len(view) - len(view) % DIRECT_ALIGN
+            address = buffer_address(view) if whole else None
+            if address is not None and address % DIRECT_ALIGN == 0:
+                part = view[:whole]
+                try:
+                    while part:
+                        part = part[handle.write(part):]
+                    view = view[whole:]
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or handle.tell() % DIRECT_ALIGN:
+                        raise
+                    accepted = False
+                    view = view[whole - len(part):]      # the rest, from where it stopped
+            if len(view):
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                direct = False
+        while view:
+            view = view[handle.write(view):]
+    return accepted
+
+
 # --- archive disks: identity and whereabouts -------------------------------------------------------
 
 def read_dot_file(root: Path) -> dict[str, str]:
@@ -1382,7 +1414,7 @@ class Backend:
     adopts_found_files = False      # a file found there unrecorded (a killed run's) is checked and recorded
     root: Path | None = None        # the folder it lives in, where `report` writes (disks only)
     writes_from_buffer = False      # writes best from this thread's io_buffer() (O_DIRECT): read into it
-    group_writes = False            # may make new files durable in groups, by `sync` (set by `copy`)
+    group_writes = False            # makes new files durable in groups, by `sync` (a constructor option)
     read_etags = False              # `read` takes meta={} and fills in the object's 'etag' (S3's ETag)
 
     def location(self) -> str:
@@ -1466,8 +1498,13 @@ class LocalBackend(Backend):
     adopts_found_files = True
     writes_from_buffer = True
 
-    def __init__(self, backend_row: BackendRow, root: Path | None = None, path_option: str | None = None):
+    def __init__(self, backend_row: BackendRow, root: Path | None = None, path_option: str | None = None, *,
+                 group_writes: bool = False):
         self.row = backend_row
+        # Files written in groups: written and checked under temporary names, made durable
+        # together by one syncfs(), then renamed (`copy`, where nothing but the catalog waits
+        # on a file; see _sync_group). Otherwise each file is fsynced and renamed as it is written.
+        self.group_writes = group_writes
         self.given_path = root is not None        # --path / --source-path / --target-path
         self.path_option = path_option            # the option of the command that names where the disk is
         self.root = Path(root or backend_row.url_prefix)
@@ -1668,30 +1705,8 @@ class LocalBackend(Backend):
         if fd is None:
             fd = os.open(tmp, flags, 0o644)
         with open(fd, 'wb', buffering=0) as handle:    # chunks are large: no second buffer
-            for chunk in chunks:
-                view = memoryview(chunk).cast('B')
-                if direct:
-                    # Straight from the (aligned) buffer to the disk, past the page cache; the
-                    # tail that is not a whole block, or a chunk that is not aligned, goes
-                    # through the page cache, and so does the rest of the file.
-                    whole = len(view) - len(view) % DIRECT_ALIGN
-                    address = buffer_address(view) if whole else None
-                    if address is not None and address % DIRECT_ALIGN == 0:
-                        part = view[:whole]
-                        try:
-                            while part:
-                                part = part[handle.write(part):]
-                            view = view[whole:]
-                        except OSError as exc:
-                            if exc.errno != errno.EINVAL or handle.tell() % DIRECT_ALIGN:
-                                raise
-                            self.direct_io = False
-                            view = view[whole - len(part):]      # the rest, from where it stopped
-                    if len(view):
-                        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                        direct = False
-                while view:
-                    view = view[handle.write(view):]
+            if not write_chunks(handle, chunks, direct):
+                self.direct_io = False                 # refused halfway: not again in this run
             written = os.fstat(handle.fileno()).st_size
         if written != size:
             raise FileFailure(f'{tmp}: wrote {written} bytes, expected {size}', object_name)
@@ -2010,11 +2025,13 @@ def check_bucket(client, where: S3Location, what: str) -> None:
 
 
 def open_backend(backend_row: BackendRow, settings: Settings, *, path: str | None = None,
-                 jobs: int = DEFAULT_JOBS, path_option: str | None = None) -> Backend:
+                 jobs: int = DEFAULT_JOBS, path_option: str | None = None, group_writes: bool = False) -> Backend:
     """The backend of a catalog row; `path` is where a disk is mounted if not at its recorded
-    path, and `path_option` the command's option that gives it (named in messages)."""
+    path, and `path_option` the command's option that gives it (named in messages);
+    `group_writes`: a disk makes new files durable in groups (see LocalBackend)."""
     if backend_row.type == 'local':
-        return LocalBackend(backend_row, Path(path).expanduser().absolute() if path else None, path_option)
+        return LocalBackend(backend_row, Path(path).expanduser().absolute() if path else None, path_option,
+                            group_writes=group_writes)
     if path:
         raise ConfigError(f'{backend_row.describe()} is an S3 backend: a path applies to local disks only')
     if backend_row.type == 's3':
@@ -4294,8 +4311,8 @@ class BatchFrame:
         self._stack.callback(conn.close)
         return conn
 
-    def open_pair(self, source_id: int, target_id: int, group: str, *,
-                  source_writing: bool = False) -> tuple[Backend, Backend]:
+    def open_pair(self, source_id: int, target_id: int, group: str, *, source_writing: bool = False,
+                  group_writes: bool = False) -> tuple[Backend, Backend]:
         if source_id == target_id:
             raise ConfigError('source and target are the same backend')
         source_row, target_row = fetch_backend(self.reader, source_id), fetch_backend(self.reader, target_id)
@@ -4315,7 +4332,7 @@ class BatchFrame:
             source = open_backend(source_row, self.settings, path=options.source_path, jobs=options.jobs,
                                   path_option='--source-path')
         target = open_backend(target_row, self.settings, path=options.target_path, jobs=options.jobs,
-                              path_option='--target-path')
+                              path_option='--target-path', group_writes=group_writes)
         source.check(writing=source_writing)
         target.check(writing=True)
         return source, target
@@ -4469,7 +4486,6 @@ class CopyJob(BatchJob):
         super().__init__(recorder, (source, target), (target,))
         self.source, self.target, self.version = source, target, version
         self.copy_tags = source.keeps_tags and target.keeps_tags
-        target.group_writes = True           # nothing but the catalog waits on its files
 
     def work(self, file: CatalogFile) -> tuple[str, int]:
         return transfer(file, self.source, self.target, self.version, self.run.progress, self.copy_tags)
@@ -4516,7 +4532,8 @@ def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str
     with BatchFrame(settings, 'copy', options) as frame:
         batch = find_batch(batch_id)
         version = find_version(batch.group, version_type)
-        source, target = frame.open_pair(source_id, target_id, batch.group)
+        # Nothing but the catalog waits on a copied file: the target may make them durable in groups.
+        source, target = frame.open_pair(source_id, target_id, batch.group, group_writes=True)
         if frame.service and version.type != 0:
             raise ConfigError('through the service (--via) only originals are copied: leave out --type')
         selection = Selection(batch, source_id, target_id, version.type, frame.options.limit)
