@@ -24,8 +24,9 @@ Never lose data: the rules, numbered as SPEC.md numbers them; the code cites the
     6. Bad input gets a clear message naming the file or setting, never a traceback; a run that
        has started always ends with its summary and log path.
     7. An original whose version cannot be made is still archived (and kept on the active tier).
-    8. A damaged copy is never trusted: a copy whose last check found it missing or corrupt
-       counts for nothing until it is written again and checked.
+    8. A damaged copy is never trusted: a copy whose last check (the fixity log) found it missing
+       or corrupt counts for nothing (not for --min-copies, not as a source) until it is written
+       again and checked.
 
 The module is one file, laid out in sections in the order a run needs them:
 
@@ -42,7 +43,7 @@ last section) does all the printing. The tests call the operations in-process:
     report.counts, report.failures, report.log_path, report.exit_status
 
 Batch operations: copy_batch, archive_batch, verify_backend, write_report, list_backends,
-init_db, create_local_backend, create_s3_backend, plan_batch (a dry run). Per-file operations
+due_checks, init_db, create_local_backend, create_s3_backend, plan_batch (a dry run). Per-file operations
 (what the storage service calls): fetch_file, file_state, active_original, copy_file,
 archive_file, record_archived, make_version_in_place, delete_original.
 """
@@ -291,6 +292,11 @@ class InvalidArchive(Refusal):
 class Busy(Refusal):
     """Another request holds the file's rows for longer than a request should wait."""
     problem_type, title = 'busy', 'File busy'
+
+
+class DamagedCopy(Refusal):
+    """The copy asked for was found missing or corrupt by its last check: it counts for nothing
+    (rule 8) until it is written again."""
 
 
 class OriginalChanged(Refusal):
@@ -681,35 +687,78 @@ SOUND_OUTCOMES = ('ok', 'repaired')
 # The versions that are the original's exact bytes: the original, and gzip of it (type 10,
 # checked to decompress to the catalog's sha256). Either counts as a copy of the original.
 ORIGINAL_COPY_TYPES = (0, 10)
-_fixity_notice_given = False
+_fixity_notice_lock = threading.Lock()
+_fixity_notes_given: set = set()        # the notes about the log said in this process (each once)
+
+
+def _fixity_note_once(key: str, message: str) -> None:
+    with _fixity_notice_lock:
+        first = key not in _fixity_notes_given
+        _fixity_notes_given.add(key)
+    if first:
+        log.info(message)
 
 
 def has_fixity_log(conn, *, end_transaction: bool = True) -> bool:
-    """Whether the catalog's schema has the fixity log; says once per process that `init-db`
-    would keep it when it has not."""
-    global _fixity_notice_given
+    """Whether the catalog's schema has the fixity log, readable by this role; says once per
+    process that `init-db` would keep it when it has not (a run's threads ask too: the lock
+    keeps it to once). A role that may not read it (granted its rights before the table was
+    made) works as without it, and is told so once."""
     with conn.cursor() as cur:
-        cur.execute('SELECT to_regclass(%s)', (FIXITY_TABLE,))
-        present = cur.fetchone()[0] is not None
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL, CASE WHEN to_regclass(%s) IS NOT NULL "
+                    "THEN has_table_privilege(%s, 'SELECT') END", (FIXITY_TABLE,) * 3)
+        present, readable = cur.fetchone()
     if end_transaction:
         conn.commit()
-    if not present and not _fixity_notice_given:
-        _fixity_notice_given = True
-        log.info('the catalog has no fixity log (%s): `init-db` would create it, so that every check of a copy '
-                 'is kept', FIXITY_TABLE)
-    return present
+    if not present:
+        _fixity_note_once('absent', f'the catalog has no fixity log ({FIXITY_TABLE}): `init-db` would create it, so '
+                                    'that every check of a copy is kept')
+    elif not readable:
+        _fixity_note_once('unreadable', f'this catalog role may not read the fixity log ({FIXITY_TABLE}): the last '
+                                        f'checks of copies are not known to this run (GRANT SELECT ON {FIXITY_TABLE})')
+    return bool(present and readable)
+
+
+def may_append_fixity(conn) -> bool:
+    """Whether this catalog role may append to the fixity log (INSERT, and its sequence); says
+    once when it may not: the log is optional, so a role without the right records its copies
+    all the same, and only their checks go unlogged."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT has_table_privilege(%s, 'INSERT') AND "
+                    "coalesce(has_sequence_privilege(pg_get_serial_sequence(%s, 'check_id'), 'USAGE'), true)",
+                    (FIXITY_TABLE, FIXITY_TABLE))
+        allowed = cur.fetchone()[0]
+    conn.commit()
+    if not allowed:
+        _fixity_note_once('unwritable', f'this catalog role may not append to the fixity log ({FIXITY_TABLE}): '
+                                        'copies written are recorded all the same, but checks are not logged (GRANT '
+                                        f'INSERT ON {FIXITY_TABLE} and USAGE ON SEQUENCE {FIXITY_TABLE}_check_id_seq)')
+    return allowed
 
 
 def last_check_join(group: Group, copy: str, alias: str, has_log: bool) -> str:
-    """SQL: a LEFT JOIN LATERAL that gives `alias.outcome` and `alias.checked_at`, the last check
-    in the fixity log of the copy whose storage row is `copy` (NULLs where there is none since
-    the copy was written, or no log at all)."""
+    """SQL: a LEFT JOIN LATERAL that gives `alias.outcome`, `alias.checked_at` and `alias.event`,
+    the last check in the fixity log of the copy whose storage row is `copy` (NULLs where there
+    is none since the copy was written, or no log at all)."""
     if not has_log:
-        return f'LEFT JOIN LATERAL (SELECT NULL::text AS outcome, NULL::timestamptz AS checked_at) {alias} ON true'
-    return (f'LEFT JOIN LATERAL (SELECT x.outcome, x.checked_at FROM {FIXITY_TABLE} x '
+        return (f'LEFT JOIN LATERAL (SELECT NULL::text AS outcome, NULL::timestamptz AS checked_at, '
+                f'NULL::text AS event) {alias} ON true')
+    return (f'LEFT JOIN LATERAL (SELECT x.outcome, x.checked_at, x.event FROM {FIXITY_TABLE} x '
             f"WHERE x.file_group = '{group.name}' AND x.storage_id = {copy}.storage_id AND x.file_id = {copy}.file_id "
             f"AND x.type = {copy}.type AND x.checked_at >= coalesce({copy}.created_at, '-infinity') "
             f'ORDER BY x.checked_at DESC, x.check_id DESC LIMIT 1) {alias} ON true')
+
+
+def last_checked_sql(copy: str, check: str) -> str:
+    """SQL: when the copy whose storage row is `copy` (its last check joined as `check`, see
+    last_check_join) was last proven: its last check in the fixity log, else its writing (the
+    row's created_at); NULL where neither is known (never checked)."""
+    return f'coalesce({check}.checked_at, {copy}.created_at)'
+
+
+def damaged_sql(check: str) -> str:
+    """SQL: true where the last check joined as `check` found the copy missing or corrupt."""
+    return f"coalesce({check}.outcome IN ({', '.join(repr(o) for o in DAMAGED_OUTCOMES)}), false)"
 
 
 def sound_original_sql(copy: str, check: str, verified_within_days: float | None = None) -> str:
@@ -724,6 +773,18 @@ def sound_original_sql(copy: str, check: str, verified_within_days: float | None
         condition += (f" AND coalesce({check}.checked_at, {copy}.created_at) >= now() - "
                       f"interval '1 day' * {float(verified_within_days)!r}")
     return condition
+
+
+def copy_last_check(conn, group: Group, file_id: int, storage_id: int) -> tuple[str | None, dt.datetime | None]:
+    """The outcome and time of the last check of one file's copy at one backend, (None, None)
+    where none is logged since it was written."""
+    check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT c.outcome, c.checked_at FROM {group.storage_table} s {check} '
+                    'WHERE s.file_id = %s AND s.storage_id = %s', (file_id, storage_id))
+        row = cur.fetchone()
+    conn.commit()
+    return row or (None, None)
 
 
 def sound_originals_elsewhere(conn, group: Group, file_ids: list[int], excluding: int | Iterable[int], *,
@@ -880,6 +941,9 @@ class CatalogWriter(Recorder):
 
     def _record(self) -> list[tuple[int, str]]:
         table = sql.Identifier(self.group.storage_table)
+        # Asked before the transaction opens (the question commits): the checks then go in with
+        # the rows of the copies they speak of, in one commit.
+        log_checks = bool(self.checks) and self.keeps_fixity_log()
         try:
             with self.conn.cursor() as cur:
                 if self.inserts:
@@ -899,7 +963,7 @@ class CatalogWriter(Recorder):
                         'DELETE FROM {} AS s USING (VALUES %s) AS v (file_id, storage_id) '
                         'WHERE s.file_id = v.file_id AND s.storage_id = v.storage_id').format(table)
                         .as_string(cur), self.removals, page_size=1000)
-                if self.checks and self.keeps_fixity_log():
+                if log_checks:
                     append_fixity(cur, self.group, self.checks, fixity_agent())
             self.conn.commit()
         except psycopg2.Error:
@@ -918,7 +982,7 @@ class CatalogWriter(Recorder):
 
     def keeps_fixity_log(self) -> bool:
         if self._has_log is None:
-            self._has_log = has_fixity_log(self.conn)
+            self._has_log = has_fixity_log(self.conn) and may_append_fixity(self.conn)
         return self._has_log
 
 
@@ -996,8 +1060,10 @@ class Selection:
     holds 1.7 million files and is never loaded whole.
 
     For `copy` (archive=False): files SOURCE holds as version `version_type` or as the original,
-    and TARGET holds in no version. For `archive`: files SOURCE (the active tier) holds as the
-    original, with whatever version TARGET (the archive) already holds of them."""
+    and TARGET holds in no version; never from a copy at SOURCE that its last check found
+    missing or corrupt (rule 8: `counts` says how many are left out for that). For `archive`:
+    files SOURCE (the active tier) holds as the original, with whatever version TARGET (the
+    archive) already holds of them."""
     batch: object
     source_id: int
     target_id: int
@@ -1024,7 +1090,15 @@ class Selection:
 
     @property
     def _todo(self) -> str:
-        return 'TRUE' if self.archive else 't.file_id IS NULL'
+        return 'TRUE' if self.archive else f't.file_id IS NULL AND {self._source_sound}'
+
+    @property
+    def _source_sound(self) -> str:
+        """copy's source copy (`s`, its last check `sc`) may be read (rule 8): a sound copy of the
+        original when the original is copied, else at least not found damaged by its last check."""
+        if self.version_type == 0:
+            return f'({sound_original_sql("s", "sc")})'
+        return f'NOT {damaged_sql("sc")}'
 
     def _query(self, conn, head: str, tail: str) -> str:
         storage = self.group.storage_table
@@ -1035,6 +1109,8 @@ class Selection:
                  f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n')
         if self.archive:
             joins += last_check_join(self.group, 't', 'tc', has_fixity_log(conn)) + '\n'
+        else:
+            joins += last_check_join(self.group, 's', 'sc', has_fixity_log(conn)) + '\n'
         with conn.cursor() as cur:
             head = cur.mogrify(head, params).decode() if '%(' in head else head
             tail = cur.mogrify(joins + tail, params).decode()
@@ -1043,16 +1119,18 @@ class Selection:
     def counts(self, conn) -> dict:
         """How many files of the batch are to do (and their bytes), how many TARGET holds as
         the version asked for already, and how many in another version."""
+        left_out = 'FALSE' if self.archive else f't.file_id IS NULL AND NOT {self._source_sound}'
         head = (f'SELECT count(*) FILTER (WHERE {self._todo}),\n'
                 f'       coalesce(sum(b.file_size) FILTER (WHERE {self._todo}), 0),\n'
                 f'       count(*) FILTER (WHERE t.type = {int(self.version_type)}),\n'
                 f'       count(*) FILTER (WHERE t.type <> {int(self.version_type)}),\n'
-                '       count(*)\n'
+                '       count(*),\n'
+                f'       count(*) FILTER (WHERE {left_out})\n'
                 'FROM (')
         try:
             with conn.cursor() as cur:
                 cur.execute(self._query(conn, head, ''))
-                todo, todo_bytes, done, other, at_source = cur.fetchone()
+                todo, todo_bytes, done, other, at_source, damaged = cur.fetchone()
             conn.commit()
         except psycopg2.Error as exc:
             with contextlib.suppress(psycopg2.Error):
@@ -1061,7 +1139,7 @@ class Selection:
         if self.limit is not None and todo > self.limit:
             todo, todo_bytes = self.limit, None
         return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
-                'at_source': at_source}
+                'at_source': at_source, 'damaged_source': damaged}
 
     def check(self, conn) -> None:
         """Have PostgreSQL plan the selection (EXPLAIN: nothing runs), so that a batch whose SQL
@@ -3846,13 +3924,66 @@ def list_backends(settings: Settings, *, conn=None) -> list[dict]:
                  'priority': backend_row.priority, 'notes': backend_row.notes,
                  'created_at': backend_row.created_at.isoformat(), 'versions': counts.get(backend_row.storage_id, [])}
         if backend_row.type == 'local':
-            at_recorded_path = dot_file_mismatch(Path(backend_row.url_prefix), backend_row) is None
-            mounted_at = Path(backend_row.url_prefix) if at_recorded_path else find_disk(backend_row)
-            entry['online'] = mounted_at is not None
-            entry['mounted_at'] = str(mounted_at) if mounted_at else None
-            # Elsewhere than recorded: compared normalised, so that '/media/archive07/' as stored
-            # by the earlier script is where '/media/archive07' is.
-            entry['moved'] = mounted_at is not None and not same_folder(mounted_at, backend_row.url_prefix)
+            entry.update(disk_whereabouts(backend_row))
+        listing.append(entry)
+    return listing
+
+
+def disk_whereabouts(backend_row: BackendRow) -> dict:
+    """Whether a disk is online (its dot-file found, matching, at the recorded path or under the
+    mount roots) and where it is mounted."""
+    at_recorded_path = dot_file_mismatch(Path(backend_row.url_prefix), backend_row) is None
+    mounted_at = Path(backend_row.url_prefix) if at_recorded_path else find_disk(backend_row)
+    # Elsewhere than recorded: compared normalised, so that '/media/archive07/' as stored by the
+    # earlier script is where '/media/archive07' is.
+    return {'online': mounted_at is not None, 'mounted_at': str(mounted_at) if mounted_at else None,
+            'moved': mounted_at is not None and not same_folder(mounted_at, backend_row.url_prefix)}
+
+
+DEFAULT_CHECK_EVERY_DAYS = 365.0
+
+
+def due_checks(settings: Settings, every_days: float = DEFAULT_CHECK_EVERY_DAYS, *, conn=None) -> list[dict]:
+    """`info --due`: per backend, its copies (of both groups) and how many are due a check: last
+    checked more than `every_days` ago, or never (no check logged and no time of writing known);
+    how many are damaged (their last check found them missing or corrupt: rule 8, they count for
+    nothing until written again); the oldest and newest last check; and `checked_in_full`: the
+    oldest last check among its copies when every copy has one, i.e. the moment since which every
+    copy on the backend has been proven at least once (None while any copy was never checked).
+    A copy's last check is its newest row in the fixity log since it was written, else its
+    writing. One grouped query over both storage tables."""
+    own = conn is None
+    conn = conn or connect_catalog(settings)
+    try:
+        backend_rows = fetch_backends(conn)
+        has_log = has_fixity_log(conn)
+        parts = []
+        for group in GROUPS.values():
+            parts.append(f'SELECT s.storage_id, {last_checked_sql("s", "c")} AS last_checked, '
+                         f'{damaged_sql("c")} AS damaged FROM {group.storage_table} s '
+                         f'{last_check_join(group, "s", "c", has_log)}')
+        union = '\nUNION ALL\n'.join(parts)
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT storage_id, count(*), count(*) FILTER (WHERE last_checked IS NULL OR last_checked < "
+                        f"now() - interval '1 day' * %s), count(*) FILTER (WHERE last_checked IS NULL), "
+                        f'count(*) FILTER (WHERE damaged), min(last_checked), max(last_checked) '
+                        f'FROM ({union}) AS copies GROUP BY storage_id', (float(every_days),))
+            rows = {row[0]: row[1:] for row in cur.fetchall()}
+        conn.commit()
+    finally:
+        if own:
+            conn.close()
+    listing = []
+    for backend_row in backend_rows:
+        copies, due, never, damaged, oldest, newest = rows.get(backend_row.storage_id, (0, 0, 0, 0, None, None))
+        entry = {'storage_id': backend_row.storage_id, 'type': backend_row.type, 'url_prefix': backend_row.url_prefix,
+                 'priority': backend_row.priority, 'notes': backend_row.notes, 'every_days': every_days,
+                 'copies': copies, 'due': due, 'never_checked': never, 'damaged': damaged,
+                 'oldest_check': oldest.isoformat() if oldest else None,
+                 'newest_check': newest.isoformat() if newest else None,
+                 'checked_in_full': oldest.isoformat() if oldest and not never else None}
+        if backend_row.type == 'local':
+            entry.update(disk_whereabouts(backend_row))
         listing.append(entry)
     return listing
 
@@ -4479,6 +4610,15 @@ def transfer(file: CatalogFile, source: Backend, target: Backend, version: Versi
     return 'made', len(data)
 
 
+def copy_check(file: CatalogFile, source: Backend, target: Backend, version: Version, outcome: str) -> FixityCheck:
+    """The fixity log's row for a copy written (or found) at TARGET: it was checked on the way
+    (the original's sha256 as it streamed, a version's own check), so the copy is proven now."""
+    detail = {'copied': f'copied from backend {source.row.storage_id}',
+              'made': f'made from the original at backend {source.row.storage_id}',
+              'found': 'found written by an earlier run, read back and checked'}.get(outcome, outcome)
+    return FixityCheck(file.file_id, target.row.storage_id, version.type, 'ok', 'copy', detail)
+
+
 class CopyJob(BatchJob):
     command = 'copy'
 
@@ -4499,6 +4639,7 @@ class CopyJob(BatchJob):
             self.failed(file, exc)
             return
         self.record(file, self.target.row.storage_id, self.version.type)
+        self.recorder.log_check(copy_check(file, self.source, self.target, self.version, outcome))
         self.run.outcome(file, outcome, nbytes)
 
     def notes(self, counts: dict) -> list[str]:
@@ -4516,6 +4657,10 @@ def copy_notes(counts: dict) -> list[str]:
     if counts['other_version']:
         notes.append(f"{counts['other_version']} files skipped: the target holds another version of them "
                      f'(one version per backend)')
+    if counts.get('damaged_source'):
+        notes.append(f"{counts['damaged_source']} files skipped: the source's copy was found damaged (missing or "
+                     'corrupt) by its last check: copy them from another backend (rule 8; `verify --fix` on the '
+                     'source, then a copy to it, makes its copy count again)')
     return notes
 
 
@@ -5739,10 +5884,15 @@ def copy_file(settings: Settings, group: str, file_id: int, source_id: int, targ
                 raise VersionConflict(f'{target.describe()} holds version {file.target_type} of {group} file '
                                       f'{file_id} (one version per backend)')
             return file_state(conn, group, file_id, 'exists')
+        outcome, checked_at = copy_last_check(conn, GROUPS[group], file_id, source_id)
+        if outcome in DAMAGED_OUTCOMES:
+            raise DamagedCopy(f'{source.describe()} holds a copy of {group} file {file_id} that its last check '
+                              f'({checked_at.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M} UTC) found {outcome}: copy it from another backend')
         with target.writing():
             outcome, _ = transfer(file, source, target, version, copy_tags=source.keeps_tags and target.keeps_tags)
             writer = CatalogWriter(conn, GROUPS[group], (target,))
             writer.add(file, target_id, version.type)
+            writer.log_check(copy_check(file, source, target, version, outcome))
             writer.flush()
         return file_state(conn, group, file_id, outcome)
     finally:
@@ -5818,19 +5968,33 @@ class HeldFile:
         return self.version.object_name(self.file.object_name) if self.version else self.file.object_name
 
 
-def held_files(conn, storage_id: int, batch=None) -> tuple[Iterator[HeldFile], dict]:
-    """Every file the catalog records on the backend (of the batch, if given), streamed in
-    folder order: by the folders of the name, part by part, then by name (COLLATE "C" orders
-    like Python's str), so a disk's folders can be walked alongside. Also the totals."""
+def held_files(conn, storage_id: int, batch=None, *, by_last_check: bool = False,
+               not_checked_within: float | None = None) -> tuple[Iterator[HeldFile], dict]:
+    """Every file the catalog records on the backend (of the batch, if given), and the totals.
+
+    Streamed in folder order (by the folders of the name, part by part, then by name; COLLATE
+    "C" orders like Python's str), so a disk's folders can be walked alongside; or, with
+    `by_last_check`, least recently checked first: the copies never checked, then by the time of
+    their last check (in the fixity log, else of their writing), ties by group and file, so that
+    repeated slices of a scrub cover the whole backend. With `not_checked_within` (days), only
+    the copies whose last check is older, or missing."""
     groups = [GROUPS[batch.group]] if batch else list(GROUPS.values())
+    scrub = by_last_check or not_checked_within is not None
+    has_log = scrub and has_fixity_log(conn)
     parts = []
     for group in groups:
         source = f'({batch_sql(batch)})' if batch else group.files_table
-        parts.append(f"SELECT '{group.name}' AS grp, f.file_id, f.object_name, f.file_size, f.sha256, s.type "
-                     f'FROM {group.storage_table} s JOIN {source} AS f ON f.file_id = s.file_id '
-                     f'WHERE s.storage_id = {int(storage_id)}')
+        check = last_check_join(group, 's', 'c', has_log) if scrub else ''
+        last = last_checked_sql('s', 'c') if scrub else 'NULL::timestamptz'
+        due = (f" AND ({last} IS NULL OR {last} < now() - interval '1 day' * {float(not_checked_within)!r})"
+               if not_checked_within is not None else '')
+        parts.append(f"SELECT '{group.name}' AS grp, f.file_id, f.object_name, f.file_size, f.sha256, s.type, "
+                     f'{last} AS last_checked FROM {group.storage_table} s JOIN {source} AS f ON f.file_id = s.file_id '
+                     f'{check} WHERE s.storage_id = {int(storage_id)}{due}')
     union = '\nUNION ALL\n'.join(parts)
     folders = "(string_to_array(object_name, '/'))[1:cardinality(string_to_array(object_name, '/')) - 1]"
+    order = ('last_checked NULLS FIRST, grp, file_id' if by_last_check else
+             f'{folders} COLLATE "C", object_name COLLATE "C"')
     try:
         with conn.cursor() as cur:
             cur.execute(f'SELECT count(*), coalesce(sum(file_size) FILTER (WHERE type = 0), 0), '
@@ -5842,8 +6006,8 @@ def held_files(conn, storage_id: int, batch=None) -> tuple[Iterator[HeldFile], d
         raise selection_error(batch, exc) if batch else exc
 
     def stream() -> Iterator[HeldFile]:
-        query = f'SELECT * FROM ({union}) AS held ORDER BY {folders} COLLATE "C", object_name COLLATE "C"'
-        for group, file_id, object_name, file_size, sha256, version_type in streamed_rows(conn, query):
+        query = f'SELECT * FROM ({union}) AS held ORDER BY {order}'
+        for group, file_id, object_name, file_size, sha256, version_type, _ in streamed_rows(conn, query):
             yield HeldFile(group, CatalogFile(file_id, object_name, int(file_size), (sha256 or '').strip().lower()),
                            version_type)
     return stream(), {'files': files, 'original_bytes': original_bytes, 'versions': versions}
@@ -5865,6 +6029,12 @@ class VerifyReport(RunReport):
     with_batch: bool = False
     lists_files: bool = False
     files_root: str = ''
+    walked: bool = False                 # the disk was walked alongside: unknown files looked for
+    scrub: bool = False                  # --not-checked-within, --max-files or --max-time
+    not_checked_within: float | None = None
+    budget_spent: str | None = None      # the budget that ended the scrub before every copy due was checked
+    remaining: int | None = None         # scrub: copies selected but not checked by this run
+    checks_logged: int = 0               # rows appended to the fixity log
 
 
 def verify_file(backend: Backend, held: HeldFile, progress: Callable[[int], None]) -> int:
@@ -5880,13 +6050,120 @@ def verify_file(backend: Backend, held: HeldFile, progress: Callable[[int], None
     return len(data)
 
 
+class CheckLog:
+    """verify's checks, for the fixity log: a row per copy checked (sound 'ok', 'missing',
+    'corrupt'; a copy that could not be checked gets none: it was not checked), appended by a
+    CatalogWriter per group on a connection of the log's own, a batch every `every_rows` rows or
+    `every_seconds` seconds (as copy's rows are), never a round trip per file.
+
+    Without the table nothing is kept (has_fixity_log says once that `init-db` would keep it).
+    When the catalog refuses the rows (a read-only role) or goes away, the checks still stand:
+    the run goes on, and its report says how many were not logged and why."""
+
+    def __init__(self, settings: Settings, storage_id: int, report: VerifyReport, every_rows: int = 500,
+                 every_seconds: float = 5.0):
+        self.storage_id = storage_id
+        self.report = report
+        self.refused: str | None = None
+        self.not_logged = 0
+        self.conn = connect_catalog(settings)
+        self.writers = ({name: CatalogWriter(self.conn, group, (), every_rows, every_seconds)
+                         for name, group in GROUPS.items()} if has_fixity_log(self.conn) else {})
+        if self.writers and not may_append_fixity(self.conn):
+            self.refused = (f'this catalog role may not append to it: a role granted INSERT on {FIXITY_TABLE} '
+                            'keeps them')
+
+    def add(self, held: HeldFile, outcome: str, detail: str | None = None) -> None:
+        if self.refused:
+            self.not_logged += 1
+        elif self.writers:
+            self.writers[held.group].log_check(FixityCheck(held.file.file_id, self.storage_id, held.version_type,
+                                                           outcome, 'verify', detail or None))
+
+    def between(self, idle: bool) -> None:
+        if any(writer.due() for writer in self.writers.values()):
+            self.flush()
+
+    def flush(self) -> None:
+        for writer in self.writers.values():
+            if self.refused:
+                return
+            pending = len(writer.checks)
+            try:
+                writer.flush()
+            except psycopg2.Error as exc:
+                self.refuse(exc)
+            else:
+                self.report.checks_logged += pending
+
+    def refuse(self, exc: psycopg2.Error) -> None:
+        self.refused = (f'the catalog went away ({pg_error_line(exc)})' if catalog_outage(exc) else
+                        f'the catalog refused them ({pg_error_line(exc)})')
+        for writer in self.writers.values():
+            self.not_logged += len(writer.checks)
+            writer.checks.clear()
+        log.warning('the checks are done, but not logged in the fixity log: %s', self.refused)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            with contextlib.suppress(psycopg2.Error):
+                self.conn.close()
+        if self.refused:
+            self.report.notes.append(f'{self.not_logged:,} checks were done but not logged in the fixity log '
+                                     f'({FIXITY_TABLE}): {self.refused}')
+
+
+@dataclasses.dataclass
+class ScrubBudget:
+    """How much one slice of a scrub may check: at most `max_files` copies, or as many as it can
+    start within `max_minutes`. Once spent, no new file is started; the files in flight finish
+    and are logged."""
+    max_files: int | None = None
+    max_minutes: float | None = None
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    spent: str | None = None
+
+    def out_of_time(self) -> bool:
+        if self.max_minutes is not None and time.monotonic() - self.started >= self.max_minutes * 60:
+            self.spent = self.spent or f'--max-time {self.max_minutes:g}'
+            return True
+        return False
+
+    def take(self, items: Iterator[HeldFile]) -> Iterator[HeldFile]:
+        """The items, until the budget is spent (asking for the next one only while it is not)."""
+        taken = 0
+        while not self.out_of_time():
+            if self.max_files is not None and taken >= self.max_files:
+                self.spent = f'--max-files {self.max_files}'
+                return
+            item = next(items, None)
+            if item is None:
+                return
+            taken += 1
+            yield item
+
+    def start(self) -> None:
+        """Called as a file's check starts: one queued when the time ran out is left for the next slice."""
+        if self.out_of_time():
+            raise Cancelled()
+
+
 class Verifier:
     """What `verify` finds, as it finds it: each missing, corrupt, unknown or unchecked file
-    counted, logged and named."""
+    counted, logged and named, and each check of a copy handed to the fixity log."""
 
-    def __init__(self, run: Run, report: VerifyReport):
+    def __init__(self, run: Run, report: VerifyReport, checks: CheckLog | None = None):
         self.run, self.report = run, report
+        self.checks = checks
+        self.checked_copies = 0         # copies checked (sound, missing or corrupt): rows for the fixity log
         self.rows_to_remove: list[HeldFile] = []
+
+    def check_done(self, held: HeldFile, outcome: str, detail: str = '') -> None:
+        self.checked_copies += 1
+        if self.checks:
+            self.checks.add(held, outcome, detail)
 
     def finding(self, kind: str, held: HeldFile | None, name: str, reason: str = '') -> None:
         self.report.found[kind].append((name, reason))
@@ -5895,6 +6172,7 @@ class Verifier:
             self.run.outcome(held.file, kind, 0, reason)
             if kind in ('missing', 'corrupt'):
                 self.rows_to_remove.append(held)
+                self.check_done(held, kind, reason)
         else:
             self.run.log_entry(kind, '', 0, name, reason)
         log.warning('%s %s%s', kind.upper(), name, f': {reason}' if reason else '')
@@ -5915,6 +6193,7 @@ class Verifier:
                 self.run.stop(reason)
         else:
             self.run.outcome(held.file, 'sound', nbytes)
+            self.check_done(held, 'ok')
 
     def checkable(self, held: HeldFile) -> bool:
         if held.version is None:
@@ -6002,39 +6281,72 @@ class Verifier:
 
 
 def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = None, *, fix: bool = False,
-                   path: str | None = None, options: RunOptions | None = None) -> VerifyReport:
+                   path: str | None = None, options: RunOptions | None = None,
+                   not_checked_within: float | None = None, max_files: int | None = None,
+                   max_minutes: float | None = None) -> VerifyReport:
     """Check every file the catalog records on the backend (in the batch, if given): there, and
     sound (originals hash to the catalog's sha256, gzip versions decompress to it, WebP and FLAC
-    versions decode). On a disk, without a batch, also list the files the catalog does not know.
-    With `fix`, remove the catalog rows of missing and corrupt files (never a file)."""
+    versions decode). Every check of a copy is appended to the fixity log. With `fix`, remove
+    the catalog rows of missing and corrupt files (never a file).
+
+    A scrub (`not_checked_within` days, `max_files`, `max_minutes`) checks the least recently
+    checked copies first (never checked first; ties by file), only those not checked within
+    the days given, and stops cleanly at its budget, so that repeated slices cover the whole
+    backend; the report says how many copies remain. A disk verified whole without these (a
+    full pass, in folder order) is walked alongside the catalog, which finds the files the
+    catalog does not know; a scrub, in the order of the last checks, cannot walk the folders
+    alongside, and leaves that to the full pass."""
     options = options or RunOptions()
     options.check()
+    if max_files is not None and max_files < 1:
+        raise ConfigError('--max-files must be at least 1')
+    if max_minutes is not None and max_minutes <= 0:
+        raise ConfigError('--max-time must be more than 0 minutes')
+    if not_checked_within is not None and not_checked_within < 0:
+        raise ConfigError('--not-checked-within must not be negative')
     batch = find_batch(batch_id) if batch_id else None
+    scrub = not_checked_within is not None or max_files is not None or max_minutes is not None
     reader = connect_catalog(settings)
     try:
         backend = open_backend(fetch_backend(reader, storage_id), settings, path=path, jobs=options.jobs,
                                path_option='--path')
         backend.check(writing=False)
-        files, totals = held_files(reader, storage_id, batch)
+        walk = backend.lists_files and batch is None and not scrub
+        files, totals = held_files(reader, storage_id, batch, by_last_check=not walk,
+                                   not_checked_within=not_checked_within)
         report = VerifyReport('verify', backend.describe() + (f", batch '{batch.id}'" if batch else ''),
                               batch_id=batch.id if batch else None, storage_id=storage_id,
                               with_batch=batch is not None, lists_files=backend.lists_files,
-                              files_root=backend.files_location())
+                              files_root=backend.files_location(), walked=walk, scrub=scrub,
+                              not_checked_within=not_checked_within)
+        budget = ScrubBudget(max_files, max_minutes)
         # Versions' sizes are not in the catalog: with versions on the backend, count files only.
-        total_bytes = totals['original_bytes'] if not totals['versions'] else None
-        with Run(report, options, totals['files'], total_bytes, backends=(backend,)) as run:
-            verifier = Verifier(run, report)
+        total_bytes = totals['original_bytes'] if not totals['versions'] and max_files is None else None
+        total_files = min(totals['files'], max_files) if max_files is not None else totals['files']
+        with Run(report, options, total_files, total_bytes, backends=(backend,)) as run:
+            checks = CheckLog(settings, storage_id, report)
+            verifier = Verifier(run, report, checks)
             items = (held for held in files if verifier.checkable(held))
-            if backend.lists_files and batch is None:
+            if walk:
                 items = verifier.walk_alongside(items, backend)
+
+            def check(held: HeldFile) -> int:
+                budget.start()
+                return verify_file(backend, held, run.progress)
             try:
-                Pipeline(options.jobs, run).drive(items, lambda held: verify_file(backend, held, run.progress),
-                                                  verifier.checked)
+                Pipeline(options.jobs, run).drive(budget.take(items), check, verifier.checked, between=checks.between)
             except Exception as exc:
                 run.stop_for(exc)
                 reason = (f'the catalog went away ({pg_error_line(exc)})' if catalog_outage(exc) else
                           fatal_reason(exc, (backend,)) or describe_exception(exc))
                 report.stopped = f'{reason}: not every file was checked; run verify again'
+            finally:
+                checks.close()
+            if scrub:
+                report.remaining = max(totals['files'] - verifier.checked_copies, 0)
+                report.budget_spent = budget.spent if report.remaining else None
+                run.log_line(f'scrub: {verifier.checked_copies} copies checked, {report.remaining} remain'
+                             + (f' (stopped at {report.budget_spent})' if report.budget_spent else ''))
             if fix and not run.stopping:
                 try:
                     writer_conn = connect_catalog(settings)
@@ -6148,15 +6460,26 @@ def _write_index(conn, backend: LocalBackend, made: dt.datetime) -> dict:
     storage_id = backend.row.storage_id
     counts = {}
     final = backend.root / 'archive_index.db'
+    has_log = has_fixity_log(conn)
     with atomic_file(final) as tmp:
         index = sqlite3.connect(tmp)
         try:
             with index:
                 for group in GROUPS.values():
+                    # Each file's last check, so that the disk says when it was last proven: the
+                    # fixity log's newest row for the copy, else its writing (outcome 'ok', event
+                    # 'written': it was checked as it was written).
                     counts[group.files_table] = _copy_query(conn, index, group.files_table, sql.SQL(
-                        'SELECT f.*, s.type AS version_type FROM {} s JOIN {} f ON f.file_id = s.file_id '
+                        'SELECT f.*, s.type AS version_type, {last} AS checked_at, '
+                        "CASE WHEN c.outcome IS NOT NULL THEN c.outcome WHEN s.created_at IS NOT NULL THEN 'ok' END "
+                        'AS outcome, '
+                        "CASE WHEN c.outcome IS NOT NULL THEN c.event WHEN s.created_at IS NOT NULL THEN 'written' END "
+                        'AS check_event FROM {} s JOIN {} f ON f.file_id = s.file_id {check} '
                         'WHERE s.storage_id = %s ORDER BY f.file_id').format(
-                        sql.Identifier(group.storage_table), sql.Identifier(group.files_table)), (storage_id,))
+                        sql.Identifier(group.storage_table), sql.Identifier(group.files_table),
+                        last=sql.SQL(last_checked_sql('s', 'c')),
+                        check=sql.SQL(last_check_join(group, 's', 'c', has_log))),
+                        (storage_id,))
                 on_disk = sql.SQL(' UNION ').join(
                     sql.SQL('SELECT f.deployment_id FROM {} s JOIN {} f ON f.file_id = s.file_id WHERE s.storage_id = {}')
                     .format(sql.Identifier(g.storage_table), sql.Identifier(g.files_table), sql.Literal(storage_id))
@@ -6253,7 +6576,12 @@ def _write_report_md(conn, backend: LocalBackend, settings: Settings, made: dt.d
               '    sqlite3 archive_index.db "SELECT object_name, time FROM files_image WHERE deployment_id = 1"', '',
               f'`archive_index.db` holds the tables files_image ({summary["files_image"]:,} rows), files_audio '
               f'({summary["files_audio"]:,}), deployments ({summary["deployments"]:,}), nodes ({summary["nodes"]:,}) '
-              'and deployment_tags; `version_type` says which version of a file is here (0 is the original).', '']
+              'and deployment_tags; `version_type` says which version of a file is here (0 is the original), and '
+              '`checked_at`, `outcome` and `check_event` its last check (from the fixity log; `written` where none was '
+              'logged after it was written and checked):', '',
+              '    sqlite3 archive_index.db "SELECT min(checked_at) FROM files_image"          # the oldest last check',
+              '    sqlite3 archive_index.db "SELECT object_name FROM files_image WHERE outcome IN '
+              "('missing', 'corrupt')\"", '']
     write_text_file(backend.root / 'REPORT.md', '\n'.join(lines))
 
 
@@ -6296,6 +6624,10 @@ def format_summary(report: RunReport) -> str:
     return '\n'.join(lines)
 
 
+def n_copies(n: int) -> str:
+    return f'{n:,} {"copy" if n == 1 else "copies"}'
+
+
 def format_verify_report(report: VerifyReport) -> str:
     lines = [f'verify {report.title}']
     found = report.found
@@ -6313,8 +6645,25 @@ def format_verify_report(report: VerifyReport) -> str:
                 lines.append(f'    {name}' + (f': {reason}' if reason else ''))
             if len(found[kind]) > 50:
                 lines.append(f'    … and {len(found[kind]) - 50} more (see the log)')
-    if report.lists_files and report.with_batch:
-        lines.append('  (unknown files are looked for when the whole backend is verified, without a batch)')
+    if report.lists_files and not report.walked:
+        lines.append('  (unknown files are looked for on a full pass: the whole backend verified without a batch, '
+                     '--not-checked-within, --max-files or --max-time)')
+    if report.scrub and report.remaining is not None:
+        if report.budget_spent:
+            lines.append(f'  stopped at its budget ({report.budget_spent}): no new file was started after it; the files '
+                         'in flight were finished and logged')
+        if report.not_checked_within is not None:
+            within = f'{report.not_checked_within:g} days'
+            lines.append(f'  {n_copies(report.remaining)} {"remains" if report.remaining == 1 else "remain"} due (not '
+                         f'checked within {within}): run the same command again to go on' if report.remaining else
+                         f'  no copies remain due: all were checked within {within}')
+        elif report.remaining:
+            lines.append(f'  {n_copies(report.remaining)} {"was" if report.remaining == 1 else "were"} not reached by this '
+                         'slice: the next one starts with them (least recently checked first)')
+        else:
+            lines.append('  every copy selected was checked')
+    for note in report.notes:
+        lines.append(f'  note: {note}')
     if report.removed is not None:
         lines.append(f'  --fix: removed the catalog rows of {len(report.removed)} missing or corrupt files (no file '
                      'was touched)' if report.removed else '  --fix: no rows to remove')
@@ -6384,6 +6733,39 @@ def print_backends(listing: list[dict]) -> None:
         print('      ' + ('; '.join(held) if held else 'no files recorded'))
         if entry.get('moved'):
             print(f"      mounted at {entry['mounted_at']}, not at its recorded path")
+
+
+def print_due(listing: list[dict], every_days: float) -> None:
+    if not listing:
+        print('no storage backends yet: add one with `create`')
+        return
+    day = lambda text: text[:10] if text else 'never'
+    rows = [('ID', 'TYPE', 'PRIO', 'COPIES', 'DUE', 'NEVER CHECKED', 'DAMAGED', 'OLDEST CHECK', 'CHECKED IN FULL',
+             'PATH OR URL / NOTES')]
+    for e in listing:
+        where = e['url_prefix'] + (f" ({e['notes']})" if e['notes'] else '')
+        rows.append((str(e['storage_id']), e['type'], str(e['priority']), f"{e['copies']:,}", f"{e['due']:,}",
+                     f"{e['never_checked']:,}", f"{e['damaged']:,}",
+                     day(e['oldest_check']) if e['copies'] else '–',
+                     (day(e['checked_in_full']) if e['checked_in_full'] else 'not yet') if e['copies'] else '–',
+                     where.replace('\n', ' ')))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    print(f'copies due a check: last checked more than {every_days:g} days ago, or never')
+    for row in rows:
+        print('  '.join(cell.rjust(width) if 3 <= i <= 6 else cell.ljust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths))) + '  ' + row[-1])
+    due = [e for e in listing if e['due']]
+    for e in due:
+        offline = e['type'] == 'local' and not e.get('online')
+        print(f"  backend {e['storage_id']}{' (' + e['notes'] + ')' if e['notes'] else ''}: {n_copies(e['due'])} due"
+              + (': mount it, then' if offline else ':') + f" verify {e['storage_id']} --not-checked-within "
+              f'{every_days:g} [--max-time MIN]')
+    for e in listing:
+        if e['damaged']:
+            print(f"  backend {e['storage_id']}: {n_copies(e['damaged'])} found missing or corrupt by their last "
+                  f"check, counting for nothing: verify {e['storage_id']} --fix, then copy them back")
+    if not due:
+        print(f'  no copies are due: every copy was checked within {every_days:g} days')
 
 
 def print_batches(batches: dict, as_json: bool) -> None:
@@ -6480,20 +6862,27 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
-    return value
-
-
-def positive_number(text: str) -> float:
+def non_negative_number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value > 0 or value == float('inf'):
-        raise argparse.ArgumentTypeError(f"'{text}' must be a number above 0")
+    if not value >= 0 or value == float('inf'):
+        raise argparse.ArgumentTypeError(f"'{text}' must be a number of at least 0")
+    return value
+
+
+def positive_number(text: str) -> float:
+    value = non_negative_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be more than 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
     return value
 
 
@@ -6560,6 +6949,11 @@ def build_parser() -> ArgumentParser:
     info.add_argument('--batches', action='store_true',
                       help='list the batches defined in the batches file (and say on stderr which file)')
     info.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    info.add_argument('--due', action='store_true',
+                      help='per backend: copies due a check (last checked more than --every days ago, or never), '
+                           'the oldest last check, and since when the backend has been checked in full')
+    info.add_argument('--every', type=positive_number, metavar='DAYS',
+                      help=f'with --due: how often every copy should be checked (default {DEFAULT_CHECK_EVERY_DAYS:g})')
 
     copy = command('copy', cmd_copy, 'copy a batch of files from one backend to another', parents=(batch_run,),
                    examples='examples:\n  copy -s 1 -t 3 all_images --dry-run\n  copy -s 1 -t 3 fs1_images --jobs 16\n'
@@ -6600,7 +6994,11 @@ def build_parser() -> ArgumentParser:
         description='Checks every file the catalog records on STORAGE (in BATCH, if given): there, and sound '
                     '(originals hash to the catalog sha256, gzip versions decompress to it, WebP and FLAC versions '
                     'decode). Lists what is missing or corrupt and, on a disk, files the catalog does not know.',
-        examples='examples:\n  verify 3\n  verify 3 fs1_images --path /Volumes/archive07\n  verify 3 --fix')
+        examples='examples:\n  verify 3\n  verify 3 fs1_images --path /Volumes/archive07\n  verify 3 --fix\n'
+                 '  verify 3 --not-checked-within 30 --max-time 240     # a nightly slice of a monthly scrub\n\n'
+                 'Every check is logged in the fixity log (storage_fixity). Copies are checked least recently checked '
+                 'first;\nwith --not-checked-within, --max-files or --max-time (a scrub) the disk is not walked for '
+                 'unknown files:\na full pass (no batch, none of these options) does that.')
     verify.add_argument('storage', type=int, metavar='STORAGE', help='storage id')
     verify.add_argument('batch', nargs='?', help='only the files of this batch')
     verify.add_argument('--fix', action='store_true',
@@ -6609,6 +7007,12 @@ def build_parser() -> ArgumentParser:
     verify.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
     verify.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
                         help=f'files checked in parallel (default {DEFAULT_JOBS})')
+    verify.add_argument('--not-checked-within', type=non_negative_number, metavar='DAYS',
+                        help='check only the copies whose last check is older than DAYS (or missing)')
+    verify.add_argument('--max-files', type=positive_int, metavar='N',
+                        help='a slice of a scrub: check at most N copies, the least recently checked first')
+    verify.add_argument('--max-time', type=positive_number, metavar='MIN',
+                        help='a slice of a scrub: start no new check after MIN minutes (those in flight finish)')
 
     restore = command(
         'restore', cmd_restore, 'bring originals back from an archive to the active tier (archive backwards)',
@@ -6696,10 +7100,16 @@ def cmd_create(args, settings: Settings) -> int:
 
 
 def cmd_info(args, settings: Settings) -> int:
+    if args.batches and (args.due or args.every):
+        raise ConfigError('--batches and --due are separate listings: ask for one at a time')
     if args.batches:
         batches = load_batches()
         print('note: batches from {} ({})'.format(*batches_file()), file=sys.stderr)
         print_batches(batches, args.json)
+    elif args.due or args.every:
+        every = args.every or DEFAULT_CHECK_EVERY_DAYS
+        listing = due_checks(settings, every)
+        print(json.dumps(listing, indent=2)) if args.json else print_due(listing, every)
     else:
         listing = list_backends(settings)
         print(json.dumps(listing, indent=2)) if args.json else print_backends(listing)
@@ -6740,7 +7150,8 @@ def cmd_export(args, settings: Settings) -> int:
 
 def cmd_verify(args, settings: Settings) -> int:
     report = verify_backend(settings, args.storage, args.batch, fix=args.fix, path=args.path,
-                            options=run_options(args))
+                            options=run_options(args), not_checked_within=args.not_checked_within,
+                            max_files=args.max_files, max_minutes=args.max_time)
     print(format_verify_report(report))
     return report.exit_status
 

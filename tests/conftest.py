@@ -108,9 +108,11 @@ class World:
                                 options=self.options(**options))
 
     def verify(self, storage_id: int, batch: str | None = None, *, fix: bool = False, path=None,
-               **options) -> ms.VerifyReport:
+               not_checked_within: float | None = None, max_files: int | None = None,
+               max_minutes: float | None = None, **options) -> ms.VerifyReport:
         return ms.verify_backend(self.settings, storage_id, batch, fix=fix, path=path and str(path),
-                                 options=self.options(**options))
+                                 options=self.options(**options), not_checked_within=not_checked_within,
+                                 max_files=max_files, max_minutes=max_minutes)
 
     def popen(self, *args, env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(ROOT / 'mitwelten_storage.py'), *map(str, args)],
