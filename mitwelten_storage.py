@@ -1156,6 +1156,14 @@ def find_disk(backend_row: BackendRow) -> Path | None:
     return None
 
 
+def disk_whereabouts(backend_row: BackendRow) -> Path | None:
+    """Where the disk of a local backend is mounted now: at its recorded path when its dot-file
+    matches there, else wherever find_disk finds it under the mount roots; None when offline."""
+    if dot_file_mismatch(Path(backend_row.url_prefix), backend_row) is None:
+        return Path(backend_row.url_prefix)
+    return find_disk(backend_row)
+
+
 # --- the interface ---------------------------------------------------------------------------------
 
 class Backend:
@@ -3277,8 +3285,7 @@ def list_backends(settings: Settings, *, conn=None) -> list[dict]:
                  'priority': backend_row.priority, 'notes': backend_row.notes,
                  'created_at': backend_row.created_at.isoformat(), 'versions': counts.get(backend_row.storage_id, [])}
         if backend_row.type == 'local':
-            at_recorded_path = dot_file_mismatch(Path(backend_row.url_prefix), backend_row) is None
-            mounted_at = Path(backend_row.url_prefix) if at_recorded_path else find_disk(backend_row)
+            mounted_at = disk_whereabouts(backend_row)
             entry['online'] = mounted_at is not None
             entry['mounted_at'] = str(mounted_at) if mounted_at else None
         listing.append(entry)
@@ -4461,6 +4468,431 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
         reader.close()
 
 
+# --- coverage ----------------------------------------------------------------------------------------------
+#
+# "Is every original safe?": the files of a batch (or of both groups) counted by how many backends
+# hold a sound copy of their original (rule 8: type 0 or gzip, its last check not missing or
+# corrupt), grouped by one dimension. Everything is counted in the database, one query per group
+# and grouping: a catalog of millions of files is never brought into Python file by file.
+
+COVERAGE_DIMENSIONS = ('batch', 'deployment', 'node', 'tag', 'month', 'backend')
+COPY_BUCKETS = ('0', '1', '2', '3+')
+DEFAULT_AT_RISK = 2
+DUE_EVERY_DAYS = 365
+
+
+@dataclasses.dataclass
+class CoverageRow:
+    """One group of files: how many, how many bytes, and how many of them have 0, 1, 2, 3 or more
+    sound copies of the original. `online`: files with a sound original on an S3 tier;
+    `offline_only`: files whose sound originals are all on disks; `never_checked`: files with a
+    sound copy that was never checked (no fixity row and no time of writing); `oldest_check`:
+    the oldest last check of a sound copy; `damaged`: files with a copy found missing or corrupt.
+    For `--by backend`, the last three speak of the copies on that backend, and `originals` /
+    `versions` count what it holds."""
+    group: str
+    key: object
+    label: str | None
+    files: int
+    bytes: int
+    copies: dict
+    online: int
+    offline_only: int
+    never_checked: int
+    oldest_check: dt.datetime | None
+    damaged: int
+    originals: int | None = None
+    versions: int | None = None
+    key2: object = None
+
+    def as_dict(self) -> dict:
+        entry = {'group': self.group, 'key': self.key, 'label': self.label, 'files': self.files, 'bytes': self.bytes,
+                 'copies': dict(self.copies), 'online': self.online, 'offline_only': self.offline_only,
+                 'never_checked': self.never_checked,
+                 'oldest_check': self.oldest_check.isoformat() if self.oldest_check else None,
+                 'damaged': self.damaged}
+        if self.originals is not None:
+            entry.update(originals=self.originals, versions=self.versions)
+        return entry
+
+
+@dataclasses.dataclass
+class AtRiskFile:
+    """A file with fewer sound copies of its original than asked for, and where its copies are
+    (every version, sound or not)."""
+    group: str
+    file_id: int
+    object_name: str
+    copies: int
+    where: list
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class CoverageReport:
+    """What `coverage` found: rows by the dimension, each group's total, and the files at risk."""
+    by: str
+    batch: str | None
+    rows: list
+    totals: list
+    at_risk: list | None
+    at_risk_below: int | None
+    has_log: bool
+    made: dt.datetime
+
+    def as_dict(self) -> dict:
+        """What `coverage --json` prints and the service's GET /coverage answers."""
+        return {'rows': [row.as_dict() for row in self.rows],
+                'at_risk': [entry.as_dict() for entry in self.at_risk or []]}
+
+
+def _last_checks_cte(group: Group, has_log: bool, file_id: int | None = None) -> str:
+    """SQL for a CTE body: the newest fixity row of every copy (file, backend, version) of the
+    group, read in one pass over the log (DISTINCT ON), not one index probe per copy. Joined
+    with the condition that it is no older than the copy's storage row (see last_check_join)."""
+    if not has_log:
+        return ('SELECT NULL::integer AS file_id, NULL::integer AS storage_id, NULL::smallint AS type, '
+                'NULL::text AS outcome, NULL::timestamptz AS checked_at, NULL::text AS event WHERE false')
+    return (f'SELECT DISTINCT ON (x.file_id, x.storage_id, x.type) x.file_id, x.storage_id, x.type, x.outcome, '
+            f"x.checked_at, x.event FROM {FIXITY_TABLE} x WHERE x.file_group = '{group.name}' "
+            + (f'AND x.file_id = {int(file_id)} ' if file_id is not None else '') +
+            'ORDER BY x.file_id, x.storage_id, x.type, x.checked_at DESC, x.check_id DESC')
+
+
+def _copies_ctes(group: Group, has_log: bool, file_id: int | None = None) -> str:
+    """SQL: the CTEs `lc` (last checks) and `copies`: every storage row of the group with its
+    backend's type and priority, whether it is a sound copy of the original (rule 8), whether its
+    last check found it damaged, and when it was last checked (its writing where no check since);
+    with `file_id`, of that file only."""
+    damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+    return (f'lc AS ({_last_checks_cte(group, has_log, file_id)}),\n'
+            'copies AS (SELECT s.file_id, s.storage_id, s.type, b.type = \'s3\' AS s3, b.priority, '
+            f'{sound_original_sql("s", "lc")} AS sound, coalesce(lc.outcome IN ({damaged}), false) AS damaged, '
+            'lc.outcome, lc.event, coalesce(lc.checked_at, s.created_at) AS last_check '
+            f'FROM {group.storage_table} s JOIN storage_backend b ON b.storage_id = s.storage_id '
+            'LEFT JOIN lc ON lc.file_id = s.file_id AND lc.storage_id = s.storage_id AND lc.type = s.type '
+            "AND lc.checked_at >= coalesce(s.created_at, '-infinity')"
+            + (f' WHERE s.file_id = {int(file_id)}' if file_id is not None else '') + ')')
+
+
+def _coverage_query(group: Group, by: str, selection: str | None, batches: list, has_log: bool) -> str:
+    """SQL: one pass over the group's files and copies, giving a row per key of the dimension
+    and a total row (is_total). `selection` is a batch's SELECT (None: every file of the group);
+    for `by == 'batch'`, `batches` are the batches whose files make the rows."""
+    types = ', '.join(map(str, ORIGINAL_COPY_TYPES))
+    if by == 'batch':
+        keyed_files = ' UNION ALL '.join(f'SELECT {_quote(b.id)} AS key, bf.file_id FROM ({batch_sql(b)}) bf'
+                                         for b in batches)
+        where = f'f.file_id IN (SELECT file_id FROM batch_files)'
+    else:
+        keyed_files = None
+        where = f'f.file_id IN (SELECT file_id FROM ({selection}) sel)' if selection else 'TRUE'
+    per_file = (
+        'per_file AS MATERIALIZED (SELECT f.file_id, f.file_size, f.deployment_id, f.time, coalesce(a.n, 0) AS n, '
+        'coalesce(a.online, false) AS online, coalesce(a.never, false) AS never, a.oldest, '
+        'coalesce(a.damaged, false) AS damaged '
+        f'FROM {group.files_table} f LEFT JOIN (SELECT c.file_id, count(*) FILTER (WHERE c.sound) AS n, '
+        'bool_or(c.sound AND c.s3) AS online, bool_or(c.sound AND c.last_check IS NULL) AS never, '
+        'min(c.last_check) FILTER (WHERE c.sound) AS oldest, bool_or(c.damaged) AS damaged '
+        f'FROM copies c WHERE c.type IN ({types}) GROUP BY c.file_id) a ON a.file_id = f.file_id WHERE {where})')
+    counts = ('count(*), coalesce(sum(p.file_size), 0)::bigint, count(*) FILTER (WHERE p.n = 0), '
+              'count(*) FILTER (WHERE p.n = 1), count(*) FILTER (WHERE p.n = 2), count(*) FILTER (WHERE p.n >= 3), '
+              'count(*) FILTER (WHERE p.online), count(*) FILTER (WHERE p.n > 0 AND NOT p.online)')
+    per_file_checks = ('count(*) FILTER (WHERE p.never), min(p.oldest), count(*) FILTER (WHERE p.damaged), '
+                       'NULL::bigint, NULL::bigint')
+    month = "to_char(p.time AT TIME ZONE 'UTC', 'YYYY-MM')"
+    if by == 'deployment':
+        keyed = ('SELECT p.deployment_id::text AS key, NULL::text AS key2, min(n.node_label) AS label, '
+                 f'{counts}, {per_file_checks} FROM per_file p LEFT JOIN deployments d ON d.deployment_id = '
+                 'p.deployment_id LEFT JOIN nodes n ON n.node_id = d.node_id GROUP BY p.deployment_id')
+    elif by == 'deployment_month':
+        keyed = (f'SELECT p.deployment_id::text AS key, {month} AS key2, min(n.node_label) AS label, {counts}, '
+                 f'{per_file_checks} FROM per_file p LEFT JOIN deployments d ON d.deployment_id = p.deployment_id '
+                 f'LEFT JOIN nodes n ON n.node_id = d.node_id GROUP BY p.deployment_id, {month}')
+    elif by == 'node':
+        keyed = (f'SELECT n.node_label::text AS key, NULL::text AS key2, min(n.type) AS label, {counts}, '
+                 f'{per_file_checks} FROM per_file p LEFT JOIN deployments d ON d.deployment_id = p.deployment_id '
+                 'LEFT JOIN nodes n ON n.node_id = d.node_id GROUP BY n.node_label')
+    elif by == 'tag':
+        keyed = (f'SELECT t.name::text AS key, NULL::text AS key2, NULL::text AS label, {counts}, {per_file_checks} '
+                 'FROM per_file p LEFT JOIN mm_tags_deployments md ON md.deployments_deployment_id = p.deployment_id '
+                 'LEFT JOIN tags t ON t.tag_id = md.tags_tag_id GROUP BY t.name')
+    elif by == 'month':
+        keyed = (f'SELECT {month} AS key, NULL::text AS key2, NULL::text AS label, {counts}, {per_file_checks} '
+                 f'FROM per_file p GROUP BY {month}')
+    elif by == 'batch':
+        keyed = (f'SELECT k.key, NULL::text AS key2, NULL::text AS label, {counts}, {per_file_checks} '
+                 'FROM (SELECT DISTINCT key, file_id FROM batch_files) k JOIN per_file p ON p.file_id = k.file_id '
+                 'GROUP BY k.key')
+    elif by == 'backend':
+        keyed = ('SELECT c.storage_id::text AS key, NULL::text AS key2, NULL::text AS label, '
+                 f'{counts}, count(*) FILTER (WHERE c.sound AND c.last_check IS NULL), '
+                 'min(c.last_check) FILTER (WHERE c.sound), count(*) FILTER (WHERE c.damaged), '
+                 'count(*) FILTER (WHERE c.sound), '
+                 f'count(*) FILTER (WHERE c.type NOT IN ({types})) '
+                 'FROM per_file p JOIN copies c ON c.file_id = p.file_id GROUP BY c.storage_id')
+    else:
+        raise ConfigError(f"unknown --by '{by}'; use one of: {', '.join(COVERAGE_DIMENSIONS)}")
+    total = f'SELECT NULL::text, NULL::text, NULL::text, {counts}, {per_file_checks} FROM per_file p'
+    ctes = _copies_ctes(group, has_log) + (f',\nbatch_files AS ({keyed_files})' if keyed_files else '')
+    return (f'WITH {ctes},\n{per_file}\n'
+            f'SELECT false AS is_total, * FROM ({keyed}) keyed\nUNION ALL\nSELECT true, * FROM ({total}) total')
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _at_risk_query(group: Group, selection: str | None, below: int, has_log: bool) -> str:
+    """SQL: the files with fewer than `below` sound copies of the original, each with its copies
+    (every version) as JSON, fewest copies first, then by name."""
+    where = f'f.file_id IN (SELECT file_id FROM ({selection}) sel)' if selection else 'TRUE'
+    return (f'WITH {_copies_ctes(group, has_log)}\n'
+            'SELECT f.file_id, f.object_name, count(c.file_id) FILTER (WHERE c.sound) AS n, '
+            "coalesce(json_agg(json_build_object('storage_id', c.storage_id, 'type', c.type, 'sound', c.sound, "
+            "'outcome', c.outcome, 'last_check', c.last_check) ORDER BY c.priority, c.storage_id) "
+            "FILTER (WHERE c.file_id IS NOT NULL), '[]') "
+            f'FROM {group.files_table} f LEFT JOIN copies c ON c.file_id = f.file_id WHERE {where} '
+            f'GROUP BY f.file_id, f.object_name HAVING count(c.file_id) FILTER (WHERE c.sound) < {int(below)} '
+            'ORDER BY 3, f.object_name COLLATE "C"')
+
+
+def _coverage_groups(batch_id: str | None, by: str) -> list[tuple[Group, str | None, list]]:
+    """The groups to count, each with its selection (a batch's SELECT, or None for every file)
+    and, for `--by batch`, the batches that make its rows."""
+    if batch_id is not None:
+        batch = find_batch(batch_id)
+        return [(GROUPS[batch.group], batch_sql(batch), [batch])]
+    batches = list(load_batches().values()) if by == 'batch' else []
+    return [(group, None, [b for b in batches if b.group == group.name]) for group in GROUPS.values()]
+
+
+def _sort_key(by: str, key):
+    if key is None:
+        return (1, 0, '')
+    if by in ('deployment', 'backend', 'deployment_month'):
+        with contextlib.suppress(ValueError):
+            return (0, int(key), '')
+    return (0, 0, str(key))
+
+
+def coverage(settings: Settings, batch_id: str | None = None, *, by: str = 'deployment',
+             at_risk_below: int | None = None, conn=None) -> CoverageReport:
+    """Count the files of BATCH (every file of both groups without one) by the number of
+    backends holding a sound copy of their original, grouped `by` a dimension (see
+    COVERAGE_DIMENSIONS; 'deployment_month' too, for the page's chart). With `at_risk_below`,
+    also list the files with fewer sound copies than that, with where their copies are."""
+    if by not in COVERAGE_DIMENSIONS + ('deployment_month',):
+        raise ConfigError(f"unknown --by '{by}'; use one of: {', '.join(COVERAGE_DIMENSIONS)}")
+    if at_risk_below is not None and at_risk_below < 1:
+        raise ConfigError('--at-risk N must be at least 1')
+    groups = _coverage_groups(batch_id, by)
+    own = conn is None
+    conn = conn or connect_catalog(settings)
+    rows, totals, at_risk = [], [], [] if at_risk_below is not None else None
+    try:
+        has_log = has_fixity_log(conn)
+        backends = {b.storage_id: b for b in fetch_backends(conn)}
+        made = dt.datetime.now(dt.timezone.utc)
+        for group, selection, batches in groups:
+            if by == 'batch' and not batches:
+                continue
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(_coverage_query(group, by, selection, batches, has_log))
+                    result = cur.fetchall()
+                    if at_risk_below is not None:
+                        cur.execute(_at_risk_query(group, selection, at_risk_below, has_log))
+                        risky = cur.fetchall()
+                conn.commit()
+            except psycopg2.Error as exc:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.rollback()
+                if catalog_outage(exc) or batch_id is None and by != 'batch':
+                    raise
+                raise ConfigError(f'a batch of batches.py cannot be selected: {pg_error_line(exc)}') from None
+            group_rows = []
+            for (is_total, key, key2, label, files, size, c0, c1, c2, c3, online, offline, never, oldest, damaged,
+                 originals, versions) in result:
+                if by == 'backend' and key is not None and not is_total:
+                    backend = backends.get(int(key))
+                    label = backend.notes if backend else None
+                    key = int(key)
+                elif by in ('deployment', 'deployment_month') and key is not None:
+                    key = int(key)
+                row = CoverageRow(group.name, key, label, files, int(size), dict(zip(COPY_BUCKETS, (c0, c1, c2, c3))),
+                                  online, offline, never, oldest, damaged, originals, versions, key2)
+                if is_total:
+                    row.key, row.label = None, 'all'
+                    totals.append(row)
+                else:
+                    group_rows.append(row)
+            group_rows.sort(key=lambda r: (_sort_key(by, r.key), r.key2 or ''))
+            rows += group_rows
+            if at_risk is not None:
+                for file_id, object_name, n, copies in risky:
+                    at_risk.append(AtRiskFile(group.name, file_id, object_name, n,
+                                              [_copy_place(group.name, object_name, c, backends) for c in copies]))
+    finally:
+        if own:
+            conn.close()
+    return CoverageReport(by, batch_id, rows, totals, at_risk, at_risk_below, has_log, made)
+
+
+def _copy_place(group: str, object_name: str, copy: dict, backends: dict) -> dict:
+    """Where one copy of an at-risk file is: backend, its label and tier, the version, and
+    whether it counts (rule 8)."""
+    backend = backends.get(copy['storage_id'])
+    version = VERSIONS.get((group, copy['type']))
+    return {'storage_id': copy['storage_id'], 'label': backend.notes if backend else None,
+            'backend_type': backend.type if backend else None, 'priority': backend.priority if backend else None,
+            'type': copy['type'], 'version': version.label if version else 'unknown', 'sound': copy['sound'],
+            'outcome': copy['outcome'], 'last_check': copy['last_check']}   # ISO text, as json_agg gives it
+
+
+@dataclasses.dataclass
+class DueBackend:
+    """A backend with copies due a check: not checked (nor written) within `every_days`."""
+    storage_id: int
+    type: str
+    label: str | None
+    priority: int
+    copies: int
+    due: int
+    never_checked: int
+    oldest_check: dt.datetime | None
+
+    def as_dict(self) -> dict:
+        entry = dataclasses.asdict(self)
+        entry['oldest_check'] = self.oldest_check.isoformat() if self.oldest_check else None
+        return entry
+
+
+def copies_due(settings: Settings, every_days: float = DUE_EVERY_DAYS, *, conn=None) -> list[DueBackend]:
+    """Per backend, its copies and how many are due a check (last checked, or written, longer
+    ago than `every_days`, or never): one aggregate query per group."""
+    own = conn is None
+    conn = conn or connect_catalog(settings)
+    found: dict[int, list] = {}
+    try:
+        has_log = has_fixity_log(conn)
+        backends = {b.storage_id: b for b in fetch_backends(conn)}
+        for group in GROUPS.values():
+            with conn.cursor() as cur:
+                cur.execute(f'WITH {_copies_ctes(group, has_log)} SELECT c.storage_id, count(*), '
+                            'count(*) FILTER (WHERE c.last_check IS NULL OR c.last_check < now() - '
+                            "interval '1 day' * %s), count(*) FILTER (WHERE c.last_check IS NULL), min(c.last_check) "
+                            'FROM copies c GROUP BY c.storage_id', (float(every_days),))
+                for storage_id, copies, due, never, oldest in cur.fetchall():
+                    entry = found.setdefault(storage_id, [0, 0, 0, None])
+                    entry[0] += copies
+                    entry[1] += due
+                    entry[2] += never
+                    entry[3] = oldest if entry[3] is None else min(entry[3], oldest) if oldest else entry[3]
+            conn.commit()
+    finally:
+        if own:
+            conn.close()
+    due = []
+    for storage_id, (copies, n_due, never, oldest) in sorted(found.items()):
+        backend = backends.get(storage_id)
+        if backend is None or not n_due:
+            continue
+        due.append(DueBackend(storage_id, backend.type, backend.notes, backend.priority, copies, n_due, never, oldest))
+    return due
+
+
+# --- whereis -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Whereabouts:
+    """Every copy of one file: which backend, which version, where, whether it is online now,
+    when it was last checked and how that went; and, for an original offline only, the disks
+    to mount."""
+    group: str
+    file: dict
+    copies: list
+
+    def as_dict(self) -> dict:
+        """What `whereis --json` prints and the service's GET /KIND/ID answers."""
+        return {'file': self.file, 'copies': self.copies}
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if isinstance(value, (dt.datetime, dt.date)) else value
+
+
+def where_is(settings: Settings, group: str, file: str | int, *, conn=None) -> Whereabouts:
+    """Every copy of one file, found by its file_id or its object_name. NotFound('file') when
+    the catalog does not know it. Disks are online when their dot-file is found at their path or
+    under the mount roots (as `info` finds them); S3 tiers are online when configured."""
+    group_ = find_group(group)
+    own = conn is None
+    conn = conn or connect_catalog(settings)
+    try:
+        has_log = has_fixity_log(conn)
+        columns = 'f.file_id, f.object_name, f.file_size, f.sha256, f.time, f.deployment_id, n.node_label'
+        head = (f'SELECT {columns} FROM {group_.files_table} f LEFT JOIN deployments d ON d.deployment_id = '
+                'f.deployment_id LEFT JOIN nodes n ON n.node_id = d.node_id WHERE ')
+        with conn.cursor() as cur:
+            row = None
+            text = str(file).strip()
+            if text.isdigit() and int(text) < 2 ** 31:
+                cur.execute(head + 'f.file_id = %s', (int(text),))
+                row = cur.fetchone()
+            if row is None:
+                cur.execute(head + 'f.object_name = %s', (text,))
+                row = cur.fetchone()
+            if row is None:
+                conn.commit()
+                raise NotFound(f"no {group_.name} file with id or object name '{text}' in the catalog", 'file')
+            file_id, object_name, file_size, sha256, taken, deployment_id, node_label = row
+            cur.execute(f'WITH {_copies_ctes(group_, has_log, file_id)} SELECT c.storage_id, c.type, c.last_check, '
+                        'c.outcome, c.event, c.sound FROM copies c')
+            held = cur.fetchall()
+        conn.commit()
+        backends = {b.storage_id: b for b in fetch_backends(conn)}
+    finally:
+        if own:
+            conn.close()
+    copies = []
+    for storage_id, version_type, last_checked, outcome, check_event, sound in held:
+        backend = backends[storage_id]
+        version = VERSIONS.get((group_.name, version_type))
+        stored_name = version.object_name(object_name) if version else object_name
+        if backend.type == 'local':
+            mounted_at = disk_whereabouts(backend)
+            online = mounted_at is not None
+            root = mounted_at or Path(backend.url_prefix)
+            location = str(root / 'archive' / stored_name)
+        else:
+            mounted_at, online = None, True
+            location = f'{backend.url_prefix.rstrip("/")}/{stored_name}'
+        # A copy without a check since it was written was checked when it was written.
+        last_check = None if last_checked is None else {
+            'checked_at': last_checked.isoformat(), 'outcome': outcome or 'ok', 'event': check_event or 'written'}
+        copies.append({'storage_id': storage_id, 'type': version_type,
+                       'version': version.label if version else 'unknown', 'backend_type': backend.type,
+                       'priority': backend.priority, 'tier': PRIORITY_TIERS.get(backend.priority, 'other'),
+                       'url_prefix': backend.url_prefix, 'location': location, 'label': backend.notes,
+                       'online': online, 'mounted_at': str(mounted_at) if mounted_at else None,
+                       'original': version_type in ORIGINAL_COPY_TYPES, 'sound': bool(sound),
+                       'last_check': last_check})
+    copies.sort(key=lambda c: (c['priority'], c['storage_id']))
+    sound_copies = [c for c in copies if c['sound']]
+    online_original = any(c['online'] for c in sound_copies)
+    offline_only = bool(sound_copies) and not any(c['backend_type'] == 's3' for c in sound_copies)
+    to_mount = ([{'storage_id': c['storage_id'], 'label': c['label'], 'url_prefix': c['url_prefix']}
+                 for c in sound_copies] if offline_only and not online_original else [])
+    summary = {'group': group_.name, 'file_id': file_id, 'object_name': object_name, 'file_size': int(file_size or 0),
+               'sha256': (sha256 or '').strip().lower(), 'time': _iso(taken), 'deployment_id': deployment_id,
+               'node_label': node_label, 'sound_copies': len(sound_copies), 'online_original': online_original,
+               'offline_only': offline_only, 'disks_to_mount': to_mount}
+    return Whereabouts(group_.name, summary, copies)
+
+
 # --- report ------------------------------------------------------------------------------------------------
 
 REPORT_FILES = ('manifest-sha256.txt', 'REPORT.md', 'archive_index.db')
@@ -4787,6 +5219,106 @@ def print_disk_report(result: DiskReport) -> None:
           f'without the database: cd {result.root} && sha256sum -c manifest-sha256.txt')
 
 
+COVERAGE_KEY_HEADINGS = {'batch': 'BATCH', 'deployment': 'DEPLOYMENT', 'node': 'NODE', 'tag': 'TAG', 'month': 'MONTH',
+                         'backend': 'BACKEND'}
+
+
+def _day(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.timezone.utc).strftime('%Y-%m-%d') if value else '–'
+
+
+def coverage_key_text(row: CoverageRow) -> str:
+    if row.key is None:
+        return 'all' if row.label == 'all' else '(none)'
+    return f'{row.key} {row.label}' if row.label else str(row.key)
+
+
+def copies_text(copies: int) -> str:
+    return f"{copies} sound cop{'y' if copies == 1 else 'ies'}"
+
+
+def where_text(place: dict) -> str:
+    """One copy of an at-risk file: `backend 3 "Archive 07" (original, corrupt)`."""
+    label = f' "{place["label"]}"' if place['label'] else ''
+    state = ''
+    if place['type'] in ORIGINAL_COPY_TYPES:
+        state = ', sound' if place['sound'] else f", {place['outcome']}"
+    return f"backend {place['storage_id']}{label} ({place['version']}{state})"
+
+
+def print_coverage(report: CoverageReport) -> None:
+    what = f"batch '{report.batch}'" if report.batch else 'every file of both groups'
+    print(f'coverage of {what}, by {report.by}: files counted by the backends that hold a sound copy of their '
+          'original (the original or its gzip, not found missing or corrupt by its last check)')
+    header = ('GROUP', COVERAGE_KEY_HEADINGS[report.by], 'FILES', 'BYTES', '0', '1', '2', '3+', 'ONLINE',
+              'OFFLINE ONLY', 'NEVER CHECKED', 'DAMAGED', 'OLDEST CHECK')
+    lines = [header]
+    overlapping = report.by in ('batch', 'tag', 'backend')
+    for group in GROUPS:
+        group_rows = [r for r in report.rows if r.group == group]
+        totals = [r for r in report.totals if r.group == group]
+        for row in group_rows + ([] if (overlapping and group_rows) else totals):
+            lines.append((row.group, coverage_key_text(row), f'{row.files:,}', human_bytes(row.bytes),
+                          *(f'{row.copies[k]:,}' for k in COPY_BUCKETS), f'{row.online:,}', f'{row.offline_only:,}',
+                          f'{row.never_checked:,}', f'{row.damaged:,}', _day(row.oldest_check)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    right = set(range(2, len(header) - 1))
+    for line in lines:
+        print('  '.join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+              .rstrip())
+    if overlapping:
+        print(f'  (a file counts in the row of each {report.by} it belongs to' +
+              ('; NEVER CHECKED, DAMAGED and OLDEST CHECK speak of the copies on that backend)'
+               if report.by == 'backend' else ')'))
+    if not report.has_log:
+        print('  (no fixity log in this catalog: a copy counts as checked when it was written; `init-db` creates the log)')
+    for total in report.totals:
+        zero, one = total.copies['0'], total.copies['1']
+        if zero:
+            print(f'{total.group}: {zero:,} of {total.files:,} files have NO sound copy of their original')
+        elif total.files:
+            print(f'{total.group}: every one of {total.files:,} files has a sound copy of its original'
+                  + (f'; {one:,} only one' if one else ''))
+    if report.at_risk is not None:
+        below = report.at_risk_below
+        if not report.at_risk:
+            print(f'at risk: none; every file has at least {copies_text(below)}')
+        else:
+            print(f'at risk: {len(report.at_risk):,} files with fewer than {copies_text(below)} of the original:')
+            for entry in report.at_risk:
+                where = '; '.join(where_text(place) for place in entry.where) or 'no copy recorded anywhere'
+                print(f'  {entry.group} {entry.file_id} {entry.object_name}: {copies_text(entry.copies)}; {where}')
+
+
+def print_whereis(found: Whereabouts) -> None:
+    f = found.file
+    print(f"{f['group']} {f['file_id']} {f['object_name']}: {human_bytes(f['file_size'])}, sha256 {f['sha256']}")
+    print(f"  taken {f['time'] or '?'} by node {f['node_label'] or '?'} (deployment {f['deployment_id']})")
+    if not found.copies:
+        print('  no backend records a copy of it')
+    rows = [('ID', 'VERSION', 'TIER', 'ONLINE', 'LAST CHECK', 'LABEL', 'WHERE')]
+    for c in found.copies:
+        check = c['last_check']
+        check_text = (f"{check['checked_at'][:19].replace('T', ' ')} {check['outcome']} ({check['event']})"
+                      if check else 'never')
+        online = ('yes' if c['online'] else 'no') + ('' if c['sound'] or not c['original'] else ', DAMAGED')
+        rows.append((str(c['storage_id']), f"{c['type']} {c['version']}", f"{c['priority']} {c['tier']}", online,
+                     check_text, c['label'] or '', c['location']))
+    if found.copies:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            print('  ' + '  '.join(cell.ljust(w) for cell, w in zip(row, widths)) + '  ' + row[-1])
+    print(f"  {copies_text(f['sound_copies'])} of the original"
+          + ('; online now' if f['online_original'] else '; none online now' if f['sound_copies'] else ''))
+    if f['disks_to_mount']:
+        print('  the original is offline only: mount ' + ' or '.join(
+            f"disk {d['storage_id']} \"{d['label'] or ''}\" (recorded at {d['url_prefix']})" for d in f['disks_to_mount']))
+
+
+def write_coverage_page(settings: Settings, report: CoverageReport, page: Path) -> None:
+    write_text_file(page, '<!doctype html><title>coverage</title>')
+
+
 class TqdmProgress(Progress):
     """The progress bar (bytes, files, rate, time left) on stderr, on a terminal only."""
 
@@ -4969,6 +5501,34 @@ def build_parser() -> ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument('storage', type=int, metavar='STORAGE', help='storage id of a local disk')
     report.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
+
+    coverage_ = commands.add_parser(
+        'coverage', help='is every original safe? files counted by their sound copies',
+        description='Counts the files of BATCH (every file of both groups without one), grouped --by a dimension, '
+                    'by the number of backends that hold a sound copy of their original: the original or its gzip, '
+                    'not found missing or corrupt by its last check. Exit 0; with --at-risk, exit 1 when some file '
+                    'has fewer than N sound copies (for cron).',
+        epilog='examples:\n  coverage\n  coverage --by month --at-risk\n  coverage fs1_images --by node --at-risk 3\n'
+               '  coverage --by backend --json\n  coverage --html /media/archive07/coverage.html',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    coverage_.add_argument('batch', nargs='?', help='only the files of this batch')
+    coverage_.add_argument('--by', choices=COVERAGE_DIMENSIONS, default='deployment',
+                           help='the rows: one per batch, deployment (default), node, tag, month or backend')
+    coverage_.add_argument('--at-risk', type=positive_int, nargs='?', const=DEFAULT_AT_RISK, metavar='N',
+                           help=f'list the files with fewer than N sound copies (default {DEFAULT_AT_RISK}), and where '
+                                'their copies are; exit 1 when there are any')
+    coverage_.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    coverage_.add_argument('--html', metavar='FILE', help='also write one self-contained HTML page: the table and '
+                                                          'charts (copies per deployment and month, per tier, disks '
+                                                          'due a check)')
+
+    whereis = commands.add_parser(
+        'whereis', help='every copy of one file: where, which version, online now, last checked',
+        epilog='examples:\n  whereis image 1234\n  whereis audio 4258-6870/2021-07-27/05/4258-6870_2021-07-27T05-00-00Z.wav',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    whereis.add_argument('group', choices=tuple(GROUPS), help='image or audio (their file ids overlap)')
+    whereis.add_argument('file', metavar='FILE_ID|OBJECT_NAME', help="the file's id or its object name")
+    whereis.add_argument('--json', action='store_true', help='print JSON instead of text')
     return parser
 
 
@@ -5043,7 +5603,31 @@ def run_command(args, settings: Settings) -> int:
         return report.exit_status
     elif args.command == 'report':
         print_disk_report(write_report(settings, args.storage, path=args.path))
+    elif args.command == 'coverage':
+        return run_coverage(args, settings)
+    elif args.command == 'whereis':
+        try:
+            found = where_is(settings, args.group, args.file)
+        except NotFound as exc:
+            raise ConfigError(str(exc)) from None
+        print(json.dumps(found.as_dict(), indent=2)) if args.json else print_whereis(found)
     return EXIT_OK
+
+
+def run_coverage(args, settings: Settings) -> int:
+    page = Path(args.html).expanduser() if args.html else None
+    if page is not None and not page.parent.is_dir():
+        raise ConfigError(f'--html {args.html}: the folder {page.parent} does not exist')
+    report = coverage(settings, args.batch, by=args.by, at_risk_below=args.at_risk)
+    if page is not None:
+        write_coverage_page(settings, report, page)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print_coverage(report)
+        if page is not None:
+            print(f'wrote {page}')
+    return EXIT_FAILURES if report.at_risk else EXIT_OK
 
 
 if __name__ == '__main__':
