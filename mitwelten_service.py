@@ -23,6 +23,7 @@ Configuration, from the environment:
 
 Endpoints (KIND is `images` or `audio`):
 
+    GET       /KIND/ID              the file's state and every copy, as `whereis --json` prints them
     GET, HEAD /KIND/ID/original     the original, streamed and sha256-checked; Range supported
     POST      /KIND/ID/archive      {"storage_id": S, "sha256": H}: archive S holds the original
     POST      /KIND/ID/scaled       {"type": N}: version N in place of the original online
@@ -353,6 +354,56 @@ class FileStateModel(BaseModel):
     held: list[VersionHeld]
 
 
+class LastCheck(BaseModel):
+    checked_at: str = Field(description="the copy's last check, else when it was written (ISO 8601)")
+    outcome: str = Field(description="'ok', 'missing', 'corrupt' or 'repaired'")
+    event: str | None = Field(description="what checked it ('copy', 'verify', …), or 'written'")
+
+
+class CopyWhereabouts(BaseModel):
+    storage_id: int
+    type: int
+    version: str
+    backend_type: str
+    priority: int
+    tier: str
+    url_prefix: str
+    location: str = Field(description="the copy's URL or path")
+    label: str | None
+    online: bool = Field(description='S3: configured; a disk: its dot-file found at its path or under the mount roots')
+    mounted_at: str | None
+    original: bool = Field(description="the original's exact bytes (the original or its gzip)")
+    sound: bool = Field(description='a copy of the original not found missing or corrupt by its last check')
+    last_check: LastCheck | None
+
+
+class DiskToMount(BaseModel):
+    storage_id: int
+    label: str | None
+    url_prefix: str
+
+
+class FileSummary(BaseModel):
+    group: str
+    file_id: int
+    object_name: str
+    file_size: int
+    sha256: str
+    time: str | None
+    deployment_id: int | None
+    node_label: str | None
+    sound_copies: int
+    online_original: bool
+    offline_only: bool
+    disks_to_mount: list[DiskToMount]
+
+
+class FileWhereabouts(BaseModel):
+    """What `whereis --json` prints."""
+    file: FileSummary
+    copies: list[CopyWhereabouts]
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     """The byte range a Range header asks for, as (first, last); 'unsatisfiable'; or None for
     the whole (no Range, a malformed one, or several ranges, which are answered whole: RFC 9110
@@ -494,6 +545,13 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
                                      206: {'description': 'the range asked for',
                                            'content': {t: {} for t in original_types}},
                                      **problems(401, 403, 404, 416)})
+
+    @app.get('/{kind}/{file_id}', response_model=FileWhereabouts,
+             summary="The file's state: its catalog row and every copy, as `whereis --json` prints them",
+             responses=problems(401, 403, 404))
+    def get_file(kind: Kind, file_id: FileId, claims: dict = Depends(reader)):
+        with service().pool.connection() as conn:
+            return ms.where_is(service().config.catalog, kind.group, file_id, conn=conn).as_dict()
 
     @app.post('/{kind}/{file_id}/archive', response_model=FileStateModel, status_code=201,
               summary='Record that an archive backend holds the checked original',

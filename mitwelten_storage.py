@@ -5315,8 +5315,308 @@ def print_whereis(found: Whereabouts) -> None:
             f"disk {d['storage_id']} \"{d['label'] or ''}\" (recorded at {d['url_prefix']})" for d in f['disks_to_mount']))
 
 
+# --- the coverage page (coverage --html) -------------------------------------------------------------------
+#
+# One self-contained HTML file: inline CSS and SVG drawn from the small templates below, no script,
+# no outside asset, so that it opens from a USB stick on any machine. No chart library: the three
+# charts are rectangles and text, which a template draws in a few lines and a library would add a
+# dependency (and, for the JavaScript ones, a script) for.
+
+COPY_COLOURS = {'0': '#c62828', '1': '#ef8a17', '2': '#8bc34a', '3+': '#2e7d32'}
+COPY_WORDS = {'0': 'no sound copy', '1': 'one copy only', '2': 'two copies', '3+': 'three or more'}
+
+PAGE_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d2733;background:#f4f6f8}
+header{background:#1f3a4d;color:#fff;padding:20px 32px}header h1{margin:0;font-size:24px}
+header p{margin:4px 0 0;color:#c9d6df}main{padding:8px 32px 40px;max-width:1400px}
+section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.12);padding:16px 20px;margin:16px 0}
+h2{font-size:18px;margin:0 0 4px}p.note{color:#5b6b79;margin:2px 0 12px}
+.cards{display:flex;flex-wrap:wrap;gap:10px}.card{flex:1 1 120px;box-sizing:border-box;border-radius:6px;padding:8px 12px;
+background:#f4f6f8;border-left:6px solid #90a4ae}.card b{display:block;font-size:22px;white-space:nowrap}.card span{color:#5b6b79}
+table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e3e8ec;text-align:right;
+white-space:nowrap}th{background:#eef2f5;position:sticky;top:0}td.k,th.k{text-align:left}
+tr.total td{font-weight:bold;border-top:2px solid #90a4ae}.bad{color:#c62828;font-weight:bold}
+.warn{color:#b25e00;font-weight:bold}.legend span{display:inline-block;margin-right:16px}
+.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px;border-radius:2px}
+.ok{color:#2e7d32;font-weight:bold}svg text{font:11px system-ui,sans-serif;fill:#1d2733}
+"""
+
+
+def _e(value) -> str:
+    import html
+    return html.escape('' if value is None else str(value), quote=True)
+
+
+def _legend() -> str:
+    return '<p class="legend">' + ''.join(f'<span><i style="background:{COPY_COLOURS[k]}"></i>{COPY_WORDS[k]}</span>'
+                                          for k in COPY_BUCKETS) + '</p>'
+
+
+def _group_cards(total: CoverageRow) -> str:
+    cards = [(f'{total.files:,}', f'{total.group} files, {human_bytes(total.bytes)}', '#1f3a4d')]
+    cards += [(f'{total.copies[k]:,}', COPY_WORDS[k], COPY_COLOURS[k]) for k in COPY_BUCKETS]
+    cards += [(f'{total.online:,}', 'original online (S3)', '#90a4ae'),
+              (f'{total.offline_only:,}', 'original on disks only', '#90a4ae'),
+              (f'{total.never_checked:,}', 'never checked', '#90a4ae'),
+              (_day(total.oldest_check), 'oldest last check', '#90a4ae')]
+    return '<div class="cards">' + ''.join(
+        f'<div class="card" style="border-left-color:{colour}"><b data-group="{_e(total.group)}" data-key="all" '
+        f'data-card="{_e(text)}">{_e(value)}</b><span>{_e(text)}</span></div>' for value, text, colour in cards) + '</div>'
+
+
+def _share_bar(row: CoverageRow, width: int = 1000, height: int = 26) -> str:
+    """One stacked bar: the row's files by copies, left to right from 0 to 3+."""
+    parts, x = [], 0.0
+    for k in COPY_BUCKETS:
+        n = row.copies[k]
+        if not n:
+            continue
+        w = width * n / max(row.files, 1)
+        parts.append(f'<rect x="{x:.1f}" y="0" width="{w:.1f}" height="{height}" fill="{COPY_COLOURS[k]}">'
+                     f'<title>{n:,} files: {COPY_WORDS[k]}</title></rect>')
+        if w > 60:
+            parts.append(f'<text x="{x + 6:.1f}" y="{height / 2 + 4}" style="fill:#fff">{n:,} · {COPY_WORDS[k]}</text>')
+        x += w
+    return (f'<svg width="100%" viewBox="0 0 {width} {height}" preserveAspectRatio="none" role="img">'
+            + ''.join(parts) + '</svg>')
+
+
+def _months_between(first: str, last: str) -> list[str]:
+    year, month = map(int, first.split('-'))
+    months = []
+    while f'{year:04d}-{month:02d}' <= last:
+        months.append(f'{year:04d}-{month:02d}')
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return months
+
+
+def _heatmap(grid: CoverageReport, limit: int = 200) -> str:
+    """Deployments (rows) by months (columns), each cell coloured by the fewest copies any of its
+    files has: the holes of single copies show as orange and red."""
+    cells = {}
+    labels = {}
+    for row in grid.rows:
+        if row.key2 is None:
+            continue
+        key = (row.group, row.key)
+        labels[key] = row.label
+        cells.setdefault(key, {})[row.key2] = row
+    if not cells:
+        return '<p class="note">No files.</p>'
+    all_months = sorted({m for months in cells.values() for m in months})
+    months = _months_between(all_months[0], all_months[-1]) if len(all_months) < 600 else all_months
+
+    groups = list(GROUPS)
+
+    def worst(key) -> tuple:
+        counts = collections_sum(cells[key].values())
+        return (groups.index(key[0]), -counts['0'], -counts['1'], key[1] if key[1] is not None else -1)
+    ordered = sorted(cells, key=worst)
+    shown, hidden = ordered[:limit], ordered[limit:]
+    cell_w = max(9, min(44, 900 // max(len(months), 1)))
+    cell_h, left, top = 20, 190, 46
+    width = left + cell_w * len(months) + 230
+    height = top + cell_h * len(shown) + 6
+    parts = []
+    for i, month in enumerate(months):
+        x = left + i * cell_w
+        if month.endswith('-01') or (i == 0 and month < f'{month[:4]}-11'):
+            parts.append(f'<text x="{x}" y="{top - 24}" style="font-weight:bold">{month[:4]}</text>')
+        if cell_w >= 18 or month[5:] in ('01', '04', '07', '10'):
+            parts.append(f'<text x="{x + 2}" y="{top - 8}">{month[5:]}</text>')
+    for j, key in enumerate(shown):
+        y = top + j * cell_h
+        group, deployment = key
+        name = f'{group} {deployment if deployment is not None else "?"} {labels[key] or ""}'.strip()
+        parts.append(f'<text x="0" y="{y + 14}">{_e(name[:30])}</text>')
+        counts = collections_sum(cells[key].values())
+        files = sum(counts.values())
+        risky = ', '.join(f'{counts[k]:,} {COPY_WORDS[k]}' for k in ('0', '1') if counts[k])
+        parts.append(f'<text x="{left + cell_w * len(months) + 8}" y="{y + 14}">{files:,} files'
+                     + (f' · <tspan style="fill:#c62828">{risky}</tspan>' if risky else '') + '</text>')
+        for i, month in enumerate(months):
+            row = cells[key].get(month)
+            if row is None:
+                continue
+            fewest = next(k for k in COPY_BUCKETS if row.copies[k])
+            tip = (f'{name}, {month}: {row.files:,} files; ' +
+                   ', '.join(f'{row.copies[k]:,} {COPY_WORDS[k]}' for k in COPY_BUCKETS if row.copies[k]))
+            parts.append(f'<rect x="{left + i * cell_w}" y="{y}" width="{cell_w - 1}" height="{cell_h - 1}" '
+                         f'rx="2" fill="{COPY_COLOURS[fewest]}"><title>{_e(tip)}</title></rect>')
+    note = (f'<p class="note">{len(hidden):,} more deployments not drawn (those with the most copies).</p>'
+            if hidden else '')
+    return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+            + ''.join(parts) + '</svg>' + note)
+
+
+def collections_sum(rows) -> dict:
+    total = dict.fromkeys(COPY_BUCKETS, 0)
+    for row in rows:
+        for k in COPY_BUCKETS:
+            total[k] += row.copies[k]
+    return total
+
+
+def _tier_chart(tiers: CoverageReport, backends: dict) -> str:
+    """Per tier, per backend: the sound originals it holds, its other versions, its damaged copies."""
+    per_backend: dict[int, dict] = {}
+    for row in tiers.rows:
+        entry = per_backend.setdefault(row.key, {'originals': 0, 'versions': 0, 'damaged': 0})
+        for field in entry:
+            entry[field] += getattr(row, field) or 0
+    if not per_backend:
+        return '<p class="note">No copies recorded.</p>'
+    scale = max(sum(e.values()) for e in per_backend.values()) or 1
+    colours = {'originals': '#2e7d32', 'versions': '#64b5f6', 'damaged': '#c62828'}
+    words = {'originals': 'sound originals', 'versions': 'other versions', 'damaged': 'damaged'}
+    parts, y, left, bar_w = [], 0, 300, 640
+    for priority in sorted({backends[k].priority for k in per_backend if k in backends}):
+        parts.append(f'<text x="0" y="{y + 14}" style="font-weight:bold">tier {priority}: '
+                     f'{_e(PRIORITY_TIERS.get(priority, "other"))}</text>')
+        y += 22
+        for storage_id in sorted(k for k in per_backend if k in backends and backends[k].priority == priority):
+            entry, backend = per_backend[storage_id], backends[storage_id]
+            parts.append(f'<text x="12" y="{y + 13}">{storage_id} {_e((backend.notes or backend.url_prefix)[:40])}'
+                         '</text>')
+            x = float(left)
+            for field in ('originals', 'versions', 'damaged'):
+                if entry[field]:
+                    w = bar_w * entry[field] / scale
+                    parts.append(f'<rect x="{x:.1f}" y="{y}" width="{max(w, 1.5):.1f}" height="18" '
+                                 f'fill="{colours[field]}"><title>{entry[field]:,} {words[field]}</title></rect>')
+                    x += w
+            text = ', '.join(f'{entry[f]:,} {words[f]}' for f in ('originals', 'versions', 'damaged') if entry[f])
+            parts.append(f'<text x="{x + 6:.1f}" y="{y + 13}">{_e(text)}</text>')
+            y += 24
+        y += 6
+    width = left + bar_w + 260
+    legend = '<p class="legend">' + ''.join(f'<span><i style="background:{colours[f]}"></i>{words[f]}</span>'
+                                            for f in colours) + '</p>'
+    return legend + f'<svg width="{width}" height="{y}" viewBox="0 0 {width} {y}" role="img">' + ''.join(parts) + '</svg>'
+
+
+def _coverage_table(report: CoverageReport) -> str:
+    fields = ('files', 'bytes', *COPY_BUCKETS, 'online', 'offline_only', 'never_checked', 'damaged', 'oldest_check')
+    heads = ('files', 'bytes', '0 copies', '1', '2', '3+', 'online', 'offline only', 'never checked', 'damaged',
+             'oldest check')
+    lines = ['<table><thead><tr><th class="k">group</th><th class="k">' + _e(report.by) + '</th>'
+             + ''.join(f'<th>{_e(h)}</th>' for h in heads) + '</tr></thead><tbody>']
+    overlapping = report.by in ('batch', 'tag', 'backend')
+    for group in GROUPS:
+        rows = [r for r in report.rows if r.group == group]
+        totals = [] if overlapping and rows else [r for r in report.totals if r.group == group]
+        for row in rows + totals:
+            is_total = any(row is t for t in totals)
+            key = 'all' if is_total else ('' if row.key is None else row.key)
+            cells = []
+            for field in fields:
+                if field in COPY_BUCKETS:
+                    value, shown = row.copies[field], f'{row.copies[field]:,}'
+                    css = ' class="bad"' if field == '0' and value else ' class="warn"' if field == '1' and value else ''
+                elif field == 'bytes':
+                    value, shown, css = row.bytes, human_bytes(row.bytes), ''
+                elif field == 'oldest_check':
+                    value = row.oldest_check.isoformat() if row.oldest_check else ''
+                    shown, css = _day(row.oldest_check), ''
+                else:
+                    value = getattr(row, field)
+                    shown, css = f'{value:,}', ''
+                cells.append(f'<td data-field="{field}" data-value="{_e(value)}"{css}>{_e(shown)}</td>')
+            label = coverage_key_text(row)
+            lines.append(f'<tr class="{"total" if is_total else "row"}" data-group="{_e(row.group)}" '
+                         f'data-key="{_e(key)}"><td class="k">{_e(row.group)}</td><td class="k">{_e(label)}</td>'
+                         + ''.join(cells) + '</tr>')
+    lines.append('</tbody></table>')
+    return '\n'.join(lines)
+
+
+def _due_table(due: list, every_days: int) -> str:
+    if not due:
+        return f'<p class="ok">Every copy was checked (or written) within the last {every_days} days.</p>'
+    lines = ['<table><thead><tr><th class="k">backend</th><th class="k">label</th><th class="k">type</th>'
+             '<th>copies</th><th>due</th><th>never checked</th><th>oldest last check</th><th class="k">share due</th>'
+             '</tr></thead><tbody>']
+    for d in due:
+        share = d.due / max(d.copies, 1)
+        bar = (f'<svg width="160" height="12" role="img"><rect width="160" height="12" fill="#e3e8ec"/>'
+               f'<rect width="{160 * share:.1f}" height="12" fill="#ef8a17"/></svg> {share:.0%}')
+        lines.append(f'<tr class="due" data-storage-id="{d.storage_id}"><td class="k">{d.storage_id}</td>'
+                     f'<td class="k">{_e(d.label)}</td><td class="k">{_e(d.type)} (tier {d.priority})</td>'
+                     f'<td data-field="copies">{d.copies:,}</td><td data-field="due">{d.due:,}</td>'
+                     f'<td data-field="never_checked">{d.never_checked:,}</td>'
+                     f'<td data-field="oldest_check">{_day(d.oldest_check)}</td><td class="k">{bar}</td></tr>')
+    lines.append('</tbody></table>')
+    return '\n'.join(lines)
+
+
+def _at_risk_list(report: CoverageReport, limit: int = 500) -> str:
+    if report.at_risk is None:
+        return ''
+    if not report.at_risk:
+        return (f'<section><h2>At risk</h2><p class="ok">No file has fewer than {copies_text(report.at_risk_below)} '
+                'of its original.</p></section>')
+    items = ''.join(f'<li><code>{_e(a.group)} {a.file_id} {_e(a.object_name)}</code>: {copies_text(a.copies)}; '
+                    f'{_e("; ".join(where_text(p) for p in a.where) or "no copy recorded anywhere")}</li>'
+                    for a in report.at_risk[:limit])
+    more = f'<p class="note">… and {len(report.at_risk) - limit:,} more (see `coverage --at-risk`).</p>' \
+        if len(report.at_risk) > limit else ''
+    return (f'<section><h2>At risk: {len(report.at_risk):,} files with fewer than '
+            f'{copies_text(report.at_risk_below)}</h2><ul>{items}</ul>{more}</section>')
+
+
+def coverage_page(settings: Settings, report: CoverageReport, grid: CoverageReport, tiers: CoverageReport,
+                  due: list, backends: dict, every_days: int = DUE_EVERY_DAYS) -> str:
+    """The page `coverage --html` writes, from what the engine counted."""
+    what = f"batch {report.batch}" if report.batch else 'every file of both groups'
+    made = report.made.astimezone(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+    summary = []
+    for total in report.totals:
+        verdict = (f'<p class="bad">{total.copies["0"]:,} {total.group} files have no sound copy of their original.</p>'
+                   if total.copies['0'] else
+                   f'<p class="warn">{total.copies["1"]:,} {total.group} files have one sound copy only.</p>'
+                   if total.copies['1'] else
+                   f'<p class="ok">Every {total.group} file has at least two sound copies.</p>' if total.files else '')
+        summary.append(f'<h2>{_e(total.group)}</h2>{verdict}{_group_cards(total)}'
+                       f'<div style="margin:10px 0 18px">{_share_bar(total)}</div>')
+    log_note = '' if report.has_log else (
+        '<p class="warn">This catalog has no fixity log: a copy counts as checked when it was written, and damage '
+        'found by earlier checks is not known. `init-db` creates the log.</p>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Mitwelten storage: is every original safe? ({_e(made)})</title><style>{PAGE_STYLE}</style></head>
+<body><header><h1>Is every original safe?</h1>
+<p>Mitwelten storage coverage of {_e(what)}, catalog schema <code>{_e(settings.schema)}</code>, made {_e(made)}
+by mitwelten-storage {_e(__version__)}.</p></header><main>
+<section>{log_note}<p class="note">A file's copies are the backends holding a sound copy of its original: the
+original or its gzip, not found missing or corrupt by its last check.</p>{_legend()}{''.join(summary)}</section>
+<section><h2>Copies per deployment and month</h2><p class="note">Each cell is one deployment in one month, coloured
+by the fewest copies any of its files has: orange and red are the holes. Point at a cell for its numbers.</p>
+{_legend()}{_heatmap(grid)}</section>
+<section><h2>Copies per tier</h2><p class="note">What each backend holds, by tier.</p>
+{_tier_chart(tiers, backends)}</section>
+<section><h2>Due a check</h2><p class="note">Backends with copies last checked (or written) more than {every_days}
+days ago, or never: scrub them with <code>verify STORAGE</code>.</p>{_due_table(due, every_days)}</section>
+<section><h2>By {_e(report.by)}</h2>{_coverage_table(report)}</section>
+{_at_risk_list(report)}
+</main></body></html>
+"""
+
+
 def write_coverage_page(settings: Settings, report: CoverageReport, page: Path) -> None:
-    write_text_file(page, '<!doctype html><title>coverage</title>')
+    """coverage --html: the page, from the report and three more counts (deployment by month,
+    per backend, due a check), written atomically."""
+    conn = connect_catalog(settings)
+    try:
+        grid = coverage(settings, report.batch, by='deployment_month', conn=conn)
+        tiers = report if report.by == 'backend' else coverage(settings, report.batch, by='backend', conn=conn)
+        due = copies_due(settings, conn=conn)
+        backends = {b.storage_id: b for b in fetch_backends(conn)}
+    finally:
+        conn.close()
+    try:
+        write_text_file(page, coverage_page(settings, report, grid, tiers, due, backends))
+    except OSError as exc:
+        raise ConfigError(f'--html {page}: cannot write it: {exc.strerror or exc}') from None
 
 
 class TqdmProgress(Progress):

@@ -11,7 +11,9 @@ import datetime as dt
 import json
 import re
 import shutil
+import subprocess
 import types
+from html.parser import HTMLParser
 
 import pytest
 
@@ -292,3 +294,98 @@ def test_whereis_of_an_unknown_file_exits_2(safe_world):
         assert f"no {args[0]} file with id or object name '{args[1]}'" in result.stderr
         assert 'Traceback' not in result.stderr
     assert o.world.cli('whereis', 'video', '1').returncode == 2
+
+
+# --- the service: GET /KIND/ID ----------------------------------------------------------------------
+
+def test_the_service_answers_a_files_state_as_whereis_json(safe_world, service):
+    o = safe_world
+    for group, kind, f in (('image', 'images', o.images[0]), ('image', 'images', o.images[5]),
+                           ('audio', 'audio', o.recordings[1])):
+        response = service.request('GET', f'/{kind}/{f.file_id}')
+        assert response.status == 200, response.data[:300]
+        assert json.loads(response.data) == json.loads(o.world.cli('whereis', group, f.file_id, '--json').stdout)
+    unknown = service.request('GET', '/images/999999')
+    assert unknown.status == 404 and unknown.headers['Content-Type'] == 'application/problem+json'
+    assert json.loads(unknown.data)['type'] == ms.PROBLEM + 'file-not-found'
+    assert service.request('GET', f'/images/{o.images[0].file_id}', token=None).status == 401
+    assert service.request('GET', f'/images/{o.images[0].file_id}', token=service.token(roles=())).status == 403
+
+
+# --- coverage --html ---------------------------------------------------------------------------------
+
+class PageCells(HTMLParser):
+    """The table rows of the page: (group, key) → {field: data-value}; and the due table."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.due, self.row, self.due_row, self.field, self.text = {}, {}, None, None, None, ''
+        self.svgs = 0
+        self.external = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == 'svg':
+            self.svgs += 1
+        if tag in ('script', 'link', 'img', 'iframe') or any(
+                v and v.startswith(('http:', 'https:', '//')) for k, v in attrs if k in ('src', 'href')):
+            self.external.append((tag, a))
+        if tag == 'tr' and 'data-group' in a:
+            self.row = self.rows.setdefault((a['data-group'], a['data-key']), {})
+        elif tag == 'tr' and 'data-storage-id' in a:
+            self.due_row = self.due.setdefault(int(a['data-storage-id']), {})
+        elif tag == 'td' and 'data-field' in a:
+            if self.row is not None and 'data-value' in a:
+                self.row[a['data-field']] = a['data-value']
+            elif self.due_row is not None:
+                self.field, self.text = a['data-field'], ''
+
+    def handle_data(self, data):
+        if self.field:
+            self.text += data
+
+    def handle_endtag(self, tag):
+        if tag == 'td' and self.field:
+            self.due_row[self.field] = self.text.strip()
+            self.field = None
+        elif tag == 'tr':
+            self.row = self.due_row = None
+
+
+def test_the_html_page_shows_the_catalogs_numbers_and_renders(safe_world):
+    o = safe_world
+    page = o.world.tmp_path / 'coverage.html'
+    result = o.world.cli('coverage', '--by', 'node', '--at-risk', '--html', page)
+    assert result.returncode == 1, result.stderr          # files at risk
+    assert f'wrote {page}' in result.stdout
+    text = page.read_text(encoding='utf-8')
+    cells = PageCells()
+    cells.feed(text)
+    assert cells.external == [] and cells.svgs >= 3       # self-contained, with its charts
+    document = coverage_json(o, '--by', 'node')
+    assert document['rows']
+    for row in document['rows']:
+        shown = cells.rows[(row['group'], str(row['key']))]
+        for field in ('files', 'bytes', 'online', 'offline_only', 'never_checked', 'damaged'):
+            assert int(shown[field]) == row[field], (row, field)
+        for bucket, n in row['copies'].items():
+            assert int(shown[bucket]) == n
+    # the totals, counted from the world's truth
+    for group in ('image', 'audio'):
+        truth = [b for f, b in o.sound if f.group == group]
+        total = cells.rows[(group, 'all')]
+        assert int(total['files']) == len(truth)
+        assert int(total['0']) == sum(not b for b in truth) and int(total['1']) == sum(len(b) == 1 for b in truth)
+    # due a check: disk 1 holds i7's copy written long ago; disk 2 holds i6's copy never checked
+    assert cells.due[o.disk1]['due'] == '1' and cells.due[o.disk2]['due'] == '1'
+    assert cells.due[o.disk2]['never_checked'] == '1' and cells.due[o.disk1]['oldest_check'] == '2020-03-04'
+    assert o.active not in cells.due
+    assert o.images[0].object_name in text                 # the at-risk list names the files
+    chromium = shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')
+    if chromium is None:
+        pytest.skip('no chromium on PATH: the page was checked, not rendered')
+    shot = o.world.tmp_path / 'coverage.png'
+    rendered = subprocess.run([chromium, '--headless', '--no-sandbox', '--disable-gpu',
+                               '--disable-background-networking', f'--screenshot={shot}', '--window-size=1400,2000',
+                               page.as_uri()], capture_output=True, text=True, timeout=180)
+    assert shot.exists() and shot.stat().st_size > 20_000, rendered.stderr[-2000:]
