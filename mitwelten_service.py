@@ -28,6 +28,7 @@ Endpoints (KIND is `images` or `audio`):
     POST      /KIND/ID/archive      {"storage_id": S, "sha256": H}: archive S holds the original
     POST      /KIND/ID/scaled       {"type": N}: version N in place of the original online
     DELETE    /KIND/ID/original     with If-Match: "<sha256>": the original leaves the online tier
+    GET       /coverage?batch=B&by=D   what `coverage --json` prints
     GET       /backends             what `info --json` prints
     GET       /healthz              database and S3 reachable (no token)
 """
@@ -404,6 +405,38 @@ class FileWhereabouts(BaseModel):
     copies: list[CopyWhereabouts]
 
 
+class Dimension(str, enum.Enum):
+    batch = 'batch'
+    deployment = 'deployment'
+    node = 'node'
+    tag = 'tag'
+    month = 'month'
+    backend = 'backend'
+
+
+class CoverageCounts(BaseModel):
+    group: str
+    key: int | str | None = Field(description='deployment id, node label, tag, YYYY-MM, storage id or batch id')
+    label: str | None
+    files: int
+    bytes: int
+    copies: dict[str, int] = Field(description='files by their number of sound copies of the original: '
+                                               '{"0": n, "1": n, "2": n, "3+": n}')
+    online: int
+    offline_only: int
+    never_checked: int
+    oldest_check: str | None
+    damaged: int
+    originals: int | None = None
+    versions: int | None = None
+
+
+class Coverage(BaseModel):
+    """What `coverage --json` prints."""
+    rows: list[CoverageCounts]
+    at_risk: list[dict]
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     """The byte range a Range header asks for, as (first, last); 'unsatisfiable'; or None for
     the whole (no Range, a malformed one, or several ranges, which are answered whole: RFC 9110
@@ -552,6 +585,18 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     def get_file(kind: Kind, file_id: FileId, claims: dict = Depends(reader)):
         with service().pool.connection() as conn:
             return ms.where_is(service().config.catalog, kind.group, file_id, conn=conn).as_dict()
+
+    @app.get('/coverage', response_model=Coverage, response_model_exclude_unset=True,
+             summary='Files counted by their sound copies of the original, as `coverage --json` prints them',
+             responses=problems(401, 403, 404))
+    def get_coverage(batch: str | None = None, by: Dimension = Dimension.deployment, claims: dict = Depends(reader)):
+        if batch is not None:
+            try:
+                ms.find_batch(batch)
+            except ms.ConfigError as exc:
+                raise Failure(404, 'batch-not-found', 'Unknown batch', str(exc)) from None
+        with service().pool.connection() as conn:
+            return ms.coverage(service().config.catalog, batch, by=by.value, conn=conn).as_dict()
 
     @app.post('/{kind}/{file_id}/archive', response_model=FileStateModel, status_code=201,
               summary='Record that an archive backend holds the checked original',

@@ -122,6 +122,15 @@ def main() -> int:
             print(f'$ cd {disk} && sha256sum -c manifest-sha256.txt   -> '
                   + ('every original OK' if check.returncode == 0 else check.stdout + check.stderr))
         print('\n' + '\n'.join((disk / 'REPORT.md').read_text().splitlines()[:16]) + '\n  …')
+
+        say('Is every original safe? Each file counted by the backends that hold a sound copy of its original')
+        run_tool('coverage', env=env)
+        say('Which files have fewer than 2 sound copies, and where are they? (exit 1 while any are at risk)')
+        run_tool('coverage', 'fs1_audio', '--by', 'month', '--at-risk', env=env, check=False)
+        say('Where is one file? Every copy, whether it is online now, and when it was last checked')
+        run_tool('whereis', 'image', images[0].object_name, env=env)
+        say('The same as one self-contained page, to open in any browser (also from the disk itself)')
+        run_tool('coverage', '--by', 'month', '--html', DEMO_DIR / 'coverage.html', env=env)
         say('Stopping the services')
     print(f'  done. The archive disk and the logs stay in {DEMO_DIR} for you to look at.')
     return 0

@@ -389,3 +389,15 @@ def test_the_html_page_shows_the_catalogs_numbers_and_renders(safe_world):
                                '--disable-background-networking', f'--screenshot={shot}', '--window-size=1400,2000',
                                page.as_uri()], capture_output=True, text=True, timeout=180)
     assert shot.exists() and shot.stat().st_size > 20_000, rendered.stderr[-2000:]
+
+
+def test_the_service_answers_coverage_as_coverage_json(safe_world, service):
+    o = safe_world
+    for query, args in (('', ()), ('?by=month', ('--by', 'month')), ('?batch=fs1_images&by=backend',
+                                                                       ('fs1_images', '--by', 'backend'))):
+        response = service.request('GET', '/coverage' + query)
+        assert response.status == 200, response.data[:300]
+        assert json.loads(response.data) == coverage_json(o, *args)
+    unknown = service.request('GET', '/coverage?batch=no_such_batch')
+    assert unknown.status == 404 and json.loads(unknown.data)['type'] == ms.PROBLEM + 'batch-not-found'
+    assert service.request('GET', '/coverage?by=colour').status == 422
