@@ -4561,20 +4561,21 @@ def _last_checks_cte(group: Group, has_log: bool, file_id: int | None = None) ->
             'ORDER BY x.file_id, x.storage_id, x.type, x.checked_at DESC, x.check_id DESC')
 
 
-def _copies_ctes(group: Group, has_log: bool, file_id: int | None = None) -> str:
+def _copies_ctes(group: Group, has_log: bool, file_id: int | None = None, files: str | None = None) -> str:
     """SQL: the CTEs `lc` (last checks) and `copies`: every storage row of the group with its
     backend's type and priority, whether it is a sound copy of the original (rule 8), whether its
     last check found it damaged, and when it was last checked (its writing where no check since);
-    with `file_id`, of that file only."""
+    with `file_id`, of that file only; with `files` (a SELECT of file_id), of those files only."""
     damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+    where = (f' WHERE s.file_id = {int(file_id)}' if file_id is not None else
+             f' WHERE s.file_id IN ({files})' if files else '')
     return (f'lc AS ({_last_checks_cte(group, has_log, file_id)}),\n'
             'copies AS (SELECT s.file_id, s.storage_id, s.type, b.type = \'s3\' AS s3, b.priority, '
             f'{sound_original_sql("s", "lc")} AS sound, coalesce(lc.outcome IN ({damaged}), false) AS damaged, '
             'lc.outcome, lc.event, coalesce(lc.checked_at, s.created_at) AS last_check '
             f'FROM {group.storage_table} s JOIN storage_backend b ON b.storage_id = s.storage_id '
             'LEFT JOIN lc ON lc.file_id = s.file_id AND lc.storage_id = s.storage_id AND lc.type = s.type '
-            "AND lc.checked_at >= coalesce(s.created_at, '-infinity')"
-            + (f' WHERE s.file_id = {int(file_id)}' if file_id is not None else '') + ')')
+            f"AND lc.checked_at >= coalesce(s.created_at, '-infinity'){where})")
 
 
 def _coverage_query(group: Group, by: str, selection: str | None, batches: list, has_log: bool) -> str:
@@ -4636,7 +4637,11 @@ def _coverage_query(group: Group, by: str, selection: str | None, batches: list,
     else:
         raise ConfigError(f"unknown --by '{by}'; use one of: {', '.join(COVERAGE_DIMENSIONS)}")
     total = f'SELECT NULL::text, NULL::text, NULL::text, {counts}, {per_file_checks} FROM per_file p'
-    ctes = _copies_ctes(group, has_log) + (f',\nbatch_files AS ({keyed_files})' if keyed_files else '')
+    # A batch's copies only: the copies of a few files of a large catalog are not all aggregated.
+    if keyed_files:
+        ctes = f'batch_files AS ({keyed_files}),\n' + _copies_ctes(group, has_log, files='SELECT file_id FROM batch_files')
+    else:
+        ctes = _copies_ctes(group, has_log, files=f'SELECT file_id FROM ({selection}) sel' if selection else None)
     return (f'WITH {ctes},\n{per_file}\n'
             f'SELECT false AS is_total, * FROM ({keyed}) keyed\nUNION ALL\nSELECT true, * FROM ({total}) total')
 
@@ -4646,17 +4651,22 @@ def _quote(text: str) -> str:
 
 
 def _at_risk_query(group: Group, selection: str | None, below: int, has_log: bool) -> str:
-    """SQL: the files with fewer than `below` sound copies of the original, each with its copies
-    (every version) as JSON, fewest copies first, then by name."""
+    """SQL: the files with fewer than `below` sound copies of the original, fewest first, then by
+    name, each with its copies (every version) as JSON, looked up for these files only."""
     where = f'f.file_id IN (SELECT file_id FROM ({selection}) sel)' if selection else 'TRUE'
-    return (f'WITH {_copies_ctes(group, has_log)}\n'
-            'SELECT f.file_id, f.object_name, count(c.file_id) FILTER (WHERE c.sound) AS n, '
-            "coalesce(json_agg(json_build_object('storage_id', c.storage_id, 'type', c.type, 'sound', c.sound, "
-            "'outcome', c.outcome, 'last_check', c.last_check) ORDER BY c.priority, c.storage_id) "
-            "FILTER (WHERE c.file_id IS NOT NULL), '[]') "
-            f'FROM {group.files_table} f LEFT JOIN copies c ON c.file_id = f.file_id WHERE {where} '
-            f'GROUP BY f.file_id, f.object_name HAVING count(c.file_id) FILTER (WHERE c.sound) < {int(below)} '
-            'ORDER BY 3, f.object_name COLLATE "C"')
+    files = f'SELECT file_id FROM ({selection}) sel' if selection else None
+    return (f'WITH {_copies_ctes(group, has_log, files=files)},\n'
+            'risky AS (SELECT f.file_id, f.object_name, coalesce(a.n, 0) AS n '
+            f'FROM {group.files_table} f LEFT JOIN (SELECT c.file_id, count(*) FILTER (WHERE c.sound) AS n '
+            'FROM copies c GROUP BY c.file_id) a ON a.file_id = f.file_id '
+            f'WHERE {where} AND coalesce(a.n, 0) < {int(below)})\n'
+            'SELECT r.file_id, r.object_name, r.n, w.places FROM risky r CROSS JOIN LATERAL ('
+            "SELECT coalesce(json_agg(json_build_object('storage_id', s.storage_id, 'type', s.type, 'sound', "
+            f"{sound_original_sql('s', 'lcx')}, 'outcome', lcx.outcome, 'last_check', "
+            'coalesce(lcx.checked_at, s.created_at)) ORDER BY b.priority, s.storage_id), \'[]\') AS places '
+            f'FROM {group.storage_table} s JOIN storage_backend b ON b.storage_id = s.storage_id '
+            f"{last_check_join(group, 's', 'lcx', has_log)} WHERE s.file_id = r.file_id) w "
+            'ORDER BY r.n, r.object_name COLLATE "C"')
 
 
 def _coverage_groups(batch_id: str | None, by: str) -> list[tuple[Group, str | None, list]]:
