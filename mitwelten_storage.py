@@ -4562,18 +4562,20 @@ def _last_checks_cte(group: Group, has_log: bool, file_id: int | None = None) ->
 
 
 def _copies_ctes(group: Group, has_log: bool, file_id: int | None = None, files: str | None = None) -> str:
-    """SQL: the CTEs `lc` (last checks) and `copies`: every storage row of the group with its
-    backend's type and priority, whether it is a sound copy of the original (rule 8), whether its
+    """SQL: the CTEs `lc` (last checks) and `copies`: every storage row of the group, whether it
+    is on an S3 tier, whether it is a sound copy of the original (rule 8), whether its
     last check found it damaged, and when it was last checked (its writing where no check since);
     with `file_id`, of that file only; with `files` (a SELECT of file_id), of those files only."""
     damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
     where = (f' WHERE s.file_id = {int(file_id)}' if file_id is not None else
              f' WHERE s.file_id IN ({files})' if files else '')
     return (f'lc AS ({_last_checks_cte(group, has_log, file_id)}),\n'
-            'copies AS (SELECT s.file_id, s.storage_id, s.type, b.type = \'s3\' AS s3, b.priority, '
+            # which backends are S3 tiers: one array, made once (InitPlan), not a join per copy
+            "copies AS (SELECT s.file_id, s.storage_id, s.type, s.storage_id = ANY(ARRAY(SELECT storage_id "
+            "FROM storage_backend WHERE type = 's3')) AS s3, "
             f'{sound_original_sql("s", "lc")} AS sound, coalesce(lc.outcome IN ({damaged}), false) AS damaged, '
             'lc.outcome, lc.event, coalesce(lc.checked_at, s.created_at) AS last_check '
-            f'FROM {group.storage_table} s JOIN storage_backend b ON b.storage_id = s.storage_id '
+            f'FROM {group.storage_table} s '
             'LEFT JOIN lc ON lc.file_id = s.file_id AND lc.storage_id = s.storage_id AND lc.type = s.type '
             f"AND lc.checked_at >= coalesce(s.created_at, '-infinity'){where})")
 
@@ -4598,43 +4600,35 @@ def _coverage_query(group: Group, by: str, selection: str | None, batches: list,
         'bool_or(c.sound AND c.s3) AS online, bool_or(c.sound AND c.last_check IS NULL) AS never, '
         'min(c.last_check) FILTER (WHERE c.sound) AS oldest, bool_or(c.damaged) AS damaged '
         f'FROM copies c WHERE c.type IN ({types}) GROUP BY c.file_id) a ON a.file_id = f.file_id WHERE {where})')
-    counts = ('count(*), coalesce(sum(p.file_size), 0)::bigint, count(*) FILTER (WHERE p.n = 0), '
-              'count(*) FILTER (WHERE p.n = 1), count(*) FILTER (WHERE p.n = 2), count(*) FILTER (WHERE p.n >= 3), '
-              'count(*) FILTER (WHERE p.online), count(*) FILTER (WHERE p.n > 0 AND NOT p.online)')
+    def counts_of(rows: str) -> str:
+        return (f'count(*) FILTER (WHERE {rows}), coalesce(sum(p.file_size) FILTER (WHERE {rows}), 0)::bigint, '
+                + ', '.join(f'count(*) FILTER (WHERE {rows} AND {c})' for c in (
+                    'p.n = 0', 'p.n = 1', 'p.n = 2', 'p.n >= 3', 'p.online', 'p.n > 0 AND NOT p.online')))
+    counts = counts_of('TRUE')
     per_file_checks = ('count(*) FILTER (WHERE p.never), min(p.oldest), count(*) FILTER (WHERE p.damaged), '
                        'NULL::bigint, NULL::bigint')
     month = "to_char(p.time AT TIME ZONE 'UTC', 'YYYY-MM')"
+    nodes = ('FROM per_file p LEFT JOIN deployments d ON d.deployment_id = p.deployment_id '
+             'LEFT JOIN nodes n ON n.node_id = d.node_id')
+    # Where each file is in one row, the total is a grouping set of the same pass; where a file
+    # may be in several (tag, batch, backend), the files are counted once more for it.
     if by == 'deployment':
-        keyed = ('SELECT p.deployment_id::text AS key, NULL::text AS key2, min(n.node_label) AS label, '
-                 f'{counts}, {per_file_checks} FROM per_file p LEFT JOIN deployments d ON d.deployment_id = '
-                 'p.deployment_id LEFT JOIN nodes n ON n.node_id = d.node_id GROUP BY p.deployment_id')
+        single = ('p.deployment_id', 'p.deployment_id', 'p.deployment_id::text', 'NULL::text', 'min(n.node_label)', nodes)
     elif by == 'deployment_month':
-        keyed = (f'SELECT p.deployment_id::text AS key, {month} AS key2, min(n.node_label) AS label, {counts}, '
-                 f'{per_file_checks} FROM per_file p LEFT JOIN deployments d ON d.deployment_id = p.deployment_id '
-                 f'LEFT JOIN nodes n ON n.node_id = d.node_id GROUP BY p.deployment_id, {month}')
+        single = (f'p.deployment_id, {month}', 'p.deployment_id', 'p.deployment_id::text', month, 'min(n.node_label)', nodes)
     elif by == 'node':
-        keyed = (f'SELECT n.node_label::text AS key, NULL::text AS key2, min(n.type) AS label, {counts}, '
-                 f'{per_file_checks} FROM per_file p LEFT JOIN deployments d ON d.deployment_id = p.deployment_id '
-                 'LEFT JOIN nodes n ON n.node_id = d.node_id GROUP BY n.node_label')
+        single = ('n.node_label', 'n.node_label', 'n.node_label::text', 'NULL::text', 'min(n.type)', nodes)
+    elif by == 'month':
+        single = (month, month, month, 'NULL::text', 'NULL::text', 'FROM per_file p')
     elif by == 'tag':
         keyed = (f'SELECT t.name::text AS key, NULL::text AS key2, NULL::text AS label, {counts}, {per_file_checks} '
                  'FROM per_file p LEFT JOIN mm_tags_deployments md ON md.deployments_deployment_id = p.deployment_id '
                  'LEFT JOIN tags t ON t.tag_id = md.tags_tag_id GROUP BY t.name')
-    elif by == 'month':
-        keyed = (f'SELECT {month} AS key, NULL::text AS key2, NULL::text AS label, {counts}, {per_file_checks} '
-                 f'FROM per_file p GROUP BY {month}')
     elif by == 'batch':
         keyed = (f'SELECT k.key, NULL::text AS key2, NULL::text AS label, {counts}, {per_file_checks} '
                  'FROM (SELECT DISTINCT key, file_id FROM batch_files) k JOIN per_file p ON p.file_id = k.file_id '
                  'GROUP BY k.key')
-    elif by == 'backend':
-        keyed = ('SELECT c.storage_id::text AS key, NULL::text AS key2, NULL::text AS label, '
-                 f'{counts}, count(*) FILTER (WHERE c.sound AND c.last_check IS NULL), '
-                 'min(c.last_check) FILTER (WHERE c.sound), count(*) FILTER (WHERE c.damaged), '
-                 'count(*) FILTER (WHERE c.sound), '
-                 f'count(*) FILTER (WHERE c.type NOT IN ({types})) '
-                 'FROM per_file p JOIN copies c ON c.file_id = p.file_id GROUP BY c.storage_id')
-    else:
+    elif by != 'backend':
         raise ConfigError(f"unknown --by '{by}'; use one of: {', '.join(COVERAGE_DIMENSIONS)}")
     total = f'SELECT NULL::text, NULL::text, NULL::text, {counts}, {per_file_checks} FROM per_file p'
     # A batch's copies only: the copies of a few files of a large catalog are not all aggregated.
@@ -4642,6 +4636,31 @@ def _coverage_query(group: Group, by: str, selection: str | None, batches: list,
         ctes = f'batch_files AS ({keyed_files}),\n' + _copies_ctes(group, has_log, files='SELECT file_id FROM batch_files')
     else:
         ctes = _copies_ctes(group, has_log, files=f'SELECT file_id FROM ({selection}) sel' if selection else None)
+    if by == 'backend':
+        # Each copy with its file's numbers (window functions over the file's copies), in one pass:
+        # the rows count copies per backend; the total counts each file once (its first row).
+        window = ('count(*) FILTER (WHERE c.sound) OVER w AS n, coalesce(bool_or(c.sound AND c.s3) OVER w, false) '
+                  'AS online, coalesce(bool_or(c.sound AND c.last_check IS NULL) OVER w, false) AS never, '
+                  'min(c.last_check) FILTER (WHERE c.sound) OVER w AS oldest, '
+                  f'coalesce(bool_or(c.damaged AND c.type IN ({types})) OVER w, false) AS file_damaged, '
+                  'row_number() OVER w = 1 AS first')
+        per_copy = (f'per_copy AS (SELECT f.file_id, f.file_size, c.storage_id, c.type, c.sound, c.damaged, '
+                    f'c.last_check, {window} FROM {group.files_table} f LEFT JOIN copies c ON c.file_id = f.file_id '
+                    f'WHERE {where} WINDOW w AS (PARTITION BY f.file_id))')
+        return (f'WITH {ctes},\n{per_copy}\n'
+                'SELECT GROUPING(p.storage_id) = 1 AS is_total, p.storage_id::text AS key, NULL::text AS key2, '
+                f"NULL::text AS label, {counts_of('p.storage_id IS NOT NULL')}, "
+                'count(*) FILTER (WHERE p.sound AND p.last_check IS NULL), min(p.last_check) FILTER (WHERE p.sound), '
+                'count(*) FILTER (WHERE p.damaged), count(*) FILTER (WHERE p.sound), '
+                f"count(*) FILTER (WHERE p.type NOT IN ({types})), {counts_of('p.first')}, "
+                'count(*) FILTER (WHERE p.first AND p.never), min(p.oldest), '
+                'count(*) FILTER (WHERE p.first AND p.file_damaged) '
+                'FROM per_copy p GROUP BY GROUPING SETS ((p.storage_id), ())')
+    if by in ('deployment', 'deployment_month', 'node', 'month'):
+        grouping, first, key, key2, label, source = single
+        return (f"WITH {ctes},\n{per_file.replace('AS MATERIALIZED', 'AS', 1)}\n"
+                f'SELECT GROUPING({first}) = 1 AS is_total, {key} AS key, {key2} AS key2, {label} AS label, '
+                f'{counts}, {per_file_checks} {source} GROUP BY GROUPING SETS (({grouping}), ())')
     return (f'WITH {ctes},\n{per_file}\n'
             f'SELECT false AS is_total, * FROM ({keyed}) keyed\nUNION ALL\nSELECT true, * FROM ({total}) total')
 
@@ -4724,8 +4743,15 @@ def coverage(settings: Settings, batch_id: str | None = None, *, by: str = 'depl
                     raise
                 raise ConfigError(f'a batch of batches.py cannot be selected: {pg_error_line(exc)}') from None
             group_rows = []
-            for (is_total, key, key2, label, files, size, c0, c1, c2, c3, online, offline, never, oldest, damaged,
-                 originals, versions) in result:
+            for record in result:
+                is_total, key, key2, label = record[:4]
+                values = record[4:17]
+                if by == 'backend':
+                    if is_total:
+                        values = record[17:28] + (None, None)     # each file once
+                    elif key is None:
+                        continue                                  # files on no backend
+                files, size, c0, c1, c2, c3, online, offline, never, oldest, damaged, originals, versions = values
                 if by == 'backend' and key is not None and not is_total:
                     backend = backends.get(int(key))
                     label = backend.notes if backend else None

@@ -4,7 +4,7 @@ Filled with SQL (generate_series) in a throwaway PostgreSQL; no file is written 
 `coverage` reads only the catalog. 1.6 million images and 400,000 recordings over 36 months and
 400 deployments of 200 nodes; every file on an archive disk (8 disks), the active bucket holding
 a WebP or FLAC in the original's place, 60 % of the images on a second disk, 10 % of the
-recordings as gzip on a second bucket; 500,000 checks in the fixity log, 1,000 of them corrupt.
+recordings as gzip on a second bucket; 400,000 checks in the fixity log, 4,000 of them corrupt.
 
     python -m bench.coverage [--rounds 3] [--files 2000000]
 """
