@@ -39,7 +39,8 @@ last section) does all the printing. The tests call the operations in-process:
 Batch operations: copy_batch, archive_batch, verify_backend, write_report, list_backends,
 init_db, create_local_backend, create_s3_backend, plan_batch (a dry run). Per-file operations
 (what the storage service calls): fetch_file, file_state, active_original, copy_file,
-archive_file, record_archived, make_version_in_place, delete_original.
+archive_file, record_archived, make_version_in_place, delete_original. What is safe, and where
+(read only): coverage, copies_due, where_is.
 """
 
 from __future__ import annotations
@@ -5705,6 +5706,8 @@ examples:
   mitwelten_storage.py archive -s 1 -t 3 fs1_images --replace-with 1 --via https://storage.mitwelten.org
   mitwelten_storage.py verify 3 --fix
   mitwelten_storage.py report 3
+  mitwelten_storage.py coverage --at-risk                          # exit 1 when a file has < 2 sound copies
+  mitwelten_storage.py whereis image 1234
 
 database: --db DSN, else $MITWELTEN_DB, else libpq's defaults (PGHOST, PGUSER, ~/.pgpass, …);
 schema: --schema, else $MITWELTEN_DB_SCHEMA, else 'prod'. S3 credentials come from boto3's

@@ -71,6 +71,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--files', type=int, default=2_000_000)
+    parser.add_argument('--explain', action='store_true', help="also print EXPLAIN ANALYZE of the images' query "
+                                                                'by deployment')
     args = parser.parse_args()
     images, recordings = args.files * 4 // 5, args.files // 5
     with throwaway_services() as services:
@@ -88,6 +90,13 @@ def main() -> int:
         filled = time.perf_counter() - started
         print(f'{images + recordings:,} files, {copies:,} copies, {checks:,} fixity rows (filled in {filled:.0f} s)',
               flush=True)
+        if args.explain:
+            conn = ms.connect_catalog(settings)
+            with conn.cursor() as cur:
+                cur.execute('EXPLAIN (ANALYZE, BUFFERS) ' + ms._coverage_query(ms.GROUPS['image'], 'deployment', None,
+                                                                               [], True))
+                print('\n'.join(row[0] for row in cur.fetchall()), flush=True)
+            conn.close()
         env = dict(os.environ, MITWELTEN_DB=services.pg_dsn, MITWELTEN_DB_SCHEMA='bench_coverage',
                    MITWELTEN_MOUNT_ROOTS='')
         lines = ['| command | median of %d | rounds |' % args.rounds, '|---|---:|---|']
