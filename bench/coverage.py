@@ -114,8 +114,33 @@ def main() -> int:
             lines.append(f'| `{" ".join(command)}` | {statistics.median(seconds):.2f} s | '
                          + ', '.join(f'{s:.2f}' for s in seconds) + ' |')
             print(lines[-1], flush=True)
+        # The same, in this process, with the catalog server's CPU time for it (its backend's
+        # utime + stime from /proc): on a busy machine the wall-clock time says more about the others.
+        conn = ms.connect_catalog(settings)
+        with conn.cursor() as cur:
+            cur.execute('SELECT pg_backend_pid()')
+            pid = cur.fetchone()[0]
+        conn.commit()
+        lines += ['', '| query (both groups, in-process) | wall, median | catalog server CPU, median |', '|---|---:|---:|']
+        for by in ('deployment', 'month', 'tag', 'backend'):
+            walls, cpus = [], []
+            for _ in range(args.rounds):
+                cpu0, t0 = server_cpu(pid), time.perf_counter()
+                ms.coverage(settings, by=by, conn=conn)
+                walls.append(time.perf_counter() - t0)
+                cpus.append(server_cpu(pid) - cpu0)
+            lines.append(f'| `--by {by}` | {statistics.median(walls):.2f} s | {statistics.median(cpus):.2f} s |')
+            print(lines[-1], flush=True)
+        conn.close()
+        print(f'load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
         print('\n'.join(lines))
     return 0
+
+
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a local process has used, from /proc (Linux)."""
+    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
 if __name__ == '__main__':
