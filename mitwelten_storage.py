@@ -5314,8 +5314,8 @@ def print_coverage(report: CoverageReport) -> None:
         if zero:
             print(f'{total.group}: {zero:,} of {total.files:,} files have NO sound copy of their original')
         elif total.files:
-            print(f'{total.group}: every one of {total.files:,} files has a sound copy of its original'
-                  + (f'; {one:,} only one' if one else ''))
+            print(f'{total.group}: all {total.files:,} files have a sound copy of their original'
+                  + (f'; {one:,} of them only one' if one else ''))
     if report.at_risk is not None:
         below = report.at_risk_below
         if not report.at_risk:

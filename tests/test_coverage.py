@@ -151,7 +151,7 @@ def test_coverage_text_names_the_columns_and_what_is_unsafe(safe_world):
     # 8 files; copies 0: i0; 1: i1, i5; 2: i2; 3+: i3, i4, i6, i7; online 6; offline only 1
     assert re.search(r'\s8\s+\S+ \S?B\s+1\s+2\s+1\s+4\s+6\s+1\s', total), total
     assert 'image: 1 of 8 files have NO sound copy of their original' in result.stdout
-    assert 'audio: every one of 2 files has a sound copy of its original; 2 only one' in result.stdout
+    assert 'audio: all 2 files have a sound copy of their original; 2 of them only one' in result.stdout
 
 
 def test_at_risk_lists_the_files_below_n_with_where_their_copies_are_and_exits_1(safe_world):
