@@ -4742,7 +4742,8 @@ def coverage(settings: Settings, batch_id: str | None = None, *, by: str = 'depl
                     conn.rollback()
                 if catalog_outage(exc) or batch_id is None and by != 'batch':
                     raise
-                raise ConfigError(f'a batch of batches.py cannot be selected: {pg_error_line(exc)}') from None
+                named = ', '.join(f"'{b.id}'" for b in batches)
+                raise ConfigError(f'batch {named} (batches.py) cannot be selected: {pg_error_line(exc)}') from None
             group_rows = []
             for record in result:
                 is_total, key, key2, label = record[:4]
