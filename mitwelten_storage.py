@@ -5367,7 +5367,7 @@ PAGE_STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d2733;background:#f4f6f8}
 header{background:#1f3a4d;color:#fff;padding:20px 32px}header h1{margin:0;font-size:24px}
 header p{margin:4px 0 0;color:#c9d6df}main{padding:8px 32px 40px;max-width:1400px}
-section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.12);padding:16px 20px;margin:16px 0}
+section{overflow-x:auto;background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.12);padding:16px 20px;margin:16px 0}
 h2{font-size:18px;margin:0 0 4px}p.note{color:#5b6b79;margin:2px 0 12px}
 .cards{display:flex;flex-wrap:wrap;gap:10px}.card{flex:1 1 120px;box-sizing:border-box;border-radius:6px;padding:8px 12px;
 background:#f4f6f8;border-left:6px solid #90a4ae}.card b{display:block;font-size:22px;white-space:nowrap}.card span{color:#5b6b79}
@@ -5429,8 +5429,8 @@ def _months_between(first: str, last: str) -> list[str]:
 
 
 def _heatmap(grid: CoverageReport, limit: int = 200) -> str:
-    """Deployments (rows) by months (columns), each cell coloured by the fewest copies any of its
-    files has: the holes of single copies show as orange and red."""
+    """Deployments (rows) by months (columns), each cell its files by copies, stacked: the holes
+    of single copies show as orange and red; the deployments with the most holes come first."""
     cells = {}
     labels = {}
     for row in grid.rows:
@@ -5453,7 +5453,7 @@ def _heatmap(grid: CoverageReport, limit: int = 200) -> str:
     shown, hidden = ordered[:limit], ordered[limit:]
     cell_w = max(9, min(44, 900 // max(len(months), 1)))
     cell_h, left, top = 20, 190, 46
-    width = left + cell_w * len(months) + 230
+    width = left + cell_w * len(months) + 330
     height = top + cell_h * len(shown) + 6
     parts = []
     for i, month in enumerate(months):
@@ -5476,11 +5476,26 @@ def _heatmap(grid: CoverageReport, limit: int = 200) -> str:
             row = cells[key].get(month)
             if row is None:
                 continue
-            fewest = next(k for k in COPY_BUCKETS if row.copies[k])
             tip = (f'{name}, {month}: {row.files:,} files; ' +
                    ', '.join(f'{row.copies[k]:,} {COPY_WORDS[k]}' for k in COPY_BUCKETS if row.copies[k]))
-            parts.append(f'<rect x="{left + i * cell_w}" y="{y}" width="{cell_w - 1}" height="{cell_h - 1}" '
-                         f'rx="2" fill="{COPY_COLOURS[fewest]}"><title>{_e(tip)}</title></rect>')
+            # the cell's files by copies, stacked from none (top) to three or more: a hole of a
+            # single file keeps at least two pixels, so that it shows
+            tall = cell_h - 1
+            sizes = {k: tall * row.copies[k] / max(row.files, 1) for k in COPY_BUCKETS}
+            for k in ('0', '1'):
+                if row.copies[k]:
+                    sizes[k] = max(sizes[k], 2.0)
+            rest = tall - sizes['0'] - sizes['1']
+            safe = sizes['2'] + sizes['3+']
+            for k in ('2', '3+'):
+                sizes[k] = sizes[k] * rest / safe if safe else 0.0
+            stack, top_y = [], float(y)
+            for k in COPY_BUCKETS:
+                if row.copies[k] and sizes[k] > 0:
+                    stack.append(f'<rect x="{left + i * cell_w}" y="{top_y:.1f}" width="{cell_w - 1}" '
+                                 f'height="{sizes[k]:.1f}" fill="{COPY_COLOURS[k]}"/>')
+                    top_y += sizes[k]
+            parts.append(f'<g><title>{_e(tip)}</title>{"".join(stack)}</g>')
     note = (f'<p class="note">{len(hidden):,} more deployments not drawn (those with the most copies).</p>'
             if hidden else '')
     return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
@@ -5627,8 +5642,9 @@ def coverage_page(settings: Settings, report: CoverageReport, grid: CoverageRepo
 by mitwelten-storage {_e(__version__)}.</p></header><main>
 <section>{log_note}<p class="note">A file's copies are the backends holding a sound copy of its original: the
 original or its gzip, not found missing or corrupt by its last check.</p>{_legend()}{''.join(summary)}</section>
-<section><h2>Copies per deployment and month</h2><p class="note">Each cell is one deployment in one month, coloured
-by the fewest copies any of its files has: orange and red are the holes. Point at a cell for its numbers.</p>
+<section><h2>Copies per deployment and month</h2><p class="note">Each cell is one deployment in one month: its files
+by their sound copies, none (red) at the top to three or more at the bottom; orange and red are the holes, and the
+deployments with the most of them come first. Point at a cell for its numbers.</p>
 {_legend()}{_heatmap(grid)}</section>
 <section><h2>Copies per tier</h2><p class="note">What each backend holds, by tier.</p>
 {_tier_chart(tiers, backends)}</section>
