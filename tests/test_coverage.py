@@ -322,9 +322,13 @@ class PageCells(HTMLParser):
         self.rows, self.due, self.row, self.due_row, self.field, self.text = {}, {}, None, None, None, ''
         self.svgs = 0
         self.external = []
+        self.titles, self.in_title = [], False
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        if tag == 'title':
+            self.in_title = True
+            self.titles.append('')
         if tag == 'svg':
             self.svgs += 1
         if tag in ('script', 'link', 'img', 'iframe') or any(
@@ -343,8 +347,12 @@ class PageCells(HTMLParser):
     def handle_data(self, data):
         if self.field:
             self.text += data
+        if self.in_title:
+            self.titles[-1] += data
 
     def handle_endtag(self, tag):
+        if tag == 'title':
+            self.in_title = False
         if tag == 'td' and self.field:
             self.due_row[self.field] = self.text.strip()
             self.field = None
@@ -381,6 +389,22 @@ def test_the_html_page_shows_the_catalogs_numbers_and_renders(safe_world):
     assert cells.due[o.disk2]['never_checked'] == '1' and cells.due[o.disk1]['oldest_check'] == '2020-03-04'
     assert o.active not in cells.due
     assert o.images[0].object_name in text                 # the at-risk list names the files
+    # the chart of deployments by month: each cell's files by copies, as counted from the world
+    cells_drawn = {}
+    for title in cells.titles:
+        found = re.match(r'(image|audio) (\d+) \S+, (\d{4}-\d{2}): (\d+) files; (.*)', title)
+        if found:
+            group, deployment, month, files, by_copies = found.groups()
+            cells_drawn[(group, int(deployment), month)] = (int(files), by_copies)
+    expected = collections.defaultdict(lambda: [0, collections.Counter()])
+    for f, backends in o.sound:
+        cell = expected[(f.group, o.deployments[f.node_label], f.time.astimezone(UTC).strftime('%Y-%m'))]
+        cell[0] += 1
+        cell[1][ms.COPY_WORDS[bucket_of(len(backends))]] += 1
+    assert {key: files for key, (files, _) in cells_drawn.items()} == {key: v[0] for key, v in expected.items()}
+    for key, (files, by_copies) in cells_drawn.items():
+        assert by_copies == ', '.join(f'{n} {word}' for word, n in sorted(
+            expected[key][1].items(), key=lambda item: list(ms.COPY_WORDS.values()).index(item[0])))
     chromium = shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')
     if chromium is None:
         pytest.skip('no chromium on PATH: the page was checked, not rendered')
