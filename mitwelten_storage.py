@@ -4614,9 +4614,11 @@ def _coverage_query(group: Group, by: str, selection: str | None, batches: list,
     # Where each file is in one row, the total is a grouping set of the same pass; where a file
     # may be in several (tag, batch, backend), the files are counted once more for it.
     if by == 'deployment':
-        single = ('p.deployment_id', 'p.deployment_id', 'p.deployment_id::text', 'NULL::text', 'min(n.node_label)', nodes)
+        single = ('p.deployment_id', 'p.deployment_id', 'p.deployment_id::text', 'NULL::text', 'min(n.node_label)',
+                  nodes)
     elif by == 'deployment_month':
-        single = (f'p.deployment_id, {month}', 'p.deployment_id', 'p.deployment_id::text', month, 'min(n.node_label)', nodes)
+        single = (f'p.deployment_id, {month}', 'p.deployment_id', 'p.deployment_id::text', month,
+                  'min(n.node_label)', nodes)
     elif by == 'node':
         single = ('n.node_label', 'n.node_label', 'n.node_label::text', 'NULL::text', 'min(n.type)', nodes)
     elif by == 'month':
@@ -4634,7 +4636,8 @@ def _coverage_query(group: Group, by: str, selection: str | None, batches: list,
     total = f'SELECT NULL::text, NULL::text, NULL::text, {counts}, {per_file_checks} FROM per_file p'
     # A batch's copies only: the copies of a few files of a large catalog are not all aggregated.
     if keyed_files:
-        ctes = f'batch_files AS ({keyed_files}),\n' + _copies_ctes(group, has_log, files='SELECT file_id FROM batch_files')
+        ctes = (f'batch_files AS ({keyed_files}),\n'
+                + _copies_ctes(group, has_log, files='SELECT file_id FROM batch_files'))
     else:
         ctes = _copies_ctes(group, has_log, files=f'SELECT file_id FROM ({selection}) sel' if selection else None)
     if by == 'backend':
@@ -5309,7 +5312,8 @@ def print_coverage(report: CoverageReport) -> None:
               ('; NEVER CHECKED, DAMAGED and OLDEST CHECK speak of the copies on that backend)'
                if report.by == 'backend' else ')'))
     if not report.has_log:
-        print('  (no fixity log in this catalog: a copy counts as checked when it was written; `init-db` creates the log)')
+        print('  (no fixity log in this catalog: a copy counts as checked when it was written; `init-db` creates '
+              'the log)')
     for total in report.totals:
         zero, one = total.copies['0'], total.copies['1']
         if zero:
@@ -5350,7 +5354,8 @@ def print_whereis(found: Whereabouts) -> None:
           + ('; online now' if f['online_original'] else '; none online now' if f['sound_copies'] else ''))
     if f['disks_to_mount']:
         print('  the original is offline only: mount ' + ' or '.join(
-            f"disk {d['storage_id']} \"{d['label'] or ''}\" (recorded at {d['url_prefix']})" for d in f['disks_to_mount']))
+            f"disk {d['storage_id']} \"{d['label'] or ''}\" (recorded at {d['url_prefix']})"
+            for d in f['disks_to_mount']))
 
 
 # --- the coverage page (coverage --html) -------------------------------------------------------------------
@@ -5367,10 +5372,12 @@ PAGE_STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d2733;background:#f4f6f8}
 header{background:#1f3a4d;color:#fff;padding:20px 32px}header h1{margin:0;font-size:24px}
 header p{margin:4px 0 0;color:#c9d6df}main{padding:8px 32px 40px;max-width:1400px}
-section{overflow-x:auto;background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.12);padding:16px 20px;margin:16px 0}
+section{overflow-x:auto;background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.12);padding:16px 20px;
+margin:16px 0}
 h2{font-size:18px;margin:0 0 4px}p.note{color:#5b6b79;margin:2px 0 12px}
 .cards{display:flex;flex-wrap:wrap;gap:10px}.card{flex:1 1 120px;box-sizing:border-box;border-radius:6px;padding:8px 12px;
-background:#f4f6f8;border-left:6px solid #90a4ae}.card b{display:block;font-size:22px;white-space:nowrap}.card span{color:#5b6b79}
+background:#f4f6f8;border-left:6px solid #90a4ae}.card b{display:block;font-size:22px;white-space:nowrap}
+.card span{color:#5b6b79}
 table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e3e8ec;text-align:right;
 white-space:nowrap}th{background:#eef2f5;position:sticky;top:0}td.k,th.k{text-align:left}
 tr.total td{font-weight:bold;border-top:2px solid #90a4ae}.bad{color:#c62828;font-weight:bold}
@@ -5880,7 +5887,8 @@ def build_parser() -> ArgumentParser:
 
     whereis = commands.add_parser(
         'whereis', help='every copy of one file: where, which version, online now, last checked',
-        epilog='examples:\n  whereis image 1234\n  whereis audio 4258-6870/2021-07-27/05/4258-6870_2021-07-27T05-00-00Z.wav',
+        epilog='examples:\n  whereis image 1234\n'
+               '  whereis audio 4258-6870/2021-07-27/05/4258-6870_2021-07-27T05-00-00Z.wav',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     whereis.add_argument('group', choices=tuple(GROUPS), help='image or audio (their file ids overlap)')
     whereis.add_argument('file', metavar='FILE_ID|OBJECT_NAME', help="the file's id or its object name")
