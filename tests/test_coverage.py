@@ -425,3 +425,23 @@ def test_the_service_answers_coverage_as_coverage_json(safe_world, service):
     unknown = service.request('GET', '/coverage?batch=no_such_batch')
     assert unknown.status == 404 and json.loads(unknown.data)['type'] == ms.PROBLEM + 'batch-not-found'
     assert service.request('GET', '/coverage?by=colour').status == 422
+
+
+def test_a_copy_verify_found_corrupt_no_longer_counts(world):
+    """The fixity log as `verify` writes it: a disk copy damaged, verified, then counted."""
+    active = world.create_s3_backend()
+    disk, root = world.create_local_backend(label='Archive 09')
+    files = world.images_on_s3(3, active)
+    assert world.copy(active, disk).count('copied') == 3
+    before = coverage_json(types.SimpleNamespace(world=world))
+    assert sum(r['copies']['2'] for r in before['rows']) == 3
+    damaged = root / 'archive' / files[1].object_name
+    data = bytearray(damaged.read_bytes())
+    data[100] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert world.verify(disk).exit_status == 1
+    if not world.query("SELECT 1 FROM storage_fixity WHERE event = 'verify' AND outcome = 'corrupt'"):
+        pytest.skip('verify does not append to the fixity log on this branch yet')
+    after = coverage_json(types.SimpleNamespace(world=world), '--at-risk')
+    assert sum(r['copies']['1'] for r in after['rows']) == 1 and sum(r['damaged'] for r in after['rows']) == 1
+    assert [(e['file_id'], e['copies']) for e in after['at_risk']] == [(files[1].file_id, 1)]
