@@ -3,30 +3,41 @@
 # All need only Python 3 (3.10 to 3.13) and make: they create .venv and install into it.
 
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+# One stamp per requirements file, each after the one it includes (-r): a changed file reinstalls
+# it and everything above it.
+STAMP     := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.dev-installed
 
 .PHONY: install demo serve test bench clean
 
+# What a workstation runs: the tool's own dependencies (requirements.txt), nothing for tests.
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-service.txt requirements-dev.txt
+$(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	touch $(STAMP)
+	$(PIP) --upgrade pip
+	$(PIP) -r requirements.txt
+	touch $@
 
-demo: $(STAMP)
+# The service's dependencies and the tests' (a throwaway PostgreSQL and S3 server among them):
+# requirements-dev.txt includes requirements-service.txt. The demo and `make serve` need them too.
+$(DEV_STAMP): $(STAMP) requirements-service.txt requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
+	touch $@
+
+demo: $(DEV_STAMP)
 	$(PY) -m devkit.demo
 
-serve: $(STAMP)
+serve: $(DEV_STAMP)
 	$(PY) -m devkit.serve
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest -q tests
 
-$(VENV)/.bench-installed: $(STAMP) requirements-bench.txt
+$(VENV)/.bench-installed: $(DEV_STAMP) requirements-bench.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	touch $@
 

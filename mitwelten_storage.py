@@ -12,8 +12,11 @@ Never lose data: the rules, numbered as SPEC.md numbers them; the code cites the
     1. A catalog row is written only after the bytes are durable at the backend and checked. When
        a sync (fsync) fails, nothing written since the last successful sync is recorded.
     2. No partial file ever stands under its final name (temporary name, fsync, rename).
-    3. No original is removed or overwritten unless --min-copies other checked originals are
-       recorded.
+    3. No original is removed or overwritten unless --min-copies other sound originals are
+       recorded, and the copy the release relies on is proven at the moment of the release:
+       written in this run from the checked original, or read back and hashed right before it.
+       A recorded archive copy that is missing or damaged is written again first ('repaired'),
+       or the original stays. The same holds through the storage service (--via).
     4. Nothing is written outside a backend's root, whatever an object name holds (`..`,
        absolute paths).
     5. A crash or kill at any moment, then the same command again, ends with disk and catalog
@@ -21,6 +24,8 @@ Never lose data: the rules, numbered as SPEC.md numbers them; the code cites the
     6. Bad input gets a clear message naming the file or setting, never a traceback; a run that
        has started always ends with its summary and log path.
     7. An original whose version cannot be made is still archived (and kept on the active tier).
+    8. A damaged copy is never trusted: a copy whose last check found it missing or corrupt
+       counts for nothing until it is written again and checked.
 
 The module is one file, laid out in sections in the order a run needs them:
 
@@ -108,7 +113,28 @@ __version__ = '1.4.0'
 log = logging.getLogger('mitwelten_storage')
 
 TOOL_DIR = Path(__file__).resolve().parent
-SCHEMA_FILE = TOOL_DIR / 'sql' / 'schema.sql'
+# Installed with pip or pipx, the tool finds sql/schema.sql and the shipped batches.py in this
+# data-only package (the wheel's build copies them there: pyproject.toml); a clone has them beside it.
+DATA_PACKAGE = 'mitwelten_storage_data'
+
+
+def shipped_file(clone_path: str) -> Path:
+    """A file shipped with the tool: beside this file in a clone (`sql/schema.sql`, `batches.py`),
+    else, installed, in DATA_PACKAGE under its own name. A clone is known by its sql/schema.sql, so
+    an installed tool never takes another package's top-level file for its own. Found nowhere: the
+    clone's path, for the error to name."""
+    beside = TOOL_DIR / clone_path
+    if (TOOL_DIR / 'sql' / 'schema.sql').is_file():
+        return beside
+    try:
+        import importlib.resources
+        installed = Path(str(importlib.resources.files(DATA_PACKAGE) / Path(clone_path).name))
+    except (ImportError, TypeError, ValueError):
+        return beside
+    return installed if installed.is_file() else beside
+
+
+SCHEMA_FILE = shipped_file('sql/schema.sql')
 DEFAULT_SCHEMA = 'prod'
 DEFAULT_JOBS = 8
 CHUNK = 1024 * 1024
@@ -142,7 +168,16 @@ EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # =================================================================================================
 
 class StorageError(Exception):
-    """Base of every error this tool reports to its user as a message rather than a traceback."""
+    """Base of every error this tool reports to its user as a message rather than a traceback.
+
+    An error that the storage service answers as a problem (RFC 9457) names its problem type
+    (`urn:mitwelten:storage:problem:<problem_type>`), status and title here; the service's
+    answers and the --via client's reading of them are both derived from these classes."""
+    problem_type: str | None = None
+    status: int = 500
+    title: str = 'Storage error'
+    hint: str = ''                       # added to the problem's detail
+    retry_after: int | None = None       # seconds, for a problem that passes
 
 
 class ConfigError(StorageError):
@@ -150,16 +185,29 @@ class ConfigError(StorageError):
     start). Nothing has been done; the command exits with status 2."""
 
 
-class FileFailure(StorageError):
-    """One file could not be handled; the run goes on with the others and exits with status 1."""
+class CatalogUnavailable(ConfigError):
+    """The catalog's server cannot be reached (or refuses the connection)."""
+    problem_type, status, title, retry_after = 'catalog-unavailable', 503, 'Catalog unavailable', 10
 
-    def __init__(self, message: str, object_name: str | None = None):
+
+class FileFailure(StorageError):
+    """One file could not be handled; the run goes on with the others and exits with status 1.
+    Carries what a caller needs without parsing the message: the file's object name, the
+    backend it concerns, and what was expected and found (sizes, digests), where known."""
+
+    def __init__(self, message: str, object_name: str | None = None, *, backend: str | None = None,
+                 expected: object = None, found: object = None):
         super().__init__(message)
         self.object_name = object_name
+        self.backend = backend
+        self.expected = expected
+        self.found = found
 
 
 class ChecksumMismatch(FileFailure):
     """The bytes are not the original's: their size or sha256 differs from the catalog's."""
+    problem_type, status, title = 'original-corrupt', 502, 'Original corrupt on the online tier'
+    hint = ': run `verify` on the active backend'
 
 
 class UnsafeObjectName(FileFailure):
@@ -168,14 +216,37 @@ class UnsafeObjectName(FileFailure):
 
 class SourceMissing(FileFailure):
     """The object is not where the catalog says it is."""
+    problem_type, status, title = 'original-missing', 502, 'Original missing on the online tier'
+    hint = ', though the catalog records it there: run `verify` on the active backend'
 
 
 class ConversionError(FileFailure):
     """A version could not be made from the original (or stored bytes of it did not check out)."""
+    problem_type, status, title = 'version-failed', 422, 'Version cannot be made'
+
+
+class SyncFailed(StorageError):
+    """A backend could not make its writes durable (fsync failed): nothing written since its
+    last successful sync is recorded (rule 1), and the run stops."""
+
+    def __init__(self, backend, error: OSError):
+        super().__init__(f'{backend.describe()} could not make its writes durable '
+                         f'(fsync: {error.strerror or error})')
+        self.backend = backend
+        self.error = error
 
 
 class Unreachable(StorageError):
     """A server (S3, the storage service) did not answer, after the retries the settings allow."""
+
+
+class TokenRefused(StorageError):
+    """The storage service refused the token (401: missing, expired or invalid; 403: no role)."""
+
+
+class Cancelled(Exception):
+    """Work not started because the run is stopping: not an error, the file is left for the
+    next run."""
 
 
 # --- refusals of the per-file operations ---------------------------------------------------------
@@ -183,34 +254,66 @@ class Unreachable(StorageError):
 
 class Refusal(StorageError):
     """A per-file operation that was refused and changed nothing."""
+    status = 409
 
 
 class NotFound(Refusal):
     """`subject` is 'file' (not in the catalog), 'backend', or 'original' (no longer online)."""
+    status = 404
 
     def __init__(self, message: str, subject: str):
         super().__init__(message)
         self.subject = subject
 
+    @property
+    def problem_type(self) -> str:
+        return 'original-not-online' if self.subject == 'original' else f'{self.subject}-not-found'
+
+    @property
+    def title(self) -> str:
+        return 'Original not online' if self.subject == 'original' else f'Unknown {self.subject}'
+
 
 class TooFewCopies(Refusal):
-    """Fewer than min-copies checked originals are recorded elsewhere (rule 3)."""
+    """Fewer than min-copies sound originals are recorded elsewhere (rule 3)."""
+    problem_type, title = 'too-few-copies', 'Too few copies elsewhere'
 
 
 class VersionConflict(Refusal):
     """The backend records another version of the file than the one the operation needs."""
+    problem_type, title = 'version-conflict', 'Another version is recorded'
 
 
 class InvalidArchive(Refusal):
     """An archive cannot be recorded as asked: not the catalog's sha256, or not an archive backend."""
+    problem_type, status, title = 'invalid-archive', 422, 'Not an archive of this original'
 
 
 class Busy(Refusal):
     """Another request holds the file's rows for longer than a request should wait."""
+    problem_type, title = 'busy', 'File busy'
 
 
 class OriginalChanged(Refusal):
     """The caller's idea of the original (If-Match) is not the catalog's."""
+    problem_type, status, title = 'original-changed', 412, 'Precondition failed'
+
+
+class TooLarge(Refusal):
+    """Bytes offered as an original are more than the catalog's size of it (refused unread)."""
+    problem_type, status, title = 'too-large', 413, 'Larger than the original'
+
+
+def _error_classes(base: type) -> Iterator[type]:
+    for cls in base.__subclasses__():
+        yield cls
+        yield from _error_classes(cls)
+
+
+# The service's problem types that stand for one of the engine's errors, by type: the service
+# answers an error with its type, and the --via client raises the error again from the type.
+SERVICE_PROBLEMS = {cls.__dict__['problem_type']: cls for cls in _error_classes(StorageError)
+                    if isinstance(cls.__dict__.get('problem_type'), str)}
 
 
 # --- crash and fault points: how the tests break runs on purpose -----------------------------------
@@ -222,6 +325,9 @@ CRASH_POINTS = frozenset({
     'after-archive-write',      # an original written to the archive, not yet recorded
     'after-version-write',      # a version written at ACTIVE, the original still there
     'after-original-delete',    # the original deleted at ACTIVE, the row not yet changed
+    'after-restore-write',      # restore: the original written back at ACTIVE, the row still the version's
+    'after-restore-commit',     # restore: the rows say type 0 at ACTIVE, the version object still there
+    'after-version-delete',     # restore: the version object deleted, its fixity row not yet committed
 })
 FAULT_POINTS = frozenset({
     'fsync',                    # from the N-th sync of a disk on (folder fsync, syncfs), it fails with EIO
@@ -229,32 +335,43 @@ FAULT_POINTS = frozenset({
 })
 
 
-class TestFaults:
-    """Test hooks for rules 1 and 5, from the environment:
+class FaultHooks:
+    """Test hooks for rules 1 and 5, from the environment, read when first used:
 
     MITWELTEN_CRASH_AT=POINT:N  the process kills itself with SIGKILL the N-th time it passes
                                 POINT (one of CRASH_POINTS);
     MITWELTEN_FAULT_AT=POINT:N  from the N-th time on, POINT fails as a dying disk would (one of
-                                FAULT_POINTS: 'fsync' raises OSError(EIO)).
+                                FAULT_POINTS: 'fsync' and 'rename' raise OSError(EIO)).
 
-    An unknown point is refused by the command line (`problem`) rather than silently ignored."""
+    An unknown point is refused, by the command line and by the service, through `check()`,
+    rather than silently ignored."""
 
     def __init__(self, environ=os.environ):
-        self.problem = None
-        self.crash = self._parse(environ.get('MITWELTEN_CRASH_AT', ''), CRASH_POINTS, 'MITWELTEN_CRASH_AT')
-        self.fault = self._parse(environ.get('MITWELTEN_FAULT_AT', ''), FAULT_POINTS, 'MITWELTEN_FAULT_AT')
+        self.environ = environ
         self.passed: dict[str, int] = {}
         self.lock = threading.Lock()
 
-    def _parse(self, value: str, known: frozenset, variable: str) -> tuple[str, int] | None:
+    @functools.cached_property
+    def _points(self) -> tuple:
+        problems = []
+        crash = self._parse('MITWELTEN_CRASH_AT', CRASH_POINTS, problems)
+        fault = self._parse('MITWELTEN_FAULT_AT', FAULT_POINTS, problems)
+        return crash, fault, problems[0] if problems else None
+
+    def _parse(self, variable: str, known: frozenset, problems: list) -> tuple[str, int] | None:
+        value = self.environ.get(variable, '')
         if not value:
             return None
         name, _, count = value.partition(':')
         if name not in known or not (count or '1').isdigit():
-            self.problem = (f"{variable}={value!r}: expected POINT[:N] with POINT one of "
-                            f"{', '.join(sorted(known))}")
+            problems.append(f"{variable}={value!r}: expected POINT[:N] with POINT one of {', '.join(sorted(known))}")
             return None
         return name, int(count or 1)
+
+    def check(self) -> None:
+        """ConfigError naming the variable when a hook names a point that does not exist."""
+        if self._points[2]:
+            raise ConfigError(self._points[2])
 
     def _count(self, name: str) -> int:
         with self.lock:
@@ -262,16 +379,19 @@ class TestFaults:
             return self.passed[name]
 
     def crash_point(self, name: str) -> None:
-        if self.crash and self.crash[0] == name and self._count(name) == self.crash[1]:
+        crash = self._points[0]
+        if crash and crash[0] == name and self._count(name) == crash[1]:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def fault_point(self, name: str, path: object = None) -> None:
-        if self.fault and self.fault[0] == name and self._count(name) >= self.fault[1]:
+        fault = self._points[1]
+        if fault and fault[0] == name and self._count(name) >= fault[1]:
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path) if path is not None else None)
 
 
-TEST_FAULTS = TestFaults()
-crash_point = TEST_FAULTS.crash_point
+FAULTS = FaultHooks()
+crash_point = FAULTS.crash_point
+fault_point = FAULTS.fault_point
 
 
 # =================================================================================================
@@ -456,6 +576,11 @@ class CatalogFile:
     sha256: str
     source_type: int = 0
     target_type: int | None = None
+    # For `archive`: sound originals recorded on backends other than the source and the target
+    # (rule 8; within --verified-within, if given), and whether the target's recorded copy was
+    # found missing or corrupt by its last check.
+    copies_elsewhere: int = 0
+    target_damaged: bool = False
 
 
 def pg_error_line(exc: BaseException) -> str:
@@ -465,8 +590,11 @@ def pg_error_line(exc: BaseException) -> str:
 
 
 def catalog_outage(exc: BaseException) -> bool:
-    """Whether `exc` says the catalog's server is gone (not that a query was wrong)."""
-    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+    """Whether `exc` says the catalog's server is gone (not that a query was wrong). Every
+    error the server sends has a SQLSTATE; libpq's own (a connection lost while rows stream)
+    has none, and psycopg2 may raise it as a plain DatabaseError."""
+    return (isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+            or (type(exc) is psycopg2.DatabaseError and not getattr(exc, 'pgcode', None)))
 
 
 def connect_catalog(settings: Settings, *, require_tables: bool = True):
@@ -480,8 +608,8 @@ def connect_catalog(settings: Settings, *, require_tables: bool = True):
         conn = psycopg2.connect(settings.dsn, application_name='mitwelten-storage', connect_timeout=15,
                                 keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
     except psycopg2.OperationalError as exc:
-        raise ConfigError(f'cannot connect to the catalog, {describe_dsn(settings.dsn)}: {pg_error_line(exc)} '
-                          '(set --db or MITWELTEN_DB)') from None
+        raise CatalogUnavailable(f'cannot connect to the catalog, {describe_dsn(settings.dsn)}: {pg_error_line(exc)} '
+                                 '(set --db or MITWELTEN_DB)') from None
     except psycopg2.ProgrammingError as exc:
         raise ConfigError(f'--db / MITWELTEN_DB is not a valid connection string: {exc}') from None
     with conn.cursor() as cur:
@@ -557,14 +685,15 @@ ORIGINAL_COPY_TYPES = (0, 10)
 _fixity_notice_given = False
 
 
-def has_fixity_log(conn) -> bool:
+def has_fixity_log(conn, *, end_transaction: bool = True) -> bool:
     """Whether the catalog's schema has the fixity log; says once per process that `init-db`
     would keep it when it has not."""
     global _fixity_notice_given
     with conn.cursor() as cur:
         cur.execute('SELECT to_regclass(%s)', (FIXITY_TABLE,))
         present = cur.fetchone()[0] is not None
-    conn.commit()
+    if end_transaction:
+        conn.commit()
     if not present and not _fixity_notice_given:
         _fixity_notice_given = True
         log.info('the catalog has no fixity log (%s): `init-db` would create it, so that every check of a copy '
@@ -598,21 +727,25 @@ def sound_original_sql(copy: str, check: str, verified_within_days: float | None
     return condition
 
 
-def sound_originals_elsewhere(conn, group: Group, file_ids: list[int], storage_id: int, *,
-                              verified_within_days: float | None = None) -> dict[int, int]:
-    """For each file, how many backends other than `storage_id` record a sound copy of its
-    original (rule 8: not found missing or corrupt by its last check; gzip counts): the copies
-    that let an original leave `storage_id` (rule 3). One query for the whole list."""
+def sound_originals_elsewhere(conn, group: Group, file_ids: list[int], excluding: int | Iterable[int], *,
+                              verified_within_days: float | None = None,
+                              end_transaction: bool = True) -> dict[int, int]:
+    """For each file, how many backends other than `excluding` (one storage id or several)
+    record a sound copy of its original (rule 8: not found missing or corrupt by its last check;
+    gzip counts): the copies that let an original leave a backend (rule 3). One query; with
+    `end_transaction` False, inside the caller's transaction (and its row locks)."""
     if not file_ids:
         return {}
-    check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+    excluded = [excluding] if isinstance(excluding, int) else list(excluding)
+    check = last_check_join(group, 's', 'c', has_fixity_log(conn, end_transaction=end_transaction))
     with conn.cursor() as cur:
         cur.execute(f'SELECT s.file_id, count(*) FROM {group.storage_table} s {check} '
-                    f'WHERE s.file_id = ANY(%s) AND s.storage_id <> %s AND '
+                    f'WHERE s.file_id = ANY(%s) AND s.storage_id <> ALL(%s) AND '
                     f'{sound_original_sql("s", "c", verified_within_days)} GROUP BY s.file_id',
-                    (list(file_ids), storage_id))
+                    (list(file_ids), excluded))
         counts = dict(cur.fetchall())
-    conn.commit()
+    if end_transaction:
+        conn.commit()
     return counts
 
 
@@ -645,16 +778,6 @@ def append_fixity(cur, group: Group, checks: list[FixityCheck], agent: str) -> N
                  'VALUES %s',
             [(group.name, c.file_id, c.storage_id, c.type, c.outcome, c.event, agent, c.detail) for c in checks],
             page_size=1000)
-
-
-class SyncFailed(StorageError):
-    """A backend could not make its writes durable (fsync failed): nothing written since its
-    last successful sync is recorded (rule 1), and the run stops."""
-
-    def __init__(self, backend: 'Backend', error: OSError):
-        super().__init__(f'{backend.describe()} could not make its writes durable '
-                         f'(fsync: {error.strerror or error})')
-        self.backend = backend
 
 
 class Recorder:
@@ -745,11 +868,11 @@ class Recorder:
     def _record(self) -> list[tuple[int, str]]:
         raise NotImplementedError
 
-    def originals_elsewhere(self, file_ids: list[int], storage_id: int, *,
+    def originals_elsewhere(self, file_ids: list[int], excluding: int | Iterable[int], *,
                             verified_within_days: float | None = None) -> dict[int, int]:
-        """How many backends other than `storage_id` record a sound copy of each file's original
-        (rule 8): the copies that let an original leave it (rule 3)."""
-        return sound_originals_elsewhere(self.conn, self.group, file_ids, storage_id,
+        """How many backends other than `excluding` record a sound copy of each file's original
+        (rule 8): the copies that let an original leave a backend (rule 3)."""
+        return sound_originals_elsewhere(self.conn, self.group, file_ids, excluding,
                                          verified_within_days=verified_within_days)
 
 
@@ -802,11 +925,33 @@ class CatalogWriter(Recorder):
 
 # --- batches -------------------------------------------------------------------------------------
 
+# --batches FILE, set by the command line; None: $MITWELTEN_BATCHES, ./batches.py, the shipped one.
+BATCHES_FILE: str | Path | None = None
+
+
+def batches_file() -> tuple[Path, str]:
+    """The batches file to read, and what chose it: --batches FILE (BATCHES_FILE), else
+    $MITWELTEN_BATCHES, else batches.py in the current folder, else the one shipped with the tool."""
+    if BATCHES_FILE:
+        return Path(BATCHES_FILE).expanduser().absolute(), '--batches'
+    if os.environ.get('MITWELTEN_BATCHES'):
+        return Path(os.environ['MITWELTEN_BATCHES']).expanduser().absolute(), 'MITWELTEN_BATCHES'
+    here = Path('batches.py')
+    if here.is_file():
+        return here.absolute(), 'the current folder'
+    return shipped_file('batches.py'), 'shipped with the tool'
+
+
 def load_batches(path: Path | None = None) -> dict:
-    """The batches defined in batches.py (next to this tool), by id."""
-    path = path or TOOL_DIR / 'batches.py'
+    """The batches defined in the batches file (see batches_file), or in `path`, by id."""
+    origin = None
+    if path is None:
+        path, origin = batches_file()
     if not path.exists():
-        raise ConfigError(f'{path} not found: it defines the batches')
+        named = f' (named by {origin})' if origin in ('--batches', 'MITWELTEN_BATCHES') else ''
+        raise ConfigError(f'{path}{named} not found: it defines the batches')
+    if path.is_dir():
+        raise ConfigError(f'{path} is a folder: name the batches file (a batches.py) itself')
     spec = importlib.util.spec_from_file_location('batches', path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -827,7 +972,7 @@ def find_batch(batch_id: str, path: Path | None = None):
     batches = load_batches(path)
     if batch_id not in batches:
         known = ', '.join(sorted(batches)) or '(none)'
-        raise ConfigError(f"unknown batch '{batch_id}'; batches.py defines: {known}")
+        raise ConfigError(f"unknown batch '{batch_id}'; {path or batches_file()[0]} defines: {known}")
     return batches[batch_id]
 
 
@@ -843,7 +988,7 @@ def batch_sql(batch) -> str:
 def selection_error(batch, exc: psycopg2.Error) -> StorageError:
     if catalog_outage(exc):
         return exc
-    return ConfigError(f"batch '{batch.id}' (batches.py) cannot be selected: {pg_error_line(exc)}")
+    return ConfigError(f"batch '{batch.id}' ({batches_file()[0]}) cannot be selected: {pg_error_line(exc)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -860,10 +1005,23 @@ class Selection:
     version_type: int = 0
     limit: int | None = None
     archive: bool = False
+    verified_within_days: float | None = None   # archive: other copies count if checked within
 
     @property
     def group(self) -> Group:
         return GROUPS[self.batch.group]
+
+    def _archive_columns(self, has_log: bool) -> str:
+        """For archive: the sound originals recorded on backends other than SOURCE and TARGET
+        (rule 8), and whether TARGET's recorded copy was found damaged by its last check."""
+        if not self.archive:
+            return '0, false'
+        storage = self.group.storage_table
+        damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+        return (f'(SELECT count(*) FROM {storage} o {last_check_join(self.group, "o", "oc", has_log)} '
+                'WHERE o.file_id = b.file_id AND o.storage_id NOT IN (%(source)s, %(target)s) AND '
+                f'{sound_original_sql("o", "oc", self.verified_within_days)}), '
+                f'coalesce(tc.outcome IN ({damaged}), false)')
 
     @property
     def _todo(self) -> str:
@@ -876,7 +1034,10 @@ class Selection:
         joins = (') AS b\n'
                  f'JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s\n'
                  f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n')
+        if self.archive:
+            joins += last_check_join(self.group, 't', 'tc', has_fixity_log(conn)) + '\n'
         with conn.cursor() as cur:
+            head = cur.mogrify(head, params).decode() if '%(' in head else head
             tail = cur.mogrify(joins + tail, params).decode()
         return f'{head}\n{batch_sql(self.batch)}\n{tail}'
 
@@ -903,18 +1064,32 @@ class Selection:
         return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
                 'at_source': at_source}
 
+    def check(self, conn) -> None:
+        """Have PostgreSQL plan the selection (EXPLAIN: nothing runs), so that a batch whose SQL
+        is wrong is a configuration error before a run starts, not a run stopped early."""
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._query(conn, 'EXPLAIN SELECT b.file_id, b.object_name, b.file_size, b.sha256 FROM (',
+                                        ''))
+            conn.commit()
+        except psycopg2.Error as exc:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+            raise selection_error(self.batch, exc) from None
+
     def files(self, conn) -> Iterator[CatalogFile]:
-        head = 'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type FROM ('
+        head = (f'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type, '
+                f'{self._archive_columns(has_fixity_log(conn))} FROM (')
         tail = f'WHERE {self._todo} ORDER BY b.file_id' + (f' LIMIT {int(self.limit)}' if self.limit is not None else '')
         rows = streamed_rows(conn, self._query(conn, head, tail))
         last_id = None
         try:
-            for file_id, object_name, file_size, sha256, source_type, target_type in rows:
+            for file_id, object_name, file_size, sha256, source_type, target_type, elsewhere, damaged in rows:
                 if file_id == last_id:   # a batch whose joins repeat a file
                     continue
                 last_id = file_id
                 yield CatalogFile(file_id, object_name, int(file_size), (sha256 or '').strip().lower(),
-                                  source_type, target_type)
+                                  source_type, target_type, elsewhere, damaged)
         except psycopg2.Error as exc:
             raise selection_error(self.batch, exc) from None
 
@@ -1024,7 +1199,7 @@ def full_fsync(fd: int) -> None:
 
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries (renames, new files, removals) durable."""
-    TEST_FAULTS.fault_point('fsync', path)
+    fault_point('fsync', path)
     fd = os.open(path, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
     try:
         full_fsync(fd)
@@ -1079,7 +1254,7 @@ def atomic_file(final: Path, *, sync_folder: bool = True,
         finally:
             os.close(fd)
         crash_point('before-rename')
-        TEST_FAULTS.fault_point('rename', final)
+        fault_point('rename', final)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -1130,6 +1305,26 @@ def dot_file_mismatch(root: Path, backend_row: BackendRow) -> str | None:
     return None
 
 
+def normal_path(path: str | Path) -> Path:
+    """A folder's path as the file system means it, for comparing one path with another: `~`
+    expanded, made absolute, '.', '..' and trailing or doubled slashes gone, and symbolic links
+    resolved as far as the path exists. A url_prefix stored as typed ('/media/archive07/', as
+    the earlier Mitwelten script stored it) is the same folder as '/media/archive07'."""
+    return Path(os.path.expanduser(str(path))).resolve(strict=False)
+
+
+def same_folder(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one folder: the same normalised path, or (a bind mount, a link
+    on the way) the same folder on the same file system."""
+    if normal_path(a) == normal_path(b):
+        return True
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
 DEFAULT_MOUNT_ROOTS = ('/Volumes', '/media/*', '/run/media/*/*', '/mnt')
 
 
@@ -1145,6 +1340,14 @@ def mount_roots() -> list[str]:
 def find_disk(backend_row: BackendRow) -> Path | None:
     """The folder, under the mount roots, whose dot-file matches the backend: each root itself
     and the folders in it (a disk, or a backend folder at the top of a disk)."""
+    found = find_disks(backend_row)
+    return found[0] if found else None
+
+
+def find_disks(backend_row: BackendRow) -> list[Path]:
+    """Every folder under the mount roots whose dot-file matches the backend, each folder once
+    (one reached through two paths counts once). More than one is a disk and its copy."""
+    found: list[Path] = []
     for pattern in mount_roots():
         for candidate in sorted(glob.glob(os.path.expanduser(pattern))):
             places = [Path(candidate)]
@@ -1152,9 +1355,19 @@ def find_disk(backend_row: BackendRow) -> Path | None:
                 places += sorted(Path(e.path) for e in entries if not e.name.startswith('.') and e.is_dir())
             for place in places:
                 with contextlib.suppress(OSError):
-                    if (place / DOT_FILE).is_file() and dot_file_mismatch(place, backend_row) is None:
-                        return place
-    return None
+                    if ((place / DOT_FILE).is_file() and dot_file_mismatch(place, backend_row) is None
+                            and not any(same_folder(place, known) for known in found)):
+                        found.append(place)
+    return found
+
+
+def two_claims(backend_row: BackendRow, first: Path, second: Path) -> ConfigError:
+    """Two folders whose dot-files both match one backend: a disk copied whole (`rsync -a`, its
+    dot-file with it). Which one the catalog's rows speak of cannot be told, so neither is used."""
+    return ConfigError(f'two folders claim to be backend {backend_row.storage_id}: {first} and {second} (both have its '
+                       f'{DOT_FILE}; one is a copy of the other). Refusing to use either: unmount or rename the copy, '
+                       'or remove its dot-file (a copy becomes a backend of its own with `create` on an empty folder '
+                       'and `copy`)')
 
 
 def disk_whereabouts(backend_row: BackendRow) -> Path | None:
@@ -1179,6 +1392,7 @@ class Backend:
     root: Path | None = None        # the folder it lives in, where `report` writes (disks only)
     writes_from_buffer = False      # writes best from this thread's io_buffer() (O_DIRECT): read into it
     group_writes = False            # may make new files durable in groups, by `sync` (set by `copy`)
+    read_etags = False              # `read` takes meta={} and fills in the object's 'etag' (S3's ETag)
 
     def location(self) -> str:
         raise NotImplementedError
@@ -1261,9 +1475,10 @@ class LocalBackend(Backend):
     adopts_found_files = True
     writes_from_buffer = True
 
-    def __init__(self, backend_row: BackendRow, root: Path | None = None):
+    def __init__(self, backend_row: BackendRow, root: Path | None = None, path_option: str | None = None):
         self.row = backend_row
         self.given_path = root is not None        # --path / --source-path / --target-path
+        self.path_option = path_option            # the option of the command that names where the disk is
         self.root = Path(root or backend_row.url_prefix)
         self.archive = self.root / 'archive'
         self._checked_dirs: set[Path] = set()
@@ -1289,18 +1504,28 @@ class LocalBackend(Backend):
         the usual mount roots; a path given by the user is used as it is."""
         problem = dot_file_mismatch(self.root, self.row)
         if problem and not self.given_path:
-            found = find_disk(self.row)
+            found = find_disks(self.row)
+            if len(found) > 1:
+                raise two_claims(self.row, found[0], found[1])
             if found:
                 log.info('%s is not at its recorded path; found it at %s (its %s matches)',
-                         self.describe(), found, DOT_FILE)
-                self.root, problem = found, None
+                         self.describe(), found[0], DOT_FILE)
+                self.root, problem = found[0], None
         if problem:
-            hint = '--target-path' if writing else '--source-path'
+            hint = self.path_option or ('--target-path' if writing else '--source-path')
             if not self.root.is_dir():
                 raise ConfigError(f'{self.describe()} is not mounted: {self.root} does not exist and no disk with '
-                                  f'its {DOT_FILE} is mounted under {", ".join(mount_roots())}; pass {hint} (or '
-                                  '--path) where the disk is mounted now')
+                                  f'its {DOT_FILE} is mounted under {", ".join(mount_roots()) or "(no mount roots)"}; '
+                                  f'pass {hint} where the disk is mounted now')
             raise ConfigError(f'refusing to use {self.describe()}: {problem}')
+        if self.given_path:
+            # The folder given matches; the disk itself may be online too, at its recorded path or
+            # under the mount roots: then the folder given is a copy, or the disk is the copy.
+            recorded = Path(self.row.url_prefix)
+            elsewhere = ([recorded] if dot_file_mismatch(recorded, self.row) is None else []) + find_disks(self.row)
+            for other in elsewhere:
+                if not same_folder(other, self.root):
+                    raise two_claims(self.row, self.root, other)
         storage_dir = read_dot_file(self.root).get('storage_dir') or 'archive'
         if '/' in storage_dir or storage_dir in ('.', '..'):
             raise ConfigError(f"{self.root / DOT_FILE}: storage_dir '{storage_dir}' must be a folder name")
@@ -1500,7 +1725,7 @@ class LocalBackend(Backend):
             if not files:
                 return
             try:
-                TEST_FAULTS.fault_point('fsync', self.root)
+                fault_point('fsync', self.root)
                 if SYNCFS(self._lock_fd) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f'syncfs: {os.strerror(err)}', str(self.root))
@@ -1517,7 +1742,7 @@ class LocalBackend(Backend):
             try:
                 for tmp, final in files:
                     crash_point('before-rename')
-                    TEST_FAULTS.fault_point('rename', final)
+                    fault_point('rename', final)
                     os.replace(tmp, final)
                     self._changed(final.parent)
             except BaseException as exc:
@@ -1599,6 +1824,7 @@ class S3Backend(Backend):
 
     kind = 's3'
     keeps_tags = True
+    read_etags = True
     # Up to this size an object is read into memory and written with one PUT whose checksums
     # the server verifies; larger ones stream through the transfer manager's multipart upload.
     SINGLE_PUT_LIMIT = 32 * 1024 * 1024
@@ -1632,7 +1858,7 @@ class S3Backend(Backend):
         return head['ContentLength']
 
     def read(self, object_name: str, *, start: int = 0, end: int | None = None,
-             piece: int | None = None, into: memoryview | None = None) -> Iterator[bytes]:
+             piece: int | None = None, into: memoryview | None = None, meta: dict | None = None) -> Iterator[bytes]:
         extra = {}
         if start or end is not None:
             extra['Range'] = f'bytes={start}-{"" if end is None else end}'
@@ -1643,6 +1869,8 @@ class S3Backend(Backend):
                 raise SourceMissing(f'object {self.key(object_name)} is missing in {self.describe()}',
                                     object_name) from None
             raise
+        if meta is not None:
+            meta['etag'] = response.get('ETag')
         body = response['Body']
         raw = getattr(body, '_raw_stream', None)
         fp = getattr(raw, '_fp', None)
@@ -1760,6 +1988,16 @@ class ChunkReader(io.RawIOBase):
         return data
 
 
+def connection_problem(exc: BaseException) -> str:
+    """What went wrong on the way to a server ('Connection refused', 'no answer in time'), for a
+    message that names the server itself."""
+    if isinstance(exc, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
+        return 'no answer in time'
+    error = getattr(exc, 'kwargs', {}).get('error') or exc
+    found = re.search(r'\[Errno -?\d+\] ([^\]\)]+)', str(error))
+    return found.group(1).strip() if found else type(error).__name__
+
+
 def check_bucket(client, where: S3Location, what: str) -> None:
     try:
         client.head_bucket(Bucket=where.bucket)
@@ -1767,7 +2005,7 @@ def check_bucket(client, where: S3Location, what: str) -> None:
         raise ConfigError(f'no S3 credentials for {where.netloc}: set AWS_ACCESS_KEY_ID and '
                           f"AWS_SECRET_ACCESS_KEY, or create an AWS profile named '{where.netloc}'") from None
     except S3_CONNECTION_ERRORS as exc:
-        raise ConfigError(f'cannot reach the S3 server {where.endpoint} ({what}): {describe_exception(exc)}; '
+        raise ConfigError(f'cannot reach the S3 server {where.endpoint} ({what}): {connection_problem(exc)}; '
                           'check the server and the network (timeouts: MITWELTEN_CONNECT_TIMEOUT, '
                           'MITWELTEN_READ_TIMEOUT, MITWELTEN_ATTEMPTS)') from None
     except botocore.exceptions.ClientError as exc:
@@ -1781,9 +2019,11 @@ def check_bucket(client, where: S3Location, what: str) -> None:
 
 
 def open_backend(backend_row: BackendRow, settings: Settings, *, path: str | None = None,
-                 jobs: int = DEFAULT_JOBS) -> Backend:
+                 jobs: int = DEFAULT_JOBS, path_option: str | None = None) -> Backend:
+    """The backend of a catalog row; `path` is where a disk is mounted if not at its recorded
+    path, and `path_option` the command's option that gives it (named in messages)."""
     if backend_row.type == 'local':
-        return LocalBackend(backend_row, Path(path).expanduser().absolute() if path else None)
+        return LocalBackend(backend_row, Path(path).expanduser().absolute() if path else None, path_option)
     if path:
         raise ConfigError(f'{backend_row.describe()} is an S3 backend: a path applies to local disks only')
     if backend_row.type == 's3':
@@ -1803,17 +2043,6 @@ def open_backend(backend_row: BackendRow, settings: Settings, *, path: str | Non
 
 KINDS = {'image': 'images', 'audio': 'audio'}        # a group's name in the service's paths
 PROBLEM = 'urn:mitwelten:storage:problem:'           # the prefix of the service's problem types
-# The service's problem types that stand for one of the engine's errors: the service answers an
-# error with its type, and the client raises the error again from the type.
-SERVICE_PROBLEMS = {'too-few-copies': TooFewCopies, 'version-conflict': VersionConflict, 'busy': Busy,
-                    'invalid-archive': InvalidArchive, 'original-changed': OriginalChanged,
-                    'version-failed': ConversionError, 'original-missing': SourceMissing,
-                    'original-corrupt': ChecksumMismatch}
-
-
-class TokenRefused(StorageError):
-    """The storage service refused the token (401: missing, expired or invalid; 403: no role)."""
-
 
 def read_token_file(path: str) -> str:
     return Path(path).expanduser().read_text(encoding='utf-8').strip()
@@ -1863,13 +2092,15 @@ class ServiceClient:
     FILE_PROBLEMS = {'original-missing', 'original-corrupt', 's3-error'}
 
     def request(self, method: str, path: str, *, body: dict | None = None, headers: dict | None = None,
-                stream: bool = False, token: bool = True, slow: bool = False):
+                stream: bool = False, token: bool = True, slow: bool = False,
+                content: Callable[[], Iterable[bytes]] | None = None):
         """The answer to a request, after up to `attempts` tries with backoff for answers that
         did not come (connection refused or dropped, timeouts, 502/503/504 without a problem of
         one file) and while the file is busy with another request. A problem answer raises the
         refusal it stands for; a service still down raises Unreachable. A refused token is
         read again from MITWELTEN_TOKEN_FILE once (a refresher may have renewed it). `slow`:
-        a request that makes a version, given three times the read timeout."""
+        a request that makes a version, given three times the read timeout. `content`: a body
+        streamed from the chunks it gives, called anew for each try."""
         headers = dict(headers or {})
         data = None
         if body is not None:
@@ -1886,8 +2117,9 @@ class ServiceClient:
             if token:
                 headers['Authorization'] = f'Bearer {self.token}'
             try:
-                response = self.http.request(method, self.base + path, body=data, headers=headers, timeout=timeout,
-                                             preload_content=not stream, redirect=False)
+                response = self.http.request(method, self.base + path, body=content() if content else data,
+                                             headers=headers, timeout=timeout, preload_content=not stream,
+                                             redirect=False)
             except self.urllib3.exceptions.HTTPError as exc:
                 reason = f'{type(exc).__name__}: {exc}'
                 continue
@@ -1942,22 +2174,35 @@ class ServiceClient:
                                'MITWELTEN_TOKEN or MITWELTEN_TOKEN_FILE')
         if status == 404:
             raise NotFound(detail, 'original' if kind == 'original-not-online' else kind or 'file')
-        errors = {**SERVICE_PROBLEMS, 's3-error': FileFailure}
+        errors = {**SERVICE_PROBLEMS, 's3-error': FileFailure, 'wrong-original': ChecksumMismatch}
         if kind in errors:
             raise errors[kind](detail)
         raise StorageError(f'{self.describe()} answered {status}: {detail}')
 
     def check(self) -> None:
-        """The service answers, and takes the token: before a run writes anything."""
+        """The service answers, takes the token, and the token carries both roles a --via run
+        needs (it reads originals, and records what it wrote): GET /me, before a run does
+        anything. ConfigError naming the role that is missing."""
         try:
-            self.request('GET', '/backends', headers={'Accept': 'application/json'})
+            response = self.request('GET', '/me', headers={'Accept': 'application/json'})
+            me = json.loads(response.data)
+            if not isinstance(me, dict) or 'can_read' not in me:
+                raise StorageError(f'GET /me answered {str(me)[:100]}')
         except Unreachable as exc:
             raise ConfigError(f'cannot reach {self.describe()}: {exc}') from None
         except TokenRefused as exc:
             raise ConfigError(str(exc)) from None
-        except StorageError as exc:
+        except (StorageError, ValueError) as exc:
             raise ConfigError(f'{self.describe()} does not answer as the storage service does ({exc}): is --via '
                               "the service's URL?") from None
+        missing = [f"the {what} role{f' {name!r}' if isinstance(name, str) else ''}"
+                   for what, allowed, name in (('read', me.get('can_read'), me.get('read_role')),
+                                               ('write', me.get('can_write'), me.get('write_role')))
+                   if allowed is not True]
+        if missing:
+            raise ConfigError(f"the token (subject {me.get('subject')!r}) lacks {' and '.join(missing)} at "
+                              f'{self.describe()}: a --via run reads originals and records what it wrote '
+                              'through the service, so it needs both; get a token with them')
 
     def path(self, group: str, file_id: int, what: str) -> str:
         return f'/{KINDS[group]}/{int(file_id)}/{what}'
@@ -1978,8 +2223,10 @@ class ServiceClient:
             try:
                 digest = response.headers.get('Repr-Digest', '')
                 if digest and digest != repr_digest(file.sha256):
-                    raise ChecksumMismatch(f'the service says the original has the digest {digest}, not the '
-                                           "catalog's sha256", file.object_name)
+                    found = re.fullmatch(r'sha-256=:([A-Za-z0-9+/=]+):', digest)
+                    actual = base64.b64decode(found.group(1)).hex() if found else digest
+                    raise ChecksumMismatch(f"sha256 {actual} (the service's Repr-Digest) does not match the "
+                                           f"catalog's {file.sha256}: not the original", file.object_name)
                 skip = received if response.status == 200 else 0    # a Range the service did not honour
                 try:
                     # Pieces of 64 KiB: what arrived before a drop is kept, and only the rest
@@ -2019,6 +2266,16 @@ class ServiceClient:
     def delete_original(self, group: str, file: CatalogFile) -> None:
         self.request('DELETE', self.path(group, file.file_id, 'original'), headers={'If-Match': f'"{file.sha256}"'},
                      slow=True)
+
+    def restore_original(self, group: str, file: CatalogFile, chunks: Callable[[], Iterable[bytes]]) -> str:
+        """Send the original (`chunks()`, checked as it is read, e.g. a CheckedStream) with PUT
+        …/original, streamed with a Content-Length; 'restored', or 'exists' when the service had
+        it already. A try that got no answer sends it again from the start."""
+        response = self.request('PUT', self.path(group, file.file_id, 'original'), content=chunks, slow=True,
+                                headers={'Content-Length': str(file.file_size),
+                                         'Content-Type': 'application/octet-stream'})
+        response.release_conn()
+        return 'restored' if response.status == 201 else 'exists'
 
 
 def random_fraction() -> float:
@@ -2162,6 +2419,207 @@ class CheckedStream:
 def read_original(backend: Backend, file: CatalogFile, progress: Callable[[int], None] | None = None) -> bytes:
     """The original's bytes, read once and checked against the catalog's size and sha256."""
     return b''.join(CheckedStream(backend.read_original(file), file, progress))
+
+
+# --- gzip is the original ---------------------------------------------------------------------------
+#
+# A gzip version (type 10) decompresses to the original's exact bytes: where a backend holds it,
+# the original is read from it, decompressed as it streams and checked like any original
+# (CheckedStream against the catalog's size and sha256). `restore`, `export` and the service's
+# GET …/original read originals so.
+
+GZIP_PIECE = 1024 * 1024        # decompressed output per step: memory stays bounded, whatever the ratio
+
+
+def gunzipped(chunks: Iterable[bytes], object_name: str) -> Iterator[bytes]:
+    """The decompressed bytes of a gzip stream, as it streams (zlib, gzip header and trailer:
+    its CRC-32 and length are checked by zlib); ChecksumMismatch for a damaged or cut-off one."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        for chunk in chunks:
+            data = inflater.decompress(chunk, GZIP_PIECE)
+            while data:
+                yield data
+                data = inflater.decompress(inflater.unconsumed_tail, GZIP_PIECE) if inflater.unconsumed_tail else b''
+        tail = inflater.flush()
+        if tail:
+            yield tail
+    except zlib.error as exc:
+        raise ChecksumMismatch(f'the gzip copy does not decompress: {exc}', object_name) from None
+    if not inflater.eof:
+        raise ChecksumMismatch('the gzip copy ends early: not the whole original', object_name)
+
+
+def original_from(backend: Backend, file: CatalogFile, held_type: int,
+                  into: memoryview | None = None) -> Iterator[bytes]:
+    """The original's bytes from a backend that holds it as `held_type`: the original itself
+    (type 0), or gzip of it (type 10), decompressed as it streams. Unchecked: pass it through a
+    CheckedStream. Other versions are not the original (VersionConflict)."""
+    if held_type == 0:
+        return backend.read_original(file, into=into)
+    if held_type == 10:
+        return gunzipped(backend.read(with_suffix('.gz')(file.object_name), into=into), file.object_name)
+    raise VersionConflict(f'{backend.describe()} holds version {held_type} of {file.object_name}, not its original '
+                          'nor gzip of it')
+
+
+class GzipHeldOriginal(Backend):
+    """A backend that holds a file's original as gzip (type 10), presented as holding the
+    original itself: its size is the catalog's, its reads decompress as they stream (a range
+    is cut from the decompressed bytes), so that whoever reads originals from a backend (the
+    service's GET …/original) serves it unchanged; the caller checks it (CheckedStream) as any
+    original. Nothing is written through it."""
+
+    def __init__(self, backend: Backend, file: CatalogFile):
+        self.inner, self.file = backend, file
+        self.row, self.kind = backend.row, backend.kind
+        self.gz_name = with_suffix('.gz')(file.object_name)
+
+    def location(self) -> str:
+        return self.inner.location()
+
+    def describe(self) -> str:
+        return f'{self.inner.describe()} (the original, from its gzip version)'
+
+    def check(self, writing: bool) -> None:
+        self.inner.check(writing)
+
+    def size(self, object_name: str) -> int | None:
+        if object_name != self.file.object_name:
+            return self.inner.size(object_name)
+        return self.file.file_size if self.inner.size(self.gz_name) is not None else None
+
+    def read(self, object_name: str, *, start: int = 0, end: int | None = None,
+             piece: int | None = None, into: memoryview | None = None) -> Iterator[bytes]:
+        if object_name != self.file.object_name:
+            yield from self.inner.read(object_name, start=start, end=end, piece=piece)
+            return
+        position = 0
+        for chunk in gunzipped(self.inner.read(self.gz_name, piece=piece), object_name):
+            first, position = position, position + len(chunk)
+            if position <= start:
+                continue
+            if end is not None and first > end:
+                return
+            yield chunk[max(0, start - first):None if end is None else end + 1 - first]
+
+    def read_original(self, file: CatalogFile, into: memoryview | None = None) -> Iterator[bytes]:
+        return self.read(file.object_name)
+
+    def _read_only(self, *args, **kwargs):
+        raise ConfigError(f'{self.describe()} is read through its gzip version: nothing is written through it')
+
+    write = delete = _read_only
+
+
+class CheckedObjects:
+    """The objects that hashed to their catalog sha256 lately, each by its backend, name, sha256
+    and the ETag S3 gave it, kept `ttl` seconds: the segments of one download (aria2c's, curl
+    -C -) are then not each a full read. An object changed since has another ETag and is read
+    whole again. Those that did not hash right are kept too, with the sha256 they have: asked
+    for again (a client resuming a cut download), they are refused before a byte is sent."""
+
+    def __init__(self, ttl: float, limit: int = 20000):
+        self.ttl = ttl
+        self.limit = limit
+        self._checked: dict[tuple, tuple[str, float]] = {}
+        self._bad: dict[tuple, tuple[str, str, float]] = {}
+        self._lock = threading.Lock()
+
+    def add_bad(self, backend: Backend, file: CatalogFile, etag: str | None, actual_sha256: str) -> None:
+        if not etag or self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._bad) >= self.limit:
+                self._bad.clear()
+            self._bad[self._key(backend, file)] = (etag, actual_sha256, time.monotonic() + self.ttl)
+
+    def bad(self, backend: Backend, file: CatalogFile, etag: str | None) -> str | None:
+        """The sha256 the object with this ETag had when it failed its check lately, or None."""
+        with self._lock:
+            known, actual, until = self._bad.get(self._key(backend, file), (None, None, 0.0))
+        return actual if etag and known == etag and until > time.monotonic() else None
+
+    @staticmethod
+    def _key(backend: Backend, file: CatalogFile) -> tuple:
+        return backend.location(), file.object_name, file.sha256
+
+    def add(self, backend: Backend, file: CatalogFile, etag: str | None) -> None:
+        if not etag or self.ttl <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if len(self._checked) >= self.limit:
+                self._checked = {k: v for k, v in self._checked.items() if v[1] > now}
+                while len(self._checked) >= self.limit:         # still full: the oldest go
+                    del self._checked[next(iter(self._checked))]
+            self._checked.pop(self._key(backend, file), None)
+            self._checked[self._key(backend, file)] = (etag, now + self.ttl)
+
+    def etag(self, backend: Backend, file: CatalogFile) -> str | None:
+        """The ETag with which the object hashed right lately, or None."""
+        with self._lock:
+            etag, until = self._checked.get(self._key(backend, file), (None, 0.0))
+        return etag if until > time.monotonic() else None
+
+
+def checked_range(backend: Backend, file: CatalogFile, first: int, last: int, *,
+                  checked: CheckedObjects | None = None, piece: int | None = None) -> Iterator[bytes]:
+    """Bytes `first` to `last` (inclusive) of an original, never passed on unchecked: the whole
+    object is read and hashed, the range passed on as it goes by, and the range's last piece
+    held back until the whole has the catalog's size and sha256 (ChecksumMismatch otherwise, so
+    that a client putting an original together from ranges never ends with a damaged one).
+    Where `checked` holds the object as hashed right lately with the very ETag this read finds
+    (a backend that reads ETags), a part is read alone. The first thing yielded is b'', once
+    the backend has answered and before anything is checked: a caller can tell a source that
+    cannot be read (raised before it) from an original that does not check out (raised later)."""
+    whole = first == 0 and last >= file.file_size - 1
+    if checked is not None and backend.read_etags and not whole and checked.etag(backend, file):
+        meta: dict = {}
+        chunks = backend.read(file.object_name, start=first, end=last, piece=piece, meta=meta)
+        head = next(chunks, None)                   # S3 answers: its ETag is known
+        if meta.get('etag') and meta['etag'] == checked.etag(backend, file):
+            yield b''
+            if head is not None:
+                yield head
+            yield from chunks
+            return
+        chunks.close()
+    meta = {}
+    chunks = backend.read(file.object_name, piece=piece, **({'meta': meta} if backend.read_etags else {}))
+    head = next(chunks, None)
+    actual = checked.bad(backend, file, meta.get('etag')) if checked is not None and backend.read_etags else None
+    if actual:
+        chunks.close()
+        mismatch = ChecksumMismatch(f"sha256 {actual} does not match the catalog's {file.sha256}: not the "
+                                    'original (found so moments ago)', file.object_name)
+        mismatch.actual_sha256 = actual
+        raise mismatch
+    yield b''
+    digest = hashlib.sha256()
+    offset = 0
+    held = None
+    for chunk in itertools.chain([head] if head is not None else [], chunks):
+        digest.update(chunk)
+        start, offset = offset, offset + len(chunk)
+        if offset > file.file_size:
+            raise ChecksumMismatch(f'larger at the source than the catalog\'s {file.file_size:,} bytes',
+                                   file.object_name)
+        low, high = max(first, start), min(last + 1, offset)
+        if low < high:
+            if held is not None:
+                yield held
+            held = chunk if (low, high) == (start, offset) else bytes(chunk[low - start:high - start])
+    try:
+        check_original(file, offset, digest.hexdigest())
+    except ChecksumMismatch:
+        if checked is not None and backend.read_etags:
+            checked.add_bad(backend, file, meta.get('etag'), digest.hexdigest())
+        raise
+    if checked is not None and backend.read_etags:
+        checked.add(backend, file, meta.get('etag'))
+    if held is not None:
+        yield held
 
 
 # =================================================================================================
@@ -2795,19 +3253,22 @@ class RunReport:
         return self.counts.get(outcome, 0)
 
 
-class Cancelled(Exception):
-    """Work that was not started because the run is stopping: left for the next run."""
-
-
 class Run:
     """The frame around a long operation: a log file with every file's outcome, progress,
     Ctrl-C and SIGTERM (with `handle_signals`), the reason it stopped, and the report. Use as a
     context manager. Messages for the user go through the module's logger."""
 
     def __init__(self, report: RunReport, options: RunOptions, total_files: int | None = None,
-                 total_bytes: int | None = None, backends: tuple = (), stall_after: float = 10.0):
+                 total_bytes: int | None = None, backends: tuple = (), stall_after: float = 10.0,
+                 abandon_after: float | None = None):
         self.report = report
         self.stall_after = stall_after         # seconds without data before the progress says it waits
+        # Once the run has decided to stop, the files in flight get this many seconds without data
+        # before they are abandoned: half of stall_after, which BatchFrame sets to min(10, the read
+        # timeout), so a run stops within one read timeout of its decision.
+        self.abandon_after = stall_after / 2 if abandon_after is None else abandon_after
+        self.stopped_at: float | None = None
+        self.last_data = time.monotonic()     # bytes last moved
         self.options = options
         self.total_files = total_files
         self.total_bytes = total_bytes
@@ -2826,6 +3287,7 @@ class Run:
         self._log_file = None
         self._old_handlers = {}
         self._connection_failures = 0
+        self._reasons_said: set[str] = set()
 
     # -- context ---------------------------------------------------------------------------------
     def __enter__(self) -> 'Run':
@@ -2872,7 +3334,7 @@ class Run:
 
     # -- outcomes --------------------------------------------------------------------------------
     def progress(self, nbytes: int) -> None:
-        self.last_activity = time.monotonic()
+        self.last_activity = self.last_data = time.monotonic()
         self.progress_shown.advance(nbytes)
 
     def _show_status(self, waiting: str = '') -> None:
@@ -2920,8 +3382,15 @@ class Run:
             self._show_status()
 
     def failure(self, file: CatalogFile, reason: str) -> None:
-        self.report.failures.append((file.object_name, reason))
-        log.warning('FAILED %s: %s', file.object_name, reason)
+        """Count, log and name one file's failure. A reason said already for another file (a
+        full disk fails every file in flight alike) is not said again on the way: the summary
+        counts them, the log names each."""
+        with self._lock:
+            self.report.failures.append((file.object_name, reason))
+            said = reason in self._reasons_said
+            self._reasons_said.add(reason)
+        if not said:
+            log.warning('FAILED %s: %s', file.object_name, reason)
         self.outcome(file, 'failed', 0, reason)
 
     def file_failed(self, file: CatalogFile, exc: BaseException) -> None:
@@ -2943,7 +3412,24 @@ class Run:
             if self.report.stopped:
                 return
             self.report.stopped = reason
+            self.stopped_at = time.monotonic()
         log.warning('stopping: %s', reason)
+
+    def gives_up_waiting(self) -> bool:
+        """Whether the files still in flight of a run that decided to stop are to be abandoned:
+        nothing has moved for `abandon_after` seconds since the decision. A frozen server would
+        otherwise hold the run for every attempt of every transfer in flight."""
+        if self.stopped_at is None:
+            return False
+        return time.monotonic() - max(self.stopped_at, self.last_data) >= self.abandon_after
+
+    def abandoned(self, in_flight: int) -> None:
+        """Say in the stop line that `in_flight` files were abandoned."""
+        note = (f'{in_flight} files in flight were abandoned after {self.abandon_after:.0f} s without data (nothing '
+                'of them is recorded; the next run removes their temporary files)')
+        self.report.stopped = f'{self.report.stopped}; {note}' if self.report.stopped else note
+        self.log_line(f'abandoned: {note}')
+        log.warning('stopping now: %s', note)
 
     def stop_for(self, fault: BaseException) -> None:
         """A fault that escaped the work on the files (the catalog gone, a disk gone, a sync
@@ -3024,11 +3510,18 @@ def fatal_reason(exc: BaseException, backends: Iterable[Backend]) -> str | None:
     return None
 
 
+# Set when a run left work running on its threads (a frozen server's transfers, abandoned): the
+# command line then exits without waiting for them.
+LEFT_RUNNING = threading.Event()
+
+
 class Pipeline:
     """Work for a run on `jobs` threads. Items are fed from an iterator as slots free up (so a
     selection of millions is never held whole); each finished piece of work is handed to its
     handler on this thread, which may submit follow-up work. Stops feeding when the run stops;
-    work queued but not started is cancelled, the work in flight finishes."""
+    work queued but not started is cancelled, the work in flight finishes, or, when nothing of
+    it moves for `Run.abandon_after` seconds after a stop, is abandoned as a second Ctrl-C
+    abandons it (nothing of it recorded; the next run removes its temporary files)."""
 
     def __init__(self, jobs: int, run: Run):
         self.jobs = jobs
@@ -3073,6 +3566,9 @@ class Pipeline:
                     done, _ = wait(self.pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     self._handle(done)
                     self.run.watch(len(self.pending))
+                    if self.pending and self.run.gives_up_waiting():
+                        self.abandon()
+                        return
                 idle = not self.pending and (exhausted or self.run.stopping)
                 between(idle)
                 if idle and not self.pending:
@@ -3092,6 +3588,14 @@ class Pipeline:
             self.pool.shutdown(wait=True)
             raise
         self.pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Leave the work in flight running, unhandled: nothing of it is recorded."""
+        in_flight = len(self.pending)
+        self.pending.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        LEFT_RUNNING.set()
+        self.run.abandoned(in_flight)
 
 
 # =================================================================================================
@@ -3163,6 +3667,48 @@ PRIORITY_TIERS = {0: 'online S3, public', 1: 'online S3, not public', 2: 'offlin
 ARCHIVE_PRIORITY = 2
 
 
+def check_priority(kind: str, priority: int) -> None:
+    """Priorities are the tiers of SPEC.md: 0 online S3, public; 1 online S3, not public; 2
+    offline archive disks. A disk is offline storage, so never 0 or 1 (the service and `--via`
+    would take it for an online tier, and `export` would read from it first); an S3 bucket is
+    online, so never 2 or above (the service and `--via` take priority 2 for an archive disk
+    a workstation writes to). Disks may use 3 and above for tiers of their own."""
+    tiers = ', '.join(f'{number} {tier}' for number, tier in PRIORITY_TIERS.items())
+    if priority < 0:
+        raise ConfigError(f'priority {priority} is negative: priorities are {tiers}')
+    if kind == 'local' and priority < ARCHIVE_PRIORITY:
+        raise ConfigError(f'priority {priority} is the tier of {PRIORITY_TIERS[priority]} buckets: a local disk is '
+                          f'an offline archive, priority {ARCHIVE_PRIORITY} (or above, for a tier of your own)')
+    if kind == 's3' and priority >= ARCHIVE_PRIORITY:
+        raise ConfigError(f'priority {priority} is for offline archive disks: an S3 bucket is an online tier, '
+                          f'priority 0 ({PRIORITY_TIERS[0]}) or 1 ({PRIORITY_TIERS[1]})')
+
+
+def overlapping_backend(conn, root: Path) -> str | None:
+    """Why a disk at `root` would overlap a local backend: the same folder, a folder inside
+    another backend's root (its archive/ folder, say), or a folder holding one. Paths are
+    compared normalised, links resolved; a disk's dot-file found above `root` counts too (a
+    disk of another catalog, or one mounted elsewhere than its recorded path)."""
+    resolved = normal_path(root)
+    for row in fetch_backends(conn):
+        if row.type != 'local':
+            continue
+        other = normal_path(row.url_prefix)
+        if other == resolved or same_folder(other, root):
+            return f'{root} is already registered as storage backend {row.storage_id}'
+        if other in resolved.parents:
+            return (f'{root} is inside the root of backend {row.storage_id} ({row.url_prefix}): a backend cannot be '
+                    'part of another; use a folder of its own')
+        if resolved in other.parents:
+            return (f'{root} holds the root of backend {row.storage_id} ({row.url_prefix}): a backend cannot hold '
+                    'another; use a folder of its own')
+    for parent in resolved.parents:
+        if (parent / DOT_FILE).is_file():
+            return (f'{root} is inside the disk of a storage backend ({parent / DOT_FILE} exists): a backend cannot '
+                    'be part of another; use a folder of its own')
+    return None
+
+
 def write_text_file(path: Path, text: str) -> None:
     """A small text file written atomically (rule 2)."""
     with atomic_file(path) as tmp:
@@ -3172,7 +3718,9 @@ def write_text_file(path: Path, text: str) -> None:
 def create_local_backend(settings: Settings, path: str, priority: int, label: str) -> BackendRow:
     """Register the folder at `path` (an archive disk's mount point) as a local backend: the
     catalog row, the dot-file, README.md and archive/. Refuses, leaving nothing behind, a
-    missing folder, one that is already a backend, or a path already registered."""
+    missing folder, one that is already a backend, a path already registered, one inside
+    another local backend's root or holding one, and a priority below the archive tier."""
+    check_priority('local', priority)
     root = Path(path).expanduser().absolute()
     if not root.is_dir():
         raise ConfigError(f'{root} does not exist or is not a folder: mount the disk first')
@@ -3190,6 +3738,9 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
     conn = connect_catalog(settings)
     created: list[Path] = []
     try:
+        overlap = overlapping_backend(conn, root)
+        if overlap:
+            raise ConfigError(overlap)
         backend_row = _insert_backend(conn, str(root), 'local', priority, label)
         dot_lines = [f'storage_id={backend_row.storage_id}', f'created_at={backend_row.created_at}',
                      'storage_dir=archive', f'url_prefix={root}', f'device_label={label}']
@@ -3219,6 +3770,7 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
 
 def create_s3_backend(settings: Settings, url: str, priority: int, notes: str) -> BackendRow:
     """Register a bucket (with optional prefix) as an S3 backend, after checking it exists."""
+    check_priority('s3', priority)
     where = S3Location.parse(url)
     check_bucket(s3_client(where, settings), where, f'new backend {where.url}')
     conn = connect_catalog(settings)
@@ -3289,6 +3841,9 @@ def list_backends(settings: Settings, *, conn=None) -> list[dict]:
             mounted_at = disk_whereabouts(backend_row)
             entry['online'] = mounted_at is not None
             entry['mounted_at'] = str(mounted_at) if mounted_at else None
+            # Elsewhere than recorded: compared normalised, so that '/media/archive07/' as stored
+            # by the earlier script is where '/media/archive07' is.
+            entry['moved'] = mounted_at is not None and not same_folder(mounted_at, backend_row.url_prefix)
         listing.append(entry)
     return listing
 
@@ -3358,19 +3913,25 @@ def _fetch_backend_or_404(conn, storage_id: int) -> BackendRow:
         raise NotFound(str(exc), 'backend') from None
 
 
-def _copies_elsewhere(held: list[HeldVersion], storage_id: int) -> int:
-    return sum(1 for h in held if h.type == 0 and h.backend.storage_id != storage_id)
+def _copies_elsewhere(conn, group: str, file_id: int, storage_id: int) -> int:
+    """The sound originals (rule 8) recorded on backends other than `storage_id`, counted inside
+    the transaction that holds the file's row locks."""
+    return sound_originals_elsewhere(conn, GROUPS[group], [file_id], storage_id,
+                                     end_transaction=False).get(file_id, 0)
 
 
 def active_original(conn, backends: BackendCache, group: str, file_id: int) -> tuple[CatalogFile, Backend]:
     """The file and the backend of its active copy (the S3 backend with the lowest priority
-    number that records it: the one the writes act on too), which must be the original.
+    number that records it: the one the writes act on too), which must be the original, or gzip
+    of it (type 10: the backend is then a GzipHeldOriginal, which reads it decompressed).
     NotFound('file') when the catalog does not know the file, NotFound('original') when the
     active tier holds a version instead, or no online tier records the file."""
     file = fetch_file(conn, group, file_id)
     held = held_versions(conn, group, file_id)
     conn.commit()
     active = active_version(held)
+    if active is not None and active.type == 10:        # gzip is the original: served decompressed
+        return file, GzipHeldOriginal(backends.get(active.backend), file)
     if active is None or active.type != 0:
         raise NotFound(f'the original of {group} file {file_id} is no longer online (it is archived; the online '
                        'tier holds a version of it, if any)', 'original')
@@ -3445,7 +4006,7 @@ def make_version_in_place(conn, backends: BackendCache, group: str, file_id: int
     try:
         backend = backends.get(active.backend)
         version_name = version.object_name(file.object_name)
-        copies = _copies_elsewhere(held, active.backend.storage_id)
+        copies = _copies_elsewhere(conn, group, file_id, active.backend.storage_id)
         if active.type == version.type:
             # Done before. A request cut off between its commit and the delete left the
             # original beside its version: it goes now, if its copies elsewhere still stand.
@@ -3458,33 +4019,39 @@ def make_version_in_place(conn, backends: BackendCache, group: str, file_id: int
             raise VersionConflict(f'{active.backend.describe()} holds version {active.type} of {group} file {file_id}, '
                                   'not its original: no other version can be made there')
         if copies < min_copies:
-            raise TooFewCopies(f'{copies} checked originals of {group} file {file_id} are recorded on other backends; '
+            raise TooFewCopies(f'{copies} sound originals of {group} file {file_id} are recorded on other backends; '
                                f'{min_copies} are needed before the original leaves {active.backend.describe()}')
+        # The model process's release, as a batch run does it, with the row committed between
+        # the version's write and the original's delete (a request is answered only once its
+        # row is committed; a request cut off after the commit and repeated deletes the
+        # original left beside the version, above).
+        archiver = Archiver(group, backend, None, version)
+        step = ArchiveStep(file)
         try:
-            original = read_original(backend, file)
-        except SourceMissing:
+            step.original = read_original(backend, file)
+        except SourceMissing as exc:
             # The original is gone from the active tier though the row says it is there (a
-            # run of an earlier version of this tool cut off, or a hand): the replacement is
-            # finished if the version is there and sound.
-            if not sound_copy_at(backend, file, version):
+            # run cut off after its delete, or a hand): the replacement is finished if the
+            # version is there and sound.
+            archiver.original_missing(step, exc)
+            if not step.version_present:
                 raise NotFound(f'the original of {group} file {file_id} is missing at {backend.describe()} and its '
                                f'{version.label} version is not there either; it is archived: copy it back, or run '
                                f'`verify {active.backend.storage_id} --fix`', 'original') from None
         else:
-            data = version.make(original, file)
-            backend.write(version_name, [data], len(data), content_type_of(version, version_name),
-                          tags=backend.tags(file.object_name))
-            crash_point('after-version-write')
-        _set_type(conn, group, file_id, active.backend.storage_id, version.type)
-        conn.commit()
-        crash_point('after-commit')
+            archiver.make_version(step, step.original)
+            if step.version_failed:
+                raise ConversionError(step.version_failed, file.object_name)
+
+        def commit() -> None:
+            _set_type(conn, group, file_id, active.backend.storage_id, version.type)
+            conn.commit()
+            crash_point('after-commit')
+        archiver.release_original(step, commit=commit)
     except BaseException:
         with contextlib.suppress(psycopg2.Error):
             conn.rollback()
         raise
-    if version_name != file.object_name:
-        backend.delete(file.object_name)
-    crash_point('after-original-delete')
     return file_state(conn, group, file_id, 'replaced')
 
 
@@ -3494,7 +4061,7 @@ def delete_original(conn, backends: BackendCache, group: str, file_id: int, sha2
     the object deleted, then the row's removal committed (a request cut off in between and
     repeated finds the object gone and removes the row). `sha256_hex` must be the catalog's
     (If-Match: OriginalChanged otherwise). NotFound('original') when it is gone already;
-    TooFewCopies (rule 3) when fewer than min_copies checked originals are recorded elsewhere."""
+    TooFewCopies (rule 3) when fewer than min_copies sound originals are recorded elsewhere."""
     file, held, active = _locked_active(conn, group, file_id)
     try:
         if active.type != 0:
@@ -3502,19 +4069,124 @@ def delete_original(conn, backends: BackendCache, group: str, file_id: int, sha2
                            f'({active.backend.describe()} holds version {active.type})', 'original')
         if (sha256_hex or '').strip().lower() != file.sha256:
             raise OriginalChanged(f"{sha256_hex!r} is not the sha256 of {group} file {file_id}'s original")
-        copies = _copies_elsewhere(held, active.backend.storage_id)
+        copies = _copies_elsewhere(conn, group, file_id, active.backend.storage_id)
         if copies < min_copies:
-            raise TooFewCopies(f'{copies} checked originals of {group} file {file_id} are recorded on other backends; '
+            raise TooFewCopies(f'{copies} sound originals of {group} file {file_id} are recorded on other backends; '
                                f'{min_copies} are needed before the original leaves {active.backend.describe()}')
-        backends.get(active.backend).delete(file.object_name)
-        crash_point('after-original-delete')
-        _set_type(conn, group, file_id, active.backend.storage_id, None)
-        conn.commit()
+        def commit() -> None:
+            _set_type(conn, group, file_id, active.backend.storage_id, None)
+            conn.commit()
+        Archiver(group, backends.get(active.backend), None, None).release_original(ArchiveStep(file), commit=commit)
     except BaseException:
         with contextlib.suppress(psycopg2.Error):
             conn.rollback()
         raise
     return file_state(conn, group, file_id, 'deleted')
+
+
+def _versions_left_removed(backend: Backend, file: CatalogFile, group: str) -> list[str]:
+    """Remove the versions of the file left beside its original at the backend (a restore cut
+    off after its commit), each only if it is a sound copy of that version of this very file
+    (never another file that happens to have the name). Returns the names removed."""
+    removed = []
+    for (g, version_type), version in VERSIONS.items():
+        name = version.object_name(file.object_name)
+        if g != group or version_type == 0 or name == file.object_name:
+            continue
+        if backend.size(name) is not None and sound_copy_at(backend, file, version):
+            backend.delete(name)
+            crash_point('after-version-delete')
+            removed.append(name)
+    return removed
+
+
+def _sound_original_at(backend: Backend, file: CatalogFile) -> bool:
+    """Whether the backend's original of the file reads back whole and hashes to the catalog's."""
+    try:
+        read_original(backend, file)
+    except (ChecksumMismatch, SourceMissing):
+        return False
+    return True
+
+
+def _log_restored(conn, group: str, file_id: int, storage_id: int, detail: str, agent: str | None = None) -> None:
+    """The fixity row of an original restored at a backend (appended once its version object is
+    gone: what tells a later restore that this one finished)."""
+    if has_fixity_log(conn):
+        with conn.cursor() as cur:
+            append_fixity(cur, GROUPS[group], [FixityCheck(file_id, storage_id, 0, 'ok', 'restore', detail)],
+                          agent or fixity_agent())
+        conn.commit()
+
+
+def restore_original(conn, backends: BackendCache, group: str, file_id: int, chunks: Iterable[bytes],
+                     length: int, agent: str | None = None) -> FileState:
+    """Restore the file's original at the active tier from `chunks` (`length` bytes, offered by
+    a workstation that read it from its disk): under the file's row locks, in the order of
+    `restore`: the bytes hashed while they stream and stored only if they are the catalog's
+    (S3 is given the sha256 to check as well), the row made type 0 (a new row where the
+    original had been deleted) and committed, then the version object deleted. Outcome
+    'restored', or 'exists' when the original is there already and reads back sound (a version
+    left beside it by a request cut off after its commit is removed then; `chunks` are not
+    read; an original there that is not sound is written again from `chunks`). Refuses, storing
+    nothing: TooLarge (more bytes than the catalog's size, before reading), ChecksumMismatch
+    (not the original's bytes), NotFound (no such file, or no S3 backend to restore to)."""
+    file = fetch_file(conn, group, file_id)
+    conn.commit()
+    if length > file.file_size:
+        raise TooLarge(f'{length:,} bytes offered, but the original of {group} file {file_id} has {file.file_size:,}')
+    if length < file.file_size:
+        raise ChecksumMismatch(f'{length:,} bytes offered, the catalog says {file.file_size:,}: not the original',
+                               file.object_name)
+    held = held_versions(conn, group, file_id, lock=True)
+    try:
+        active = active_version(held)
+        if active is not None:
+            backend_row, old_type = active.backend, active.type
+        else:                   # released with --delete-original: back to the active tier
+            backend_row = min((row for row in fetch_backends_in(conn) if row.type == 's3'),
+                              key=lambda row: (row.priority, row.storage_id), default=None)
+            if backend_row is None:
+                raise NotFound('the catalog has no S3 backend to restore the original to', 'backend')
+            old_type = None
+        backend = backends.get(backend_row)
+        name = file.object_name
+        if old_type == 0 and backend.size(name) == file.file_size and _sound_original_at(backend, file):
+            removed = _versions_left_removed(backend, file, group)
+            conn.commit()
+            if removed:
+                _log_restored(conn, group, file_id, backend_row.storage_id,
+                              f'restored earlier; {", ".join(removed)} left beside it removed', agent)
+            return file_state(conn, group, file_id, 'exists')
+        original = VERSIONS[(group, 0)]
+        backend.write(name, CheckedStream(chunks, file), file.file_size, content_type_of(original, name), file.sha256)
+        crash_point('after-restore-write')
+        table = sql.Identifier(GROUPS[group].storage_table)
+        if old_type is None:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL('INSERT INTO {} (file_id, storage_id, type, created_at, updated_at) '
+                                    'VALUES (%s, %s, 0, now(), now())').format(table),
+                            (file_id, backend_row.storage_id))
+        elif old_type != 0:
+            _set_type(conn, group, file_id, backend_row.storage_id, 0)
+        conn.commit()
+        crash_point('after-restore-commit')
+    except BaseException:
+        with contextlib.suppress(psycopg2.Error):
+            conn.rollback()
+        raise
+    if old_type not in (None, 0):
+        backend.delete(find_version(group, old_type).object_name(name))
+        crash_point('after-version-delete')
+    _log_restored(conn, group, file_id, backend_row.storage_id, 'restored from the bytes sent, checked', agent)
+    return file_state(conn, group, file_id, 'restored')
+
+
+def fetch_backends_in(conn) -> list[BackendRow]:
+    """The backends, inside the caller's transaction (no commit: its row locks stay)."""
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT {BACKEND_COLUMNS} FROM storage_backend ORDER BY storage_id')
+        return [BackendRow(*row) for row in cur.fetchall()]
 
 
 # --- the frame of a batch run (copy, archive) ----------------------------------------------------------
@@ -3648,8 +4320,10 @@ class BatchFrame:
                 raise ConfigError(f'{target_row.describe()} has priority {target_row.priority}: through the service '
                                   f'(--via) the target must be an archive backend (priority {ARCHIVE_PRIORITY})')
         else:
-            source = open_backend(source_row, self.settings, path=options.source_path, jobs=options.jobs)
-        target = open_backend(target_row, self.settings, path=options.target_path, jobs=options.jobs)
+            source = open_backend(source_row, self.settings, path=options.source_path, jobs=options.jobs,
+                                  path_option='--source-path')
+        target = open_backend(target_row, self.settings, path=options.target_path, jobs=options.jobs,
+                              path_option='--target-path')
         source.check(writing=source_writing)
         target.check(writing=True)
         return source, target
@@ -3736,21 +4410,28 @@ def explain_fault(exc: BaseException, report: RunReport, backends: tuple) -> str
 
 @dataclasses.dataclass
 class Plan:
-    """A dry run: what a copy or archive would do, file by file, changing nothing. Iterating
-    it streams (action, file) from the catalog; `notes` says what the counts tell."""
+    """A dry run: what a copy or archive would do, file by file, changing nothing. A context
+    manager that holds the run's catalog connections until it is closed; iterating it streams
+    (action, file) from the catalog; `notes` says what the counts tell."""
     command: str
     title: str
     notes: list
-    steps: Iterator
+    frame: 'BatchFrame'
+    selection: Selection
+    action: Callable[[CatalogFile], str]
+
+    def __enter__(self) -> 'Plan':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.frame.__exit__(None, None, None)
 
     def __iter__(self) -> Iterator[tuple[str, CatalogFile]]:
-        return iter(self.steps)
-
-
-def _planned(frame: BatchFrame, selection: Selection, action: Callable[[CatalogFile], str]) -> Iterator:
-    with frame:
-        for file in selection.files(frame.reader):
-            yield action(file), file
+        for file in self.selection.files(self.frame.reader):
+            yield self.action(file), file
 
 
 # --- copy ------------------------------------------------------------------------------------------------
@@ -3813,16 +4494,21 @@ class CopyJob(BatchJob):
         self.run.outcome(file, outcome, nbytes)
 
     def notes(self, counts: dict) -> list[str]:
-        notes = []
-        if not counts['at_source']:
-            notes.append('the source holds none of the files of this batch, as that version or as the original')
-        if counts['done']:
-            notes.append(f"{counts['done']} of the batch's {counts['at_source']} files at the source were at the "
-                         'target already')
-        if counts['other_version']:
-            notes.append(f"{counts['other_version']} files skipped: the target holds another version of them "
-                         f'(one version per backend)')
-        return notes
+        return copy_notes(counts)
+
+
+def copy_notes(counts: dict) -> list[str]:
+    """What the selection's counts tell about a copy."""
+    notes = []
+    if not counts['at_source']:
+        notes.append('the source holds none of the files of this batch, as that version or as the original')
+    if counts['done']:
+        notes.append(f"{counts['done']} of the batch's {counts['at_source']} files at the source were at the "
+                     'target already')
+    if counts['other_version']:
+        notes.append(f"{counts['other_version']} files skipped: the target holds another version of them "
+                     f'(one version per backend)')
+    return notes
 
 
 def _copy_title(batch, version: Version, source: Backend, target: Backend) -> str:
@@ -3842,25 +4528,25 @@ def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str
         if frame.service and version.type != 0:
             raise ConfigError('through the service (--via) only originals are copied: leave out --type')
         selection = Selection(batch, source_id, target_id, version.type, frame.options.limit)
+        selection.check(frame.reader)
         job = CopyJob(source, target, version, frame.recorder(selection.group, (target,)))
         return frame.run(job, selection, _copy_title(batch, version, source, target))
 
 
 def plan_copy(settings: Settings, source_id: int, target_id: int, batch_id: str, *, version_type: int = 0,
               options: RunOptions | None = None) -> Plan:
-    """What copy_batch would do (a dry run): backends checked, nothing written."""
-    frame = BatchFrame(settings, 'copy', options).__enter__()
-    try:
+    """What copy_batch would do (a dry run): backends checked, nothing written. Close the plan
+    (or use it in a `with`) once read."""
+    with contextlib.ExitStack() as on_error:
+        frame = on_error.enter_context(BatchFrame(settings, 'copy', options))
         batch = find_batch(batch_id)
         version = find_version(batch.group, version_type)
         source, target = frame.open_pair(source_id, target_id, batch.group)
         selection = Selection(batch, source_id, target_id, version.type, frame.options.limit)
-        notes = CopyJob.notes(None, selection.counts(frame.reader))
-    except BaseException:
-        frame.__exit__(None, None, None)
-        raise
+        notes = copy_notes(selection.counts(frame.reader))
+        on_error.pop_all()
     action = lambda f: 'copy' if f.source_type == version.type else f'make {version.label} of'
-    return Plan('copy', _copy_title(batch, version, source, target), notes, _planned(frame, selection, action))
+    return Plan('copy', _copy_title(batch, version, source, target), notes, frame, selection, action)
 
 
 # --- archive -------------------------------------------------------------------------------------------
@@ -3869,53 +4555,75 @@ def plan_copy(settings: Settings, source_id: int, target_id: int, batch_id: str,
 class ArchiveStep:
     """What archiving the original of one file did, for releasing it at ACTIVE."""
     file: CatalogFile
+    original: bytes | None = None        # the checked original, where it was read (to repair the archive copy)
     version_bytes: bytes | None = None
     version_failed: str | None = None    # rule 7: the original is archived all the same, and kept at ACTIVE
     tags: dict | None = None
     archived_now: bool = False           # this run wrote (or found) the original at ARCHIVE: record it
+    proven: bool = False                 # the archive copy was written in this run from the checked original
+    repaired: str | None = None          # the recorded archive copy was damaged (why), and written again
+    proof: str | None = None             # the release's check of the archive copy: 'ok', 'repaired',
+                                         # or 'missing'/'corrupt' where it could not be written again
+    kept: str | None = None              # why the original stays at ACTIVE whatever happens (too few copies)
     missing: bool = False                # the original is no longer at ACTIVE (an earlier run was cut off)
     version_present: bool = False        # ... and the replacement version is there, sound
     released_before: bool = False        # through the service: another run had released it already
+
+    @property
+    def archive_holds(self) -> bool:
+        """Whether ARCHIVE holds (or now records) the original, to be proven before the release."""
+        return self.archived_now or self.file.target_type == 0
 
 
 class Archiver:
     """The model process for one file, in its two halves: archive the original (read it from
     ACTIVE once, check it, write it to ARCHIVE, make the version in memory), and, once the
-    archive's row is committed and enough checked copies are recorded elsewhere, release the
-    original at ACTIVE (put the version in its place, or delete it)."""
+    archive's row is committed and enough sound copies are recorded elsewhere, release the
+    original at ACTIVE: prove the archive copy it relies on (rule 3), then put the version in
+    its place, or delete it."""
 
-    def __init__(self, group: str, active: Backend, archive: Backend, version: Version | None,
+    def __init__(self, group: str, active: Backend, archive: Backend | None, version: Version | None,
                  progress: Callable[[int], None] = lambda n: None):
         self.active, self.archive, self.version = active, archive, version
         self.original = VERSIONS[(group, 0)]
         self.progress = progress
 
-    def archive_original(self, file: CatalogFile) -> ArchiveStep:
-        """Read the original from ACTIVE once and check it; write it to ARCHIVE (unless it is
-        recorded there already, or found there sound); make the version. Nothing at ACTIVE
-        changes here. A version that cannot be made fails only the release (rule 7)."""
+    def archive_original(self, file: CatalogFile, can_release: bool = True) -> ArchiveStep:
+        """Read the original from ACTIVE once and check it; write it to ARCHIVE unless it is
+        recorded there (and not found damaged by its last check), or found there sound; make
+        the version. Nothing at ACTIVE changes here. Where the original cannot be released in
+        this run (`can_release` False: too few copies would remain), nothing is read but what
+        ARCHIVE lacks, and no version is made. A version that cannot be made fails only the
+        release (rule 7)."""
         step = ArchiveStep(file)
         if file.target_type not in (None, 0):
             raise FileFailure(f'{self.archive.describe()} holds version {file.target_type} of this file, so its '
                               'original cannot be archived there', file.object_name)
-        archived = file.target_type == 0
-        if archived and self.version is None:
-            self.progress(file.file_size)      # recorded at ARCHIVE already: nothing to read
+        recorded = file.target_type == 0 and not file.target_damaged
+        if not can_release:
+            step.kept = 'too few copies'
+        if recorded and (not can_release or self.version is None):
+            self.progress(file.file_size)      # proven at the release, if there is one: nothing to read now
             return step
         self.archive.tidy(file.object_name)
         try:
             original = read_original(self.active, file, self.progress)
         except SourceMissing as exc:
             return self.original_missing(step, exc)
-        if not archived:
-            if self.archive.adopts_found_files and sound_copy_at(self.archive, file, self.original):
-                self.archive.will_sync(file.object_name)
+        if not recorded:
+            if file.target_damaged:
+                step.repaired = 'its last check found it missing or corrupt'
+            if self.archive.adopts_found_files and not file.target_damaged and \
+                    sound_copy_at(self.archive, file, self.original):
+                self.archive.will_sync(file.object_name)    # found sound: proven again at the release
             else:
                 self.archive.write(file.object_name, [original], file.file_size,
                                    content_type_of(self.original, file.object_name), file.sha256)
                 crash_point('after-archive-write')
+                step.proven = True
             step.archived_now = True
-        if self.version is not None:
+        if can_release and self.version is not None:
+            step.original = original
             self.make_version(step, original)
         return step
 
@@ -3935,14 +4643,52 @@ class Archiver:
             return
         step.tags = self.active.tags(step.file.object_name)
 
-    def release_original(self, step: ArchiveStep) -> str:
-        """With the original's copies recorded elsewhere: put the version in its place at ACTIVE
-        (written before the original is deleted), or delete it. Returns 'replaced' or
-        'deleted'; the caller records the change."""
+    def prove_archive_copy(self, step: ArchiveStep) -> None:
+        """Rule 3: the archive copy the release relies on, proven now. Written in this run from
+        the checked original, it is; else it is read back from ARCHIVE and hashed. A copy that is
+        missing, of the wrong size or hash is written again, atomically and durably, from the
+        checked original (read from ACTIVE if this run has not read it yet) and named
+        `repaired`; where that cannot be done, FileFailure, and the original stays."""
         file = step.file
+        if step.proven:
+            return
+        try:
+            for _ in CheckedStream(self.archive.read(file.object_name), file):
+                pass
+            step.proven, step.proof = True, 'ok'
+            return
+        except SourceMissing:
+            damage, step.proof = f'missing on {self.archive.describe()}', 'missing'
+        except ChecksumMismatch as exc:
+            damage, step.proof = f'damaged on {self.archive.describe()} ({exc})', 'corrupt'
+        step.repaired = damage
+        try:
+            original = step.original if step.original is not None else read_original(self.active, file)
+            self.archive.write(file.object_name, [original], file.file_size,
+                               content_type_of(self.original, file.object_name), file.sha256)
+            self.archive.sync()
+        except (SourceMissing, ChecksumMismatch) as exc:
+            raise FileFailure(f'the archive copy is {damage}, and the original cannot be read to write it again '
+                              f'({exc}): nothing released', file.object_name) from None
+        except OSError as exc:
+            raise FileFailure(f'the archive copy is {damage}, and it cannot be written again '
+                              f'({describe_exception(exc)}): the original stays online', file.object_name) from None
+        step.proven, step.proof = True, 'repaired'
+
+    def release_original(self, step: ArchiveStep, commit: Callable[[], None] | None = None) -> str:
+        """With the original's copies recorded elsewhere: prove the archive copy (rule 3), then
+        put the version in its place at ACTIVE (written before the original is deleted), or
+        delete it. Returns 'replaced' or 'deleted'. A batch run records the change after this
+        returns; the service passes `commit`, which records a replacement between the version's
+        write and the original's delete (SPEC's order for a request)."""
+        file = step.file
+        if self.archive is not None and step.archive_holds:
+            self.prove_archive_copy(step)
         if step.missing:
             # An earlier run was cut off after removing the original: only the row is left to fix.
             if self.version is None or step.version_present:
+                if commit:
+                    commit()
                 return 'deleted' if self.version is None else 'replaced'
             raise FileFailure(f'the original is missing at {self.active.describe()} and its {self.version.label} '
                               'version is not there either; its original is archived: copy it back, or run '
@@ -3952,19 +4698,24 @@ class Archiver:
             self.active.write(version_name, [step.version_bytes], len(step.version_bytes),
                               content_type_of(self.version, version_name), tags=step.tags)
             crash_point('after-version-write')
+            if commit:
+                commit()
             if version_name != file.object_name:
                 self.active.delete(file.object_name)
             crash_point('after-original-delete')
             return 'replaced'
         self.active.delete(file.object_name)
         crash_point('after-original-delete')
+        if commit:
+            commit()
         return 'deleted'
 
 
 class ServiceArchiver(Archiver):
     """Archiving through the service: the original is read from it and archived here; the
     version is made by the service next to the data, which then replaces the original (or
-    deletes it) and records that itself, in the same crash-safe order."""
+    deletes it) and records that itself, in the same crash-safe order. The workstation proves
+    its disk copy before it asks (rule 3)."""
 
     def __init__(self, client: ServiceClient, group: str, active: Backend, archive: Backend,
                  version: Version | None):
@@ -3972,11 +4723,11 @@ class ServiceArchiver(Archiver):
         self.client = client
         self.group = group
 
-    def archive_original(self, file: CatalogFile) -> ArchiveStep:
-        if file.target_type == 0:                # archived already: the service has what it needs
+    def archive_original(self, file: CatalogFile, can_release: bool = True) -> ArchiveStep:
+        if file.target_type == 0 and not file.target_damaged:    # archived already: proven at the release
             self.progress(file.file_size)
-            return ArchiveStep(file)
-        return super().archive_original(file)
+            return ArchiveStep(file, kept=None if can_release else 'too few copies')
+        return super().archive_original(file, can_release)
 
     def original_missing(self, step: ArchiveStep, exc: SourceMissing) -> ArchiveStep:
         raise exc       # the service records what it changes as it changes it: no row to fix here
@@ -3985,6 +4736,8 @@ class ServiceArchiver(Archiver):
         pass                                     # the service makes it, next to the data
 
     def release_original(self, step: ArchiveStep) -> str:
+        if step.archive_holds:
+            self.prove_archive_copy(step)
         if self.version is not None:
             state = self.client.make_version_in_place(self.group, step.file, self.version.type)
             step.released_before = state.get('outcome') == 'already replaced'
@@ -4000,26 +4753,35 @@ class ServiceArchiver(Archiver):
 
 class ArchiveJob(BatchJob):
     """`archive` over a batch: each file's original archived on a worker; the rows committed in
-    batches; then, for the files with enough checked copies recorded elsewhere (rule 3), the
-    original released at ACTIVE, and the change recorded."""
+    batches; then, for the files with enough sound copies recorded elsewhere (rule 3), the
+    archive copy proven and the original released at ACTIVE, and the change recorded. A file
+    that cannot reach --min-copies in this run is only archived (if it is not yet): no download
+    otherwise, no version made."""
 
     command = 'archive'
 
-    def __init__(self, archiver: Archiver, recorder, min_copies: int):
+    def __init__(self, archiver: Archiver, recorder, min_copies: int, verified_within_days: float | None = None):
         super().__init__(recorder, (archiver.active, archiver.archive), (archiver.archive, archiver.active))
         self.archiver = archiver
         self.min_copies = min_copies
+        self.verified_within_days = verified_within_days
         self.active_id = archiver.active.row.storage_id
         self.archive_id = archiver.archive.row.storage_id
         self.awaiting: list[ArchiveStep] = []   # archived; waiting for the archive rows' commit
         self.kept = 0
+        self.repaired: list[str] = []
 
     def start(self, run: Run, pipeline: Pipeline) -> None:
         super().start(run, pipeline)
         self.archiver.progress = run.progress
 
+    def can_release(self, file: CatalogFile) -> bool:
+        """Whether the file can reach --min-copies in this run: the sound copies on other
+        backends the selection counted, and the archive copy (written or proven in this run)."""
+        return file.copies_elsewhere + 1 >= self.min_copies
+
     def work(self, file: CatalogFile) -> ArchiveStep:
-        return self.archiver.archive_original(file)
+        return self.archiver.archive_original(file, self.can_release(file))
 
     def held(self) -> int:
         return len(self.awaiting)
@@ -4034,17 +4796,34 @@ class ArchiveJob(BatchJob):
             return
         if step.archived_now:
             self.record(file, self.archive_id, 0)
-        self.awaiting.append(step)
+            if step.proven:
+                self.check(step, 'archive')
+        if step.kept:
+            self.keep(step, f'{file.copies_elsewhere} sound originals recorded on other backends and the archive copy, '
+                            f'--min-copies {self.min_copies}')
+        else:
+            self.awaiting.append(step)
+
+    def check(self, step: ArchiveStep, event: str, outcome: str | None = None) -> None:
+        """The archive copy's check, for the fixity log (with the next commit)."""
+        outcome = outcome or ('repaired' if step.repaired else 'ok')
+        self.recorder.log_check(FixityCheck(step.file.file_id, self.archive_id, 0, outcome, event, step.repaired))
+        if outcome == 'repaired':
+            self.repaired.append(step.file.object_name)
+            self.run.log_entry('repaired', step.file.file_id, step.file.file_size, step.file.object_name,
+                               f'archive copy {step.repaired}; written again from the checked original')
 
     def between(self, idle: bool) -> None:
         if self.awaiting and (idle or len(self.awaiting) >= self.pipeline.jobs or self.recorder.due()):
             # Rule 3: the archive rows are committed before any original leaves ACTIVE, and only
-            # originals with enough checked copies recorded elsewhere leave.
+            # originals with enough sound copies elsewhere leave: those on the other backends,
+            # as the catalog records them now, and the archive copy, proven at the release.
             self.flush()
             steps, self.awaiting = self.awaiting, []
-            copies = self.recorder.originals_elsewhere([s.file.file_id for s in steps], self.active_id)
+            others = self.recorder.originals_elsewhere([s.file.file_id for s in steps], (self.active_id, self.archive_id),
+                                                       verified_within_days=self.verified_within_days)
             for step in steps:
-                self.decide(step, copies.get(step.file.file_id, 0))
+                self.decide(step, others.get(step.file.file_id, 0) + (1 if step.archive_holds else 0))
         elif idle or self.recorder.due():
             self.flush()
 
@@ -4056,14 +4835,14 @@ class ArchiveJob(BatchJob):
             self.pipeline.submit(self.archiver.release_original, step, self.released)
         elif step.missing:
             self.run.file_failed(file, FileFailure(
-                f'the original is missing at {self.archiver.active.describe()} and only {copies} checked originals '
+                f'the original is missing at {self.archiver.active.describe()} and only {copies} sound originals '
                 'are recorded elsewhere', file.object_name))
         else:
-            self.keep(step, f'{copies} checked originals recorded elsewhere, --min-copies {self.min_copies}')
+            self.keep(step, f'{copies} sound originals recorded elsewhere, --min-copies {self.min_copies}')
 
     def keep(self, step: ArchiveStep, why: str) -> None:
         self.kept += 1
-        self.run.outcome(step.file, 'kept', step.file.file_size,
+        self.run.outcome(step.file, 'kept', step.file.file_size if step.archived_now else 0,
                          why + (f'; archived at {self.archive_id}' if step.archived_now else ''))
 
     def released(self, step: ArchiveStep, future: Future) -> None:
@@ -4073,41 +4852,67 @@ class ArchiveJob(BatchJob):
         except Cancelled:
             return
         except TooFewCopies as exc:         # through the service, whose own minimum is higher
+            self.release_checked(step)
             self.keep(step, str(exc))
             return
         except ConversionError as exc:      # through the service, which made the version
+            self.release_checked(step)
             self.run.failure(file, f'archived, version failed: {exc}')
             return
         except Exception as exc:
+            if step.proof in DAMAGED_OUTCOMES:      # found damaged, and could not be written again
+                self.check(step, 'release', step.proof)
             self.run.file_failed(file, exc)
             return
+        self.release_checked(step)
         if outcome == 'replaced':
             self.recorder.change_type(file.file_id, self.active_id, 0, self.archiver.version.type)
         elif outcome == 'deleted':
             self.recorder.remove(file.file_id, self.active_id)
-        detail = (f'archived at {self.archive_id}' if step.archived_now else
+        detail = (f'archived at {self.archive_id}' if step.archived_now and not step.repaired else
                   'the original had left ACTIVE in an earlier run that was cut off; row corrected'
-                  if step.missing else 'archived earlier')
+                  if step.missing else 'archived earlier, archive copy proven')
+        if step.repaired:
+            detail += f'; archive copy repaired ({step.repaired})'
         if step.released_before:
             detail += f'; {outcome} already (by another run)'
         self.run.outcome(file, outcome, file.file_size, detail)
+
+    def release_checked(self, step: ArchiveStep) -> None:
+        """The archive copy proven at the release (read back, or written again), for the fixity log."""
+        if step.proof in SOUND_OUTCOMES:
+            self.check(step, 'release', step.proof)
 
     def finish(self) -> None:
         self.flush()
         if self.kept:
             self.run.report.notes.append(f'{self.kept} originals kept at ACTIVE: fewer than --min-copies '
-                                         f'{self.min_copies} checked originals are recorded on other backends')
+                                         f'{self.min_copies} sound originals are recorded on other backends')
+        if self.repaired:
+            self.run.report.counts['repaired'] = len(self.repaired)
+            self.run.report.notes.append(
+                f'{len(self.repaired)} archive copies were missing or damaged and were written again from the checked '
+                'original before the release: ' + ', '.join(self.repaired[:10])
+                + (f' and {len(self.repaired) - 10} more (see the log)' if len(self.repaired) > 10 else ''))
 
     def notes(self, counts: dict) -> list[str]:
-        return ([f"{counts['other_version']} files fail: the archive holds another version of them"]
-                if counts['other_version'] else [])
+        return archive_notes(counts)
 
 
-def _archive_request(batch_id: str, replace_with: int | None, delete_originals: bool, min_copies: int):
+def archive_notes(counts: dict) -> list[str]:
+    """What the selection's counts tell about an archive run."""
+    return ([f"{counts['other_version']} files fail: the archive holds another version of them"]
+            if counts['other_version'] else [])
+
+
+def _archive_request(batch_id: str, replace_with: int | None, delete_originals: bool, min_copies: int,
+                     verified_within_days: float | None = None):
     if (replace_with is None) == (not delete_originals):
         raise ConfigError('say what happens at ACTIVE: --replace-with N or --delete-original')
     if min_copies < 1:
         raise ConfigError('--min-copies must be at least 1: an original never leaves ACTIVE without a copy')
+    if verified_within_days is not None and verified_within_days <= 0:
+        raise ConfigError('--verified-within must be a number of days above 0')
     batch = find_batch(batch_id)
     version = find_version(batch.group, replace_with) if replace_with is not None else None
     if version is not None and version.type == 0:
@@ -4122,11 +4927,14 @@ def _archive_title(batch, version: Version | None, active: Backend, archive: Bac
 
 def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id: str, *,
                   replace_with: int | None = None, delete_originals: bool = False, min_copies: int = 1,
-                  options: RunOptions | None = None) -> RunReport:
+                  verified_within_days: float | None = None, options: RunOptions | None = None) -> RunReport:
     """The model process, one pass and one download per file: read the original from ACTIVE and
     check it; write it to ARCHIVE and record it; make version N in memory (--replace-with N);
-    then, while at least `min_copies` checked originals are recorded on other backends, put
-    version N in the original's place at ACTIVE, or delete the original there.
+    then, while at least `min_copies` sound originals are recorded on other backends (with
+    `verified_within_days`, those elsewhere than ARCHIVE count only if their last check passed
+    within that many days), prove the archive copy (written in this run, or read back and
+    hashed now; written again if it is missing or damaged) and put version N in the original's
+    place at ACTIVE, or delete the original there.
 
     Order per file, chosen so that a kill at any moment followed by the same command ends well:
     the archive row is committed before anything at ACTIVE changes; the version is written
@@ -4135,32 +4943,744 @@ def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id:
     fixes the row. Through the service (options.via), the service makes the version and
     changes ACTIVE and its rows, in the same order."""
     with BatchFrame(settings, 'archive', options) as frame:
-        batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies)
+        batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies, verified_within_days)
         active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
-        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True)
+        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True,
+                              verified_within_days=verified_within_days)
+        selection.check(frame.reader)
         archiver = (ServiceArchiver(frame.service, batch.group, active, archive, version) if frame.service
                     else Archiver(batch.group, active, archive, version))
         recorder = frame.recorder(selection.group, (archive, active), every_rows=200, every_seconds=2.0)
-        return frame.run(ArchiveJob(archiver, recorder, min_copies), selection,
+        return frame.run(ArchiveJob(archiver, recorder, min_copies, verified_within_days), selection,
                          _archive_title(batch, version, active, archive))
+
+
+def planned_archive_action(file: CatalogFile, version: Version | None, min_copies: int) -> str:
+    """What the real run will do with the file, as a dry run says it: the same decisions."""
+    at_active = 'replace' if version else 'delete'
+    if file.target_type not in (None, 0):
+        return f'fail (the archive holds version {file.target_type})'
+    reach = file.copies_elsewhere + 1
+    if reach < min_copies:
+        why = f'{reach} of --min-copies {min_copies} sound copies'
+        return f'keep ({why})' if file.target_type == 0 and not file.target_damaged else f'archive, keep ({why})'
+    if file.target_type == 0:
+        if file.target_damaged:
+            return f'repair the archive copy (its last check failed) and {at_active}'
+        return f'prove the archive copy and {at_active}'
+    return f'archive and {at_active}'
 
 
 def plan_archive(settings: Settings, active_id: int, archive_id: int, batch_id: str, *,
                  replace_with: int | None = None, delete_originals: bool = False, min_copies: int = 1,
-                 options: RunOptions | None = None) -> Plan:
+                 verified_within_days: float | None = None, options: RunOptions | None = None) -> Plan:
     """What archive_batch would do (a dry run): backends checked, nothing changed."""
-    frame = BatchFrame(settings, 'archive', options).__enter__()
-    try:
-        batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies)
+    with contextlib.ExitStack() as on_error:
+        frame = on_error.enter_context(BatchFrame(settings, 'archive', options))
+        batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies, verified_within_days)
         active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
-        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True)
-        notes = ArchiveJob.notes(None, selection.counts(frame.reader))
-    except BaseException:
-        frame.__exit__(None, None, None)
-        raise
-    at_active = 'replace' if version else 'delete'
-    action = lambda f: at_active if f.target_type == 0 else f'archive and {at_active}'
-    return Plan('archive', _archive_title(batch, version, active, archive), notes, _planned(frame, selection, action))
+        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True,
+                              verified_within_days=verified_within_days)
+        notes = archive_notes(selection.counts(frame.reader))
+        on_error.pop_all()
+    action = lambda f: planned_archive_action(f, version, min_copies)
+    return Plan('archive', _archive_title(batch, version, active, archive), notes, frame, selection, action)
+
+
+# --- restore ---------------------------------------------------------------------------------------------
+#
+# `archive` backwards: the original read from ARCHIVE (as it is, or from gzip of it) and checked;
+# written to ACTIVE under its own object name, durably; the row at ACTIVE made type 0 (the
+# version's row becomes the original's, or a new row where the original had been deleted);
+# only then the version object deleted. Each file's fixity rows: the ARCHIVE copy read (checked)
+# with the row change; the ACTIVE copy once its version object is gone. That last row is also
+# how a later run knows the restore of a file finished: a row of ACTIVE changed to type 0 (only
+# a restore changes a row to 0, so its updated_at is past its created_at) with no 'restore'
+# check of ACTIVE since is a restore cut off between its commit and the version's removal. Such
+# files are selected again, their original at ACTIVE checked, and the version object left beside
+# it removed. Without the fixity log, every row changed to 0 is looked at (a HEAD per version
+# name), and only a version object found there costs a read.
+
+@dataclasses.dataclass(frozen=True)
+class RestoreFile(CatalogFile):
+    """A file of a restore's selection: source_type is what ARCHIVE holds (0, 10 or None),
+    target_type what ACTIVE holds; with the last check of ARCHIVE's copy, and whether it is
+    only left to finish (ACTIVE holds the restored original; a version object may be left)."""
+    archive_outcome: str | None = None
+    archive_checked_at: dt.datetime | None = None
+    unfinished: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreSelection(Selection):
+    """The files of a batch to restore from SOURCE (ARCHIVE) to TARGET (ACTIVE): ARCHIVE records
+    the original or gzip of it, and ACTIVE holds it only as a version, not at all, or as an
+    original found damaged by its last check; and the files whose restore was cut off before it
+    finished (see above). A damaged copy at ARCHIVE is selected too, to be named (rule 8)."""
+
+    def _query(self, conn, head: str, tail: str) -> str:
+        group = self.group
+        has_log = has_fixity_log(conn)
+        storage = group.storage_table
+        types = ', '.join(map(str, ORIGINAL_COPY_TYPES))
+        damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+        if has_log:
+            mark = (f'LEFT JOIN LATERAL (SELECT 1 AS found FROM {FIXITY_TABLE} m WHERE m.file_group = '
+                    f"'{group.name}' AND m.storage_id = t.storage_id AND m.file_id = t.file_id AND m.type = 0 AND "
+                    "m.event = 'restore' AND m.checked_at >= t.updated_at LIMIT 1) tm ON true")
+        else:
+            mark = 'LEFT JOIN LATERAL (SELECT NULL::int AS found) tm ON true'
+        joins = (') AS b\n'
+                 f'LEFT JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s\n'
+                 f"{last_check_join(group, 's', 'sc', has_log)}\n"
+                 f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n'
+                 f"{last_check_join(group, 't', 'tc', has_log)}\n{mark}\n")
+        restorable = (f's.type IN ({types}) AND (t.file_id IS NULL OR t.type <> 0 OR '
+                      f'coalesce(tc.outcome IN ({damaged}), false))')
+        unfinished = ("(t.type = 0 AND coalesce(t.updated_at > coalesce(t.created_at, '-infinity'), false) "
+                      'AND tm.found IS NULL)')
+        params = {'source': self.source_id, 'target': self.target_id}
+        with conn.cursor() as cur:
+            tail = cur.mogrify(joins + tail.replace('{restorable}', restorable).replace('{unfinished}', unfinished)
+                               .replace('{todo}', f'(({restorable}) OR {unfinished})'), params).decode()
+        head = head.replace('{restorable}', restorable).replace('{unfinished}', unfinished)
+        head = head.replace('{todo}', f'(({restorable}) OR {unfinished})')
+        return f'{head}\n{batch_sql(self.batch)}\n{tail}'
+
+    def counts(self, conn) -> dict:
+        head = ('SELECT count(*) FILTER (WHERE {todo}),\n'
+                '       coalesce(sum(b.file_size) FILTER (WHERE {todo}), 0),\n'
+                '       count(*) FILTER (WHERE t.type = 0 AND NOT {todo}),\n'
+                '       count(*) FILTER (WHERE s.type IS NOT NULL AND s.type NOT IN (0, 10)),\n'
+                '       count(*) FILTER (WHERE s.type IS NOT NULL)\n'
+                'FROM (')
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._query(conn, head, ''))
+                todo, todo_bytes, done, other, at_source = cur.fetchone()
+            conn.commit()
+        except psycopg2.Error as exc:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+            raise selection_error(self.batch, exc) from None
+        if self.limit is not None and todo > self.limit:
+            todo, todo_bytes = self.limit, None
+        return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
+                'at_source': at_source}
+
+    def files(self, conn) -> Iterator[RestoreFile]:
+        head = ('SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type, sc.outcome, sc.checked_at, '
+                'NOT coalesce(({restorable}), false) FROM (')
+        tail = ('WHERE {todo} ORDER BY b.file_id'
+                + (f' LIMIT {int(self.limit)}' if self.limit is not None else ''))
+        rows = streamed_rows(conn, self._query(conn, head, tail))
+        last_id = None
+        try:
+            for file_id, object_name, size, sha256, source_type, target_type, outcome, checked_at, unfinished in rows:
+                if file_id == last_id:
+                    continue
+                last_id = file_id
+                yield RestoreFile(file_id, object_name, int(size), (sha256 or '').strip().lower(), source_type,
+                                  target_type, archive_outcome=outcome, archive_checked_at=checked_at,
+                                  unfinished=bool(unfinished))
+        except psycopg2.Error as exc:
+            raise selection_error(self.batch, exc) from None
+
+
+@dataclasses.dataclass
+class RestoreStep:
+    """What restoring one file did at ACTIVE, for recording it and removing the version."""
+    file: RestoreFile
+    outcome: str = 'restored'
+    found: bool = False                  # ACTIVE held the original already, unrecorded (a killed run wrote it)
+    version_name: str | None = None      # the version object to remove once the row says type 0
+
+
+class RestoreJob(BatchJob):
+    """`restore` over a batch: each original read from ARCHIVE, checked and written to ACTIVE on
+    a worker; the rows committed in batches (type 0 at ACTIVE); then each file's version object
+    at ACTIVE deleted, and its fixity row appended. Through the service (`client`), each
+    original goes up with PUT …/original, and the service does the rest in the same order."""
+
+    command = 'restore'
+
+    def __init__(self, archive: Backend, active: Backend, recorder, group: str, client: ServiceClient | None = None,
+                 marks: bool = True):
+        super().__init__(recorder, (archive, active), () if client else (active,))
+        self.archive, self.active, self.group, self.client = archive, active, group, client
+        self.archive_id, self.active_id = archive.row.storage_id, active.row.storage_id
+        self.original = VERSIONS[(group, 0)]
+        self.marks = marks                   # the fixity log marks restores that finished
+        self.awaiting: list[RestoreStep] = []
+
+    def held(self) -> int:
+        return len(self.awaiting)
+
+    def versions_at_active(self, file: CatalogFile) -> list[Version]:
+        return [v for (g, t), v in VERSIONS.items() if g == self.group and t != 0
+                and v.object_name(file.object_name) != file.object_name]
+
+    def work(self, file: RestoreFile) -> RestoreStep:
+        if file.unfinished and (self.client is None or file.source_type not in ORIGINAL_COPY_TYPES):
+            return self.finish_earlier(file)
+        if file.archive_outcome in DAMAGED_OUTCOMES:
+            when = file.archive_checked_at.strftime('%Y-%m-%d %H:%M') if file.archive_checked_at else '?'
+            raise FileFailure(f'its copy at {self.archive.describe()} was found {file.archive_outcome} by its last '
+                              f'check ({when} UTC): a damaged copy is never restored from (rule 8); the version at '
+                              'ACTIVE stays', file.object_name)
+        from_gzip = file.source_type == 10
+        if self.client is not None:
+            outcome = self.client.restore_original(self.group, file, lambda: CheckedStream(
+                original_from(self.archive, file, file.source_type), file, self.run.progress, withhold_last=True))
+            return RestoreStep(file, 'restored' if outcome == 'restored' else 'restored already')
+        name = file.object_name
+        self.active.tidy(name)
+        step = RestoreStep(file)
+        if file.target_type not in (None, 0):
+            step.version_name = find_version(self.group, file.target_type).object_name(name)
+        if self.active.adopts_found_files and sound_copy_at(self.active, file, self.original):
+            self.active.will_sync(name)       # a killed run wrote it; its rename may not be synced
+            self.run.progress(file.file_size)
+            step.found = True
+            return step
+        into = io_buffer() if self.active.writes_from_buffer and not from_gzip else None
+        chunks = CheckedStream(original_from(self.archive, file, file.source_type, into=into), file, self.run.progress)
+        self.active.write(name, chunks, file.file_size, content_type_of(self.original, name), file.sha256,
+                          tags=None)
+        crash_point('after-restore-write')
+        return step
+
+    def finish_earlier(self, file: RestoreFile) -> RestoreStep:
+        """A restore cut off after its commit: ACTIVE's row says original. The original there is
+        checked; then any version object left beside it (a sound copy of one of the file's
+        versions, so never someone else's file) is removed."""
+        step = RestoreStep(file, 'finished')
+        versions = self.versions_at_active(file)
+        if not self.marks and all(self.active.size(v.object_name(file.object_name)) is None for v in versions):
+            step.outcome = 'nothing left'
+            return step
+        try:
+            read_original(self.active, file, self.run.progress)
+        except (ChecksumMismatch, SourceMissing) as exc:
+            raise FileFailure(f'restored earlier, but the original at {self.active.describe()} is not sound now '
+                              f'({exc}); any version left there is kept: run `verify {self.active_id}`',
+                              file.object_name) from None
+        for version in versions:
+            if self.active.size(version.object_name(file.object_name)) is not None \
+                    and sound_copy_at(self.active, file, version):
+                self.active.delete(version.object_name(file.object_name))
+                crash_point('after-version-delete')
+        return step
+
+    def done(self, file: RestoreFile, future: Future) -> None:
+        try:
+            step = future.result()
+        except Cancelled:
+            return
+        except Exception as exc:
+            if isinstance(exc, (ChecksumMismatch, SourceMissing)) and not file.unfinished and self.client is None:
+                # Read from ARCHIVE and found damaged: the fixity log says so (rule 8).
+                self.recorder.log_check(FixityCheck(file.file_id, self.archive_id, file.source_type,
+                                                    'corrupt' if isinstance(exc, ChecksumMismatch) else 'missing',
+                                                    'restore', str(exc)))
+            self.failed(file, exc)
+            return
+        if step.outcome == 'nothing left':      # (no fixity log) restored earlier and finished: logged, not counted
+            self.run.log_entry('checked', file.file_id, 0, file.object_name,
+                               'restored earlier; no version object left at ACTIVE')
+            return
+        if step.outcome == 'finished':
+            if self.marks:
+                self.recorder.log_check(FixityCheck(file.file_id, self.active_id, 0, 'ok', 'restore',
+                                                    'restored earlier; the version object left beside it removed'))
+            self.run.outcome(file, 'finished', file.file_size,
+                             'restored earlier; the version object left beside it removed')
+            return
+        if self.client is not None:
+            self.run.outcome(file, step.outcome, file.file_size, f'from {self.archive_id} through the service')
+            return
+        self.recorder.log_check(FixityCheck(file.file_id, self.archive_id, file.source_type, 'ok', 'restore',
+                                            'read and checked to restore the original at '
+                                            f'{self.active_id}'))
+        if file.target_type is None:
+            self.record(file, self.active_id, 0)
+        else:
+            if file.target_type != 0:
+                self.recorder.change_type(file.file_id, self.active_id, file.target_type, 0)
+            self.files_in_recording[file.file_id] = file
+        self.awaiting.append(step)
+
+    def between(self, idle: bool) -> None:
+        if self.awaiting and (idle or len(self.awaiting) >= self.pipeline.jobs or self.recorder.due()):
+            # The rows say type 0 at ACTIVE (committed) before any version object goes.
+            self.flush()
+            crash_point('after-restore-commit')
+            steps, self.awaiting = self.awaiting, []
+            for step in steps:
+                if step.version_name:
+                    self.pipeline.submit(self.remove_version, step, self.version_removed)
+                else:
+                    self.restored(step)
+        elif idle or self.recorder.due():
+            self.flush()
+
+    def remove_version(self, step: RestoreStep) -> RestoreStep:
+        self.active.delete(step.version_name)
+        crash_point('after-version-delete')
+        return step
+
+    def version_removed(self, step: RestoreStep, future: Future) -> None:
+        try:
+            future.result()
+        except Cancelled:
+            return                  # the next run finds it unfinished and removes the version
+        except Exception as exc:
+            self.run.failure(step.file, f'restored, but its version {step.version_name} at ACTIVE could not be '
+                                        f'removed ({describe_exception(exc)}); the next run removes it')
+            return
+        self.restored(step)
+
+    def restored(self, step: RestoreStep) -> None:
+        file = step.file
+        self.recorder.log_check(FixityCheck(file.file_id, self.active_id, 0, 'ok', 'restore',
+                                            f'restored from {self.archive_id}'))
+        detail = f'from {self.archive_id}' + (' (gzip)' if file.source_type == 10 else '')
+        if step.found:
+            detail += '; found written by an earlier run'
+        if step.version_name:
+            detail += f'; {step.version_name} removed'
+        self.run.outcome(file, 'restored', file.file_size, detail)
+
+    def notes(self, counts: dict) -> list[str]:
+        notes = []
+        if not counts['at_source']:
+            notes.append('the archive records none of the files of this batch')
+        if counts['done']:
+            notes.append(f"{counts['done']} files of the batch are at ACTIVE as originals already")
+        if counts['other_version']:
+            notes.append(f"{counts['other_version']} files skipped: the archive holds a version of them that is not "
+                         'the original (only originals and gzip of them are restored)')
+        return notes
+
+
+def _restore_pair(frame: BatchFrame, archive_id: int, active_id: int, group: str) -> tuple[Backend, Backend]:
+    """ARCHIVE (read) and ACTIVE (written), opened and checked; through the service, ACTIVE must
+    be the active tier and is written by the service."""
+    if archive_id == active_id:
+        raise ConfigError('ARCHIVE and ACTIVE are the same backend')
+    archive_row, active_row = fetch_backend(frame.reader, archive_id), fetch_backend(frame.reader, active_id)
+    options = frame.options
+    archive = open_backend(archive_row, frame.settings, path=options.source_path, jobs=options.jobs)
+    if options.via:
+        tier = min((row for row in fetch_backends(frame.reader) if row.type == 's3'),
+                   key=lambda row: (row.priority, row.storage_id), default=None)
+        if tier is None or tier.storage_id != active_id:
+            raise ConfigError(f'through the service (--via) ACTIVE must be the active tier, the S3 backend with the '
+                              f'lowest priority number' + (f': {tier.describe()}' if tier else '')
+                              + f', not {active_row.describe()}')
+        frame.service = ServiceClient.from_options(options, frame.settings)
+        active = ServiceSource(active_row, frame.service, group)
+    else:
+        active = open_backend(active_row, frame.settings, path=options.target_path, jobs=options.jobs)
+    archive.check(writing=False)
+    active.check(writing=True)
+    return archive, active
+
+
+def _restore_title(batch, archive: Backend, active: Backend) -> str:
+    return f"originals of batch '{batch.id}' from {archive.describe()} back to {active.describe()}"
+
+
+def restore_batch(settings: Settings, archive_id: int, active_id: int, batch_id: str, *,
+                  options: RunOptions | None = None) -> RunReport:
+    """`archive` backwards, for every file of the batch whose original ARCHIVE holds soundly
+    (the original, or gzip of it; rule 8) and ACTIVE holds only as a version (or not at all):
+    read the original from ARCHIVE and check it; write it to ACTIVE under its own name,
+    durably; record it there as type 0; only then delete the version object at ACTIVE. A kill
+    at any moment and the same command again end consistent: a version object left beside a
+    restored original is removed by the next run."""
+    with BatchFrame(settings, 'restore', options) as frame:
+        batch = find_batch(batch_id)
+        archive, active = _restore_pair(frame, archive_id, active_id, batch.group)
+        selection = RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
+        selection.check(frame.reader)
+        recorder = frame.recorder(selection.group, (active,), every_rows=200, every_seconds=2.0)
+        job = RestoreJob(archive, active, recorder, batch.group, frame.service,
+                         marks=has_fixity_log(frame.reader))
+        return frame.run(job, selection, _restore_title(batch, archive, active))
+
+
+def plan_restore(settings: Settings, archive_id: int, active_id: int, batch_id: str, *,
+                 options: RunOptions | None = None) -> Plan:
+    """What restore_batch would do (a dry run): backends checked, nothing changed."""
+    with contextlib.ExitStack() as on_error:
+        frame = on_error.enter_context(BatchFrame(settings, 'restore', options))
+        batch = find_batch(batch_id)
+        archive, active = _restore_pair(frame, archive_id, active_id, batch.group)
+        selection = RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
+        notes = RestoreJob.notes(None, selection.counts(frame.reader))
+        on_error.pop_all()
+
+    def action(f: RestoreFile) -> str:
+        if f.unfinished:
+            return 'finish the earlier restore of'
+        if f.archive_outcome in DAMAGED_OUTCOMES:
+            return f'refuse (its archive copy was found {f.archive_outcome})'
+        return 'restore' + (' from gzip' if f.source_type == 10 else '')
+    return Plan('restore', _restore_title(batch, archive, active), notes, frame, selection, action)
+
+
+# --- export ----------------------------------------------------------------------------------------------
+#
+# A researcher's working copy: the originals (or version N) of a batch in a plain folder, each
+# read from the most accessible backend that holds it soundly (S3 tiers by priority, then disks
+# that are online), checked, written atomically under DIR/<object name>, and listed in
+# DIR/manifest-sha256.txt. Files held only on disks that are not mounted get a recall plan: the
+# fewest disks to mount (greedy set cover, the disk that brings the most files first). Nothing
+# is written to the catalog but the fixity log (the source copies checked).
+
+EXPORT_MANIFEST = 'manifest-sha256.txt'
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFile(CatalogFile):
+    """A file of an export: read from backend `source_id` (which holds it as `source_type`), or,
+    with no source online, held soundly on the offline disks `offline`. `others`: the further
+    backends online that hold it soundly, (storage_id, type) in order, should the first fail."""
+    source_id: int | None = None
+    offline: tuple = ()
+    others: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSelection(Selection):
+    """Every file of the batch, with the backend to read it from: the first of `order` (the
+    backends reachable now, most accessible first) that holds a sound copy (rule 8) of the
+    version (for originals: the original or gzip of it); else the `offline` disks that do."""
+    order: tuple = ()
+    offline: frozenset = frozenset()
+
+    def _held_query(self, conn, head: str, tail: str) -> str:
+        group = self.group
+        check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+        if self.version_type == 0:
+            sound = sound_original_sql('s', 'c')
+        else:
+            damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+            sound = f's.type = {int(self.version_type)} AND (c.outcome IS NULL OR c.outcome NOT IN ({damaged}))'
+        joins = (') AS b\n'
+                 'LEFT JOIN LATERAL (SELECT array_agg(s.storage_id) AS ids, array_agg(s.type) AS types '
+                 f'FROM {group.storage_table} s {check} WHERE s.file_id = b.file_id AND {sound}) h ON true\n')
+        return f'{head}\n{batch_sql(self.batch)}\n{joins}{tail}'
+
+    def counts(self, conn) -> dict:
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._held_query(conn, 'SELECT count(*), coalesce(sum(b.file_size), 0), '
+                                                   'count(*) FILTER (WHERE h.ids IS NOT NULL) FROM (', ''))
+                todo, todo_bytes, held = cur.fetchone()
+            conn.commit()
+        except psycopg2.Error as exc:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+            raise selection_error(self.batch, exc) from None
+        return {'todo': todo, 'todo_bytes': todo_bytes, 'done': 0, 'other_version': 0, 'at_source': held}
+
+    def files(self, conn) -> Iterator[ExportFile]:
+        query = self._held_query(conn, 'SELECT b.file_id, b.object_name, b.file_size, b.sha256, h.ids, h.types FROM (',
+                                 'ORDER BY b.file_id')
+        last_id = None
+        try:
+            for file_id, object_name, size, sha256, ids, types in streamed_rows(conn, query):
+                if file_id == last_id:
+                    continue
+                last_id = file_id
+                held = dict(zip(ids or (), types or ()))
+                sources = [i for i in self.order if i in held]
+                source = sources[0] if sources else None
+                yield ExportFile(file_id, object_name, int(size or 0), (sha256 or '').strip().lower(),
+                                 held.get(source, 0), None, source_id=source,
+                                 offline=tuple(sorted(i for i in held if i in self.offline)),
+                                 others=tuple((i, held[i]) for i in sources[1:]))
+        except psycopg2.Error as exc:
+            raise selection_error(self.batch, exc) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallStep:
+    """One disk to mount: its id and label, and how many of the files still missing it brings."""
+    storage_id: int
+    label: str
+    files: int
+
+    def describe(self) -> str:
+        return f'mount backend {self.storage_id} "{self.label}" for {self.files:,} files'
+
+
+def recall_plan(offline: dict[int, tuple], labels: dict[int, str]) -> list[RecallStep]:
+    """The fewest disks to mount to get every file (greedy set cover: each time the disk that
+    holds the most of the files left; ties by storage id)."""
+    left = {file_id: set(ids) for file_id, ids in offline.items() if ids}
+    steps = []
+    while left:
+        counts: dict[int, int] = {}
+        for ids in left.values():
+            for storage_id in ids:
+                counts[storage_id] = counts.get(storage_id, 0) + 1
+        best = min(counts, key=lambda storage_id: (-counts[storage_id], storage_id))
+        steps.append(RecallStep(best, labels.get(best) or f'backend {best}', counts[best]))
+        left = {file_id: ids for file_id, ids in left.items() if best not in ids}
+    return steps
+
+
+@dataclasses.dataclass
+class ExportReport(RunReport):
+    """An export's report: with the folder, its manifest, and the recall plan for the files
+    held only on disks that are not mounted (exit 1 while there are any)."""
+    directory: Path | None = None
+    manifest: Path | None = None
+    recall: list = dataclasses.field(default_factory=list)
+    offline: int = 0
+
+    @property
+    def exit_status(self) -> int:
+        status = RunReport.exit_status.fget(self)
+        return EXIT_FAILURES if status == EXIT_OK and self.offline else status
+
+
+def read_export_manifest(path: Path) -> dict[str, str]:
+    """The entries of an earlier export's manifest: relative path -> sha256."""
+    entries = {}
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        for line in path.read_text(encoding='utf-8').splitlines():
+            escaped = line.startswith('\\')
+            digest, sep, name = line.lstrip('\\').partition('  ')
+            if sep and re.fullmatch(r'[0-9a-f]{64}', digest):
+                if escaped:
+                    name = re.sub(r'\\(.)', lambda m: '\n' if m[1] == 'n' else m[1], name)
+                entries[name] = digest
+    return entries
+
+
+class ExportJob(BatchJob):
+    """`export` over a batch: each file checked in DIR (kept if sound), else read from its source,
+    checked, written atomically; the source's check appended to the fixity log; the manifest
+    written at the end."""
+
+    command = 'export'
+
+    def __init__(self, directory: Path, sources: dict[int, Backend], recorder, version: Version):
+        super().__init__(recorder, tuple(sources.values()), ())
+        self.directory = directory
+        self.root = directory.resolve()
+        self.sources = sources
+        self.version = version
+        self.entries: dict[str, str] = {}          # relative path -> sha256, for the manifest
+        self.visited: set[str] = set()
+        self.offline: dict[int, tuple] = {}
+
+    def target(self, file: CatalogFile) -> tuple[str, Path]:
+        name = self.version.object_name(file.object_name)
+        return name, self.directory.joinpath(*safe_object_parts(name))
+
+    def sound_in_folder(self, file: CatalogFile, path: Path) -> str | None:
+        """The sha256 of the file in DIR if it is there and sound (a regular file, not a link)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or (self.version.type == 0 and st.st_size != file.file_size):
+            return None
+        data = path.read_bytes()
+        try:
+            self.version.check(data, file)
+        except FileFailure:
+            return None
+        return file.sha256 if self.version.type == 0 else hashlib.sha256(data).hexdigest()
+
+    def work(self, file: ExportFile) -> tuple:
+        """('present' | 'exported' | 'offline', sha256, bytes, the source used, the checks of
+        sources that failed theirs); a source whose copy is damaged or missing is passed over
+        for the next one that holds the file soundly."""
+        name, path = self.target(file)
+        present = self.sound_in_folder(file, path)
+        if present:
+            self.run.progress(file.file_size)
+            return 'present', present, file.file_size, None, []
+        if file.source_id is None:
+            if file.offline:
+                return 'offline', None, 0, None, []
+            raise FileFailure('no backend to read it from records a sound copy of it'
+                              + ('' if self.version.type == 0 else f' ({self.version.label})'), file.object_name)
+        damaged = []
+        sources = [(file.source_id, file.source_type), *file.others]
+        for number, (storage_id, held_type) in enumerate(sources):
+            try:
+                digest, size = self.fetch(file, name, path, self.sources[storage_id], held_type)
+            except (ChecksumMismatch, SourceMissing, ConversionError) as exc:
+                outcome = 'missing' if isinstance(exc, SourceMissing) else 'corrupt'
+                damaged.append(FixityCheck(file.file_id, storage_id, held_type, outcome, 'export', str(exc)))
+                if number == len(sources) - 1:
+                    exc.damaged = damaged
+                    raise
+                log.warning('%s: %s at %s; reading it from the next backend that holds it', file.object_name, exc,
+                            self.sources[storage_id].describe())
+                continue
+            return 'exported', digest, size, (storage_id, held_type), damaged
+        raise AssertionError('unreachable')
+
+    def fetch(self, file: ExportFile, name: str, path: Path, source: Backend, held_type: int) -> tuple[str, int]:
+        """Read the file's version from `source`, check it, write it atomically at `path`."""
+        if self.version.type == 0:
+            chunks = CheckedStream(original_from(source, file, held_type), file, self.run.progress)
+        else:
+            data = b''.join(source.read(name))
+            self.version.check(data, file)
+            self.run.progress(len(data))
+            chunks = [data]
+        if not Path(os.path.realpath(path.parent)).is_relative_to(self.root):     # a link inside DIR: rule 4
+            raise UnsafeObjectName(f'{path.parent} leads outside {self.directory}', file.object_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        with atomic_file(path) as tmp, open(tmp, 'xb') as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        return digest.hexdigest(), size
+
+    def done(self, file: ExportFile, future: Future) -> None:
+        name = self.version.object_name(file.object_name)
+        try:
+            outcome, digest, size, source, damaged = future.result()
+        except Cancelled:
+            return
+        except Exception as exc:
+            for check in getattr(exc, 'damaged', []):     # rule 8: the fixity log says which copies failed
+                self.recorder.log_check(check)
+            self.visited.add(name)
+            self.failed(file, exc)
+            return
+        self.visited.add(name)
+        for check in damaged:
+            self.recorder.log_check(check)
+        if outcome == 'offline':
+            self.offline[file.file_id] = file.offline
+            self.run.outcome(file, 'offline', 0, 'held only on disks not mounted: ' + ', '.join(map(str, file.offline)))
+            return
+        self.entries[name] = digest
+        if outcome == 'exported':
+            storage_id, held_type = source
+            self.recorder.log_check(FixityCheck(file.file_id, storage_id, held_type, 'ok', 'export',
+                                                f'exported to {self.directory}'))
+            self.run.outcome(file, 'exported', size, f'from {storage_id}'
+                             + (' (gzip)' if held_type == 10 and self.version.type == 0 else ''))
+        else:
+            self.run.outcome(file, 'present', 0, 'in the folder already, sound')
+
+    def finish(self) -> None:
+        self.flush()
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        """DIR/manifest-sha256.txt: every file of the batch in DIR so far (this run's, and an
+        earlier run's where this one did not get to it and the file is still there)."""
+        manifest = self.directory / EXPORT_MANIFEST
+        entries = {name: digest for name, digest in read_export_manifest(manifest).items()
+                   if name not in self.visited and (self.directory / name).is_file()}
+        entries.update(self.entries)
+        with atomic_file(manifest) as tmp, open(tmp, 'x', encoding='utf-8') as out:
+            for name in sorted(entries):
+                out.write(manifest_line(entries[name], name))
+
+
+def _export_sources(frame: BatchFrame, from_ids: list[int] | None) -> tuple[dict[int, Backend], dict[int, Backend],
+                                                                           dict[int, str]]:
+    """The backends to read from, most accessible first (S3 tiers by priority, then disks
+    online), the disks not mounted, and every backend's label; with `from_ids`, those only,
+    in that order."""
+    rows = {row.storage_id: row for row in fetch_backends(frame.reader)}
+    labels = {i: (row.notes or row.url_prefix) for i, row in rows.items()}
+    if from_ids:
+        unknown = [i for i in from_ids if i not in rows]
+        if unknown:
+            raise ConfigError(f'--from: no storage backend with id {", ".join(map(str, unknown))} (see `info`)')
+        chosen = list(dict.fromkeys(from_ids))
+    else:
+        chosen = sorted(rows, key=lambda i: (rows[i].type != 's3', rows[i].priority, i))
+    online, offline = {}, {}
+    for storage_id in chosen:
+        backend = open_backend(rows[storage_id], frame.settings, jobs=frame.options.jobs)
+        try:
+            backend.check(writing=False)
+        except ConfigError as exc:
+            if backend.root is not None:
+                offline[storage_id] = backend
+            else:
+                log.warning('not reading from %s: %s', backend.describe(), exc)
+            continue
+        online[storage_id] = backend
+    return online, offline, labels
+
+
+def _export_request(frame: BatchFrame, batch_id: str, directory: str, version_type: int,
+                    from_ids: list[int] | None):
+    batch = find_batch(batch_id)
+    version = find_version(batch.group, version_type)
+    folder = Path(directory).expanduser().absolute()
+    if (folder / DOT_FILE).exists():
+        raise ConfigError(f'{folder} is a storage backend (it has {DOT_FILE}): export into a plain folder')
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f'--to {folder} is not a folder')
+    online, offline, labels = _export_sources(frame, from_ids)
+    selection = ExportSelection(batch, 0, 0, version.type, None, order=tuple(online),
+                                offline=frozenset(offline))
+    selection.check(frame.reader)
+    what = 'originals' if version.type == 0 else f'{version.label} versions'
+    title = f"{what} of batch '{batch.id}' into {folder}"
+    return batch, version, folder, online, labels, selection, title
+
+
+def export_batch(settings: Settings, batch_id: str, directory: str, *, version_type: int = 0,
+                 from_ids: list[int] | None = None, options: RunOptions | None = None) -> ExportReport:
+    """Copy the originals (or version `version_type`) of the batch into `directory`, a plain
+    folder, each from the most accessible backend that holds it soundly, checked, with
+    manifest-sha256.txt; a recall plan for the files held only on disks that are not mounted.
+    Writes nothing to the catalog but the fixity log. Run again, it continues."""
+    with BatchFrame(settings, 'export', options) as frame:
+        batch, version, folder, online, labels, selection, title = _export_request(
+            frame, batch_id, directory, version_type, from_ids)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f'cannot make the folder {folder}: {exc.strerror}') from None
+        job = ExportJob(folder, online, frame.recorder(selection.group, ()), version)
+        report = frame.run(job, selection, title)
+    plan = recall_plan(job.offline, labels)
+    result = ExportReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(RunReport)},
+                          directory=folder, manifest=folder / EXPORT_MANIFEST, recall=plan, offline=len(job.offline))
+    if plan:
+        result.notes.append(f'{len(job.offline):,} files are held only on disks that are not mounted: mount the '
+                            'disks of the recall plan, then run the same command again')
+    return result
+
+
+def plan_export(settings: Settings, batch_id: str, directory: str, *, version_type: int = 0,
+                from_ids: list[int] | None = None, options: RunOptions | None = None) -> Plan:
+    """What export_batch would do (a dry run): where each file would be read from."""
+    with contextlib.ExitStack() as on_error:
+        frame = on_error.enter_context(BatchFrame(settings, 'export', options))
+        batch, version, folder, online, labels, selection, title = _export_request(
+            frame, batch_id, directory, version_type, from_ids)
+        on_error.pop_all()
+
+    def action(f: ExportFile) -> str:
+        if f.source_id is not None:
+            return f'read from backend {f.source_id}' + (' (gzip)' if f.source_type == 10 and version.type == 0 else '')
+        if f.offline:
+            return 'needs a disk mounted: ' + ', '.join(f'backend {i} "{labels[i]}"' for i in f.offline)
+        return 'no sound copy recorded on the backends to read from:'
+    return Plan('export', title, [], frame, selection, action)
 
 
 # --- one file, directly (the one-file forms of copy and archive) --------------------------------------
@@ -4179,6 +5699,19 @@ def _one_file(conn, settings: Settings, group: str, file_id: int, source_id: int
     if source_id not in held:
         raise NotFound(f'{source.describe()} does not record {group} file {file_id}', 'file')
     return dataclasses.replace(file, source_type=held[source_id], target_type=held.get(target_id)), source, target
+
+
+def _damaged_at(conn, group: str, file_id: int, storage_id: int) -> bool:
+    """Whether the last check of the file's copy at the backend found it missing or corrupt."""
+    group = GROUPS[group]
+    check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+    damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT coalesce(c.outcome IN ({damaged}), false) FROM {group.storage_table} s {check} '
+                    'WHERE s.file_id = %s AND s.storage_id = %s', (file_id, storage_id))
+        row = cur.fetchone()
+    conn.commit()
+    return bool(row and row[0])
 
 
 def copy_file(settings: Settings, group: str, file_id: int, source_id: int, target_id: int, *,
@@ -4215,27 +5748,39 @@ def archive_file(settings: Settings, group: str, file_id: int, active_id: int, a
     <reason>' (rule 7: the original archived and recorded, kept at ACTIVE)."""
     if min_copies < 1:
         raise ConfigError('min_copies must be at least 1: an original never leaves ACTIVE without a copy')
+    version = find_version(group, replace_with) if replace_with is not None else None
+    if version is not None and version.type == 0:
+        raise ConfigError('replace_with 0 would replace the original with itself; name a version such as 1')
     conn = connect_catalog(settings)
     try:
         file, active, archive = _one_file(conn, settings, group, file_id, active_id, archive_id, active_path,
                                           archive_path, source_writing=True)
-        version = find_version(group, replace_with) if replace_with is not None else None
         if file.source_type != 0:
             raise NotFound(f'{active.describe()} holds version {file.source_type} of {group} file {file_id}, not '
                            'its original', 'original')
         archiver = Archiver(group, active, archive, version)
+        writer = CatalogWriter(conn, GROUPS[group], (archive, active))
+        others = writer.originals_elsewhere([file_id], (active_id, archive_id)).get(file_id, 0)
+        file = dataclasses.replace(file, copies_elsewhere=others, target_damaged=_damaged_at(conn, group, file_id, archive_id))
         with archive.writing(), active.writing():
-            step = archiver.archive_original(file)
-            writer = CatalogWriter(conn, GROUPS[group], (archive, active))
+            step = archiver.archive_original(file, can_release=others + 1 >= min_copies)
             if step.archived_now:
                 writer.add(file, archive_id, 0)
+                if step.proven:
+                    writer.log_check(FixityCheck(file_id, archive_id, 0, 'repaired' if step.repaired else 'ok',
+                                                 'archive', step.repaired))
             writer.flush()
             if step.version_failed:
                 return file_state(conn, group, file_id, f'archived, version failed: {step.version_failed}')
-            copies = writer.originals_elsewhere([file_id], active_id).get(file_id, 0)
-            if copies < min_copies:
+            if step.kept:
                 return file_state(conn, group, file_id, 'kept')
-            outcome = archiver.release_original(step)
+            try:
+                outcome = archiver.release_original(step)
+            finally:
+                if step.proof:
+                    writer.log_check(FixityCheck(file_id, archive_id, 0, step.proof, 'release', step.repaired))
+                    with contextlib.suppress(Exception):
+                        writer.flush()
             if outcome == 'replaced':
                 writer.change_type(file_id, active_id, 0, version.type)
             else:
@@ -4303,6 +5848,11 @@ class VerifyReport(RunReport):
     found: dict = dataclasses.field(default_factory=lambda: {'missing': [], 'corrupt': [], 'unknown': [],
                                                              'unchecked': []})
     removed: list | None = None
+    # After --fix: where to copy the removed files back from, per group: [(backend, files)], the
+    # other backends recording an original of them, the online tiers first (None: not known).
+    copy_back: dict | None = dataclasses.field(default_factory=dict)
+    batch_id: str | None = None
+    storage_id: int | None = None
     with_batch: bool = False
     lists_files: bool = False
     files_root: str = ''
@@ -4421,6 +5971,26 @@ class Verifier:
             self.run.log_line(f'--fix removed the row of file {held.file.file_id} ({held.stored_name})')
         return [held.stored_name for held in self.rows_to_remove]
 
+    def copy_back_sources(self, conn, storage_id: int) -> dict[str, list[tuple[BackendRow, int]]]:
+        """Per group, the other backends that record an original of the files whose rows --fix
+        removed, with how many of them each holds, the online tiers first: one grouped query
+        per group."""
+        sources = {}
+        for group in GROUPS.values():
+            file_ids = [held.file.file_id for held in self.rows_to_remove if held.group == group.name]
+            if not file_ids:
+                continue
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL(f'SELECT s.file_count, {", ".join("b." + c for c in BACKEND_COLUMNS.split(", "))} '
+                                    'FROM (SELECT storage_id, count(*) AS file_count FROM {} WHERE file_id = ANY(%s) '
+                                    'AND storage_id <> %s AND type = 0 GROUP BY storage_id) s '
+                                    'JOIN storage_backend b ON b.storage_id = s.storage_id '
+                                    'ORDER BY b.priority, b.storage_id').format(sql.Identifier(group.storage_table)),
+                            (file_ids, storage_id))
+                sources[group.name] = [(BackendRow(*row[1:]), row[0]) for row in cur.fetchall()]
+            conn.commit()
+        return sources
+
 
 def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = None, *, fix: bool = False,
                    path: str | None = None, options: RunOptions | None = None) -> VerifyReport:
@@ -4433,10 +6003,12 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
     batch = find_batch(batch_id) if batch_id else None
     reader = connect_catalog(settings)
     try:
-        backend = open_backend(fetch_backend(reader, storage_id), settings, path=path, jobs=options.jobs)
+        backend = open_backend(fetch_backend(reader, storage_id), settings, path=path, jobs=options.jobs,
+                               path_option='--path')
         backend.check(writing=False)
         files, totals = held_files(reader, storage_id, batch)
         report = VerifyReport('verify', backend.describe() + (f", batch '{batch.id}'" if batch else ''),
+                              batch_id=batch.id if batch else None, storage_id=storage_id,
                               with_batch=batch is not None, lists_files=backend.lists_files,
                               files_root=backend.files_location())
         # Versions' sizes are not in the catalog: with versions on the backend, count files only.
@@ -4459,6 +6031,10 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
                     writer_conn = connect_catalog(settings)
                     try:
                         report.removed = verifier.remove_rows(writer_conn, storage_id)
+                        try:            # only the hint: the rows are gone either way
+                            report.copy_back = verifier.copy_back_sources(writer_conn, storage_id)
+                        except psycopg2.Error:
+                            report.copy_back = None
                     finally:
                         writer_conn.close()
                 except (StorageError, psycopg2.Error) as exc:
@@ -4965,7 +6541,7 @@ def write_report(settings: Settings, storage_id: int, *, path: str | None = None
     conn = connect_catalog(settings)
     try:
         backend_row = fetch_backend(conn, storage_id)
-        backend = open_backend(backend_row, settings, path=path)
+        backend = open_backend(backend_row, settings, path=path, path_option='--path')
         if backend.root is None:
             raise ConfigError(f'{backend_row.describe()} is an S3 backend: `report` writes onto a local disk')
         backend.check(writing=True)
@@ -5149,18 +6725,23 @@ def format_summary(report: RunReport) -> str:
     lines = [f'{report.command} {report.title}']
     parts = [f'{n} {outcome}' for outcome, n in sorted(report.counts.items()) if n]
     if parts:
-        lines.append(f"  {', '.join(parts)}; {human_bytes(report.bytes_done)} in {report.seconds:.1f} s "
-                     f'({human_bytes(report.bytes_done / seconds)}/s)')
+        rate = f' ({human_bytes(report.bytes_done / seconds)}/s)' if report.bytes_done else ''
+        lines.append(f"  {', '.join(parts)}; {human_bytes(report.bytes_done)} in {report.seconds:.1f} s{rate}")
     else:
         lines.append('  nothing to do')
     for note in report.notes:
         lines.append(f'  note: {note}')
     if report.failures:
         lines.append(f'  {len(report.failures)} failed:')
-        for object_name, reason in report.failures[:20]:
-            lines.append(f'    {object_name}: {reason}')
-        if len(report.failures) > 20:
-            lines.append(f'    … and {len(report.failures) - 20} more (see the log)')
+        by_reason: dict[str, list[str]] = {}       # files failing for the same reason: one line
+        for object_name, reason in report.failures:
+            by_reason.setdefault(reason, []).append(object_name)
+        shown = list(by_reason.items())[:20]
+        for reason, names in shown:
+            lines.append(f'    {names[0]}: {reason}' if len(names) == 1 else
+                         f'    {len(names)} files ({names[0]} and {len(names) - 1} more, named in the log): {reason}')
+        if len(by_reason) > len(shown):
+            lines.append(f'    … and {sum(len(n) for _, n in list(by_reason.items())[20:])} more (see the log)')
     if report.stopped:
         lines.append(f'  stopped early: {report.stopped}')
     if report.interrupted:
@@ -5192,7 +6773,15 @@ def format_verify_report(report: VerifyReport) -> str:
         lines.append('  (unknown files are looked for when the whole backend is verified, without a batch)')
     if report.removed is not None:
         lines.append(f'  --fix: removed the catalog rows of {len(report.removed)} missing or corrupt files (no file '
-                     'was touched); `copy` puts them back' if report.removed else '  --fix: no rows to remove')
+                     'was touched)' if report.removed else '  --fix: no rows to remove')
+        for group, sources in (report.copy_back or {}).items():
+            batch = report.batch_id or ('all_images' if group == 'image' else 'all_audio')
+            for backend_row, files in sources:
+                lines.append(f'    {files} of them ({group}) recorded as originals on {backend_row.describe()}: '
+                             f'`copy -s {backend_row.storage_id} -t {report.storage_id} {batch}` puts them back')
+        if report.removed and report.copy_back is not None and not any(report.copy_back.values()):
+            lines.append('    no other backend records an original of them: the catalog knows of no copy to put '
+                         'them back from')
     elif found['missing'] or found['corrupt']:
         lines.append('  run again with --fix to remove the rows of the missing and corrupt files, then `copy` '
                      'to put them back')
@@ -5208,15 +6797,26 @@ def format_verify_report(report: VerifyReport) -> str:
 def print_plan(plan: Plan) -> RunReport:
     report = RunReport(plan.command, plan.title)
     print(f'dry run: would {plan.command} {plan.title}')
-    for action, file in plan:
-        print(f'  {action}: {file.object_name} ({human_bytes(file.file_size)})')
-        report.counts['would do'] = report.count('would do') + 1
-        report.bytes_done += file.file_size
+    with plan:
+        for action, file in plan:
+            print(f'  {action}: {file.object_name} ({human_bytes(file.file_size)})')
+            report.counts['would do'] = report.count('would do') + 1
+            report.bytes_done += file.file_size
     print(f"dry run: would {plan.command} {report.count('would do')} files, {human_bytes(report.bytes_done)}; "
           'nothing was written')
     for note in plan.notes:
         print(f'  note: {note}')
     return report
+
+
+def print_recall_plan(report: ExportReport) -> None:
+    if report.manifest and report.manifest.exists():
+        print(f'  check the folder without the database: cd {report.directory} && sha256sum -c {EXPORT_MANIFEST}')
+    if report.recall:
+        print(f'recall plan: {report.offline:,} files are held only on disks that are not mounted; mount')
+        for step in report.recall:
+            print(f'  {step.describe()}')
+        print('then run the same command again')
 
 
 def print_backends(listing: list[dict]) -> None:
@@ -5227,10 +6827,10 @@ def print_backends(listing: list[dict]) -> None:
     for entry in listing:
         status = ''
         if entry['type'] == 'local':
-            status = ('offline' if not entry['online'] else 'online' if entry['mounted_at'] == entry['url_prefix']
-                      else 'moved')
+            status = 'offline' if not entry['online'] else 'moved' if entry['moved'] else 'online'
+        created = dt.datetime.fromisoformat(entry['created_at']).astimezone(dt.timezone.utc)   # one zone for all
         rows.append((str(entry['storage_id']), entry['type'], str(entry['priority']), entry['url_prefix'],
-                     entry['created_at'][:19].replace('T', ' '), status, (entry['notes'] or '').replace('\n', ' ')))
+                     created.strftime('%Y-%m-%d %H:%M:%S UTC'), status, (entry['notes'] or '').replace('\n', ' ')))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     print('  '.join(cell.ljust(width) for cell, width in zip(rows[0], widths)) + '  ' + rows[0][-1])
     for row, entry in zip(rows[1:], listing):
@@ -5238,7 +6838,7 @@ def print_backends(listing: list[dict]) -> None:
         held = [f"{c['group']} {c['version']}: {c['files']:,} files"
                 + (f", {human_bytes(c['bytes'])}" if c['bytes'] is not None else '') for c in entry['versions']]
         print('      ' + ('; '.join(held) if held else 'no files recorded'))
-        if entry.get('mounted_at') and entry['mounted_at'] != entry['url_prefix']:
+        if entry.get('moved'):
             print(f"      mounted at {entry['mounted_at']}, not at its recorded path")
 
 
@@ -5765,11 +7365,35 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0 or value == float('inf'):
+        raise argparse.ArgumentTypeError(f"'{text}' must be a number above 0")
+    return value
+
+
+def storage_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(',') if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of storage ids such as 3,7") from None
+    if not ids:
+        raise argparse.ArgumentTypeError('name at least one storage id')
+    return ids
+
+
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog='mitwelten_storage.py', description=__doc__.split('\n\n')[0],
+    # prog: as it was called, `mitwelten_storage.py` from a clone, `mitwelten-storage` installed
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0],
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--db', metavar='DSN', help='libpq connection string or URI of the catalog')
     parser.add_argument('--schema', metavar='NAME', help="catalog schema (default: $MITWELTEN_DB_SCHEMA or 'prod')")
+    parser.add_argument('--batches', metavar='FILE', dest='batches_file',
+                        help='the batches file (default: $MITWELTEN_BATCHES, else ./batches.py, else the one '
+                             'shipped with the tool)')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
 
     commands.add_parser('init-db', help='create the catalog schema and tables (idempotent)')
@@ -5779,15 +7403,17 @@ def build_parser() -> ArgumentParser:
                                         '  create -t s3 -p 0 -n "active" http://minio:9000/mitwelten',
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     create.add_argument('-t', '--type', choices=('local', 's3'), required=True)
-    create.add_argument('-p', '--priority', type=non_negative_int, required=True,
-                        help='0 online S3 public, 1 online S3 not public, 2 offline archive disk')
+    create.add_argument('-p', '--priority', type=int, required=True,
+                        help='0 online S3 public, 1 online S3 not public (S3: 0 or 1); 2 offline archive disk '
+                             '(local: 2, or above for a tier of your own)')
     create.add_argument('-n', '--notes', required=True, metavar='LABEL',
                         help='for a disk, its label (as written on it); for S3, notes')
     create.add_argument('location', metavar='PATH|URL',
                         help='local: the folder where the disk is mounted; s3: http[s]://HOST[:PORT]/BUCKET[/PREFIX]')
 
     info = commands.add_parser('info', help='list the backends (or, with --batches, the batches)')
-    info.add_argument('--batches', action='store_true', help='list the batches defined in batches.py')
+    info.add_argument('--batches', action='store_true',
+                      help='list the batches defined in the batches file (and say on stderr which file)')
     info.add_argument('--json', action='store_true', help='print JSON instead of a table')
 
     copy = commands.add_parser(
@@ -5815,7 +7441,7 @@ def build_parser() -> ArgumentParser:
         description='For every file of the batch whose original ACTIVE holds: read it once and check it, write '
                     'it to ARCHIVE and record it, then put version N in its place at ACTIVE (--replace-with N) '
                     'or delete it there (--delete-original). An original leaves ACTIVE only while at least '
-                    '--min-copies checked originals are recorded on other backends.',
+                    '--min-copies sound originals are recorded on other backends.',
         epilog='examples:\n  archive -s 1 -t 3 fs1_images --replace-with 1\n'
                '  archive -s 1 -t 3 fs1_audio --replace-with 1 --min-copies 2\n'
                '  archive -s 2 -t 3 all_images --delete-original --dry-run\n\n'
@@ -5829,7 +7455,11 @@ def build_parser() -> ArgumentParser:
                       help='put version N in place of the original at ACTIVE')
     then.add_argument('--delete-original', action='store_true', help='delete the original at ACTIVE')
     archive.add_argument('--min-copies', type=positive_int, default=1, metavar='N',
-                         help='checked originals that must be recorded on other backends (default 1)')
+                         help='sound originals that must be recorded on other backends (default 1), the archive '
+                              'copy (proven at the release) included')
+    archive.add_argument('--verified-within', type=positive_number, metavar='DAYS', dest='verified_within',
+                         help='count the copies on other backends than ARCHIVE only where their last check passed '
+                              'within DAYS days')
     archive.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
                          help=f'parallel transfers (default {DEFAULT_JOBS})')
     archive.add_argument('--dry-run', action='store_true', help='say what would be done; change nothing')
@@ -5855,6 +7485,50 @@ def build_parser() -> ArgumentParser:
     verify.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
     verify.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
                         help=f'files checked in parallel (default {DEFAULT_JOBS})')
+
+    restore = commands.add_parser(
+        'restore', help='bring originals back from an archive to the active tier (archive backwards)',
+        description='For every file of the batch whose original ARCHIVE holds soundly (the original, or gzip of it) '
+                    'and ACTIVE holds only as a version (or not at all): read it from ARCHIVE and check it, write it '
+                    'to ACTIVE under its own name, record it there as the original, then delete the version at '
+                    'ACTIVE. A damaged archive copy is never restored from. Run the same command again after an '
+                    'interruption: it finishes what was cut off.',
+        epilog='examples:\n  restore -s 3 -t 1 fs1_images --dry-run\n  restore -s 3 -t 1 fs1_images --jobs 8\n'
+               '  restore -s 3 -t 1 fs1_images --via https://storage.mitwelten.org',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    restore.add_argument('-s', '--source', type=int, required=True, metavar='ARCHIVE', help='archive storage id')
+    restore.add_argument('-t', '--target', type=int, required=True, metavar='ACTIVE', help='active storage id')
+    restore.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
+    restore.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+                         help=f'parallel transfers (default {DEFAULT_JOBS})')
+    restore.add_argument('--dry-run', action='store_true', help='say what would be restored; change nothing')
+    restore.add_argument('--limit', type=non_negative_int, metavar='N', help='restore at most N files')
+    restore.add_argument('--source-path', metavar='P', help='where the archive disk is mounted, if not at its recorded '
+                                                            'path')
+    restore.add_argument('--target-path', metavar='P', help='where ACTIVE is mounted, if a disk not at its recorded path')
+    restore.add_argument('--via', metavar='URL', help='send the originals to the storage service at URL (PUT '
+                                                      '…/original): no S3 keys needed (token: $MITWELTEN_TOKEN or '
+                                                      '$MITWELTEN_TOKEN_FILE)')
+
+    export = commands.add_parser(
+        'export', help="copy a batch's originals into a plain folder (a working copy), with a recall plan",
+        description='Copies the originals (or version --type N) of the batch into DIR, a plain folder, each checked, '
+                    'with manifest-sha256.txt (`sha256sum -c` from DIR). Each file is read from the most accessible '
+                    'backend that holds it soundly: S3 tiers by priority, then disks that are mounted. Files held '
+                    'only on disks that are not mounted get a recall plan: the fewest disks to mount. Run the same '
+                    'command again after mounting a disk: files in DIR already and sound are not read again.',
+        epilog='examples:\n  export fs1_images --to ~/work/fs1\n  export fs1_audio --to ~/work/audio --type 1\n'
+               '  export fs1_images --to ~/work/fs1 --from 3,7',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument('batch', help='batch id from batches.py (see `info --batches`)')
+    export.add_argument('--to', required=True, metavar='DIR', help='the folder to write into (made if missing)')
+    export.add_argument('--type', type=non_negative_int, default=0, dest='version_type', metavar='N',
+                        help='version to export (default 0, the original)')
+    export.add_argument('--from', dest='from_ids', type=storage_ids, metavar='S,…',
+                        help='read only from these backends, in this order')
+    export.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+                        help=f'parallel transfers (default {DEFAULT_JOBS})')
+    export.add_argument('--dry-run', action='store_true', help='say where each file would be read from; write nothing')
 
     report = commands.add_parser(
         'report', help='write REPORT.md, a sha256 manifest and a SQLite index onto a disk',
@@ -5903,14 +7577,15 @@ def run_options(args, **extra) -> RunOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BATCHES_FILE
     args = build_parser().parse_args(argv)
+    given_batches, BATCHES_FILE = BATCHES_FILE, args.batches_file or BATCHES_FILE
     handler = MessageHandler()
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
-        if TEST_FAULTS.problem:
-            raise ConfigError(TEST_FAULTS.problem)
+        FAULTS.check()
         settings = Settings.from_env(args.db, args.schema)
         return run_command(args, settings)
     except ConfigError as exc:
@@ -5925,6 +7600,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURES
     finally:
         log.removeHandler(handler)
+        BATCHES_FILE = given_batches
 
 
 def run_command(args, settings: Settings) -> int:
@@ -5940,7 +7616,9 @@ def run_command(args, settings: Settings) -> int:
               f'(priority {backend_row.priority})')
     elif args.command == 'info':
         if args.batches:
-            print_batches(load_batches(), args.json)
+            batches = load_batches()
+            print('note: batches from {} ({})'.format(*batches_file()), file=sys.stderr)
+            print_batches(batches, args.json)
         else:
             listing = list_backends(settings)
             print(json.dumps(listing, indent=2)) if args.json else print_backends(listing)
@@ -5954,11 +7632,27 @@ def run_command(args, settings: Settings) -> int:
             report = copy_batch(settings, args.source, args.target, args.batch, **request)
         else:
             request = dict(replace_with=args.replace_with, delete_originals=args.delete_original,
-                           min_copies=args.min_copies, options=options)
+                           min_copies=args.min_copies, verified_within_days=args.verified_within, options=options)
             if args.dry_run:
                 return print_plan(plan_archive(settings, args.source, args.target, args.batch, **request)).exit_status
             report = archive_batch(settings, args.source, args.target, args.batch, **request)
         print(format_summary(report))
+        return report.exit_status
+    elif args.command == 'restore':
+        options = run_options(args, limit=args.limit, source_path=args.source_path, target_path=args.target_path,
+                              via=args.via)
+        if args.dry_run:
+            return print_plan(plan_restore(settings, args.source, args.target, args.batch, options=options)).exit_status
+        report = restore_batch(settings, args.source, args.target, args.batch, options=options)
+        print(format_summary(report))
+        return report.exit_status
+    elif args.command == 'export':
+        request = dict(version_type=args.version_type, from_ids=args.from_ids, options=run_options(args))
+        if args.dry_run:
+            return print_plan(plan_export(settings, args.batch, args.to, **request)).exit_status
+        report = export_batch(settings, args.batch, args.to, **request)
+        print(format_summary(report))
+        print_recall_plan(report)
         return report.exit_status
     elif args.command == 'verify':
         report = verify_backend(settings, args.storage, args.batch, fix=args.fix, path=args.path,
@@ -5994,12 +7688,18 @@ def run_coverage(args, settings: Settings) -> int:
     return EXIT_FAILURES if report.at_risk else EXIT_OK
 
 
-if __name__ == '__main__':
+def console_main() -> None:
+    """The command: `python mitwelten_storage.py`, and `mitwelten-storage` installed (pyproject.toml)."""
     status = main()
-    if status == EXIT_INTERRUPTED:
-        # A second Ctrl-C leaves transfer threads running; do not wait for them at exit.
+    if status == EXIT_INTERRUPTED or LEFT_RUNNING.is_set():
+        # A second Ctrl-C, or a stop on a frozen server, leaves transfer threads running; do not
+        # wait for them at exit.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+if __name__ == '__main__':
+    console_main()

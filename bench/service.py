@@ -3,6 +3,7 @@ S3 server, with one worker process and more; and `archive --via` against `archiv
 
     python -m bench.service                         # 100 files, workers 1 and 2, 3 rounds
     python -m bench.service --files 60 --workers 1,2,4 --rounds 5
+    python -m bench.service --hey                   # hey at concurrency 1, 8, 64 (see hey_compare)
 
 `archive` is run with --delete-original: rclone serve s3 answers GetObjectTagging with 500,
 and a replacement carries the original's tags to its version. The S3 server is `rclone serve s3` (a multi-core server, as MinIO is) on the machine's cores,
@@ -90,8 +91,147 @@ def service(env: dict, workers: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError('the service did not start')
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process and all its descendants so far (from /proc)."""
+    total = 0.0
+    try:
+        fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+        for task in Path(f'/proc/{pid}/task').iterdir():
+            for child in (task / 'children').read_text().split():
+                total += cpu_seconds(int(child))
+    except (OSError, IndexError, ValueError):
+        pass
+    return total
+
+
+def hey(url: str, concurrency: int, requests: int, headers: dict) -> dict:
+    """One run of `hey` (an independent HTTP load tool, Debian's package): requests per second,
+    the 99th percentile latency, and the status codes."""
+    argv = ['hey', '-n', str(requests), '-c', str(concurrency), '-disable-compression']
+    for name, value in headers.items():
+        argv += ['-H', f'{name}: {value}']
+    out = subprocess.run([*argv, url], capture_output=True, text=True, check=True, timeout=900).stdout
+    rps = float(re.search(r'Requests/sec:\s+([\d.]+)', out).group(1))
+    p99 = re.search(r'99%+ in ([\d.]+) secs', out)
+    statuses = dict(re.findall(r'\[(\d+)\]\s+(\d+) responses', out))
+    return {'rps': rps, 'p99': float(p99.group(1)) if p99 else float('nan'), 'statuses': statuses}
+
+
+def hey_compare(args) -> int:
+    """GET of one camera image (about 4.5 MB) with `hey` at concurrency 1, 8 and 64: through the
+    service (1 worker, and --workers 2) and straight from the same S3 server (moto, a presigned
+    URL), side by side in one run, alternating, medians of --rounds. The service's CPU per GB
+    from /proc. On a shared machine the ratios in one run are what counts, not the MB/s."""
+    sys.path.insert(0, str(ROOT))
+    import boto3
+    from botocore.config import Config
+    import mitwelten_storage as ms
+    from devkit import sample_data
+    from devkit.oidc import TestIssuer
+    from devkit.services import throwaway_services
+    if not shutil.which('hey'):
+        print('hey is not installed (Debian: apt install hey)', file=sys.stderr)
+        return 2
+    with throwaway_services() as svc, TestIssuer() as issuer:
+        settings = ms.Settings(dsn=svc.pg_dsn, schema='bench')
+        ms.init_db(settings)
+        s3 = boto3.client('s3', endpoint_url=svc.s3_endpoint,
+                          config=Config(s3={'addressing_style': 'path'}, region_name='us-east-1'))
+        s3.create_bucket(Bucket='bench')
+        storage_id = ms.create_s3_backend(settings, f'{svc.s3_endpoint}/bench', 0, 'bench').storage_id
+        image, = sample_data.sample_images(1, width=5200, height=3900, seed=5)
+        sample_data.upload(s3, 'bench', [image])
+        sample_data.catalog_in_schema(svc.pg_dsn, 'bench', [image], storage_id=storage_id)
+        presigned = s3.generate_presigned_url('get_object', Params={'Bucket': 'bench', 'Key': image.object_name},
+                                              ExpiresIn=6 * 3600)
+        env = {**os.environ, 'MITWELTEN_DB': svc.pg_dsn, 'MITWELTEN_DB_SCHEMA': 'bench',
+               'MITWELTEN_OIDC_ISSUER': issuer.url, 'MITWELTEN_OIDC_AUDIENCE': issuer.audience}
+        token = issuer.token(expires_in=6 * 3600)
+        workers = [int(w) for w in args.workers.split(',')]
+        services = {w: service(env, w) for w in workers}
+        contenders = {'direct from S3 (presigned)': (presigned, {}, None)}
+        for w, (process, url) in services.items():
+            contenders[f'through the service, {w} worker{"s" if w > 1 else ""}'] = (
+                f'{url}/images/{image.file_id}/original', {'Authorization': f'Bearer {token}'}, process.pid)
+        mb = len(image.data) / 1e6
+        print(f'Machine: {machine()}. One image of {mb:.2f} MB; moto as the S3 server; hey; '
+              f'median of {args.rounds} rounds, contenders alternating.', flush=True)
+        lines = ['', '| concurrency | reader | MB/s | p99 ms | × direct | service CPU s/GB |',
+                 '|---:|---|---:|---:|---:|---:|']
+        names = list(contenders)
+        for concurrency in (1, 8, 64):
+            requests = -(-max(args.hey_requests, 8 * concurrency) // concurrency) * concurrency  # hey: n/c each
+            samples: dict[str, list] = {name: [] for name in names}
+            for round_ in range(args.rounds):
+                for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                    url, headers, pid = contenders[name]
+                    cpu = cpu_seconds(pid) if pid else 0.0
+                    result = hey(url, concurrency, requests, headers)
+                    cpu = cpu_seconds(pid) - cpu if pid else float('nan')
+                    if result['statuses'] != {'200': str(requests)}:
+                        raise RuntimeError(f'{name}: {result["statuses"]}')
+                    samples[name].append((result['rps'] * mb, result['p99'] * 1000, cpu / (requests * mb / 1000)))
+            direct = statistics.median(s[0] for s in samples[names[0]])
+            for name in names:
+                rate = statistics.median(s[0] for s in samples[name])
+                p99 = statistics.median(s[1] for s in samples[name])
+                cpu = statistics.median(s[2] for s in samples[name])
+                lines.append(f'| {concurrency} | {name} | {rate:,.0f} | {p99:,.1f} | {rate / direct:.2f} | '
+                             + ('' if cpu != cpu else f'{cpu:.2f}') + ' |')
+        print('\n'.join(lines), flush=True)
+        if args.profile:
+            profile(contenders[names[1]], mb)
+        for process, _ in services.values():
+            process.terminate()
+            process.wait(30)
+    return 0
+
+
+def profile(contender: tuple, mb: float, seconds: int = 15) -> None:
+    """Where a worker's time goes: py-spy samples the service (1 worker) while hey keeps it busy
+    at concurrency 8; the frames that hold most samples, inclusive and as the innermost one."""
+    import collections
+    import threading
+    url, headers, pid = contender
+    spy = shutil.which('py-spy', path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not spy:
+        print('\n(py-spy is not installed: pip install py-spy)')
+        return
+    raw = Path(tempfile.mkdtemp()) / 'profile.txt'
+    load = threading.Thread(target=hey, args=(url, 8, 8 * max(25, int(seconds * 50 / mb)), headers))
+    load.start()
+    time.sleep(1)
+    subprocess.run([spy, 'record', '--pid', str(pid), '--subprocesses', '--duration', str(seconds),
+                    '--rate', '200', '--format', 'raw', '--output', str(raw), '--nonblocking'],
+                   check=True, capture_output=True)
+    load.join()
+    inclusive, innermost, total = collections.Counter(), collections.Counter(), 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(' ')
+        frames = [re.sub(r' \((?:.*/)?([^/]+):\d+\)', r' (\1)', f) for f in stack.split(';')]
+        if frames[-1].startswith(('Condition.wait (threading.py)', 'EpollSelector.select (selectors.py)')):
+            continue                    # idle: a thread waiting for work, the event loop for events
+        n = int(count)
+        total += n
+        innermost[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    print(f'\nWhere a worker\'s busy time goes (py-spy, {total} busy samples at 200 Hz, hey -c 8):\n')
+    print('| innermost frame | share |', '|---|---:|', sep='\n')
+    for frame, n in innermost.most_common(12):
+        print(f'| `{frame}` | {n / total:.0%} |')
+    print('\n| frame, with what it calls | share |', '|---|---:|', sep='\n')
+    for frame, n in inclusive.most_common(40):
+        if n < total * 0.97:
+            print(f'| `{frame}` | {n / total:.0%} |')
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--hey', action='store_true', help='only the hey comparison at concurrency 1, 8, 64')
+    parser.add_argument('--hey-requests', type=int, default=200, help='requests per hey run (at least 8 × concurrency)')
+    parser.add_argument('--profile', action='store_true', help='with --hey: py-spy on the service under load')
     parser.add_argument('--files', type=int, default=100)
     parser.add_argument('--archive-files', type=int, default=40)
     parser.add_argument('--rounds', type=int, default=3)
@@ -99,6 +239,8 @@ def main() -> int:
     parser.add_argument('--jobs', type=int, default=8)
     parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'mitwelten-service-bench'))
     args = parser.parse_args()
+    if args.hey:
+        return hey_compare(args)
     stage_args = argparse.Namespace(workdir=args.workdir, db=None, schema=None, files=args.files, distinct=8,
                                     data_dir=str(Path(args.workdir) / 's3data'), server_cores=','.join(
                                         str(c) for c in sorted(os.sched_getaffinity(0))), serve_args='')

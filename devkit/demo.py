@@ -131,6 +131,14 @@ def main() -> int:
         run_tool('whereis', 'image', images[0].object_name, env=env)
         say('The same as one self-contained page, to open in any browser (also from the disk itself)')
         run_tool('coverage', '--by', 'month', '--html', DEMO_DIR / 'coverage.html', env=env)
+        say('A researcher needs some originals in a working folder: export reads each from the most accessible '
+            'backend that holds it soundly (here the disk), checked, with a manifest')
+        run_tool('export', 'fs1_images', '--to', DEMO_DIR / 'working-copy', env=env)
+        say('Getting originals back online (archive backwards): read from the disk, checked, written to the '
+            'bucket, recorded as originals, and only then the WebP versions removed')
+        run_tool('restore', '-s', 2, '-t', 1, 'all_images', '--dry-run', '--limit', 3, env=env)
+        run_tool('restore', '-s', 2, '-t', 1, 'all_images', env=env)
+        run_tool('info', env=env)
         say('Stopping the services')
     print(f'  done. The archive disk and the logs stay in {DEMO_DIR} for you to look at.')
     return 0

@@ -59,6 +59,7 @@ class World:
                    MITWELTEN_LOG_DIR=str(self.log_dir), PYTHONUNBUFFERED='1',
                    MITWELTEN_MOUNT_ROOTS=os.environ['MITWELTEN_MOUNT_ROOTS'])
         env.pop('MITWELTEN_CRASH_AT', None)
+        env.pop('MITWELTEN_FAULT_AT', None)
         return env
 
     def cli(self, *args, env: dict | None = None, unset: tuple = (), **kwargs) -> subprocess.CompletedProcess:
@@ -263,10 +264,13 @@ class ServiceUnderTest:
         return {'MITWELTEN_TOKEN': self.token()}
 
 
-def service_config(world, issuer, **settings):
+def service_config(world, issuer, config: dict | None = None, **settings):
+    """The service's configuration for a world: `settings` change the catalog's, `config` the
+    service's own (roles_claim, jwks_url=None for discovery, ...)."""
     import mitwelten_service as service
     return service.ServiceConfig(catalog=dataclasses.replace(world.settings, **settings), issuer=issuer.url,
-                                 audience=issuer.audience, jwks_url=issuer.jwks_url, jwks_cooldown=0)
+                                 audience=issuer.audience, **{'jwks_url': issuer.jwks_url, 'jwks_cooldown': 0,
+                                                              **(config or {})})
 
 
 @contextlib.contextmanager

@@ -96,7 +96,7 @@ def test_min_copies_keeps_the_original_until_enough_copies_are_recorded(world):
     bucket, active, archive, disk, files = setup(world, 3)
     report = world.archive(active, archive, replace_with=1, min_copies=2)
     assert report.exit_status == 0 and report.counts == {'kept': 3}
-    assert report.notes == ['3 originals kept at ACTIVE: fewer than --min-copies 2 checked originals are recorded '
+    assert report.notes == ['3 originals kept at ACTIVE: fewer than --min-copies 2 sound originals are recorded '
                             'on other backends']
     # Archived and recorded, but nothing at ACTIVE changed.
     assert world.rows(archive) == {f.file_id: 0 for f in files}

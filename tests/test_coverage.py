@@ -310,6 +310,8 @@ def test_the_service_answers_a_files_state_as_whereis_json(safe_world, service):
     assert json.loads(unknown.data)['type'] == ms.PROBLEM + 'file-not-found'
     assert service.request('GET', f'/images/{o.images[0].file_id}', token=None).status == 401
     assert service.request('GET', f'/images/{o.images[0].file_id}', token=service.token(roles=())).status == 403
+    refused = service.request('DELETE', f'/images/{o.images[0].file_id}')
+    assert refused.status == 405 and refused.headers['Allow'] == 'GET'
 
 
 # --- coverage --html ---------------------------------------------------------------------------------

@@ -48,12 +48,14 @@ def test_a_plan_streams_what_a_dry_run_would_do(world):
     disk_id, disk = world.create_local_backend()
     files = world.images_on_s3(3, source)
     assert world.copy(source, disk_id, limit=1).count('copied') == 1
-    plan = ms.plan_copy(world.settings, source, disk_id, 'all_images', version_type=0, options=world.options())
-    assert [(action, file.object_name) for action, file in plan] == [('copy', f.object_name) for f in files[1:]]
-    assert plan.notes == ["1 of the batch's 3 files at the source were at the target already"]
-    plan = ms.plan_archive(world.settings, source, disk_id, 'all_images', delete_originals=True,
-                           options=world.options())
-    assert [action for action, _ in plan] == ['delete', 'archive and delete', 'archive and delete']
+    with ms.plan_copy(world.settings, source, disk_id, 'all_images', version_type=0, options=world.options()) as plan:
+        assert [(action, file.object_name) for action, file in plan] == [('copy', f.object_name) for f in files[1:]]
+        assert plan.notes == ["1 of the batch's 3 files at the source were at the target already"]
+    with ms.plan_archive(world.settings, source, disk_id, 'all_images', delete_originals=True,
+                         options=world.options()) as plan:
+        assert [action for action, _ in plan] == ['prove the archive copy and delete', 'archive and delete',
+                                                 'archive and delete']
+    assert plan.frame.reader.closed, 'a closed plan keeps no connection open'
     assert len(world.rows(disk_id)) == 1 and len(files_under(disk / 'archive')) == 1
 
 
@@ -61,6 +63,19 @@ def test_an_unknown_crash_point_is_refused(world):
     result = world.cli('info', env={'MITWELTEN_CRASH_AT': 'after-lunch:1'})
     assert result.returncode == 2
     assert "MITWELTEN_CRASH_AT='after-lunch:1'" in result.stderr and 'after-commit' in result.stderr
+
+
+def test_the_service_refuses_an_unknown_fault_point_too(world, issuer):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    result = subprocess.run([sys.executable, str(ROOT / 'mitwelten_service.py'), '--port', '1'],
+                            env={**world.env, 'MITWELTEN_FAULT_AT': 'fsnyc:2', 'MITWELTEN_OIDC_ISSUER': issuer.url,
+                                 'MITWELTEN_OIDC_AUDIENCE': issuer.audience},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "MITWELTEN_FAULT_AT='fsnyc:2'" in result.stderr and 'rename' in result.stderr
+    assert 'Traceback' not in result.stderr
 
 
 def test_bad_network_settings_are_named(world):
@@ -135,7 +150,7 @@ def test_record_archived_inserts_once_and_refuses_what_it_should(world, one_file
 def test_make_version_in_place_needs_copies_then_replaces_once(world, one_file):
     bucket, active, archive, disk, image, conn, backends = one_file
     make = lambda: ms.make_version_in_place(conn, backends, 'image', image.file_id, 1, min_copies=1)
-    with pytest.raises(ms.TooFewCopies, match='0 checked originals'):
+    with pytest.raises(ms.TooFewCopies, match='0 sound originals'):
         make()
     assert bucket_keys(world, bucket) == {image.object_name}
     world.query('INSERT INTO mm_files_image_storage (file_id, storage_id, type) VALUES (%s, %s, 0)',
@@ -188,7 +203,7 @@ def test_delete_original_checks_if_match_and_copies(world, one_file):
         delete(image.sha256)
     world.query('INSERT INTO mm_files_image_storage (file_id, storage_id, type) VALUES (%s, %s, 0)',
                 (image.file_id, archive))
-    with pytest.raises(ms.TooFewCopies, match='1 checked originals'):
+    with pytest.raises(ms.TooFewCopies, match='1 sound originals'):
         delete(image.sha256, copies=2)
     assert bucket_keys(world, bucket) == {image.object_name}
     assert delete(image.sha256).outcome == 'deleted'

@@ -273,7 +273,7 @@ def test_outages_are_503_naming_what_is_down(services, issuer, tmp_path):
             postgres.stop()
             problem(service.request('GET', '/healthz', token=None), 503, 'catalog-unavailable')
             body = problem(service.request('GET', '/backends'), 503, 'catalog-unavailable')
-            assert 'catalog database is unreachable' in body['detail']
+            assert 'cannot connect to the catalog' in body['detail'] and 'Connection refused' in body['detail']
             postgres.launch(postgres.port)
             s3.start(port=s3.port)
             world.s3.create_bucket(Bucket=ms.S3Location.parse(world.backend(source).url_prefix).bucket)

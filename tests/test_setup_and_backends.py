@@ -51,7 +51,7 @@ def test_init_db_creates_a_new_schema_and_keeps_existing_rows(world, services):
     try:
         result = world.cli('--schema', new_schema, 'init-db')
         assert result.returncode == 0, result.stderr
-        assert world.query('SELECT count(*) FROM pg_tables WHERE schemaname = %s', (new_schema,))[0][0] == 9
+        assert world.query('SELECT count(*) FROM pg_tables WHERE schemaname = %s', (new_schema,))[0][0] == 10
         assert world.cli('init-db').returncode == 0
         assert world.query('SELECT storage_id FROM storage_backend') == [(storage_id,)]
     finally:

@@ -140,7 +140,7 @@ def test_tokens_and_an_unreachable_service_are_refused_before_anything_is_done(w
     assert expired.returncode == 2 and 'refused the token (401' in expired.stderr
     reader = world.cli(*args, '--via', service.url, env={'MITWELTEN_TOKEN': service.token(roles=['other'])},
                        unset=NO_S3_KEYS)
-    assert reader.returncode == 2 and 'refused the token (403' in reader.stderr
+    assert reader.returncode == 2 and "lacks the read role 'internal' and the write role 'storage-admin'" in reader.stderr
     nobody = world.cli(*args, '--via', 'http://127.0.0.1:1', env={**service.env(), 'MITWELTEN_CONNECT_TIMEOUT': '1',
                                                                   'MITWELTEN_ATTEMPTS': '1'}, unset=NO_S3_KEYS)
     assert nobody.returncode == 2 and 'cannot reach the storage service at http://127.0.0.1:1' in nobody.stderr
