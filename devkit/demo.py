@@ -139,6 +139,9 @@ def main() -> int:
         run_tool('restore', '-s', 2, '-t', 1, 'all_images', '--dry-run', '--limit', 3, env=env)
         run_tool('restore', '-s', 2, '-t', 1, 'all_images', env=env)
         run_tool('info', env=env)
+        say('Coverage again, by backend: the restored images have two sound copies (bucket and disk), the '
+            'recordings still one')
+        run_tool('coverage', '--by', 'backend', env=env)
         say('Stopping the services')
     print(f'  done. The archive disk and the logs stay in {DEMO_DIR} for you to look at.')
     return 0
