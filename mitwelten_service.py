@@ -30,12 +30,14 @@ Configuration, from the environment (the README says more):
 
 Endpoints (KIND is `images` or `audio`):
 
+    GET       /KIND/ID              the file's state and every copy, as `whereis --json` prints them
     GET, HEAD /KIND/ID/original     the original, streamed and sha256-checked; Range (checked too),
                                     If-Match, If-None-Match
     POST      /KIND/ID/archive      {"storage_id": S, "sha256": H}: archive S holds the original
     POST      /KIND/ID/scaled       {"type": N}: version N in place of the original online
     DELETE    /KIND/ID/original     with If-Match: "<sha256>": the original leaves the online tier
     PUT       /KIND/ID/original     the original's bytes: restored online (checked), the version removed
+    GET       /coverage?batch=B&by=D   what `coverage --json` prints
     GET       /backends             what `info --json` prints
     GET       /me                   who the token is, and whether it may read and write
     GET, HEAD /healthz              database and S3 reachable (no token)
@@ -670,6 +672,88 @@ class FileStateModel(BaseModel):
     held: list[VersionHeld]
 
 
+class LastCheck(BaseModel):
+    checked_at: str = Field(description="the copy's last check, else when it was written (ISO 8601)")
+    outcome: str = Field(description="'ok', 'missing', 'corrupt' or 'repaired'")
+    event: str | None = Field(description="what checked it ('copy', 'verify', …), or 'written'")
+
+
+class CopyWhereabouts(BaseModel):
+    storage_id: int
+    type: int
+    version: str
+    backend_type: str
+    priority: int
+    tier: str
+    url_prefix: str
+    location: str = Field(description="the copy's URL or path")
+    label: str | None
+    online: bool = Field(description='S3: configured; a disk: its dot-file found at its path or under the mount roots')
+    mounted_at: str | None
+    original: bool = Field(description="the original's exact bytes (the original or its gzip)")
+    sound: bool = Field(description='a copy of the original not found missing or corrupt by its last check')
+    last_check: LastCheck | None
+
+
+class DiskToMount(BaseModel):
+    storage_id: int
+    label: str | None
+    url_prefix: str
+
+
+class FileSummary(BaseModel):
+    group: str
+    file_id: int
+    object_name: str
+    file_size: int
+    sha256: str
+    time: str | None
+    deployment_id: int | None
+    node_label: str | None
+    sound_copies: int
+    online_original: bool
+    offline_only: bool
+    disks_to_mount: list[DiskToMount]
+
+
+class FileWhereabouts(BaseModel):
+    """What `whereis --json` prints."""
+    file: FileSummary
+    copies: list[CopyWhereabouts]
+
+
+class Dimension(str, enum.Enum):
+    batch = 'batch'
+    deployment = 'deployment'
+    node = 'node'
+    tag = 'tag'
+    month = 'month'
+    backend = 'backend'
+
+
+class CoverageCounts(BaseModel):
+    group: str
+    key: int | str | None = Field(description='deployment id, node label, tag, YYYY-MM, storage id or batch id')
+    label: str | None
+    files: int
+    bytes: int
+    copies: dict[str, int] = Field(description='files by their number of sound copies of the original: '
+                                               '{"0": n, "1": n, "2": n, "3+": n}')
+    online: int
+    offline_only: int
+    never_checked: int
+    oldest_check: str | None
+    damaged: int
+    originals: int | None = None
+    versions: int | None = None
+
+
+class Coverage(BaseModel):
+    """What `coverage --json` prints."""
+    rows: list[CoverageCounts]
+    at_risk: list[dict]
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     """The byte range a Range header asks for, as (first, last); 'unsatisfiable'; or None for
     the whole (no Range, a malformed one, numbers of more than 18 digits, or several ranges,
@@ -866,6 +950,25 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
                                            'content': {t: {} for t in original_types}},
                                      304: {'description': 'If-None-Match matched: the client has it'},
                                      **problems(400, 401, 403, 404, 412, 416)})
+
+    @app.get('/{kind}/{file_id}', response_model=FileWhereabouts,
+             summary="The file's state: its catalog row and every copy, as `whereis --json` prints them",
+             responses=problems(401, 403, 404))
+    def get_file(kind: Kind, file_id: FileId, claims: dict = Depends(reader)):
+        with service().pool.connection() as conn:
+            return ms.where_is(service().config.catalog, kind.group, file_id, conn=conn).as_dict()
+
+    @app.get('/coverage', response_model=Coverage, response_model_exclude_unset=True,
+             summary='Files counted by their sound copies of the original, as `coverage --json` prints them',
+             responses=problems(401, 403, 404))
+    def get_coverage(batch: str | None = None, by: Dimension = Dimension.deployment, claims: dict = Depends(reader)):
+        if batch is not None:
+            try:
+                ms.find_batch(batch)
+            except ms.ConfigError as exc:
+                raise Failure(404, 'batch-not-found', 'Unknown batch', str(exc)) from None
+        with service().pool.connection() as conn:
+            return ms.coverage(service().config.catalog, batch, by=by.value, conn=conn).as_dict()
 
     @app.post('/{kind}/{file_id}/archive', response_model=FileStateModel, status_code=201,
               summary='Record that an archive backend holds the checked original',

@@ -45,7 +45,8 @@ last section) does all the printing. The tests call the operations in-process:
 Batch operations: copy_batch, archive_batch, verify_backend, write_report, list_backends,
 due_checks, init_db, create_local_backend, create_s3_backend, plan_batch (a dry run). Per-file operations
 (what the storage service calls): fetch_file, file_state, active_original, copy_file,
-archive_file, record_archived, make_version_in_place, delete_original.
+archive_file, record_archived, make_version_in_place, delete_original. What is safe, and where
+(read only): coverage, copies_due, where_is.
 """
 
 from __future__ import annotations
@@ -1477,6 +1478,14 @@ def two_claims(backend_row: BackendRow, first: Path, second: Path) -> ConfigErro
                        f'{DOT_FILE}; one is a copy of the other). Refusing to use either: unmount or rename the copy, '
                        'or remove its dot-file (a copy becomes a backend of its own with `create` on an empty folder '
                        'and `copy`)')
+
+
+def disk_whereabouts(backend_row: BackendRow) -> Path | None:
+    """Where the disk of a local backend is mounted now: at its recorded path when its dot-file
+    matches there, else wherever find_disk finds it under the mount roots; None when offline."""
+    if dot_file_mismatch(Path(backend_row.url_prefix), backend_row) is None:
+        return Path(backend_row.url_prefix)
+    return find_disk(backend_row)
 
 
 # --- the interface ---------------------------------------------------------------------------------
@@ -3924,16 +3933,15 @@ def list_backends(settings: Settings, *, conn=None) -> list[dict]:
                  'priority': backend_row.priority, 'notes': backend_row.notes,
                  'created_at': backend_row.created_at.isoformat(), 'versions': counts.get(backend_row.storage_id, [])}
         if backend_row.type == 'local':
-            entry.update(disk_whereabouts(backend_row))
+            entry.update(disk_status(backend_row))
         listing.append(entry)
     return listing
 
 
-def disk_whereabouts(backend_row: BackendRow) -> dict:
+def disk_status(backend_row: BackendRow) -> dict:
     """Whether a disk is online (its dot-file found, matching, at the recorded path or under the
-    mount roots) and where it is mounted."""
-    at_recorded_path = dot_file_mismatch(Path(backend_row.url_prefix), backend_row) is None
-    mounted_at = Path(backend_row.url_prefix) if at_recorded_path else find_disk(backend_row)
+    mount roots), where it is mounted, and whether that is elsewhere than recorded."""
+    mounted_at = disk_whereabouts(backend_row)
     # Elsewhere than recorded: compared normalised, so that '/media/archive07/' as stored by the
     # earlier script is where '/media/archive07' is.
     return {'online': mounted_at is not None, 'mounted_at': str(mounted_at) if mounted_at else None,
@@ -3983,7 +3991,7 @@ def due_checks(settings: Settings, every_days: float = DEFAULT_CHECK_EVERY_DAYS,
                  'newest_check': newest.isoformat() if newest else None,
                  'checked_in_full': oldest.isoformat() if oldest and not never else None}
         if backend_row.type == 'local':
-            entry.update(disk_whereabouts(backend_row))
+            entry.update(disk_status(backend_row))
         listing.append(entry)
     return listing
 
@@ -6366,6 +6374,471 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
         reader.close()
 
 
+# --- coverage ----------------------------------------------------------------------------------------------
+#
+# "Is every original safe?": the files of a batch (or of both groups) counted by how many backends
+# hold a sound copy of their original (rule 8: type 0 or gzip, its last check not missing or
+# corrupt), grouped by one dimension. Everything is counted in the database, one query per group
+# and grouping: a catalog of millions of files is never brought into Python file by file.
+
+COVERAGE_DIMENSIONS = ('batch', 'deployment', 'node', 'tag', 'month', 'backend')
+COPY_BUCKETS = ('0', '1', '2', '3+')
+DEFAULT_AT_RISK = 2
+DUE_EVERY_DAYS = 365
+
+
+@dataclasses.dataclass
+class CoverageRow:
+    """One group of files: how many, how many bytes, and how many of them have 0, 1, 2, 3 or more
+    sound copies of the original. `online`: files with a sound original on an S3 tier;
+    `offline_only`: files whose sound originals are all on disks; `never_checked`: files with a
+    sound copy that was never checked (no fixity row and no time of writing); `oldest_check`:
+    the oldest last check of a sound copy; `damaged`: files with a copy found missing or corrupt.
+    For `--by backend`, the last three speak of the copies on that backend, and `originals` /
+    `versions` count what it holds."""
+    group: str
+    key: object
+    label: str | None
+    files: int
+    bytes: int
+    copies: dict
+    online: int
+    offline_only: int
+    never_checked: int
+    oldest_check: dt.datetime | None
+    damaged: int
+    originals: int | None = None
+    versions: int | None = None
+    key2: object = None
+
+    def as_dict(self) -> dict:
+        entry = {'group': self.group, 'key': self.key, 'label': self.label, 'files': self.files, 'bytes': self.bytes,
+                 'copies': dict(self.copies), 'online': self.online, 'offline_only': self.offline_only,
+                 'never_checked': self.never_checked,
+                 'oldest_check': self.oldest_check.isoformat() if self.oldest_check else None,
+                 'damaged': self.damaged}
+        if self.originals is not None:
+            entry.update(originals=self.originals, versions=self.versions)
+        return entry
+
+
+@dataclasses.dataclass
+class AtRiskFile:
+    """A file with fewer sound copies of its original than asked for, and where its copies are
+    (every version, sound or not)."""
+    group: str
+    file_id: int
+    object_name: str
+    copies: int
+    where: list
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class CoverageReport:
+    """What `coverage` found: rows by the dimension, each group's total, and the files at risk."""
+    by: str
+    batch: str | None
+    rows: list
+    totals: list
+    at_risk: list | None
+    at_risk_below: int | None
+    has_log: bool
+    made: dt.datetime
+
+    def as_dict(self) -> dict:
+        """What `coverage --json` prints and the service's GET /coverage answers."""
+        return {'rows': [row.as_dict() for row in self.rows],
+                'at_risk': [entry.as_dict() for entry in self.at_risk or []]}
+
+
+def _last_checks_cte(group: Group, has_log: bool, file_id: int | None = None) -> str:
+    """SQL for a CTE body: the newest fixity row of every copy (file, backend, version) of the
+    group, read in one pass over the log (DISTINCT ON), not one index probe per copy. Joined
+    with the condition that it is no older than the copy's storage row (see last_check_join)."""
+    if not has_log:
+        return ('SELECT NULL::integer AS file_id, NULL::integer AS storage_id, NULL::smallint AS type, '
+                'NULL::text AS outcome, NULL::timestamptz AS checked_at, NULL::text AS event WHERE false')
+    return (f'SELECT DISTINCT ON (x.file_id, x.storage_id, x.type) x.file_id, x.storage_id, x.type, x.outcome, '
+            f"x.checked_at, x.event FROM {FIXITY_TABLE} x WHERE x.file_group = '{group.name}' "
+            + (f'AND x.file_id = {int(file_id)} ' if file_id is not None else '') +
+            'ORDER BY x.file_id, x.storage_id, x.type, x.checked_at DESC, x.check_id DESC')
+
+
+def _copies_ctes(group: Group, has_log: bool, file_id: int | None = None, files: str | None = None) -> str:
+    """SQL: the CTEs `lc` (last checks) and `copies`: every storage row of the group, whether it
+    is on an S3 tier, whether it is a sound copy of the original (rule 8), whether its
+    last check found it damaged, and when it was last checked (its writing where no check since);
+    with `file_id`, of that file only; with `files` (a SELECT of file_id), of those files only."""
+    damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
+    where = (f' WHERE s.file_id = {int(file_id)}' if file_id is not None else
+             f' WHERE s.file_id IN ({files})' if files else '')
+    return (f'lc AS ({_last_checks_cte(group, has_log, file_id)}),\n'
+            # which backends are S3 tiers: one array, made once (InitPlan), not a join per copy
+            "copies AS (SELECT s.file_id, s.storage_id, s.type, s.storage_id = ANY(ARRAY(SELECT storage_id "
+            "FROM storage_backend WHERE type = 's3')) AS s3, "
+            f'{sound_original_sql("s", "lc")} AS sound, coalesce(lc.outcome IN ({damaged}), false) AS damaged, '
+            'lc.outcome, lc.event, coalesce(lc.checked_at, s.created_at) AS last_check '
+            f'FROM {group.storage_table} s '
+            'LEFT JOIN lc ON lc.file_id = s.file_id AND lc.storage_id = s.storage_id AND lc.type = s.type '
+            f"AND lc.checked_at >= coalesce(s.created_at, '-infinity'){where})")
+
+
+def _coverage_query(group: Group, by: str, selection: str | None, batches: list, has_log: bool) -> str:
+    """SQL: one pass over the group's files and copies, giving a row per key of the dimension
+    and a total row (is_total). `selection` is a batch's SELECT (None: every file of the group);
+    for `by == 'batch'`, `batches` are the batches whose files make the rows."""
+    types = ', '.join(map(str, ORIGINAL_COPY_TYPES))
+    if by == 'batch':
+        keyed_files = ' UNION ALL '.join(f'SELECT {_quote(b.id)} AS key, bf.file_id FROM ({batch_sql(b)}) bf'
+                                         for b in batches)
+        where = f'f.file_id IN (SELECT file_id FROM batch_files)'
+    else:
+        keyed_files = None
+        where = f'f.file_id IN (SELECT file_id FROM ({selection}) sel)' if selection else 'TRUE'
+    per_file = (
+        'per_file AS MATERIALIZED (SELECT f.file_id, f.file_size, f.deployment_id, f.time, coalesce(a.n, 0) AS n, '
+        'coalesce(a.online, false) AS online, coalesce(a.never, false) AS never, a.oldest, '
+        'coalesce(a.damaged, false) AS damaged '
+        f'FROM {group.files_table} f LEFT JOIN (SELECT c.file_id, count(*) FILTER (WHERE c.sound) AS n, '
+        'bool_or(c.sound AND c.s3) AS online, bool_or(c.sound AND c.last_check IS NULL) AS never, '
+        'min(c.last_check) FILTER (WHERE c.sound) AS oldest, bool_or(c.damaged) AS damaged '
+        f'FROM copies c WHERE c.type IN ({types}) GROUP BY c.file_id) a ON a.file_id = f.file_id WHERE {where})')
+    def counts_of(rows: str) -> str:
+        return (f'count(*) FILTER (WHERE {rows}), coalesce(sum(p.file_size) FILTER (WHERE {rows}), 0)::bigint, '
+                + ', '.join(f'count(*) FILTER (WHERE {rows} AND {c})' for c in (
+                    'p.n = 0', 'p.n = 1', 'p.n = 2', 'p.n >= 3', 'p.online', 'p.n > 0 AND NOT p.online')))
+    counts = counts_of('TRUE')
+    per_file_checks = ('count(*) FILTER (WHERE p.never), min(p.oldest), count(*) FILTER (WHERE p.damaged), '
+                       'NULL::bigint, NULL::bigint')
+    month = "to_char(p.time AT TIME ZONE 'UTC', 'YYYY-MM')"
+    nodes = ('FROM per_file p LEFT JOIN deployments d ON d.deployment_id = p.deployment_id '
+             'LEFT JOIN nodes n ON n.node_id = d.node_id')
+    # Where each file is in one row, the total is a grouping set of the same pass; where a file
+    # may be in several (tag, batch, backend), the files are counted once more for it.
+    if by == 'deployment':
+        single = ('p.deployment_id', 'p.deployment_id', 'p.deployment_id::text', 'NULL::text', 'min(n.node_label)',
+                  nodes)
+    elif by == 'deployment_month':
+        single = (f'p.deployment_id, {month}', 'p.deployment_id', 'p.deployment_id::text', month,
+                  'min(n.node_label)', nodes)
+    elif by == 'node':
+        single = ('n.node_label', 'n.node_label', 'n.node_label::text', 'NULL::text', 'min(n.type)', nodes)
+    elif by == 'month':
+        single = (month, month, month, 'NULL::text', 'NULL::text', 'FROM per_file p')
+    elif by == 'tag':
+        keyed = (f'SELECT t.name::text AS key, NULL::text AS key2, NULL::text AS label, {counts}, {per_file_checks} '
+                 'FROM per_file p LEFT JOIN mm_tags_deployments md ON md.deployments_deployment_id = p.deployment_id '
+                 'LEFT JOIN tags t ON t.tag_id = md.tags_tag_id GROUP BY t.name')
+    elif by == 'batch':
+        keyed = (f'SELECT k.key, NULL::text AS key2, NULL::text AS label, {counts}, {per_file_checks} '
+                 'FROM (SELECT DISTINCT key, file_id FROM batch_files) k JOIN per_file p ON p.file_id = k.file_id '
+                 'GROUP BY k.key')
+    elif by != 'backend':
+        raise ConfigError(f"unknown --by '{by}'; use one of: {', '.join(COVERAGE_DIMENSIONS)}")
+    total = f'SELECT NULL::text, NULL::text, NULL::text, {counts}, {per_file_checks} FROM per_file p'
+    # A batch's copies only: the copies of a few files of a large catalog are not all aggregated.
+    if keyed_files:
+        ctes = (f'batch_files AS ({keyed_files}),\n'
+                + _copies_ctes(group, has_log, files='SELECT file_id FROM batch_files'))
+    else:
+        ctes = _copies_ctes(group, has_log, files=f'SELECT file_id FROM ({selection}) sel' if selection else None)
+    if by == 'backend':
+        # Each copy with its file's numbers (window functions over the file's copies), in one pass:
+        # the rows count copies per backend; the total counts each file once (its first row).
+        window = ('count(*) FILTER (WHERE c.sound) OVER w AS n, coalesce(bool_or(c.sound AND c.s3) OVER w, false) '
+                  'AS online, coalesce(bool_or(c.sound AND c.last_check IS NULL) OVER w, false) AS never, '
+                  'min(c.last_check) FILTER (WHERE c.sound) OVER w AS oldest, '
+                  f'coalesce(bool_or(c.damaged AND c.type IN ({types})) OVER w, false) AS file_damaged, '
+                  'row_number() OVER w = 1 AS first')
+        per_copy = (f'per_copy AS (SELECT f.file_id, f.file_size, c.storage_id, c.type, c.sound, c.damaged, '
+                    f'c.last_check, {window} FROM {group.files_table} f LEFT JOIN copies c ON c.file_id = f.file_id '
+                    f'WHERE {where} WINDOW w AS (PARTITION BY f.file_id))')
+        return (f'WITH {ctes},\n{per_copy}\n'
+                'SELECT GROUPING(p.storage_id) = 1 AS is_total, p.storage_id::text AS key, NULL::text AS key2, '
+                f"NULL::text AS label, {counts_of('p.storage_id IS NOT NULL')}, "
+                'count(*) FILTER (WHERE p.sound AND p.last_check IS NULL), min(p.last_check) FILTER (WHERE p.sound), '
+                'count(*) FILTER (WHERE p.damaged), count(*) FILTER (WHERE p.sound), '
+                f"count(*) FILTER (WHERE p.type NOT IN ({types})), {counts_of('p.first')}, "
+                'count(*) FILTER (WHERE p.first AND p.never), min(p.oldest), '
+                'count(*) FILTER (WHERE p.first AND p.file_damaged) '
+                'FROM per_copy p GROUP BY GROUPING SETS ((p.storage_id), ())')
+    if by in ('deployment', 'deployment_month', 'node', 'month'):
+        grouping, first, key, key2, label, source = single
+        return (f"WITH {ctes},\n{per_file.replace('AS MATERIALIZED', 'AS', 1)}\n"
+                f'SELECT GROUPING({first}) = 1 AS is_total, {key} AS key, {key2} AS key2, {label} AS label, '
+                f'{counts}, {per_file_checks} {source} GROUP BY GROUPING SETS (({grouping}), ())')
+    return (f'WITH {ctes},\n{per_file}\n'
+            f'SELECT false AS is_total, * FROM ({keyed}) keyed\nUNION ALL\nSELECT true, * FROM ({total}) total')
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _at_risk_query(group: Group, selection: str | None, below: int, has_log: bool) -> str:
+    """SQL: the files with fewer than `below` sound copies of the original, fewest first, then by
+    name, each with its copies (every version) as JSON, looked up for these files only."""
+    where = f'f.file_id IN (SELECT file_id FROM ({selection}) sel)' if selection else 'TRUE'
+    files = f'SELECT file_id FROM ({selection}) sel' if selection else None
+    return (f'WITH {_copies_ctes(group, has_log, files=files)},\n'
+            'risky AS (SELECT f.file_id, f.object_name, coalesce(a.n, 0) AS n '
+            f'FROM {group.files_table} f LEFT JOIN (SELECT c.file_id, count(*) FILTER (WHERE c.sound) AS n '
+            'FROM copies c GROUP BY c.file_id) a ON a.file_id = f.file_id '
+            f'WHERE {where} AND coalesce(a.n, 0) < {int(below)})\n'
+            'SELECT r.file_id, r.object_name, r.n, w.places FROM risky r CROSS JOIN LATERAL ('
+            "SELECT coalesce(json_agg(json_build_object('storage_id', s.storage_id, 'type', s.type, 'sound', "
+            f"{sound_original_sql('s', 'lcx')}, 'outcome', lcx.outcome, 'last_check', "
+            'coalesce(lcx.checked_at, s.created_at)) ORDER BY b.priority, s.storage_id), \'[]\') AS places '
+            f'FROM {group.storage_table} s JOIN storage_backend b ON b.storage_id = s.storage_id '
+            f"{last_check_join(group, 's', 'lcx', has_log)} WHERE s.file_id = r.file_id) w "
+            'ORDER BY r.n, r.object_name COLLATE "C"')
+
+
+def _coverage_groups(batch_id: str | None, by: str) -> list[tuple[Group, str | None, list]]:
+    """The groups to count, each with its selection (a batch's SELECT, or None for every file)
+    and, for `--by batch`, the batches that make its rows."""
+    if batch_id is not None:
+        batch = find_batch(batch_id)
+        return [(GROUPS[batch.group], batch_sql(batch), [batch])]
+    batches = list(load_batches().values()) if by == 'batch' else []
+    return [(group, None, [b for b in batches if b.group == group.name]) for group in GROUPS.values()]
+
+
+def _sort_key(by: str, key):
+    if key is None:
+        return (1, 0, '')
+    if by in ('deployment', 'backend', 'deployment_month'):
+        with contextlib.suppress(ValueError):
+            return (0, int(key), '')
+    return (0, 0, str(key))
+
+
+def coverage(settings: Settings, batch_id: str | None = None, *, by: str = 'deployment',
+             at_risk_below: int | None = None, conn=None) -> CoverageReport:
+    """Count the files of BATCH (every file of both groups without one) by the number of
+    backends holding a sound copy of their original, grouped `by` a dimension (see
+    COVERAGE_DIMENSIONS; 'deployment_month' too, for the page's chart). With `at_risk_below`,
+    also list the files with fewer sound copies than that, with where their copies are."""
+    if by not in COVERAGE_DIMENSIONS + ('deployment_month',):
+        raise ConfigError(f"unknown --by '{by}'; use one of: {', '.join(COVERAGE_DIMENSIONS)}")
+    if at_risk_below is not None and at_risk_below < 1:
+        raise ConfigError('--at-risk N must be at least 1')
+    groups = _coverage_groups(batch_id, by)
+    own = conn is None
+    conn = conn or connect_catalog(settings)
+    rows, totals, at_risk = [], [], [] if at_risk_below is not None else None
+    try:
+        has_log = has_fixity_log(conn)
+        backends = {b.storage_id: b for b in fetch_backends(conn)}
+        made = dt.datetime.now(dt.timezone.utc)
+        for group, selection, batches in groups:
+            if by == 'batch' and not batches:
+                continue
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(_coverage_query(group, by, selection, batches, has_log))
+                    result = cur.fetchall()
+                    if at_risk_below is not None:
+                        cur.execute(_at_risk_query(group, selection, at_risk_below, has_log))
+                        risky = cur.fetchall()
+                conn.commit()
+            except psycopg2.Error as exc:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.rollback()
+                if catalog_outage(exc) or batch_id is None and by != 'batch':
+                    raise
+                named = ', '.join(f"'{b.id}'" for b in batches)
+                raise ConfigError(f'batch {named} (batches.py) cannot be selected: {pg_error_line(exc)}') from None
+            group_rows = []
+            for record in result:
+                is_total, key, key2, label = record[:4]
+                values = record[4:17]
+                if by == 'backend':
+                    if is_total:
+                        values = record[17:28] + (None, None)     # each file once
+                    elif key is None:
+                        continue                                  # files on no backend
+                files, size, c0, c1, c2, c3, online, offline, never, oldest, damaged, originals, versions = values
+                if by == 'backend' and key is not None and not is_total:
+                    backend = backends.get(int(key))
+                    label = backend.notes if backend else None
+                    key = int(key)
+                elif by in ('deployment', 'deployment_month') and key is not None:
+                    key = int(key)
+                row = CoverageRow(group.name, key, label, files, int(size), dict(zip(COPY_BUCKETS, (c0, c1, c2, c3))),
+                                  online, offline, never, oldest, damaged, originals, versions, key2)
+                if is_total:
+                    row.key, row.label = None, 'all'
+                    totals.append(row)
+                else:
+                    group_rows.append(row)
+            group_rows.sort(key=lambda r: (_sort_key(by, r.key), r.key2 or ''))
+            rows += group_rows
+            if at_risk is not None:
+                for file_id, object_name, n, copies in risky:
+                    at_risk.append(AtRiskFile(group.name, file_id, object_name, n,
+                                              [_copy_place(group.name, object_name, c, backends) for c in copies]))
+    finally:
+        if own:
+            conn.close()
+    return CoverageReport(by, batch_id, rows, totals, at_risk, at_risk_below, has_log, made)
+
+
+def _copy_place(group: str, object_name: str, copy: dict, backends: dict) -> dict:
+    """Where one copy of an at-risk file is: backend, its label and tier, the version, and
+    whether it counts (rule 8)."""
+    backend = backends.get(copy['storage_id'])
+    version = VERSIONS.get((group, copy['type']))
+    return {'storage_id': copy['storage_id'], 'label': backend.notes if backend else None,
+            'backend_type': backend.type if backend else None, 'priority': backend.priority if backend else None,
+            'type': copy['type'], 'version': version.label if version else 'unknown', 'sound': copy['sound'],
+            'outcome': copy['outcome'], 'last_check': copy['last_check']}   # ISO text, as json_agg gives it
+
+
+@dataclasses.dataclass
+class DueBackend:
+    """A backend with copies due a check: not checked (nor written) within `every_days`."""
+    storage_id: int
+    type: str
+    label: str | None
+    priority: int
+    copies: int
+    due: int
+    never_checked: int
+    oldest_check: dt.datetime | None
+
+    def as_dict(self) -> dict:
+        entry = dataclasses.asdict(self)
+        entry['oldest_check'] = self.oldest_check.isoformat() if self.oldest_check else None
+        return entry
+
+
+def copies_due(settings: Settings, every_days: float = DUE_EVERY_DAYS, *, conn=None) -> list[DueBackend]:
+    """Per backend, its copies and how many are due a check (last checked, or written, longer
+    ago than `every_days`, or never): one aggregate query per group."""
+    own = conn is None
+    conn = conn or connect_catalog(settings)
+    found: dict[int, list] = {}
+    try:
+        has_log = has_fixity_log(conn)
+        backends = {b.storage_id: b for b in fetch_backends(conn)}
+        for group in GROUPS.values():
+            with conn.cursor() as cur:
+                cur.execute(f'WITH {_copies_ctes(group, has_log)} SELECT c.storage_id, count(*), '
+                            'count(*) FILTER (WHERE c.last_check IS NULL OR c.last_check < now() - '
+                            "interval '1 day' * %s), count(*) FILTER (WHERE c.last_check IS NULL), min(c.last_check) "
+                            'FROM copies c GROUP BY c.storage_id', (float(every_days),))
+                for storage_id, copies, due, never, oldest in cur.fetchall():
+                    entry = found.setdefault(storage_id, [0, 0, 0, None])
+                    entry[0] += copies
+                    entry[1] += due
+                    entry[2] += never
+                    entry[3] = oldest if entry[3] is None else min(entry[3], oldest) if oldest else entry[3]
+            conn.commit()
+    finally:
+        if own:
+            conn.close()
+    due = []
+    for storage_id, (copies, n_due, never, oldest) in sorted(found.items()):
+        backend = backends.get(storage_id)
+        if backend is None or not n_due:
+            continue
+        due.append(DueBackend(storage_id, backend.type, backend.notes, backend.priority, copies, n_due, never, oldest))
+    return due
+
+
+# --- whereis -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Whereabouts:
+    """Every copy of one file: which backend, which version, where, whether it is online now,
+    when it was last checked and how that went; and, for an original offline only, the disks
+    to mount."""
+    group: str
+    file: dict
+    copies: list
+
+    def as_dict(self) -> dict:
+        """What `whereis --json` prints and the service's GET /KIND/ID answers."""
+        return {'file': self.file, 'copies': self.copies}
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if isinstance(value, (dt.datetime, dt.date)) else value
+
+
+def where_is(settings: Settings, group: str, file: str | int, *, conn=None) -> Whereabouts:
+    """Every copy of one file, found by its file_id or its object_name. NotFound('file') when
+    the catalog does not know it. Disks are online when their dot-file is found at their path or
+    under the mount roots (as `info` finds them); S3 tiers are online when configured."""
+    group_ = find_group(group)
+    own = conn is None
+    conn = conn or connect_catalog(settings)
+    try:
+        has_log = has_fixity_log(conn)
+        columns = 'f.file_id, f.object_name, f.file_size, f.sha256, f.time, f.deployment_id, n.node_label'
+        head = (f'SELECT {columns} FROM {group_.files_table} f LEFT JOIN deployments d ON d.deployment_id = '
+                'f.deployment_id LEFT JOIN nodes n ON n.node_id = d.node_id WHERE ')
+        with conn.cursor() as cur:
+            row = None
+            text = str(file).strip()
+            if text.isdigit() and int(text) < 2 ** 31:
+                cur.execute(head + 'f.file_id = %s', (int(text),))
+                row = cur.fetchone()
+            if row is None:
+                cur.execute(head + 'f.object_name = %s', (text,))
+                row = cur.fetchone()
+            if row is None:
+                conn.commit()
+                raise NotFound(f"no {group_.name} file with id or object name '{text}' in the catalog", 'file')
+            file_id, object_name, file_size, sha256, taken, deployment_id, node_label = row
+            cur.execute(f'WITH {_copies_ctes(group_, has_log, file_id)} SELECT c.storage_id, c.type, c.last_check, '
+                        'c.outcome, c.event, c.sound FROM copies c')
+            held = cur.fetchall()
+        conn.commit()
+        backends = {b.storage_id: b for b in fetch_backends(conn)}
+    finally:
+        if own:
+            conn.close()
+    copies = []
+    for storage_id, version_type, last_checked, outcome, check_event, sound in held:
+        backend = backends[storage_id]
+        version = VERSIONS.get((group_.name, version_type))
+        stored_name = version.object_name(object_name) if version else object_name
+        if backend.type == 'local':
+            mounted_at = disk_whereabouts(backend)
+            online = mounted_at is not None
+            root = mounted_at or Path(backend.url_prefix)
+            location = str(root / 'archive' / stored_name)
+        else:
+            mounted_at, online = None, True
+            location = f'{backend.url_prefix.rstrip("/")}/{stored_name}'
+        # A copy without a check since it was written was checked when it was written.
+        last_check = None if last_checked is None else {
+            'checked_at': last_checked.isoformat(), 'outcome': outcome or 'ok', 'event': check_event or 'written'}
+        copies.append({'storage_id': storage_id, 'type': version_type,
+                       'version': version.label if version else 'unknown', 'backend_type': backend.type,
+                       'priority': backend.priority, 'tier': PRIORITY_TIERS.get(backend.priority, 'other'),
+                       'url_prefix': backend.url_prefix, 'location': location, 'label': backend.notes,
+                       'online': online, 'mounted_at': str(mounted_at) if mounted_at else None,
+                       'original': version_type in ORIGINAL_COPY_TYPES, 'sound': bool(sound),
+                       'last_check': last_check})
+    copies.sort(key=lambda c: (c['priority'], c['storage_id']))
+    sound_copies = [c for c in copies if c['sound']]
+    online_original = any(c['online'] for c in sound_copies)
+    offline_only = bool(sound_copies) and not any(c['backend_type'] == 's3' for c in sound_copies)
+    to_mount = ([{'storage_id': c['storage_id'], 'label': c['label'], 'url_prefix': c['url_prefix']}
+                 for c in sound_copies] if offline_only and not online_original else [])
+    summary = {'group': group_.name, 'file_id': file_id, 'object_name': object_name, 'file_size': int(file_size or 0),
+               'sha256': (sha256 or '').strip().lower(), 'time': _iso(taken), 'deployment_id': deployment_id,
+               'node_label': node_label, 'sound_copies': len(sound_copies), 'online_original': online_original,
+               'offline_only': offline_only, 'disks_to_mount': to_mount}
+    return Whereabouts(group_.name, summary, copies)
+
+
 # --- report ------------------------------------------------------------------------------------------------
 
 REPORT_FILES = ('manifest-sha256.txt', 'REPORT.md', 'archive_index.db')
@@ -6786,6 +7259,426 @@ def print_disk_report(result: DiskReport) -> None:
           f'without the database: cd {result.root} && sha256sum -c manifest-sha256.txt')
 
 
+COVERAGE_KEY_HEADINGS = {'batch': 'BATCH', 'deployment': 'DEPLOYMENT', 'node': 'NODE', 'tag': 'TAG', 'month': 'MONTH',
+                         'backend': 'BACKEND'}
+
+
+def _day(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.timezone.utc).strftime('%Y-%m-%d') if value else '–'
+
+
+def coverage_key_text(row: CoverageRow) -> str:
+    if row.key is None:
+        return 'all' if row.label == 'all' else '(none)'
+    return f'{row.key} {row.label}' if row.label else str(row.key)
+
+
+def copies_text(copies: int) -> str:
+    return f"{copies} sound cop{'y' if copies == 1 else 'ies'}"
+
+
+def where_text(place: dict) -> str:
+    """One copy of an at-risk file: `backend 3 "Archive 07" (original, corrupt)`."""
+    label = f' "{place["label"]}"' if place['label'] else ''
+    state = ''
+    if place['type'] in ORIGINAL_COPY_TYPES:
+        state = ', sound' if place['sound'] else f", {place['outcome']}"
+    return f"backend {place['storage_id']}{label} ({place['version']}{state})"
+
+
+def print_coverage(report: CoverageReport) -> None:
+    what = f"batch '{report.batch}'" if report.batch else 'every file of both groups'
+    print(f'coverage of {what}, by {report.by}: files counted by the backends that hold a sound copy of their '
+          'original (the original or its gzip, not found missing or corrupt by its last check)')
+    header = ('GROUP', COVERAGE_KEY_HEADINGS[report.by], 'FILES', 'BYTES', '0', '1', '2', '3+', 'ONLINE',
+              'OFFLINE ONLY', 'NEVER CHECKED', 'DAMAGED', 'OLDEST CHECK')
+    lines = [header]
+    overlapping = report.by in ('batch', 'tag', 'backend')
+    for group in GROUPS:
+        group_rows = [r for r in report.rows if r.group == group]
+        totals = [r for r in report.totals if r.group == group]
+        for row in group_rows + ([] if (overlapping and group_rows) else totals):
+            lines.append((row.group, coverage_key_text(row), f'{row.files:,}', human_bytes(row.bytes),
+                          *(f'{row.copies[k]:,}' for k in COPY_BUCKETS), f'{row.online:,}', f'{row.offline_only:,}',
+                          f'{row.never_checked:,}', f'{row.damaged:,}', _day(row.oldest_check)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    right = set(range(2, len(header) - 1))
+    for line in lines:
+        print('  '.join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+              .rstrip())
+    if overlapping:
+        print(f'  (a file counts in the row of each {report.by} it belongs to' +
+              ('; NEVER CHECKED, DAMAGED and OLDEST CHECK speak of the copies on that backend)'
+               if report.by == 'backend' else ')'))
+    if not report.has_log:
+        print('  (no fixity log in this catalog: a copy counts as checked when it was written; `init-db` creates '
+              'the log)')
+    for total in report.totals:
+        zero, one = total.copies['0'], total.copies['1']
+        if zero:
+            print(f'{total.group}: {zero:,} of {total.files:,} files have NO sound copy of their original')
+        elif total.files:
+            print(f'{total.group}: all {total.files:,} files have a sound copy of their original'
+                  + (f'; {one:,} of them only one' if one else ''))
+    if report.at_risk is not None:
+        below = report.at_risk_below
+        if not report.at_risk:
+            print(f'at risk: none; every file has at least {copies_text(below)}')
+        else:
+            print(f'at risk: {len(report.at_risk):,} files with fewer than {copies_text(below)} of the original:')
+            for entry in report.at_risk:
+                where = '; '.join(where_text(place) for place in entry.where) or 'no copy recorded anywhere'
+                print(f'  {entry.group} {entry.file_id} {entry.object_name}: {copies_text(entry.copies)}; {where}')
+
+
+def print_whereis(found: Whereabouts) -> None:
+    f = found.file
+    print(f"{f['group']} {f['file_id']} {f['object_name']}: {human_bytes(f['file_size'])}, sha256 {f['sha256']}")
+    print(f"  taken {f['time'] or '?'} by node {f['node_label'] or '?'} (deployment {f['deployment_id']})")
+    if not found.copies:
+        print('  no backend records a copy of it')
+    rows = [('ID', 'VERSION', 'TIER', 'ONLINE', 'LAST CHECK', 'LABEL', 'WHERE')]
+    for c in found.copies:
+        check = c['last_check']
+        check_text = (f"{check['checked_at'][:19].replace('T', ' ')} {check['outcome']} ({check['event']})"
+                      if check else 'never')
+        online = ('yes' if c['online'] else 'no') + ('' if c['sound'] or not c['original'] else ', DAMAGED')
+        rows.append((str(c['storage_id']), f"{c['type']} {c['version']}", f"{c['priority']} {c['tier']}", online,
+                     check_text, c['label'] or '', c['location']))
+    if found.copies:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            print('  ' + '  '.join(cell.ljust(w) for cell, w in zip(row, widths)) + '  ' + row[-1])
+    print(f"  {copies_text(f['sound_copies'])} of the original"
+          + ('; online now' if f['online_original'] else '; none online now' if f['sound_copies'] else ''))
+    if f['disks_to_mount']:
+        print('  the original is offline only: mount ' + ' or '.join(
+            f"disk {d['storage_id']} \"{d['label'] or ''}\" (recorded at {d['url_prefix']})"
+            for d in f['disks_to_mount']))
+
+
+# --- the coverage page (coverage --html) -------------------------------------------------------------------
+#
+# One self-contained HTML file: inline CSS and SVG drawn from the small templates below, no script,
+# no outside asset, so that it opens from a USB stick on any machine. No chart library: the three
+# charts are rectangles and text, which a template draws in a few lines and a library would add a
+# dependency (and, for the JavaScript ones, a script) for.
+
+COPY_COLOURS = {'0': '#c62828', '1': '#ef8a17', '2': '#8bc34a', '3+': '#2e7d32'}
+COPY_WORDS = {'0': 'no sound copy', '1': 'one copy only', '2': 'two copies', '3+': 'three or more'}
+
+PAGE_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d2733;background:#f4f6f8}
+header{background:#1f3a4d;color:#fff;padding:20px 32px}header h1{margin:0;font-size:24px}
+header p{margin:4px 0 0;color:#c9d6df}main{padding:8px 32px 40px;max-width:1400px}
+section{overflow-x:auto;background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.12);padding:16px 20px;
+margin:16px 0}
+h2{font-size:18px;margin:0 0 4px}p.note{color:#5b6b79;margin:2px 0 12px}
+.cards{display:flex;flex-wrap:wrap;gap:10px}.card{flex:1 1 120px;box-sizing:border-box;border-radius:6px;padding:8px 12px;
+background:#f4f6f8;border-left:6px solid #90a4ae}.card b{display:block;font-size:22px;white-space:nowrap}
+.card span{color:#5b6b79}
+table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e3e8ec;text-align:right;
+white-space:nowrap}th{background:#eef2f5;position:sticky;top:0}td.k,th.k{text-align:left}
+tr.total td{font-weight:bold;border-top:2px solid #90a4ae}.bad{color:#c62828;font-weight:bold}
+.warn{color:#b25e00;font-weight:bold}.legend span{display:inline-block;margin-right:16px}
+.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px;border-radius:2px}
+.ok{color:#2e7d32;font-weight:bold}svg text{font:11px system-ui,sans-serif;fill:#1d2733}
+"""
+
+
+def _e(value) -> str:
+    import html
+    return html.escape('' if value is None else str(value), quote=True)
+
+
+def _legend() -> str:
+    return '<p class="legend">' + ''.join(f'<span><i style="background:{COPY_COLOURS[k]}"></i>{COPY_WORDS[k]}</span>'
+                                          for k in COPY_BUCKETS) + '</p>'
+
+
+def _group_cards(total: CoverageRow) -> str:
+    cards = [(f'{total.files:,}', f'{total.group} files, {human_bytes(total.bytes)}', '#1f3a4d')]
+    cards += [(f'{total.copies[k]:,}', COPY_WORDS[k], COPY_COLOURS[k]) for k in COPY_BUCKETS]
+    cards += [(f'{total.online:,}', 'original online (S3)', '#90a4ae'),
+              (f'{total.offline_only:,}', 'original on disks only', '#90a4ae'),
+              (f'{total.never_checked:,}', 'never checked', '#90a4ae'),
+              (_day(total.oldest_check), 'oldest last check', '#90a4ae')]
+    return '<div class="cards">' + ''.join(
+        f'<div class="card" style="border-left-color:{colour}"><b data-group="{_e(total.group)}" data-key="all" '
+        f'data-card="{_e(text)}">{_e(value)}</b><span>{_e(text)}</span></div>' for value, text, colour in cards) + '</div>'
+
+
+def _share_bar(row: CoverageRow, width: int = 1000, height: int = 26) -> str:
+    """One stacked bar: the row's files by copies, left to right from 0 to 3+."""
+    parts, x = [], 0.0
+    for k in COPY_BUCKETS:
+        n = row.copies[k]
+        if not n:
+            continue
+        w = width * n / max(row.files, 1)
+        parts.append(f'<rect x="{x:.1f}" y="0" width="{w:.1f}" height="{height}" fill="{COPY_COLOURS[k]}">'
+                     f'<title>{n:,} files: {COPY_WORDS[k]}</title></rect>')
+        if w > 60:
+            parts.append(f'<text x="{x + 6:.1f}" y="{height / 2 + 4}" style="fill:#fff">{n:,} · {COPY_WORDS[k]}</text>')
+        x += w
+    return (f'<svg width="100%" viewBox="0 0 {width} {height}" preserveAspectRatio="none" role="img">'
+            + ''.join(parts) + '</svg>')
+
+
+def _months_between(first: str, last: str) -> list[str]:
+    year, month = map(int, first.split('-'))
+    months = []
+    while f'{year:04d}-{month:02d}' <= last:
+        months.append(f'{year:04d}-{month:02d}')
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return months
+
+
+def _heatmap(grid: CoverageReport, limit: int = 200) -> str:
+    """Deployments (rows) by months (columns), each cell its files by copies, stacked: the holes
+    of single copies show as orange and red; the deployments with the most holes come first."""
+    cells = {}
+    labels = {}
+    for row in grid.rows:
+        if row.key2 is None:
+            continue
+        key = (row.group, row.key)
+        labels[key] = row.label
+        cells.setdefault(key, {})[row.key2] = row
+    if not cells:
+        return '<p class="note">No files.</p>'
+    all_months = sorted({m for months in cells.values() for m in months})
+    months = _months_between(all_months[0], all_months[-1]) if len(all_months) < 600 else all_months
+
+    groups = list(GROUPS)
+
+    def worst(key) -> tuple:
+        counts = collections_sum(cells[key].values())
+        return (groups.index(key[0]), -counts['0'], -counts['1'], key[1] if key[1] is not None else -1)
+    ordered = sorted(cells, key=worst)
+    shown, hidden = ordered[:limit], ordered[limit:]
+    cell_w = max(9, min(44, 900 // max(len(months), 1)))
+    cell_h, left, top = 20, 190, 46
+    width = left + cell_w * len(months) + 330
+    height = top + cell_h * len(shown) + 6
+    parts = []
+    for i, month in enumerate(months):
+        x = left + i * cell_w
+        if month.endswith('-01') or (i == 0 and month < f'{month[:4]}-11'):
+            parts.append(f'<text x="{x}" y="{top - 24}" style="font-weight:bold">{month[:4]}</text>')
+        if cell_w >= 18 or month[5:] in ('01', '04', '07', '10'):
+            parts.append(f'<text x="{x + 2}" y="{top - 8}">{month[5:]}</text>')
+    for j, key in enumerate(shown):
+        y = top + j * cell_h
+        group, deployment = key
+        name = f'{group} {deployment if deployment is not None else "?"} {labels[key] or ""}'.strip()
+        parts.append(f'<text x="0" y="{y + 14}">{_e(name[:30])}</text>')
+        counts = collections_sum(cells[key].values())
+        files = sum(counts.values())
+        risky = ', '.join(f'{counts[k]:,} {COPY_WORDS[k]}' for k in ('0', '1') if counts[k])
+        parts.append(f'<text x="{left + cell_w * len(months) + 8}" y="{y + 14}">{files:,} files'
+                     + (f' · <tspan style="fill:#c62828">{risky}</tspan>' if risky else '') + '</text>')
+        for i, month in enumerate(months):
+            row = cells[key].get(month)
+            if row is None:
+                continue
+            tip = (f'{name}, {month}: {row.files:,} files; ' +
+                   ', '.join(f'{row.copies[k]:,} {COPY_WORDS[k]}' for k in COPY_BUCKETS if row.copies[k]))
+            # the cell's files by copies, stacked from none (top) to three or more: a hole of a
+            # single file keeps at least two pixels, so that it shows
+            tall = cell_h - 1
+            sizes = {k: tall * row.copies[k] / max(row.files, 1) for k in COPY_BUCKETS}
+            for k in ('0', '1'):
+                if row.copies[k]:
+                    sizes[k] = max(sizes[k], 2.0)
+            rest = tall - sizes['0'] - sizes['1']
+            safe = sizes['2'] + sizes['3+']
+            for k in ('2', '3+'):
+                sizes[k] = sizes[k] * rest / safe if safe else 0.0
+            stack, top_y = [], float(y)
+            for k in COPY_BUCKETS:
+                if row.copies[k] and sizes[k] > 0:
+                    stack.append(f'<rect x="{left + i * cell_w}" y="{top_y:.1f}" width="{cell_w - 1}" '
+                                 f'height="{sizes[k]:.1f}" fill="{COPY_COLOURS[k]}"/>')
+                    top_y += sizes[k]
+            parts.append(f'<g><title>{_e(tip)}</title>{"".join(stack)}</g>')
+    note = (f'<p class="note">{len(hidden):,} more deployments not drawn (those with the most copies).</p>'
+            if hidden else '')
+    return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+            + ''.join(parts) + '</svg>' + note)
+
+
+def collections_sum(rows) -> dict:
+    total = dict.fromkeys(COPY_BUCKETS, 0)
+    for row in rows:
+        for k in COPY_BUCKETS:
+            total[k] += row.copies[k]
+    return total
+
+
+def _tier_chart(tiers: CoverageReport, backends: dict) -> str:
+    """Per tier, per backend: the sound originals it holds, its other versions, its damaged copies."""
+    per_backend: dict[int, dict] = {}
+    for row in tiers.rows:
+        entry = per_backend.setdefault(row.key, {'originals': 0, 'versions': 0, 'damaged': 0})
+        for field in entry:
+            entry[field] += getattr(row, field) or 0
+    if not per_backend:
+        return '<p class="note">No copies recorded.</p>'
+    scale = max(sum(e.values()) for e in per_backend.values()) or 1
+    colours = {'originals': '#2e7d32', 'versions': '#64b5f6', 'damaged': '#c62828'}
+    words = {'originals': 'sound originals', 'versions': 'other versions', 'damaged': 'damaged'}
+    parts, y, left, bar_w = [], 0, 300, 640
+    for priority in sorted({backends[k].priority for k in per_backend if k in backends}):
+        parts.append(f'<text x="0" y="{y + 14}" style="font-weight:bold">tier {priority}: '
+                     f'{_e(PRIORITY_TIERS.get(priority, "other"))}</text>')
+        y += 22
+        for storage_id in sorted(k for k in per_backend if k in backends and backends[k].priority == priority):
+            entry, backend = per_backend[storage_id], backends[storage_id]
+            parts.append(f'<text x="12" y="{y + 13}">{storage_id} {_e((backend.notes or backend.url_prefix)[:40])}'
+                         '</text>')
+            x = float(left)
+            for field in ('originals', 'versions', 'damaged'):
+                if entry[field]:
+                    w = bar_w * entry[field] / scale
+                    parts.append(f'<rect x="{x:.1f}" y="{y}" width="{max(w, 1.5):.1f}" height="18" '
+                                 f'fill="{colours[field]}"><title>{entry[field]:,} {words[field]}</title></rect>')
+                    x += w
+            text = ', '.join(f'{entry[f]:,} {words[f]}' for f in ('originals', 'versions', 'damaged') if entry[f])
+            parts.append(f'<text x="{x + 6:.1f}" y="{y + 13}">{_e(text)}</text>')
+            y += 24
+        y += 6
+    width = left + bar_w + 260
+    legend = '<p class="legend">' + ''.join(f'<span><i style="background:{colours[f]}"></i>{words[f]}</span>'
+                                            for f in colours) + '</p>'
+    return legend + f'<svg width="{width}" height="{y}" viewBox="0 0 {width} {y}" role="img">' + ''.join(parts) + '</svg>'
+
+
+def _coverage_table(report: CoverageReport) -> str:
+    fields = ('files', 'bytes', *COPY_BUCKETS, 'online', 'offline_only', 'never_checked', 'damaged', 'oldest_check')
+    heads = ('files', 'bytes', '0 copies', '1', '2', '3+', 'online', 'offline only', 'never checked', 'damaged',
+             'oldest check')
+    lines = ['<table><thead><tr><th class="k">group</th><th class="k">' + _e(report.by) + '</th>'
+             + ''.join(f'<th>{_e(h)}</th>' for h in heads) + '</tr></thead><tbody>']
+    overlapping = report.by in ('batch', 'tag', 'backend')
+    for group in GROUPS:
+        rows = [r for r in report.rows if r.group == group]
+        totals = [] if overlapping and rows else [r for r in report.totals if r.group == group]
+        for row in rows + totals:
+            is_total = any(row is t for t in totals)
+            key = 'all' if is_total else ('' if row.key is None else row.key)
+            cells = []
+            for field in fields:
+                if field in COPY_BUCKETS:
+                    value, shown = row.copies[field], f'{row.copies[field]:,}'
+                    css = ' class="bad"' if field == '0' and value else ' class="warn"' if field == '1' and value else ''
+                elif field == 'bytes':
+                    value, shown, css = row.bytes, human_bytes(row.bytes), ''
+                elif field == 'oldest_check':
+                    value = row.oldest_check.isoformat() if row.oldest_check else ''
+                    shown, css = _day(row.oldest_check), ''
+                else:
+                    value = getattr(row, field)
+                    shown, css = f'{value:,}', ''
+                cells.append(f'<td data-field="{field}" data-value="{_e(value)}"{css}>{_e(shown)}</td>')
+            label = coverage_key_text(row)
+            lines.append(f'<tr class="{"total" if is_total else "row"}" data-group="{_e(row.group)}" '
+                         f'data-key="{_e(key)}"><td class="k">{_e(row.group)}</td><td class="k">{_e(label)}</td>'
+                         + ''.join(cells) + '</tr>')
+    lines.append('</tbody></table>')
+    return '\n'.join(lines)
+
+
+def _due_table(due: list, every_days: int) -> str:
+    if not due:
+        return f'<p class="ok">Every copy was checked (or written) within the last {every_days} days.</p>'
+    lines = ['<table><thead><tr><th class="k">backend</th><th class="k">label</th><th class="k">type</th>'
+             '<th>copies</th><th>due</th><th>never checked</th><th>oldest last check</th><th class="k">share due</th>'
+             '</tr></thead><tbody>']
+    for d in due:
+        share = d.due / max(d.copies, 1)
+        bar = (f'<svg width="160" height="12" role="img"><rect width="160" height="12" fill="#e3e8ec"/>'
+               f'<rect width="{160 * share:.1f}" height="12" fill="#ef8a17"/></svg> {share:.0%}')
+        lines.append(f'<tr class="due" data-storage-id="{d.storage_id}"><td class="k">{d.storage_id}</td>'
+                     f'<td class="k">{_e(d.label)}</td><td class="k">{_e(d.type)} (tier {d.priority})</td>'
+                     f'<td data-field="copies">{d.copies:,}</td><td data-field="due">{d.due:,}</td>'
+                     f'<td data-field="never_checked">{d.never_checked:,}</td>'
+                     f'<td data-field="oldest_check">{_day(d.oldest_check)}</td><td class="k">{bar}</td></tr>')
+    lines.append('</tbody></table>')
+    return '\n'.join(lines)
+
+
+def _at_risk_list(report: CoverageReport, limit: int = 500) -> str:
+    if report.at_risk is None:
+        return ''
+    if not report.at_risk:
+        return (f'<section><h2>At risk</h2><p class="ok">No file has fewer than {copies_text(report.at_risk_below)} '
+                'of its original.</p></section>')
+    items = ''.join(f'<li><code>{_e(a.group)} {a.file_id} {_e(a.object_name)}</code>: {copies_text(a.copies)}; '
+                    f'{_e("; ".join(where_text(p) for p in a.where) or "no copy recorded anywhere")}</li>'
+                    for a in report.at_risk[:limit])
+    more = f'<p class="note">… and {len(report.at_risk) - limit:,} more (see `coverage --at-risk`).</p>' \
+        if len(report.at_risk) > limit else ''
+    return (f'<section><h2>At risk: {len(report.at_risk):,} files with fewer than '
+            f'{copies_text(report.at_risk_below)}</h2><ul>{items}</ul>{more}</section>')
+
+
+def coverage_page(settings: Settings, report: CoverageReport, grid: CoverageReport, tiers: CoverageReport,
+                  due: list, backends: dict, every_days: int = DUE_EVERY_DAYS) -> str:
+    """The page `coverage --html` writes, from what the engine counted."""
+    what = f"batch {report.batch}" if report.batch else 'every file of both groups'
+    made = report.made.astimezone(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+    summary = []
+    for total in report.totals:
+        verdict = (f'<p class="bad">{total.copies["0"]:,} {total.group} files have no sound copy of their original.</p>'
+                   if total.copies['0'] else
+                   f'<p class="warn">{total.copies["1"]:,} {total.group} files have one sound copy only.</p>'
+                   if total.copies['1'] else
+                   f'<p class="ok">Every {total.group} file has at least two sound copies.</p>' if total.files else '')
+        summary.append(f'<h2>{_e(total.group)}</h2>{verdict}{_group_cards(total)}'
+                       f'<div style="margin:10px 0 18px">{_share_bar(total)}</div>')
+    log_note = '' if report.has_log else (
+        '<p class="warn">This catalog has no fixity log: a copy counts as checked when it was written, and damage '
+        'found by earlier checks is not known. `init-db` creates the log.</p>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Mitwelten storage: is every original safe? ({_e(made)})</title><style>{PAGE_STYLE}</style></head>
+<body><header><h1>Is every original safe?</h1>
+<p>Mitwelten storage coverage of {_e(what)}, catalog schema <code>{_e(settings.schema)}</code>, made {_e(made)}
+by mitwelten-storage {_e(__version__)}.</p></header><main>
+<section>{log_note}<p class="note">A file's copies are the backends holding a sound copy of its original: the
+original or its gzip, not found missing or corrupt by its last check.</p>{_legend()}{''.join(summary)}</section>
+<section><h2>Copies per deployment and month</h2><p class="note">Each cell is one deployment in one month: its files
+by their sound copies, none (red) at the top to three or more at the bottom; orange and red are the holes, and the
+deployments with the most of them come first. Point at a cell for its numbers.</p>
+{_legend()}{_heatmap(grid)}</section>
+<section><h2>Copies per tier</h2><p class="note">What each backend holds, by tier.</p>
+{_tier_chart(tiers, backends)}</section>
+<section><h2>Due a check</h2><p class="note">Backends with copies last checked (or written) more than {every_days}
+days ago, or never: scrub them with <code>verify STORAGE</code>.</p>{_due_table(due, every_days)}</section>
+<section><h2>By {_e(report.by)}</h2>{_coverage_table(report)}</section>
+{_at_risk_list(report)}
+</main></body></html>
+"""
+
+
+def write_coverage_page(settings: Settings, report: CoverageReport, page: Path) -> None:
+    """coverage --html: the page, from the report and three more counts (deployment by month,
+    per backend, due a check), written atomically."""
+    conn = connect_catalog(settings)
+    try:
+        grid = coverage(settings, report.batch, by='deployment_month', conn=conn)
+        tiers = report if report.by == 'backend' else coverage(settings, report.batch, by='backend', conn=conn)
+        due = copies_due(settings, conn=conn)
+        backends = {b.storage_id: b for b in fetch_backends(conn)}
+    finally:
+        conn.close()
+    try:
+        write_text_file(page, coverage_page(settings, report, grid, tiers, due, backends))
+    except OSError as exc:
+        raise ConfigError(f'--html {page}: cannot write it: {exc.strerror or exc}') from None
+
+
 class TqdmProgress(Progress):
     """The progress bar (bytes, files, rate, time left) on stderr, on a terminal only."""
 
@@ -6836,6 +7729,8 @@ examples:
   mitwelten_storage.py archive -s 1 -t 3 fs1_images --replace-with 1 --via https://storage.mitwelten.org
   mitwelten_storage.py verify 3 --fix
   mitwelten_storage.py report 3
+  mitwelten_storage.py coverage --at-risk                          # exit 1 when a file has < 2 sound copies
+  mitwelten_storage.py whereis image 1234
 
 database: --db DSN, else $MITWELTEN_DB, else libpq's defaults (PGHOST, PGUSER, ~/.pgpass, …);
 schema: --schema, else $MITWELTEN_DB_SCHEMA, else 'prod'. S3 credentials come from boto3's
@@ -7053,6 +7948,33 @@ def build_parser() -> ArgumentParser:
         examples='example:\n  report 3\n  cd /media/archive07 && sha256sum -c manifest-sha256.txt')
     report.add_argument('storage', type=int, metavar='STORAGE', help='storage id of a local disk')
     report.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
+
+    coverage_ = command(
+        'coverage', cmd_coverage, 'is every original safe? files counted by their sound copies',
+        description='Counts the files of BATCH (every file of both groups without one), grouped --by a dimension, '
+                    'by the number of backends that hold a sound copy of their original: the original or its gzip, '
+                    'not found missing or corrupt by its last check. Exit 0; with --at-risk, exit 1 when some file '
+                    'has fewer than N sound copies (for cron).',
+        examples='examples:\n  coverage\n  coverage --by month --at-risk\n  coverage fs1_images --by node --at-risk 3\n'
+                 '  coverage --by backend --json\n  coverage --html /media/archive07/coverage.html')
+    coverage_.add_argument('batch', nargs='?', help='only the files of this batch')
+    coverage_.add_argument('--by', choices=COVERAGE_DIMENSIONS, default='deployment',
+                           help='the rows: one per batch, deployment (default), node, tag, month or backend')
+    coverage_.add_argument('--at-risk', type=positive_int, nargs='?', const=DEFAULT_AT_RISK, metavar='N',
+                           help=f'list the files with fewer than N sound copies (default {DEFAULT_AT_RISK}), and where '
+                                'their copies are; exit 1 when there are any')
+    coverage_.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    coverage_.add_argument('--html', metavar='FILE', help='also write one self-contained HTML page: the table and '
+                                                          'charts (copies per deployment and month, per tier, disks '
+                                                          'due a check)')
+
+    whereis = command(
+        'whereis', cmd_whereis, 'every copy of one file: where, which version, online now, last checked',
+        examples='examples:\n  whereis image 1234\n'
+                 '  whereis audio 4258-6870/2021-07-27/05/4258-6870_2021-07-27T05-00-00Z.wav')
+    whereis.add_argument('group', choices=tuple(GROUPS), help='image or audio (their file ids overlap)')
+    whereis.add_argument('file', metavar='FILE_ID|OBJECT_NAME', help="the file's id or its object name")
+    whereis.add_argument('--json', action='store_true', help='print JSON instead of text')
     return parser
 
 
@@ -7212,6 +8134,31 @@ def exit_status_of(command: Callable[[], int]) -> int:
             botocore.exceptions.ClientError, OSError) as exc:
         print(f'error: {describe_exception(exc)}', file=sys.stderr)
         return EXIT_FAILURES
+
+
+def cmd_whereis(args, settings: Settings) -> int:
+    try:
+        found = where_is(settings, args.group, args.file)
+    except NotFound as exc:
+        raise ConfigError(str(exc)) from None
+    print(json.dumps(found.as_dict(), indent=2)) if args.json else print_whereis(found)
+    return EXIT_OK
+
+
+def cmd_coverage(args, settings: Settings) -> int:
+    page = Path(args.html).expanduser() if args.html else None
+    if page is not None and not page.parent.is_dir():
+        raise ConfigError(f'--html {args.html}: the folder {page.parent} does not exist')
+    report = coverage(settings, args.batch, by=args.by, at_risk_below=args.at_risk)
+    if page is not None:
+        write_coverage_page(settings, report, page)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print_coverage(report)
+        if page is not None:
+            print(f'wrote {page}')
+    return EXIT_FAILURES if report.at_risk else EXIT_OK
 
 
 def console_main() -> None:

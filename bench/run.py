@@ -481,7 +481,7 @@ def bench_selection(stage: Stage, rounds: int) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rounds', type=int, default=3)
-    parser.add_argument('--only', default='copy,copy-large,copy-rclone,webp,flac,memory,selection,service')
+    parser.add_argument('--only', default='copy,copy-large,copy-rclone,webp,flac,memory,selection,service,coverage')
     parser.add_argument('--copy-files', type=int, default=100)
     parser.add_argument('--webp-files', type=int, default=24)
     parser.add_argument('--flac-files', type=int, default=20)
@@ -524,7 +524,9 @@ def main() -> int:
     for name, module, title in (('copy-rclone', 'bench.copy_rclone', '6. Copy at scale, S3 → disk, against a '
                                  'multi-core S3 server (rclone serve s3) on cores of its own'),
                                 ('service', 'bench.service', '7. The storage service: GET …/original through it, '
-                                 'and archive --via')):
+                                 'and archive --via'),
+                                ('coverage', 'bench.coverage', '8. coverage at scale: 2 million files, 5 million '
+                                 'copies')):
         if name in only:
             print(f'\n### {title}\n', flush=True)
             out = subprocess.run([sys.executable, '-m', module, '--rounds', str(args.rounds)], cwd=ROOT,

@@ -123,6 +123,14 @@ def main() -> int:
                   + ('every original OK' if check.returncode == 0 else check.stdout + check.stderr))
         print('\n' + '\n'.join((disk / 'REPORT.md').read_text().splitlines()[:16]) + '\n  …')
 
+        say('Is every original safe? Each file counted by the backends that hold a sound copy of its original')
+        run_tool('coverage', env=env)
+        say('Which files have fewer than 2 sound copies, and where are they? (exit 1 while any are at risk)')
+        run_tool('coverage', 'fs1_audio', '--by', 'month', '--at-risk', env=env, check=False)
+        say('Where is one file? Every copy, whether it is online now, and when it was last checked')
+        run_tool('whereis', 'image', images[0].object_name, env=env)
+        say('The same as one self-contained page, to open in any browser (also from the disk itself)')
+        run_tool('coverage', '--by', 'month', '--html', DEMO_DIR / 'coverage.html', env=env)
         say('A researcher needs some originals in a working folder: export reads each from the most accessible '
             'backend that holds it soundly (here the disk), checked, with a manifest')
         run_tool('export', 'fs1_images', '--to', DEMO_DIR / 'working-copy', env=env)
@@ -131,6 +139,9 @@ def main() -> int:
         run_tool('restore', '-s', 2, '-t', 1, 'all_images', '--dry-run', '--limit', 3, env=env)
         run_tool('restore', '-s', 2, '-t', 1, 'all_images', env=env)
         run_tool('info', env=env)
+        say('Coverage again, by backend: the restored images have two sound copies (bucket and disk), the '
+            'recordings still one')
+        run_tool('coverage', '--by', 'backend', env=env)
         say('Stopping the services')
     print(f'  done. The archive disk and the logs stay in {DEMO_DIR} for you to look at.')
     return 0
