@@ -30,8 +30,8 @@ Never lose data: the rules, numbered as SPEC.md numbers them; the code cites the
 
 The module is one file, laid out in sections in the order a run needs them:
 
-    errors · configuration · catalog · backends · the storage service's client · originals ·
-    versions · runs · operations · command line
+    errors · test hooks · configuration · catalog · backends · versions (the original is type 0)
+    · runs · the model process · the storage service's client · operations · command line
 
 As a library, its operations return what they did and never print; progress and notices go
 through the `mitwelten_storage` logger and an optional `Progress` object. The command line (the
@@ -110,6 +110,28 @@ with warnings.catch_warnings():
     from pydub.exceptions import CouldntDecodeError
 
 __version__ = '1.4.0'
+
+# The public API: what the command line, the storage service and other programs use. The rest
+# is the engine's own, reachable but free to change.
+__all__ = [
+    # configuration and the catalog
+    'Settings', 'connect_catalog', 'CatalogFile', 'BackendRow', 'GROUPS', 'VERSIONS', 'find_version', 'find_batch',
+    # batch operations (each returns a report; plan_* are dry runs)
+    'init_db', 'create_local_backend', 'create_s3_backend', 'list_backends', 'due_checks',
+    'copy_batch', 'plan_copy', 'archive_batch', 'plan_archive', 'restore_batch', 'plan_restore',
+    'export_batch', 'plan_export', 'verify_backend', 'write_report', 'coverage', 'copies_due', 'where_is',
+    'RunOptions', 'RunReport', 'VerifyReport', 'Progress', 'Plan',
+    # one file at a time (what the storage service calls)
+    'BackendCache', 'FileState', 'fetch_file', 'file_state', 'active_original', 'checked_range', 'CheckedObjects',
+    'copy_file', 'archive_file', 'record_archived', 'make_version_in_place', 'delete_original', 'restore_original',
+    # errors
+    'StorageError', 'ConfigError', 'CatalogUnavailable', 'FileFailure', 'ChecksumMismatch', 'UnsafeObjectName',
+    'SourceMissing', 'ConversionError', 'SyncFailed', 'Unreachable', 'TokenRefused', 'Refusal', 'NotFound',
+    'TooFewCopies', 'VersionConflict', 'InvalidArchive', 'Busy', 'DamagedCopy', 'OriginalChanged', 'TooLarge',
+    'SERVICE_PROBLEMS',
+    # the command line
+    'main', 'console_main',
+]
 
 log = logging.getLogger('mitwelten_storage')
 
@@ -322,7 +344,11 @@ SERVICE_PROBLEMS = {cls.__dict__['problem_type']: cls for cls in _error_classes(
                     if isinstance(cls.__dict__.get('problem_type'), str)}
 
 
-# --- crash and fault points: how the tests break runs on purpose -----------------------------------
+# =================================================================================================
+# Test hooks
+# =================================================================================================
+#
+# Crash and fault points: how the tests break runs on purpose, and how to stop at a given step.
 
 CRASH_POINTS = frozenset({
     'before-rename',            # a file written and fsynced under its temporary name
@@ -2127,336 +2153,7 @@ def open_backend(backend_row: BackendRow, settings: Settings, *, path: str | Non
 
 
 # =================================================================================================
-# The storage service's client (--via URL)
-# =================================================================================================
-#
-# A workstation without S3 keys archives through the storage service (mitwelten_service.py):
-# it reads originals with GET …/original, checks them, writes them to its disk, records them
-# with POST …/archive, and asks the service to replace (POST …/scaled) or delete
-# (DELETE …/original) the originals online. The service holds the S3 keys and writes the
-# catalog; the workstation only reads the catalog (its batches).
-
-KINDS = {'image': 'images', 'audio': 'audio'}        # a group's name in the service's paths
-PROBLEM = 'urn:mitwelten:storage:problem:'           # the prefix of the service's problem types
-
-def read_token_file(path: str) -> str:
-    return Path(path).expanduser().read_text(encoding='utf-8').strip()
-
-
-def token_from_env(given: str | None = None) -> str:
-    """The bearer token: given, else MITWELTEN_TOKEN, else the file MITWELTEN_TOKEN_FILE names."""
-    token = (given or os.environ.get('MITWELTEN_TOKEN') or '').strip()
-    path = os.environ.get('MITWELTEN_TOKEN_FILE')
-    if not token and path:
-        try:
-            token = read_token_file(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f'MITWELTEN_TOKEN_FILE={path}: cannot read the token: '
-                              f'{getattr(exc, "strerror", None) or exc}') from None
-    if not token:
-        raise ConfigError('--via needs a token: set MITWELTEN_TOKEN, or MITWELTEN_TOKEN_FILE to a file holding it')
-    return token
-
-
-class ServiceClient:
-    """The storage service as a workstation reaches it: urllib3 (boto3 brings it) with a pool of
-    connections sized to --jobs, the settings' timeouts, and retries with backoff of requests
-    that did not get an answer (every request of the service is idempotent)."""
-
-    def __init__(self, url: str, token: str, settings: Settings, pool_size: int = DEFAULT_JOBS):
-        import urllib3
-        parts = urllib.parse.urlsplit(url.strip())
-        if parts.scheme not in ('http', 'https') or not parts.hostname or parts.query or parts.fragment:
-            raise ConfigError(f"--via {url!r} must look like http[s]://HOST[:PORT][/PATH]")
-        self.base = url.strip().rstrip('/')
-        self.token = token
-        self.settings = settings
-        self.urllib3 = urllib3
-        self.http = urllib3.PoolManager(
-            maxsize=pool_size + 2, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout))
-
-    @classmethod
-    def from_options(cls, options: RunOptions, settings: Settings) -> 'ServiceClient':
-        return cls(options.via, token_from_env(options.token), settings, options.jobs)
-
-    def describe(self) -> str:
-        return f'the storage service at {self.base}'
-
-    # Answers of the service (5xx) that say what went wrong with one file, not that it is down.
-    FILE_PROBLEMS = {'original-missing', 'original-corrupt', 's3-error'}
-
-    def request(self, method: str, path: str, *, body: dict | None = None, headers: dict | None = None,
-                stream: bool = False, token: bool = True, slow: bool = False,
-                content: Callable[[], Iterable[bytes]] | None = None):
-        """The answer to a request, after up to `attempts` tries with backoff for answers that
-        did not come (connection refused or dropped, timeouts, 502/503/504 without a problem of
-        one file) and while the file is busy with another request. A problem answer raises the
-        refusal it stands for; a service still down raises Unreachable. A refused token is
-        read again from MITWELTEN_TOKEN_FILE once (a refresher may have renewed it). `slow`:
-        a request that makes a version, given three times the read timeout. `content`: a body
-        streamed from the chunks it gives, called anew for each try."""
-        headers = dict(headers or {})
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers['Content-Type'] = 'application/json'
-        timeout = self.urllib3.Timeout(connect=self.settings.connect_timeout,
-                                       read=self.settings.read_timeout * (3 if slow else 1))
-        reason, token_renewed, busy = '', False, False
-        attempt = 0
-        while attempt < self.settings.attempts:
-            if attempt:
-                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random_fraction()))
-            attempt += 1
-            if token:
-                headers['Authorization'] = f'Bearer {self.token}'
-            try:
-                response = self.http.request(method, self.base + path, body=content() if content else data,
-                                             headers=headers, timeout=timeout, preload_content=not stream,
-                                             redirect=False)
-            except self.urllib3.exceptions.HTTPError as exc:
-                reason = f'{type(exc).__name__}: {exc}'
-                continue
-            if response.status in (502, 503, 504, 409, 401):
-                problem = self.problem_of(response)
-                kind = str(problem.get('type', '')).removeprefix(PROBLEM)
-                if response.status == 401 and not token_renewed and self.renew_token():
-                    token_renewed, attempt = True, attempt - 1
-                    continue
-                if response.status >= 502 and kind not in self.FILE_PROBLEMS or kind == 'busy':
-                    reason = problem.get('detail') or f'HTTP {response.status}'
-                    busy = kind == 'busy'
-                    response.release_conn()
-                    continue
-                self.raise_problem(response, problem)
-            if response.status >= 400:
-                self.raise_problem(response, self.problem_of(response))
-            return response
-        if busy:
-            raise Busy(reason)
-        raise Unreachable(f'{self.describe()} did not answer {method} {path} ({reason}) after '
-                          f'{self.settings.attempts} attempts')
-
-    def renew_token(self) -> bool:
-        """Read MITWELTEN_TOKEN_FILE again; whether it holds a new token."""
-        path = os.environ.get('MITWELTEN_TOKEN_FILE')
-        if not path:
-            return False
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            token = read_token_file(path)
-            if token and token != self.token:
-                self.token = token
-                return True
-        return False
-
-    @staticmethod
-    def problem_of(response) -> dict:
-        try:
-            data = response.data if response.data else response.read()
-            problem = json.loads(data or b'{}')
-            return problem if isinstance(problem, dict) else {}
-        except Exception:       # not a problem document: the status says it all
-            return {}
-
-    def raise_problem(self, response, problem: dict) -> None:
-        response.release_conn()
-        kind = str(problem.get('type', '')).removeprefix(PROBLEM)
-        detail = problem.get('detail') or problem.get('title') or f'HTTP {response.status}'
-        status = response.status
-        if status in (401, 403):
-            raise TokenRefused(f'{self.describe()} refused the token ({status}: {detail}); get a new one and set '
-                               'MITWELTEN_TOKEN or MITWELTEN_TOKEN_FILE')
-        if status == 404:
-            raise NotFound(detail, 'original' if kind == 'original-not-online' else kind or 'file')
-        errors = {**SERVICE_PROBLEMS, 's3-error': FileFailure, 'wrong-original': ChecksumMismatch}
-        if kind in errors:
-            raise errors[kind](detail)
-        raise StorageError(f'{self.describe()} answered {status}: {detail}')
-
-    def check(self) -> None:
-        """The service answers, takes the token, and the token carries both roles a --via run
-        needs (it reads originals, and records what it wrote): GET /me, before a run does
-        anything. ConfigError naming the role that is missing."""
-        try:
-            response = self.request('GET', '/me', headers={'Accept': 'application/json'})
-            me = json.loads(response.data)
-            if not isinstance(me, dict) or 'can_read' not in me:
-                raise StorageError(f'GET /me answered {str(me)[:100]}')
-        except Unreachable as exc:
-            raise ConfigError(f'cannot reach {self.describe()}: {exc}') from None
-        except TokenRefused as exc:
-            raise ConfigError(str(exc)) from None
-        except (StorageError, ValueError) as exc:
-            raise ConfigError(f'{self.describe()} does not answer as the storage service does ({exc}): is --via '
-                              "the service's URL?") from None
-        missing = [f"the {what} role{f' {name!r}' if isinstance(name, str) else ''}"
-                   for what, allowed, name in (('read', me.get('can_read'), me.get('read_role')),
-                                               ('write', me.get('can_write'), me.get('write_role')))
-                   if allowed is not True]
-        if missing:
-            raise ConfigError(f"the token (subject {me.get('subject')!r}) lacks {' and '.join(missing)} at "
-                              f'{self.describe()}: a --via run reads originals and records what it wrote '
-                              'through the service, so it needs both; get a token with them')
-
-    def path(self, group: str, file_id: int, what: str) -> str:
-        return f'/{KINDS[group]}/{int(file_id)}/{what}'
-
-    def read_original(self, group: str, file: CatalogFile) -> Iterator[bytes]:
-        """The original's bytes, as the service streams them; a connection dropped mid-file is
-        resumed with a Range request for the rest, rather than starting the file again. The
-        whole is checked by the caller (CheckedStream); Repr-Digest must be the catalog's."""
-        received = 0
-        drops = 0
-        while True:
-            # After a drop, the rest is asked for as a range, even from byte 0: the service checks
-            # only whole answers, and cuts one whose original does not match; a range comes
-            # unchecked, and the whole is checked here (a corrupted original is named as such).
-            headers = {'Range': f'bytes={received}-'} if drops else {}
-            response = self.request('GET', self.path(group, file.file_id, 'original'), headers=headers, stream=True)
-            complete = False
-            try:
-                digest = response.headers.get('Repr-Digest', '')
-                if digest and digest != repr_digest(file.sha256):
-                    found = re.fullmatch(r'sha-256=:([A-Za-z0-9+/=]+):', digest)
-                    actual = base64.b64decode(found.group(1)).hex() if found else digest
-                    raise ChecksumMismatch(f"sha256 {actual} (the service's Repr-Digest) does not match the "
-                                           f"catalog's {file.sha256}: not the original", file.object_name)
-                skip = received if response.status == 200 else 0    # a Range the service did not honour
-                try:
-                    # Pieces of 64 KiB: what arrived before a drop is kept, and only the rest
-                    # is asked for again.
-                    for chunk in response.stream(64 * 1024, decode_content=False):
-                        if skip:
-                            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
-                        if chunk:
-                            received += len(chunk)
-                            yield chunk
-                    if received >= file.file_size or response.status not in (200, 206):
-                        complete = True
-                        return
-                    reason = 'the answer ended early'
-                except self.urllib3.exceptions.HTTPError as exc:
-                    reason = f'{type(exc).__name__}: {exc}'
-            finally:
-                if complete:
-                    response.release_conn()
-                else:                   # read in part: this connection is not used again
-                    response.close()
-            drops += 1
-            if drops >= self.settings.attempts:
-                raise Unreachable(f'{self.describe()} dropped the connection {drops} times while sending '
-                                  f'{file.object_name} ({reason})')
-            log.debug('resuming %s at byte %d after: %s', file.object_name, received, reason)
-
-    def record_archived(self, group: str, file: CatalogFile, storage_id: int) -> str:
-        response = self.request('POST', self.path(group, file.file_id, 'archive'),
-                                body={'storage_id': storage_id, 'sha256': file.sha256})
-        return 'created' if response.status == 201 else 'exists'
-
-    def make_version_in_place(self, group: str, file: CatalogFile, version_type: int) -> dict:
-        return json.loads(self.request('POST', self.path(group, file.file_id, 'scaled'),
-                                       body={'type': version_type}, slow=True).data)
-
-    def delete_original(self, group: str, file: CatalogFile) -> None:
-        self.request('DELETE', self.path(group, file.file_id, 'original'), headers={'If-Match': f'"{file.sha256}"'},
-                     slow=True)
-
-    def restore_original(self, group: str, file: CatalogFile, chunks: Callable[[], Iterable[bytes]]) -> str:
-        """Send the original (`chunks()`, checked as it is read, e.g. a CheckedStream) with PUT
-        …/original, streamed with a Content-Length; 'restored', or 'exists' when the service had
-        it already. A try that got no answer sends it again from the start."""
-        response = self.request('PUT', self.path(group, file.file_id, 'original'), content=chunks, slow=True,
-                                headers={'Content-Length': str(file.file_size),
-                                         'Content-Type': 'application/octet-stream'})
-        response.release_conn()
-        return 'restored' if response.status == 201 else 'exists'
-
-
-def random_fraction() -> float:
-    return int.from_bytes(os.urandom(2), 'big') / 65536
-
-
-class ServiceSource(Backend):
-    """The active S3 backend, as the storage service presents it: originals only, read with
-    GET …/original. Nothing is written through it; the service changes ACTIVE itself."""
-
-    kind = 's3'
-
-    def __init__(self, backend_row: BackendRow, client: ServiceClient, group: str):
-        self.row = backend_row
-        self.client = client
-        self.group = group
-
-    def location(self) -> str:
-        return f'{self.row.url_prefix}, through {self.client.describe()}'
-
-    def check(self, writing: bool) -> None:
-        if self.row.type != 's3':
-            raise ConfigError(f'{self.row.describe()} is not an S3 backend: through the service (--via) the source '
-                              'must be the active S3 backend')
-        self.client.check()
-
-    def read_original(self, file: CatalogFile, into: memoryview | None = None) -> Iterator[bytes]:
-        return self.client.read_original(self.group, file)
-
-    def _only_originals(self, *args, **kwargs):
-        raise ConfigError('through the service (--via) only originals are read; the service changes ACTIVE itself')
-
-    size = read = write = delete = _only_originals
-
-
-class ServiceRecorder(Recorder):
-    """Records what a run wrote through the service (POST …/archive, one request per file, as
-    many at once as --jobs), after syncing the disk (rule 1). What the service changes at ACTIVE
-    it records itself, so type changes and removals handed here are nothing more to do."""
-
-    def __init__(self, client: ServiceClient, conn, group: Group, backends: tuple, jobs: int = DEFAULT_JOBS,
-                 every_rows: int = 200, every_seconds: float = 2.0):
-        super().__init__(conn, group, backends, every_rows, every_seconds)
-        self.client = client
-        self.jobs = jobs
-
-    def change_type(self, file_id: int, storage_id: int, old_type: int, new_type: int) -> None:
-        pass
-
-    def remove(self, file_id: int, storage_id: int) -> None:
-        pass
-
-    def _record(self) -> list[tuple[int, str]]:
-        def post(insert):
-            file, storage_id, _ = insert
-            try:
-                self.client.record_archived(self.group.name, file, storage_id)
-                return None
-            except Refusal as exc:
-                return file.file_id, str(exc)
-        refused = []
-        recorded = []
-        with ThreadPoolExecutor(max_workers=min(self.jobs, max(1, len(self.inserts)))) as pool:
-            futures = {pool.submit(post, insert): insert for insert in self.inserts}
-            error = None
-            for future in futures:
-                try:
-                    result = future.result()
-                except Exception as exc:         # the service went away: these stay pending
-                    error = error or exc
-                    continue
-                recorded.append(futures[future])
-                if result:
-                    refused.append(result)
-        self.inserts = [insert for insert in self.inserts if insert not in recorded]
-        # The workstation may only read the catalog: its checks are not logged through the
-        # service (the service logs the checks it makes itself).
-        self.checks.clear()
-        self.recorded += len(recorded) - len(refused)
-        if error is not None:
-            raise error
-        return refused
-
-
-# =================================================================================================
-# Originals
+# Versions (the original is type 0)
 # =================================================================================================
 #
 # An original counts only once its bytes hash to the catalog's sha256 (and have its size).
@@ -2717,9 +2414,7 @@ def checked_range(backend: Backend, file: CatalogFile, first: int, last: int, *,
         yield held
 
 
-# =================================================================================================
-# Versions
-# =================================================================================================
+# --- the versions ------------------------------------------------------------------------------------
 #
 # The version table: every version of a file the catalog can record, how its object name is
 # formed from the original's, its content type, how it is made from the original (in memory),
@@ -3260,7 +2955,7 @@ def sound_copy_at(backend: Backend, file: CatalogFile, version: Version) -> bool
 
 
 # =================================================================================================
-# Runs: options, progress, log file, interruption, faults, outcome counts
+# Runs: options, progress, log file, interruption, faults, the frame of a batch run
 # =================================================================================================
 
 def human_bytes(n: float | None) -> str:
@@ -3691,6 +3386,834 @@ class Pipeline:
         self.pool.shutdown(wait=False, cancel_futures=True)
         LEFT_RUNNING.set()
         self.run.abandoned(in_flight)
+
+
+# --- the frame of a batch run (copy, archive, restore, export) ----------------------------------------------------------
+
+class BackgroundCounts:
+    """The selection's counts, on a connection of their own, while the run already transfers:
+    on a batch of a million files the count takes seconds the first file need not wait for.
+    Only the progress totals and the summary's notes depend on them."""
+
+    def __init__(self, settings: Settings, selection: Selection):
+        self.result: dict = {}
+        self.thread = threading.Thread(target=self._count, args=(settings, selection), name='counts', daemon=True)
+        self.thread.start()
+
+    def _count(self, settings: Settings, selection: Selection) -> None:
+        try:
+            conn = connect_catalog(settings)
+            try:
+                self.result.update(selection.counts(conn))
+            finally:
+                conn.close()
+        except (StorageError, psycopg2.Error):
+            pass
+
+    def join(self, timeout: float = 30) -> dict:
+        self.thread.join(timeout)
+        return self.result
+
+
+class BatchJob:
+    """One kind of batch run: what to do with each file (on a worker thread) and with what that
+    returns (on the run's thread). The frame, `BatchFrame.run`, does the rest."""
+
+    command = ''
+
+    def __init__(self, recorder, backends: tuple, locked: tuple):
+        self.recorder = recorder        # CatalogWriter, or ServiceRecorder through the service
+        self.backends = backends        # source and target, to name the one a fault belongs to
+        self.locked = locked            # backends held (`writing`) for the run
+        self.run: Run | None = None
+        self.pipeline: Pipeline | None = None
+        self.files_in_recording: dict[int, CatalogFile] = {}
+
+    def start(self, run: Run, pipeline: Pipeline) -> None:
+        self.run, self.pipeline = run, pipeline
+
+    def work(self, file: CatalogFile):
+        raise NotImplementedError
+
+    def done(self, file: CatalogFile, future: Future) -> None:
+        raise NotImplementedError
+
+    def held(self) -> int:
+        return 0
+
+    def failed(self, file: CatalogFile, exc: Exception) -> None:
+        if isinstance(exc, NotFound) and exc.subject == 'original':
+            # Through the service: the original left ACTIVE since the selection was made.
+            self.run.outcome(file, 'skipped', 0, f'{exc} (another run archived it meanwhile)')
+        else:
+            self.run.file_failed(file, exc)
+
+    def between(self, idle: bool) -> None:
+        if idle or self.recorder.due():
+            self.flush()
+
+    def flush(self) -> None:
+        """Sync and record what is pending; name the files the recording refused (through the
+        service, a race with another run)."""
+        for file_id, reason in self.recorder.flush():
+            self.run.report.failures.append((self.files_in_recording[file_id].object_name,
+                                             f'written, but not recorded: {reason}'))
+            log.warning('FAILED %s: written, but not recorded: %s', self.files_in_recording[file_id].object_name, reason)
+        if not self.recorder.pending:
+            self.files_in_recording.clear()
+
+    def record(self, file: CatalogFile, storage_id: int, version_type: int) -> None:
+        self.files_in_recording[file.file_id] = file
+        self.recorder.add(file, storage_id, version_type)
+
+    def finish(self) -> None:
+        self.flush()
+
+    def notes(self, counts: dict) -> list[str]:
+        return []
+
+
+class BatchFrame:
+    """What every batch run shares (copy and archive): the options checked, the catalog
+    connections (one per role: `reader` streams the selection, the recorder's writes, the
+    counts' own), the backends opened and checked (or reached through the storage service),
+    the disk locks, the Run, and at the end the last commit, the notes and the explanation of
+    whatever stopped it: a run that has started always ends with its report (rule 6)."""
+
+    def __init__(self, settings: Settings, command: str, options: RunOptions | None):
+        self.settings = settings
+        self.command = command
+        self.options = options or RunOptions()
+        self.options.check()
+        self.service = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> 'BatchFrame':
+        self.reader = connect_catalog(self.settings)
+        self._stack.callback(self.reader.close)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def connection(self):
+        conn = connect_catalog(self.settings)
+        self._stack.callback(conn.close)
+        return conn
+
+    def open_pair(self, source_id: int, target_id: int, group: str, *, source_writing: bool = False,
+                  group_writes: bool = False) -> tuple[Backend, Backend]:
+        if source_id == target_id:
+            raise ConfigError('source and target are the same backend')
+        source_row, target_row = fetch_backend(self.reader, source_id), fetch_backend(self.reader, target_id)
+        options = self.options
+        if options.via:
+            active = min((row for row in fetch_backends(self.reader) if row.type == 's3'),
+                         key=lambda row: (row.priority, row.storage_id), default=None)
+            if active is not None and active.storage_id != source_id:
+                raise ConfigError(f'through the service (--via) the source must be the active tier, the S3 backend '
+                                  f'with the lowest priority number: {active.describe()}, not {source_row.describe()}')
+            self.service = ServiceClient.from_options(options, self.settings)
+            source = ServiceSource(source_row, self.service, group)
+            if target_row.priority != ARCHIVE_PRIORITY:
+                raise ConfigError(f'{target_row.describe()} has priority {target_row.priority}: through the service '
+                                  f'(--via) the target must be an archive backend (priority {ARCHIVE_PRIORITY})')
+        else:
+            source = open_backend(source_row, self.settings, path=options.source_path, jobs=options.jobs,
+                                  path_option='--source-path')
+        target = open_backend(target_row, self.settings, path=options.target_path, jobs=options.jobs,
+                              path_option='--target-path', group_writes=group_writes)
+        source.check(writing=source_writing)
+        target.check(writing=True)
+        return source, target
+
+    def recorder(self, group: Group, backends: tuple, **timing):
+        """Who records what the run did: the catalog (a CatalogWriter on a connection of its
+        own), or, through the service, the service (the workstation may only read the catalog)."""
+        if self.service:
+            return ServiceRecorder(self.service, self.connection(), group, backends, jobs=self.options.jobs)
+        return CatalogWriter(self.connection(), group, backends, **timing)
+
+    def run(self, job: BatchJob, selection: Selection, title: str) -> RunReport:
+        report = RunReport(self.command, title)
+        counts = BackgroundCounts(self.settings, selection)
+        with contextlib.ExitStack() as locks:
+            for backend in job.locked:
+                locks.enter_context(backend.writing())
+            with Run(report, self.options, backends=job.backends,
+                     stall_after=min(10.0, self.settings.read_timeout)) as run:
+                pipeline = Pipeline(self.options.jobs, run)
+                job.start(run, pipeline)
+
+                def between(idle: bool) -> None:
+                    run.set_totals(counts.result)
+                    job.between(idle)
+                try:
+                    pipeline.drive(selection.files(self.reader), job.work, job.done, between=between, held=job.held)
+                except KeyboardInterrupt:
+                    report.stopped = ('stopped at once by a second interrupt (Ctrl-C or SIGTERM): the files in flight '
+                                      'were abandoned (the next run removes their temporary files)')
+                except Exception as exc:
+                    run.stop_for(exc)
+                finally:
+                    self._end(job, run, counts)
+        return report
+
+    def _end(self, job: BatchJob, run: Run, counts: BackgroundCounts) -> None:
+        try:
+            job.finish()
+        except Exception as exc:
+            run.stop_for(exc)
+        found = counts.join()
+        if found:
+            run.log_line(f"batch: {found['at_source']} files at the source, {found['done']} of them at the target "
+                         f"already, {found['todo']} to do")
+            run.report.notes.extend(job.notes(found))
+        report = run.report
+        report.recorded = job.recorder.recorded
+        report.unrecorded = job.recorder.unrecorded + job.recorder.pending_inserts
+        if run.fault is not None:
+            report.stopped = explain_fault(run.fault, report, job.backends)
+        elif report.stopped and report.unrecorded:
+            report.stopped += f'; {unrecorded_sentence(report, job.backends)}'
+
+
+def unrecorded_sentence(report: RunReport, backends: tuple) -> str:
+    target = backends[-1] if backends else None
+    if not report.unrecorded:
+        return 'every file written was recorded'
+    fate = ('the next run checks them and records them, or writes them again where the disk lost them'
+            if target is not None and target.adopts_found_files else 'the next run writes them again')
+    return f'{report.unrecorded} written files are not recorded: {fate}'
+
+
+def explain_fault(exc: BaseException, report: RunReport, backends: tuple) -> str:
+    """What stopped a run, the counts that matter, and what to do: one line for the summary."""
+    written = unrecorded_sentence(report, backends)
+    if catalog_outage(exc):
+        return (f'the catalog went away ({pg_error_line(exc)}) after {report.recorded} files were recorded; '
+                f'{written}. Run the same command again once the database is back')
+    if isinstance(exc, SyncFailed):
+        return (f'{exc}: nothing written to it since its last successful sync is recorded; {written}. Check the disk '
+                f'(`verify {exc.backend.row.storage_id}`), then run the same command again')
+    if isinstance(exc, OSError):
+        reason = fatal_reason(exc, backends) or describe_exception(exc)
+        return f'{reason} after {report.recorded} files were recorded; {written}'
+    if isinstance(exc, psycopg2.Error):
+        return f'the catalog refused a change ({pg_error_line(exc)}) after {report.recorded} files were recorded; {written}'
+    if isinstance(exc, StorageError):
+        return f'{exc}; {report.recorded} files were recorded; {written}'
+    return (f'unexpected error: {type(exc).__name__}: {exc} (the log has the details); '
+            f'{report.recorded} files were recorded; {written}')
+
+
+@dataclasses.dataclass
+class Plan:
+    """A dry run: what a copy or archive would do, file by file, changing nothing. A context
+    manager that holds the run's catalog connections until it is closed; iterating it streams
+    (action, file) from the catalog; `notes` says what the counts tell."""
+    command: str
+    title: str
+    notes: list
+    frame: 'BatchFrame'
+    selection: Selection
+    action: Callable[[CatalogFile], str]
+
+    def __enter__(self) -> 'Plan':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.frame.__exit__(None, None, None)
+
+    def __iter__(self) -> Iterator[tuple[str, CatalogFile]]:
+        for file in self.selection.files(self.frame.reader):
+            yield self.action(file), file
+
+
+# =================================================================================================
+# The model process
+# =================================================================================================
+#
+# The model process for one file, in the steps every run and every service request takes: copy
+# one version (transfer), archive the original (Archiver.archive_original), and release the
+# original at ACTIVE against an archive copy proven at that moment (Archiver.release_original).
+# Batch runs (copy_batch, archive_batch), the one-file API (copy_file, archive_file) and the
+# service's per-file operations (make_version_in_place, delete_original) all call these.
+
+def transfer(file: CatalogFile, source: Backend, target: Backend, version: Version,
+             progress: Callable[[int], None] = lambda n: None, copy_tags: bool = False) -> tuple[str, int]:
+    """Copy one file's version from source to target, checked and written atomically; record
+    nothing (the caller does, once the target is synced). Returns ('copied' | 'made' | 'found',
+    bytes): 'made' when the version was made from the source's original, 'found' when the
+    target held a sound copy already, unrecorded (a killed run wrote it)."""
+    object_name = version.object_name(file.object_name)
+    target.tidy(object_name)
+    content_type = content_type_of(version, object_name)
+    if target.adopts_found_files and version.exact and sound_copy_at(target, file, version):
+        target.will_sync(object_name)      # the killed run may not have synced its rename
+        progress(file.file_size)
+        return 'found', file.file_size
+    if file.source_type == version.type:
+        tags = source.tags(object_name) if copy_tags else None
+        if version.type == 0:
+            into = io_buffer() if target.writes_from_buffer else None
+            chunks = CheckedStream(source.read_original(file, into=into), file, progress)
+            target.write(object_name, chunks, file.file_size, content_type, file.sha256, tags)
+            crash_point('after-write')
+            return 'copied', file.file_size
+        data = b''.join(source.read(object_name))
+        progress(len(data))
+        version.check(data, file)
+        target.write(object_name, [data], len(data), content_type, tags=tags)
+        return 'copied', len(data)
+    original = read_original(source, file, progress)
+    data = version.make(original, file)
+    target.write(object_name, [data], len(data), content_type,
+                 tags=source.tags(file.object_name) if copy_tags else None)
+    crash_point('after-write')
+    return 'made', len(data)
+
+
+def copy_check(file: CatalogFile, source: Backend, target: Backend, version: Version, outcome: str) -> FixityCheck:
+    """The fixity log's row for a copy written (or found) at TARGET: it was checked on the way
+    (the original's sha256 as it streamed, a version's own check), so the copy is proven now."""
+    detail = {'copied': f'copied from backend {source.row.storage_id}',
+              'made': f'made from the original at backend {source.row.storage_id}',
+              'found': 'found written by an earlier run, read back and checked'}.get(outcome, outcome)
+    return FixityCheck(file.file_id, target.row.storage_id, version.type, 'ok', 'copy', detail)
+
+
+@dataclasses.dataclass
+class ArchiveStep:
+    """What archiving the original of one file did, for releasing it at ACTIVE."""
+    file: CatalogFile
+    original: bytes | None = None        # the checked original, where it was read (to repair the archive copy)
+    version_bytes: bytes | None = None
+    version_failed: str | None = None    # rule 7: the original is archived all the same, and kept at ACTIVE
+    tags: dict | None = None
+    archived_now: bool = False           # this run wrote (or found) the original at ARCHIVE: record it
+    proven: bool = False                 # the archive copy was written in this run from the checked original
+    repaired: str | None = None          # the recorded archive copy was damaged (why), and written again
+    proof: str | None = None             # the release's check of the archive copy: 'ok', 'repaired',
+                                         # or 'missing'/'corrupt' where it could not be written again
+    kept: str | None = None              # why the original stays at ACTIVE whatever happens (too few copies)
+    missing: bool = False                # the original is no longer at ACTIVE (an earlier run was cut off)
+    version_present: bool = False        # ... and the replacement version is there, sound
+    released_before: bool = False        # through the service: another run had released it already
+
+    @property
+    def archive_holds(self) -> bool:
+        """Whether ARCHIVE holds (or now records) the original, to be proven before the release."""
+        return self.archived_now or self.file.target_type == 0
+
+
+class Archiver:
+    """The model process for one file, in its two halves: archive the original (read it from
+    ACTIVE once, check it, write it to ARCHIVE, make the version in memory), and, once the
+    archive's row is committed and enough sound copies are recorded elsewhere, release the
+    original at ACTIVE: prove the archive copy it relies on (rule 3), then put the version in
+    its place, or delete it."""
+
+    def __init__(self, group: str, active: Backend, archive: Backend | None, version: Version | None,
+                 progress: Callable[[int], None] = lambda n: None):
+        self.active, self.archive, self.version = active, archive, version
+        self.original = VERSIONS[(group, 0)]
+        self.progress = progress
+
+    def archive_original(self, file: CatalogFile, can_release: bool = True) -> ArchiveStep:
+        """Read the original from ACTIVE once and check it; write it to ARCHIVE unless it is
+        recorded there (and not found damaged by its last check), or found there sound; make
+        the version. Nothing at ACTIVE changes here. Where the original cannot be released in
+        this run (`can_release` False: too few copies would remain), nothing is read but what
+        ARCHIVE lacks, and no version is made. A version that cannot be made fails only the
+        release (rule 7)."""
+        step = ArchiveStep(file)
+        if file.target_type not in (None, 0):
+            raise FileFailure(f'{self.archive.describe()} holds version {file.target_type} of this file, so its '
+                              'original cannot be archived there', file.object_name)
+        recorded = file.target_type == 0 and not file.target_damaged
+        if not can_release:
+            step.kept = 'too few copies'
+        if recorded and (not can_release or self.version is None):
+            self.progress(file.file_size)      # proven at the release, if there is one: nothing to read now
+            return step
+        self.archive.tidy(file.object_name)
+        try:
+            original = read_original(self.active, file, self.progress)
+        except SourceMissing as exc:
+            return self.original_missing(step, exc)
+        if not recorded:
+            if file.target_damaged:
+                step.repaired = 'its last check found it missing or corrupt'
+            if self.archive.adopts_found_files and not file.target_damaged and \
+                    sound_copy_at(self.archive, file, self.original):
+                self.archive.will_sync(file.object_name)    # found sound: proven again at the release
+            else:
+                self.archive.write(file.object_name, [original], file.file_size,
+                                   content_type_of(self.original, file.object_name), file.sha256)
+                crash_point('after-archive-write')
+                step.proven = True
+            step.archived_now = True
+        if can_release and self.version is not None:
+            step.original = original
+            self.make_version(step, original)
+        return step
+
+    def original_missing(self, step: ArchiveStep, exc: SourceMissing) -> ArchiveStep:
+        """The original is not at ACTIVE, though the catalog says it is: an earlier run was cut
+        off after removing it. Its release only fixes the row, if the version is in place."""
+        step.missing = True
+        if self.version is not None:
+            step.version_present = sound_copy_at(self.active, step.file, self.version)
+        return step
+
+    def make_version(self, step: ArchiveStep, original: bytes) -> None:
+        try:
+            step.version_bytes = self.version.make(original, step.file)
+        except ConversionError as exc:
+            step.version_failed = str(exc)
+            return
+        step.tags = self.active.tags(step.file.object_name)
+
+    def prove_archive_copy(self, step: ArchiveStep) -> None:
+        """Rule 3: the archive copy the release relies on, proven now. Written in this run from
+        the checked original, it is; else it is read back from ARCHIVE and hashed. A copy that is
+        missing, of the wrong size or hash is written again, atomically and durably, from the
+        checked original (read from ACTIVE if this run has not read it yet) and named
+        `repaired`; where that cannot be done, FileFailure, and the original stays."""
+        file = step.file
+        if step.proven:
+            return
+        try:
+            for _ in CheckedStream(self.archive.read(file.object_name), file):
+                pass
+            step.proven, step.proof = True, 'ok'
+            return
+        except SourceMissing:
+            damage, step.proof = f'missing on {self.archive.describe()}', 'missing'
+        except ChecksumMismatch as exc:
+            damage, step.proof = f'damaged on {self.archive.describe()} ({exc})', 'corrupt'
+        step.repaired = damage
+        try:
+            original = step.original if step.original is not None else read_original(self.active, file)
+            self.archive.write(file.object_name, [original], file.file_size,
+                               content_type_of(self.original, file.object_name), file.sha256)
+            self.archive.sync()
+        except (SourceMissing, ChecksumMismatch) as exc:
+            raise FileFailure(f'the archive copy is {damage}, and the original cannot be read to write it again '
+                              f'({exc}): nothing released', file.object_name) from None
+        except OSError as exc:
+            raise FileFailure(f'the archive copy is {damage}, and it cannot be written again '
+                              f'({describe_exception(exc)}): the original stays online', file.object_name) from None
+        step.proven, step.proof = True, 'repaired'
+
+    def release_original(self, step: ArchiveStep, commit: Callable[[], None] | None = None) -> str:
+        """With the original's copies recorded elsewhere: prove the archive copy (rule 3), then
+        put the version in its place at ACTIVE (written before the original is deleted), or
+        delete it. Returns 'replaced' or 'deleted'. A batch run records the change after this
+        returns; the service passes `commit`, which records a replacement between the version's
+        write and the original's delete (SPEC's order for a request)."""
+        file = step.file
+        if self.archive is not None and step.archive_holds:
+            self.prove_archive_copy(step)
+        if step.missing:
+            # An earlier run was cut off after removing the original: only the row is left to fix.
+            if self.version is None or step.version_present:
+                if commit:
+                    commit()
+                return 'deleted' if self.version is None else 'replaced'
+            raise FileFailure(f'the original is missing at {self.active.describe()} and its {self.version.label} '
+                              'version is not there either; its original is archived: copy it back, or run '
+                              '`verify --fix`', file.object_name)
+        if self.version is not None:
+            version_name = self.version.object_name(file.object_name)
+            self.active.write(version_name, [step.version_bytes], len(step.version_bytes),
+                              content_type_of(self.version, version_name), tags=step.tags)
+            crash_point('after-version-write')
+            if commit:
+                commit()
+            if version_name != file.object_name:
+                self.active.delete(file.object_name)
+            crash_point('after-original-delete')
+            return 'replaced'
+        self.active.delete(file.object_name)
+        crash_point('after-original-delete')
+        if commit:
+            commit()
+        return 'deleted'
+
+
+# =================================================================================================
+# The storage service's client (--via URL)
+# =================================================================================================
+#
+# A workstation without S3 keys archives through the storage service (mitwelten_service.py):
+# it reads originals with GET …/original, checks them, writes them to its disk, records them
+# with POST …/archive, and asks the service to replace (POST …/scaled) or delete
+# (DELETE …/original) the originals online. The service holds the S3 keys and writes the
+# catalog; the workstation only reads the catalog (its batches).
+
+KINDS = {'image': 'images', 'audio': 'audio'}        # a group's name in the service's paths
+PROBLEM = 'urn:mitwelten:storage:problem:'           # the prefix of the service's problem types
+
+def read_token_file(path: str) -> str:
+    return Path(path).expanduser().read_text(encoding='utf-8').strip()
+
+
+def token_from_env(given: str | None = None) -> str:
+    """The bearer token: given, else MITWELTEN_TOKEN, else the file MITWELTEN_TOKEN_FILE names."""
+    token = (given or os.environ.get('MITWELTEN_TOKEN') or '').strip()
+    path = os.environ.get('MITWELTEN_TOKEN_FILE')
+    if not token and path:
+        try:
+            token = read_token_file(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f'MITWELTEN_TOKEN_FILE={path}: cannot read the token: '
+                              f'{getattr(exc, "strerror", None) or exc}') from None
+    if not token:
+        raise ConfigError('--via needs a token: set MITWELTEN_TOKEN, or MITWELTEN_TOKEN_FILE to a file holding it')
+    return token
+
+
+class ServiceClient:
+    """The storage service as a workstation reaches it: urllib3 (boto3 brings it) with a pool of
+    connections sized to --jobs, the settings' timeouts, and retries with backoff of requests
+    that did not get an answer (every request of the service is idempotent)."""
+
+    def __init__(self, url: str, token: str, settings: Settings, pool_size: int = DEFAULT_JOBS):
+        import urllib3
+        parts = urllib.parse.urlsplit(url.strip())
+        if parts.scheme not in ('http', 'https') or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(f"--via {url!r} must look like http[s]://HOST[:PORT][/PATH]")
+        self.base = url.strip().rstrip('/')
+        self.token = token
+        self.settings = settings
+        self.urllib3 = urllib3
+        self.http = urllib3.PoolManager(
+            maxsize=pool_size + 2, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout))
+
+    @classmethod
+    def from_options(cls, options: RunOptions, settings: Settings) -> 'ServiceClient':
+        return cls(options.via, token_from_env(options.token), settings, options.jobs)
+
+    def describe(self) -> str:
+        return f'the storage service at {self.base}'
+
+    # Answers of the service (5xx) that say what went wrong with one file, not that it is down.
+    FILE_PROBLEMS = {'original-missing', 'original-corrupt', 's3-error'}
+
+    def request(self, method: str, path: str, *, body: dict | None = None, headers: dict | None = None,
+                stream: bool = False, token: bool = True, slow: bool = False,
+                content: Callable[[], Iterable[bytes]] | None = None):
+        """The answer to a request, after up to `attempts` tries with backoff for answers that
+        did not come (connection refused or dropped, timeouts, 502/503/504 without a problem of
+        one file) and while the file is busy with another request. A problem answer raises the
+        refusal it stands for; a service still down raises Unreachable. A refused token is
+        read again from MITWELTEN_TOKEN_FILE once (a refresher may have renewed it). `slow`:
+        a request that makes a version, given three times the read timeout. `content`: a body
+        streamed from the chunks it gives, called anew for each try."""
+        headers = dict(headers or {})
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers['Content-Type'] = 'application/json'
+        timeout = self.urllib3.Timeout(connect=self.settings.connect_timeout,
+                                       read=self.settings.read_timeout * (3 if slow else 1))
+        reason, token_renewed, busy = '', False, False
+        attempt = 0
+        while attempt < self.settings.attempts:
+            if attempt:
+                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random_fraction()))
+            attempt += 1
+            if token:
+                headers['Authorization'] = f'Bearer {self.token}'
+            try:
+                response = self.http.request(method, self.base + path, body=content() if content else data,
+                                             headers=headers, timeout=timeout, preload_content=not stream,
+                                             redirect=False)
+            except self.urllib3.exceptions.HTTPError as exc:
+                reason = f'{type(exc).__name__}: {exc}'
+                continue
+            if response.status in (502, 503, 504, 409, 401):
+                problem = self.problem_of(response)
+                kind = str(problem.get('type', '')).removeprefix(PROBLEM)
+                if response.status == 401 and not token_renewed and self.renew_token():
+                    token_renewed, attempt = True, attempt - 1
+                    continue
+                if response.status >= 502 and kind not in self.FILE_PROBLEMS or kind == 'busy':
+                    reason = problem.get('detail') or f'HTTP {response.status}'
+                    busy = kind == 'busy'
+                    response.release_conn()
+                    continue
+                self.raise_problem(response, problem)
+            if response.status >= 400:
+                self.raise_problem(response, self.problem_of(response))
+            return response
+        if busy:
+            raise Busy(reason)
+        raise Unreachable(f'{self.describe()} did not answer {method} {path} ({reason}) after '
+                          f'{self.settings.attempts} attempts')
+
+    def renew_token(self) -> bool:
+        """Read MITWELTEN_TOKEN_FILE again; whether it holds a new token."""
+        path = os.environ.get('MITWELTEN_TOKEN_FILE')
+        if not path:
+            return False
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            token = read_token_file(path)
+            if token and token != self.token:
+                self.token = token
+                return True
+        return False
+
+    @staticmethod
+    def problem_of(response) -> dict:
+        try:
+            data = response.data if response.data else response.read()
+            problem = json.loads(data or b'{}')
+            return problem if isinstance(problem, dict) else {}
+        except Exception:       # not a problem document: the status says it all
+            return {}
+
+    def raise_problem(self, response, problem: dict) -> None:
+        response.release_conn()
+        kind = str(problem.get('type', '')).removeprefix(PROBLEM)
+        detail = problem.get('detail') or problem.get('title') or f'HTTP {response.status}'
+        status = response.status
+        if status in (401, 403):
+            raise TokenRefused(f'{self.describe()} refused the token ({status}: {detail}); get a new one and set '
+                               'MITWELTEN_TOKEN or MITWELTEN_TOKEN_FILE')
+        if status == 404:
+            raise NotFound(detail, 'original' if kind == 'original-not-online' else kind or 'file')
+        errors = {**SERVICE_PROBLEMS, 's3-error': FileFailure, 'wrong-original': ChecksumMismatch}
+        if kind in errors:
+            raise errors[kind](detail)
+        raise StorageError(f'{self.describe()} answered {status}: {detail}')
+
+    def check(self) -> None:
+        """The service answers, takes the token, and the token carries both roles a --via run
+        needs (it reads originals, and records what it wrote): GET /me, before a run does
+        anything. ConfigError naming the role that is missing."""
+        try:
+            response = self.request('GET', '/me', headers={'Accept': 'application/json'})
+            me = json.loads(response.data)
+            if not isinstance(me, dict) or 'can_read' not in me:
+                raise StorageError(f'GET /me answered {str(me)[:100]}')
+        except Unreachable as exc:
+            raise ConfigError(f'cannot reach {self.describe()}: {exc}') from None
+        except TokenRefused as exc:
+            raise ConfigError(str(exc)) from None
+        except (StorageError, ValueError) as exc:
+            raise ConfigError(f'{self.describe()} does not answer as the storage service does ({exc}): is --via '
+                              "the service's URL?") from None
+        missing = [f"the {what} role{f' {name!r}' if isinstance(name, str) else ''}"
+                   for what, allowed, name in (('read', me.get('can_read'), me.get('read_role')),
+                                               ('write', me.get('can_write'), me.get('write_role')))
+                   if allowed is not True]
+        if missing:
+            raise ConfigError(f"the token (subject {me.get('subject')!r}) lacks {' and '.join(missing)} at "
+                              f'{self.describe()}: a --via run reads originals and records what it wrote '
+                              'through the service, so it needs both; get a token with them')
+
+    def path(self, group: str, file_id: int, what: str) -> str:
+        return f'/{KINDS[group]}/{int(file_id)}/{what}'
+
+    def read_original(self, group: str, file: CatalogFile) -> Iterator[bytes]:
+        """The original's bytes, as the service streams them; a connection dropped mid-file is
+        resumed with a Range request for the rest, rather than starting the file again. The
+        whole is checked by the caller (CheckedStream); Repr-Digest must be the catalog's."""
+        received = 0
+        drops = 0
+        while True:
+            # After a drop, the rest is asked for as a range, even from byte 0: the service checks
+            # only whole answers, and cuts one whose original does not match; a range comes
+            # unchecked, and the whole is checked here (a corrupted original is named as such).
+            headers = {'Range': f'bytes={received}-'} if drops else {}
+            response = self.request('GET', self.path(group, file.file_id, 'original'), headers=headers, stream=True)
+            complete = False
+            try:
+                digest = response.headers.get('Repr-Digest', '')
+                if digest and digest != repr_digest(file.sha256):
+                    found = re.fullmatch(r'sha-256=:([A-Za-z0-9+/=]+):', digest)
+                    actual = base64.b64decode(found.group(1)).hex() if found else digest
+                    raise ChecksumMismatch(f"sha256 {actual} (the service's Repr-Digest) does not match the "
+                                           f"catalog's {file.sha256}: not the original", file.object_name)
+                skip = received if response.status == 200 else 0    # a Range the service did not honour
+                try:
+                    # Pieces of 64 KiB: what arrived before a drop is kept, and only the rest
+                    # is asked for again.
+                    for chunk in response.stream(64 * 1024, decode_content=False):
+                        if skip:
+                            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+                        if chunk:
+                            received += len(chunk)
+                            yield chunk
+                    if received >= file.file_size or response.status not in (200, 206):
+                        complete = True
+                        return
+                    reason = 'the answer ended early'
+                except self.urllib3.exceptions.HTTPError as exc:
+                    reason = f'{type(exc).__name__}: {exc}'
+            finally:
+                if complete:
+                    response.release_conn()
+                else:                   # read in part: this connection is not used again
+                    response.close()
+            drops += 1
+            if drops >= self.settings.attempts:
+                raise Unreachable(f'{self.describe()} dropped the connection {drops} times while sending '
+                                  f'{file.object_name} ({reason})')
+            log.debug('resuming %s at byte %d after: %s', file.object_name, received, reason)
+
+    def record_archived(self, group: str, file: CatalogFile, storage_id: int) -> str:
+        response = self.request('POST', self.path(group, file.file_id, 'archive'),
+                                body={'storage_id': storage_id, 'sha256': file.sha256})
+        return 'created' if response.status == 201 else 'exists'
+
+    def make_version_in_place(self, group: str, file: CatalogFile, version_type: int) -> dict:
+        return json.loads(self.request('POST', self.path(group, file.file_id, 'scaled'),
+                                       body={'type': version_type}, slow=True).data)
+
+    def delete_original(self, group: str, file: CatalogFile) -> None:
+        self.request('DELETE', self.path(group, file.file_id, 'original'), headers={'If-Match': f'"{file.sha256}"'},
+                     slow=True)
+
+    def restore_original(self, group: str, file: CatalogFile, chunks: Callable[[], Iterable[bytes]]) -> str:
+        """Send the original (`chunks()`, checked as it is read, e.g. a CheckedStream) with PUT
+        …/original, streamed with a Content-Length; 'restored', or 'exists' when the service had
+        it already. A try that got no answer sends it again from the start."""
+        response = self.request('PUT', self.path(group, file.file_id, 'original'), content=chunks, slow=True,
+                                headers={'Content-Length': str(file.file_size),
+                                         'Content-Type': 'application/octet-stream'})
+        response.release_conn()
+        return 'restored' if response.status == 201 else 'exists'
+
+
+def random_fraction() -> float:
+    return int.from_bytes(os.urandom(2), 'big') / 65536
+
+
+class ServiceSource(Backend):
+    """The active S3 backend, as the storage service presents it: originals only, read with
+    GET …/original. Nothing is written through it; the service changes ACTIVE itself."""
+
+    kind = 's3'
+
+    def __init__(self, backend_row: BackendRow, client: ServiceClient, group: str):
+        self.row = backend_row
+        self.client = client
+        self.group = group
+
+    def location(self) -> str:
+        return f'{self.row.url_prefix}, through {self.client.describe()}'
+
+    def check(self, writing: bool) -> None:
+        if self.row.type != 's3':
+            raise ConfigError(f'{self.row.describe()} is not an S3 backend: through the service (--via) the source '
+                              'must be the active S3 backend')
+        self.client.check()
+
+    def read_original(self, file: CatalogFile, into: memoryview | None = None) -> Iterator[bytes]:
+        return self.client.read_original(self.group, file)
+
+    def _only_originals(self, *args, **kwargs):
+        raise ConfigError('through the service (--via) only originals are read; the service changes ACTIVE itself')
+
+    size = read = write = delete = _only_originals
+
+
+class ServiceRecorder(Recorder):
+    """Records what a run wrote through the service (POST …/archive, one request per file, as
+    many at once as --jobs), after syncing the disk (rule 1). What the service changes at ACTIVE
+    it records itself, so type changes and removals handed here are nothing more to do."""
+
+    def __init__(self, client: ServiceClient, conn, group: Group, backends: tuple, jobs: int = DEFAULT_JOBS,
+                 every_rows: int = 200, every_seconds: float = 2.0):
+        super().__init__(conn, group, backends, every_rows, every_seconds)
+        self.client = client
+        self.jobs = jobs
+
+    def change_type(self, file_id: int, storage_id: int, old_type: int, new_type: int) -> None:
+        pass
+
+    def remove(self, file_id: int, storage_id: int) -> None:
+        pass
+
+    def _record(self) -> list[tuple[int, str]]:
+        def post(insert):
+            file, storage_id, _ = insert
+            try:
+                self.client.record_archived(self.group.name, file, storage_id)
+                return None
+            except Refusal as exc:
+                return file.file_id, str(exc)
+        refused = []
+        recorded = []
+        with ThreadPoolExecutor(max_workers=min(self.jobs, max(1, len(self.inserts)))) as pool:
+            futures = {pool.submit(post, insert): insert for insert in self.inserts}
+            error = None
+            for future in futures:
+                try:
+                    result = future.result()
+                except Exception as exc:         # the service went away: these stay pending
+                    error = error or exc
+                    continue
+                recorded.append(futures[future])
+                if result:
+                    refused.append(result)
+        self.inserts = [insert for insert in self.inserts if insert not in recorded]
+        # The workstation may only read the catalog: its checks are not logged through the
+        # service (the service logs the checks it makes itself).
+        self.checks.clear()
+        self.recorded += len(recorded) - len(refused)
+        if error is not None:
+            raise error
+        return refused
+
+
+
+class ServiceArchiver(Archiver):
+    """Archiving through the service: the original is read from it and archived here; the
+    version is made by the service next to the data, which then replaces the original (or
+    deletes it) and records that itself, in the same crash-safe order. The workstation proves
+    its disk copy before it asks (rule 3)."""
+
+    def __init__(self, client: ServiceClient, group: str, active: Backend, archive: Backend,
+                 version: Version | None):
+        super().__init__(group, active, archive, version)
+        self.client = client
+        self.group = group
+
+    def archive_original(self, file: CatalogFile, can_release: bool = True) -> ArchiveStep:
+        if file.target_type == 0 and not file.target_damaged:    # archived already: proven at the release
+            self.progress(file.file_size)
+            return ArchiveStep(file, kept=None if can_release else 'too few copies')
+        return super().archive_original(file, can_release)
+
+    def original_missing(self, step: ArchiveStep, exc: SourceMissing) -> ArchiveStep:
+        raise exc       # the service records what it changes as it changes it: no row to fix here
+
+    def make_version(self, step: ArchiveStep, original: bytes) -> None:
+        pass                                     # the service makes it, next to the data
+
+    def release_original(self, step: ArchiveStep) -> str:
+        if step.archive_holds:
+            self.prove_archive_copy(step)
+        if self.version is not None:
+            state = self.client.make_version_in_place(self.group, step.file, self.version.type)
+            step.released_before = state.get('outcome') == 'already replaced'
+            return 'replaced'
+        try:
+            self.client.delete_original(self.group, step.file)
+        except NotFound as exc:
+            if exc.subject != 'original':
+                raise
+            step.released_before = True
+        return 'deleted'
 
 
 # =================================================================================================
@@ -4337,295 +4860,7 @@ def fetch_backends_in(conn) -> list[BackendRow]:
         return [BackendRow(*row) for row in cur.fetchall()]
 
 
-# --- the frame of a batch run (copy, archive) ----------------------------------------------------------
-
-class BackgroundCounts:
-    """The selection's counts, on a connection of their own, while the run already transfers:
-    on a batch of a million files the count takes seconds the first file need not wait for.
-    Only the progress totals and the summary's notes depend on them."""
-
-    def __init__(self, settings: Settings, selection: Selection):
-        self.result: dict = {}
-        self.thread = threading.Thread(target=self._count, args=(settings, selection), name='counts', daemon=True)
-        self.thread.start()
-
-    def _count(self, settings: Settings, selection: Selection) -> None:
-        try:
-            conn = connect_catalog(settings)
-            try:
-                self.result.update(selection.counts(conn))
-            finally:
-                conn.close()
-        except (StorageError, psycopg2.Error):
-            pass
-
-    def join(self, timeout: float = 30) -> dict:
-        self.thread.join(timeout)
-        return self.result
-
-
-class BatchJob:
-    """One kind of batch run: what to do with each file (on a worker thread) and with what that
-    returns (on the run's thread). The frame, `BatchFrame.run`, does the rest."""
-
-    command = ''
-
-    def __init__(self, recorder, backends: tuple, locked: tuple):
-        self.recorder = recorder        # CatalogWriter, or ServiceRecorder through the service
-        self.backends = backends        # source and target, to name the one a fault belongs to
-        self.locked = locked            # backends held (`writing`) for the run
-        self.run: Run | None = None
-        self.pipeline: Pipeline | None = None
-        self.files_in_recording: dict[int, CatalogFile] = {}
-
-    def start(self, run: Run, pipeline: Pipeline) -> None:
-        self.run, self.pipeline = run, pipeline
-
-    def work(self, file: CatalogFile):
-        raise NotImplementedError
-
-    def done(self, file: CatalogFile, future: Future) -> None:
-        raise NotImplementedError
-
-    def held(self) -> int:
-        return 0
-
-    def failed(self, file: CatalogFile, exc: Exception) -> None:
-        if isinstance(exc, NotFound) and exc.subject == 'original':
-            # Through the service: the original left ACTIVE since the selection was made.
-            self.run.outcome(file, 'skipped', 0, f'{exc} (another run archived it meanwhile)')
-        else:
-            self.run.file_failed(file, exc)
-
-    def between(self, idle: bool) -> None:
-        if idle or self.recorder.due():
-            self.flush()
-
-    def flush(self) -> None:
-        """Sync and record what is pending; name the files the recording refused (through the
-        service, a race with another run)."""
-        for file_id, reason in self.recorder.flush():
-            self.run.report.failures.append((self.files_in_recording[file_id].object_name,
-                                             f'written, but not recorded: {reason}'))
-            log.warning('FAILED %s: written, but not recorded: %s', self.files_in_recording[file_id].object_name, reason)
-        if not self.recorder.pending:
-            self.files_in_recording.clear()
-
-    def record(self, file: CatalogFile, storage_id: int, version_type: int) -> None:
-        self.files_in_recording[file.file_id] = file
-        self.recorder.add(file, storage_id, version_type)
-
-    def finish(self) -> None:
-        self.flush()
-
-    def notes(self, counts: dict) -> list[str]:
-        return []
-
-
-class BatchFrame:
-    """What every batch run shares (copy and archive): the options checked, the catalog
-    connections (one per role: `reader` streams the selection, the recorder's writes, the
-    counts' own), the backends opened and checked (or reached through the storage service),
-    the disk locks, the Run, and at the end the last commit, the notes and the explanation of
-    whatever stopped it: a run that has started always ends with its report (rule 6)."""
-
-    def __init__(self, settings: Settings, command: str, options: RunOptions | None):
-        self.settings = settings
-        self.command = command
-        self.options = options or RunOptions()
-        self.options.check()
-        self.service = None
-        self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> 'BatchFrame':
-        self.reader = connect_catalog(self.settings)
-        self._stack.callback(self.reader.close)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def connection(self):
-        conn = connect_catalog(self.settings)
-        self._stack.callback(conn.close)
-        return conn
-
-    def open_pair(self, source_id: int, target_id: int, group: str, *, source_writing: bool = False,
-                  group_writes: bool = False) -> tuple[Backend, Backend]:
-        if source_id == target_id:
-            raise ConfigError('source and target are the same backend')
-        source_row, target_row = fetch_backend(self.reader, source_id), fetch_backend(self.reader, target_id)
-        options = self.options
-        if options.via:
-            active = min((row for row in fetch_backends(self.reader) if row.type == 's3'),
-                         key=lambda row: (row.priority, row.storage_id), default=None)
-            if active is not None and active.storage_id != source_id:
-                raise ConfigError(f'through the service (--via) the source must be the active tier, the S3 backend '
-                                  f'with the lowest priority number: {active.describe()}, not {source_row.describe()}')
-            self.service = ServiceClient.from_options(options, self.settings)
-            source = ServiceSource(source_row, self.service, group)
-            if target_row.priority != ARCHIVE_PRIORITY:
-                raise ConfigError(f'{target_row.describe()} has priority {target_row.priority}: through the service '
-                                  f'(--via) the target must be an archive backend (priority {ARCHIVE_PRIORITY})')
-        else:
-            source = open_backend(source_row, self.settings, path=options.source_path, jobs=options.jobs,
-                                  path_option='--source-path')
-        target = open_backend(target_row, self.settings, path=options.target_path, jobs=options.jobs,
-                              path_option='--target-path', group_writes=group_writes)
-        source.check(writing=source_writing)
-        target.check(writing=True)
-        return source, target
-
-    def recorder(self, group: Group, backends: tuple, **timing):
-        """Who records what the run did: the catalog (a CatalogWriter on a connection of its
-        own), or, through the service, the service (the workstation may only read the catalog)."""
-        if self.service:
-            return ServiceRecorder(self.service, self.connection(), group, backends, jobs=self.options.jobs)
-        return CatalogWriter(self.connection(), group, backends, **timing)
-
-    def run(self, job: BatchJob, selection: Selection, title: str) -> RunReport:
-        report = RunReport(self.command, title)
-        counts = BackgroundCounts(self.settings, selection)
-        with contextlib.ExitStack() as locks:
-            for backend in job.locked:
-                locks.enter_context(backend.writing())
-            with Run(report, self.options, backends=job.backends,
-                     stall_after=min(10.0, self.settings.read_timeout)) as run:
-                pipeline = Pipeline(self.options.jobs, run)
-                job.start(run, pipeline)
-
-                def between(idle: bool) -> None:
-                    run.set_totals(counts.result)
-                    job.between(idle)
-                try:
-                    pipeline.drive(selection.files(self.reader), job.work, job.done, between=between, held=job.held)
-                except KeyboardInterrupt:
-                    report.stopped = ('stopped at once by a second interrupt (Ctrl-C or SIGTERM): the files in flight '
-                                      'were abandoned (the next run removes their temporary files)')
-                except Exception as exc:
-                    run.stop_for(exc)
-                finally:
-                    self._end(job, run, counts)
-        return report
-
-    def _end(self, job: BatchJob, run: Run, counts: BackgroundCounts) -> None:
-        try:
-            job.finish()
-        except Exception as exc:
-            run.stop_for(exc)
-        found = counts.join()
-        if found:
-            run.log_line(f"batch: {found['at_source']} files at the source, {found['done']} of them at the target "
-                         f"already, {found['todo']} to do")
-            run.report.notes.extend(job.notes(found))
-        report = run.report
-        report.recorded = job.recorder.recorded
-        report.unrecorded = job.recorder.unrecorded + job.recorder.pending_inserts
-        if run.fault is not None:
-            report.stopped = explain_fault(run.fault, report, job.backends)
-        elif report.stopped and report.unrecorded:
-            report.stopped += f'; {unrecorded_sentence(report, job.backends)}'
-
-
-def unrecorded_sentence(report: RunReport, backends: tuple) -> str:
-    target = backends[-1] if backends else None
-    if not report.unrecorded:
-        return 'every file written was recorded'
-    fate = ('the next run checks them and records them, or writes them again where the disk lost them'
-            if target is not None and target.adopts_found_files else 'the next run writes them again')
-    return f'{report.unrecorded} written files are not recorded: {fate}'
-
-
-def explain_fault(exc: BaseException, report: RunReport, backends: tuple) -> str:
-    """What stopped a run, the counts that matter, and what to do: one line for the summary."""
-    written = unrecorded_sentence(report, backends)
-    if catalog_outage(exc):
-        return (f'the catalog went away ({pg_error_line(exc)}) after {report.recorded} files were recorded; '
-                f'{written}. Run the same command again once the database is back')
-    if isinstance(exc, SyncFailed):
-        return (f'{exc}: nothing written to it since its last successful sync is recorded; {written}. Check the disk '
-                f'(`verify {exc.backend.row.storage_id}`), then run the same command again')
-    if isinstance(exc, OSError):
-        reason = fatal_reason(exc, backends) or describe_exception(exc)
-        return f'{reason} after {report.recorded} files were recorded; {written}'
-    if isinstance(exc, psycopg2.Error):
-        return f'the catalog refused a change ({pg_error_line(exc)}) after {report.recorded} files were recorded; {written}'
-    if isinstance(exc, StorageError):
-        return f'{exc}; {report.recorded} files were recorded; {written}'
-    return (f'unexpected error: {type(exc).__name__}: {exc} (the log has the details); '
-            f'{report.recorded} files were recorded; {written}')
-
-
-@dataclasses.dataclass
-class Plan:
-    """A dry run: what a copy or archive would do, file by file, changing nothing. A context
-    manager that holds the run's catalog connections until it is closed; iterating it streams
-    (action, file) from the catalog; `notes` says what the counts tell."""
-    command: str
-    title: str
-    notes: list
-    frame: 'BatchFrame'
-    selection: Selection
-    action: Callable[[CatalogFile], str]
-
-    def __enter__(self) -> 'Plan':
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.frame.__exit__(None, None, None)
-
-    def __iter__(self) -> Iterator[tuple[str, CatalogFile]]:
-        for file in self.selection.files(self.frame.reader):
-            yield self.action(file), file
-
-
 # --- copy ------------------------------------------------------------------------------------------------
-
-def transfer(file: CatalogFile, source: Backend, target: Backend, version: Version,
-             progress: Callable[[int], None] = lambda n: None, copy_tags: bool = False) -> tuple[str, int]:
-    """Copy one file's version from source to target, checked and written atomically; record
-    nothing (the caller does, once the target is synced). Returns ('copied' | 'made' | 'found',
-    bytes): 'made' when the version was made from the source's original, 'found' when the
-    target held a sound copy already, unrecorded (a killed run wrote it)."""
-    object_name = version.object_name(file.object_name)
-    target.tidy(object_name)
-    content_type = content_type_of(version, object_name)
-    if target.adopts_found_files and version.exact and sound_copy_at(target, file, version):
-        target.will_sync(object_name)      # the killed run may not have synced its rename
-        progress(file.file_size)
-        return 'found', file.file_size
-    if file.source_type == version.type:
-        tags = source.tags(object_name) if copy_tags else None
-        if version.type == 0:
-            into = io_buffer() if target.writes_from_buffer else None
-            chunks = CheckedStream(source.read_original(file, into=into), file, progress)
-            target.write(object_name, chunks, file.file_size, content_type, file.sha256, tags)
-            crash_point('after-write')
-            return 'copied', file.file_size
-        data = b''.join(source.read(object_name))
-        progress(len(data))
-        version.check(data, file)
-        target.write(object_name, [data], len(data), content_type, tags=tags)
-        return 'copied', len(data)
-    original = read_original(source, file, progress)
-    data = version.make(original, file)
-    target.write(object_name, [data], len(data), content_type,
-                 tags=source.tags(file.object_name) if copy_tags else None)
-    crash_point('after-write')
-    return 'made', len(data)
-
-
-def copy_check(file: CatalogFile, source: Backend, target: Backend, version: Version, outcome: str) -> FixityCheck:
-    """The fixity log's row for a copy written (or found) at TARGET: it was checked on the way
-    (the original's sha256 as it streamed, a version's own check), so the copy is proven now."""
-    detail = {'copied': f'copied from backend {source.row.storage_id}',
-              'made': f'made from the original at backend {source.row.storage_id}',
-              'found': 'found written by an earlier run, read back and checked'}.get(outcome, outcome)
-    return FixityCheck(file.file_id, target.row.storage_id, version.type, 'ok', 'copy', detail)
-
 
 class CopyJob(BatchJob):
     command = 'copy'
@@ -4712,206 +4947,6 @@ def plan_copy(settings: Settings, source_id: int, target_id: int, batch_id: str,
 
 
 # --- archive -------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ArchiveStep:
-    """What archiving the original of one file did, for releasing it at ACTIVE."""
-    file: CatalogFile
-    original: bytes | None = None        # the checked original, where it was read (to repair the archive copy)
-    version_bytes: bytes | None = None
-    version_failed: str | None = None    # rule 7: the original is archived all the same, and kept at ACTIVE
-    tags: dict | None = None
-    archived_now: bool = False           # this run wrote (or found) the original at ARCHIVE: record it
-    proven: bool = False                 # the archive copy was written in this run from the checked original
-    repaired: str | None = None          # the recorded archive copy was damaged (why), and written again
-    proof: str | None = None             # the release's check of the archive copy: 'ok', 'repaired',
-                                         # or 'missing'/'corrupt' where it could not be written again
-    kept: str | None = None              # why the original stays at ACTIVE whatever happens (too few copies)
-    missing: bool = False                # the original is no longer at ACTIVE (an earlier run was cut off)
-    version_present: bool = False        # ... and the replacement version is there, sound
-    released_before: bool = False        # through the service: another run had released it already
-
-    @property
-    def archive_holds(self) -> bool:
-        """Whether ARCHIVE holds (or now records) the original, to be proven before the release."""
-        return self.archived_now or self.file.target_type == 0
-
-
-class Archiver:
-    """The model process for one file, in its two halves: archive the original (read it from
-    ACTIVE once, check it, write it to ARCHIVE, make the version in memory), and, once the
-    archive's row is committed and enough sound copies are recorded elsewhere, release the
-    original at ACTIVE: prove the archive copy it relies on (rule 3), then put the version in
-    its place, or delete it."""
-
-    def __init__(self, group: str, active: Backend, archive: Backend | None, version: Version | None,
-                 progress: Callable[[int], None] = lambda n: None):
-        self.active, self.archive, self.version = active, archive, version
-        self.original = VERSIONS[(group, 0)]
-        self.progress = progress
-
-    def archive_original(self, file: CatalogFile, can_release: bool = True) -> ArchiveStep:
-        """Read the original from ACTIVE once and check it; write it to ARCHIVE unless it is
-        recorded there (and not found damaged by its last check), or found there sound; make
-        the version. Nothing at ACTIVE changes here. Where the original cannot be released in
-        this run (`can_release` False: too few copies would remain), nothing is read but what
-        ARCHIVE lacks, and no version is made. A version that cannot be made fails only the
-        release (rule 7)."""
-        step = ArchiveStep(file)
-        if file.target_type not in (None, 0):
-            raise FileFailure(f'{self.archive.describe()} holds version {file.target_type} of this file, so its '
-                              'original cannot be archived there', file.object_name)
-        recorded = file.target_type == 0 and not file.target_damaged
-        if not can_release:
-            step.kept = 'too few copies'
-        if recorded and (not can_release or self.version is None):
-            self.progress(file.file_size)      # proven at the release, if there is one: nothing to read now
-            return step
-        self.archive.tidy(file.object_name)
-        try:
-            original = read_original(self.active, file, self.progress)
-        except SourceMissing as exc:
-            return self.original_missing(step, exc)
-        if not recorded:
-            if file.target_damaged:
-                step.repaired = 'its last check found it missing or corrupt'
-            if self.archive.adopts_found_files and not file.target_damaged and \
-                    sound_copy_at(self.archive, file, self.original):
-                self.archive.will_sync(file.object_name)    # found sound: proven again at the release
-            else:
-                self.archive.write(file.object_name, [original], file.file_size,
-                                   content_type_of(self.original, file.object_name), file.sha256)
-                crash_point('after-archive-write')
-                step.proven = True
-            step.archived_now = True
-        if can_release and self.version is not None:
-            step.original = original
-            self.make_version(step, original)
-        return step
-
-    def original_missing(self, step: ArchiveStep, exc: SourceMissing) -> ArchiveStep:
-        """The original is not at ACTIVE, though the catalog says it is: an earlier run was cut
-        off after removing it. Its release only fixes the row, if the version is in place."""
-        step.missing = True
-        if self.version is not None:
-            step.version_present = sound_copy_at(self.active, step.file, self.version)
-        return step
-
-    def make_version(self, step: ArchiveStep, original: bytes) -> None:
-        try:
-            step.version_bytes = self.version.make(original, step.file)
-        except ConversionError as exc:
-            step.version_failed = str(exc)
-            return
-        step.tags = self.active.tags(step.file.object_name)
-
-    def prove_archive_copy(self, step: ArchiveStep) -> None:
-        """Rule 3: the archive copy the release relies on, proven now. Written in this run from
-        the checked original, it is; else it is read back from ARCHIVE and hashed. A copy that is
-        missing, of the wrong size or hash is written again, atomically and durably, from the
-        checked original (read from ACTIVE if this run has not read it yet) and named
-        `repaired`; where that cannot be done, FileFailure, and the original stays."""
-        file = step.file
-        if step.proven:
-            return
-        try:
-            for _ in CheckedStream(self.archive.read(file.object_name), file):
-                pass
-            step.proven, step.proof = True, 'ok'
-            return
-        except SourceMissing:
-            damage, step.proof = f'missing on {self.archive.describe()}', 'missing'
-        except ChecksumMismatch as exc:
-            damage, step.proof = f'damaged on {self.archive.describe()} ({exc})', 'corrupt'
-        step.repaired = damage
-        try:
-            original = step.original if step.original is not None else read_original(self.active, file)
-            self.archive.write(file.object_name, [original], file.file_size,
-                               content_type_of(self.original, file.object_name), file.sha256)
-            self.archive.sync()
-        except (SourceMissing, ChecksumMismatch) as exc:
-            raise FileFailure(f'the archive copy is {damage}, and the original cannot be read to write it again '
-                              f'({exc}): nothing released', file.object_name) from None
-        except OSError as exc:
-            raise FileFailure(f'the archive copy is {damage}, and it cannot be written again '
-                              f'({describe_exception(exc)}): the original stays online', file.object_name) from None
-        step.proven, step.proof = True, 'repaired'
-
-    def release_original(self, step: ArchiveStep, commit: Callable[[], None] | None = None) -> str:
-        """With the original's copies recorded elsewhere: prove the archive copy (rule 3), then
-        put the version in its place at ACTIVE (written before the original is deleted), or
-        delete it. Returns 'replaced' or 'deleted'. A batch run records the change after this
-        returns; the service passes `commit`, which records a replacement between the version's
-        write and the original's delete (SPEC's order for a request)."""
-        file = step.file
-        if self.archive is not None and step.archive_holds:
-            self.prove_archive_copy(step)
-        if step.missing:
-            # An earlier run was cut off after removing the original: only the row is left to fix.
-            if self.version is None or step.version_present:
-                if commit:
-                    commit()
-                return 'deleted' if self.version is None else 'replaced'
-            raise FileFailure(f'the original is missing at {self.active.describe()} and its {self.version.label} '
-                              'version is not there either; its original is archived: copy it back, or run '
-                              '`verify --fix`', file.object_name)
-        if self.version is not None:
-            version_name = self.version.object_name(file.object_name)
-            self.active.write(version_name, [step.version_bytes], len(step.version_bytes),
-                              content_type_of(self.version, version_name), tags=step.tags)
-            crash_point('after-version-write')
-            if commit:
-                commit()
-            if version_name != file.object_name:
-                self.active.delete(file.object_name)
-            crash_point('after-original-delete')
-            return 'replaced'
-        self.active.delete(file.object_name)
-        crash_point('after-original-delete')
-        if commit:
-            commit()
-        return 'deleted'
-
-
-class ServiceArchiver(Archiver):
-    """Archiving through the service: the original is read from it and archived here; the
-    version is made by the service next to the data, which then replaces the original (or
-    deletes it) and records that itself, in the same crash-safe order. The workstation proves
-    its disk copy before it asks (rule 3)."""
-
-    def __init__(self, client: ServiceClient, group: str, active: Backend, archive: Backend,
-                 version: Version | None):
-        super().__init__(group, active, archive, version)
-        self.client = client
-        self.group = group
-
-    def archive_original(self, file: CatalogFile, can_release: bool = True) -> ArchiveStep:
-        if file.target_type == 0 and not file.target_damaged:    # archived already: proven at the release
-            self.progress(file.file_size)
-            return ArchiveStep(file, kept=None if can_release else 'too few copies')
-        return super().archive_original(file, can_release)
-
-    def original_missing(self, step: ArchiveStep, exc: SourceMissing) -> ArchiveStep:
-        raise exc       # the service records what it changes as it changes it: no row to fix here
-
-    def make_version(self, step: ArchiveStep, original: bytes) -> None:
-        pass                                     # the service makes it, next to the data
-
-    def release_original(self, step: ArchiveStep) -> str:
-        if step.archive_holds:
-            self.prove_archive_copy(step)
-        if self.version is not None:
-            state = self.client.make_version_in_place(self.group, step.file, self.version.type)
-            step.released_before = state.get('outcome') == 'already replaced'
-            return 'replaced'
-        try:
-            self.client.delete_original(self.group, step.file)
-        except NotFound as exc:
-            if exc.subject != 'original':
-                raise
-            step.released_before = True
-        return 'deleted'
-
 
 class ArchiveJob(BatchJob):
     """`archive` over a batch: each file's original archived on a worker; the rows committed in

@@ -96,9 +96,11 @@ def test_the_file_keeps_its_layout():
     class; the sections come in the order the docstring gives; no package shadows the module."""
     source = (ROOT / 'mitwelten_storage.py').read_text()
     found = sections(source)
-    assert list(found) == ['Errors', 'Configuration', 'Catalog', 'Backends', "The storage service's client (--via URL)",
-                           'Originals', 'Versions', 'Runs: options, progress, log file, interruption, faults, outcome '
-                           'counts', 'Operations', 'Command line']
+    assert list(found) == ['Errors', 'Test hooks', 'Configuration', 'Catalog', 'Backends',
+                           'Versions (the original is type 0)',
+                           'Runs: options, progress, log file, interruption, faults, the frame of a batch run',
+                           'The model process', "The storage service's client (--via URL)", 'Operations',
+                           'Command line']
     for title, text in found.items():
         if title != 'Command line':
             assert not re.search(r'(?<![.\w])print\(', text), title
@@ -106,7 +108,16 @@ def test_the_file_keeps_its_layout():
         if title != 'Backends':
             assert not re.search(r'isinstance\([^)]*(LocalBackend|S3Backend)', text), title
     assert not (ROOT / 'mitwelten_storage').exists()
-    for rule in range(1, 8):
+    # Every error the tool reports is defined in the Errors section, and carries its problem type
+    # there: the service's table and the client's are derived from the classes.
+    for title, text in found.items():
+        if title != 'Errors':
+            assert not re.search(r'^class \w+\((\w*Error|\w*Failure|Refusal|NotFound|Exception)\)', text, re.M), title
+    assert all(hasattr(ms, name) for name in ms.__all__)
+    assert set(ms.SERVICE_PROBLEMS.values()) >= {ms.TooFewCopies, ms.ChecksumMismatch, ms.CatalogUnavailable}
+    main_source = re.search(r'^def main\(.*?(?=^\S)', found['Command line'], re.M | re.S).group(0)
+    assert len(main_source.strip().splitlines()) <= 8, 'main stays a few lines: each command is its own function'
+    for rule in range(1, 9):
         assert f'\n    {rule}. ' in ms.__doc__
 
 
