@@ -669,7 +669,7 @@ class FileStateModel(BaseModel):
     sha256: str
     outcome: str
     active: VersionHeld | None
-    held: list[VersionHeld]
+    rows: list[VersionHeld]
 
 
 class LastCheck(BaseModel):

@@ -42,11 +42,13 @@ last section) does all the printing. The tests call the operations in-process:
     report = ms.copy_batch(settings, 1, 3, 'fs1_images', options=ms.RunOptions(jobs=8))
     report.counts, report.failures, report.log_path, report.exit_status
 
-Batch operations: copy_batch, archive_batch, verify_backend, write_report, list_backends,
-due_checks, init_db, create_local_backend, create_s3_backend, plan_batch (a dry run). Per-file operations
-(what the storage service calls): fetch_file, file_state, active_original, copy_file,
-archive_file, record_archived, make_version_in_place, delete_original. What is safe, and where
-(read only): coverage, copies_due, where_is.
+Batch operations (each returns its report; plan_* are dry runs, context managers that stream
+what the run would do): copy_batch, plan_copy, archive_batch, plan_archive, restore_batch,
+plan_restore, export_batch, plan_export, verify_backend, write_report, list_backends,
+due_checks, init_db, create_local_backend, create_s3_backend. Per-file operations (what the
+storage service calls): fetch_file, file_state, active_original, copy_file, archive_file,
+record_archived, make_version_in_place, delete_original, restore_original. What is safe, and
+where (read only): coverage, copies_due, where_is. `__all__` names the public API.
 """
 
 from __future__ import annotations
@@ -1086,9 +1088,9 @@ class Selection:
     """The files of a batch that SOURCE holds, streamed in file_id order: a production batch
     holds 1.7 million files and is never loaded whole.
 
-    For `copy` (archive=False): files SOURCE holds as version `version_type` or as the original,
+    For `copy` (for_archive=False): files SOURCE holds as version `version_type` or as the original,
     and TARGET holds in no version; never from a copy at SOURCE that its last check found
-    missing or corrupt (rule 8: `counts` says how many are left out for that). For `archive`:
+    missing or corrupt (rule 8: `counts` says how many are left out for that). For `archive` (for_archive=True):
     files SOURCE (the active tier) holds as the original, with whatever version TARGET (the
     archive) already holds of them."""
     batch: object
@@ -1096,7 +1098,7 @@ class Selection:
     target_id: int
     version_type: int = 0
     limit: int | None = None
-    archive: bool = False
+    for_archive: bool = False   # the archive command's selection (see above)
     verified_within_days: float | None = None   # archive: other copies count if checked within
 
     @property
@@ -1106,7 +1108,7 @@ class Selection:
     def _archive_columns(self, has_log: bool) -> str:
         """For archive: the sound originals recorded on backends other than SOURCE and TARGET
         (rule 8), and whether TARGET's recorded copy was found damaged by its last check."""
-        if not self.archive:
+        if not self.for_archive:
             return '0, false'
         storage = self.group.storage_table
         damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
@@ -1117,7 +1119,7 @@ class Selection:
 
     @property
     def _todo(self) -> str:
-        return 'TRUE' if self.archive else f't.file_id IS NULL AND {self._source_sound}'
+        return 'TRUE' if self.for_archive else f't.file_id IS NULL AND {self._source_sound}'
 
     @property
     def _source_sound(self) -> str:
@@ -1130,11 +1132,11 @@ class Selection:
     def _query(self, conn, head: str, tail: str) -> str:
         storage = self.group.storage_table
         params = {'source': self.source_id, 'target': self.target_id,
-                  'types': (0,) if self.archive else (self.version_type, 0)}
+                  'types': (0,) if self.for_archive else (self.version_type, 0)}
         joins = (') AS b\n'
                  f'JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s\n'
                  f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n')
-        if self.archive:
+        if self.for_archive:
             joins += last_check_join(self.group, 't', 'tc', has_fixity_log(conn)) + '\n'
         else:
             joins += last_check_join(self.group, 's', 'sc', has_fixity_log(conn)) + '\n'
@@ -1146,7 +1148,7 @@ class Selection:
     def counts(self, conn) -> dict:
         """How many files of the batch are to do (and their bytes), how many TARGET holds as
         the version asked for already, and how many in another version."""
-        left_out = 'FALSE' if self.archive else f't.file_id IS NULL AND NOT {self._source_sound}'
+        left_out = 'FALSE' if self.for_archive else f't.file_id IS NULL AND NOT {self._source_sound}'
         head = (f'SELECT count(*) FILTER (WHERE {self._todo}),\n'
                 f'       coalesce(sum(b.file_size) FILTER (WHERE {self._todo}), 0),\n'
                 f'       count(*) FILTER (WHERE t.type = {int(self.version_type)}),\n'
@@ -1216,13 +1218,13 @@ def fetch_file(conn, group: str, file_id: int) -> CatalogFile:
 
 
 @dataclasses.dataclass(frozen=True)
-class HeldVersion:
+class StorageRow:
     """A storage row of one file: which backend holds which version of it."""
     backend: BackendRow
     type: int
 
 
-def held_versions(conn, group: str, file_id: int, *, lock: bool = False) -> list[HeldVersion]:
+def storage_rows(conn, group: str, file_id: int, *, lock: bool = False) -> list[StorageRow]:
     """The file's storage rows with their backends, the online tiers first (by priority, then
     id). With `lock`, the rows are locked (SELECT … FOR UPDATE) until the transaction ends, so
     that two requests for one file, from any number of processes, never both act on it; a lock
@@ -1245,7 +1247,7 @@ def held_versions(conn, group: str, file_id: int, *, lock: bool = False) -> list
         except psycopg2.errors.LockNotAvailable:
             conn.rollback()
             raise Busy(f'{group.name} file {file_id} is being changed by another request; try again') from None
-        return [HeldVersion(BackendRow(*row[1:]), row[0]) for row in cur.fetchall()]
+        return [StorageRow(BackendRow(*row[1:]), row[0]) for row in cur.fetchall()]
 
 
 # =================================================================================================
@@ -3337,16 +3339,16 @@ class Pipeline:
             handler(item, future)
 
     def drive(self, items: Iterable, work: Callable, on_done: Callable,
-              between: Callable[[bool], None] = lambda idle: None, held: Callable[[], int] = lambda: 0) -> None:
+              between: Callable[[bool], None] = lambda idle: None, waiting: Callable[[], int] = lambda: 0) -> None:
         """`between(idle)` runs after every round, with idle=True once nothing is in flight and
-        nothing more will be fed; `held()` counts items waiting outside the pool (they hold
+        nothing more will be fed; `waiting()` counts items waiting outside the pool (they hold
         memory, so they count against the number in flight). An error from the items, a handler
         or `between` stops the feeding; the work in flight is finished and handled first."""
         iterator = iter(items)
         exhausted = False
         try:
             while True:
-                while not exhausted and not self.run.stopping and len(self.pending) + held() < self.jobs * 2:
+                while not exhausted and not self.run.stopping and len(self.pending) + waiting() < self.jobs * 2:
                     item = next(iterator, None)
                     if item is None:
                         exhausted = True
@@ -3438,7 +3440,7 @@ class BatchJob:
     def done(self, file: CatalogFile, future: Future) -> None:
         raise NotImplementedError
 
-    def held(self) -> int:
+    def waiting(self) -> int:
         return 0
 
     def failed(self, file: CatalogFile, exc: Exception) -> None:
@@ -3534,7 +3536,8 @@ class BatchFrame:
             return ServiceRecorder(self.service, self.connection(), group, backends, jobs=self.options.jobs)
         return CatalogWriter(self.connection(), group, backends, **timing)
 
-    def run(self, job: BatchJob, selection: Selection, title: str) -> RunReport:
+    def carry_out(self, job: BatchJob, selection: Selection, title: str) -> RunReport:
+        """Run the job over the selection, in a Run (log, progress, signals), and return its report."""
         report = RunReport(self.command, title)
         counts = BackgroundCounts(self.settings, selection)
         with contextlib.ExitStack() as locks:
@@ -3549,7 +3552,7 @@ class BatchFrame:
                     run.set_totals(counts.result)
                     job.between(idle)
                 try:
-                    pipeline.drive(selection.files(self.reader), job.work, job.done, between=between, held=job.held)
+                    pipeline.drive(selection.files(self.reader), job.work, job.done, between=between, waiting=job.waiting)
                 except KeyboardInterrupt:
                     report.stopped = ('stopped at once by a second interrupt (Ctrl-C or SIGTERM): the files in flight '
                                       'were abandoned (the next run removes their temporary files)')
@@ -4544,15 +4547,15 @@ class FileState:
     """A file and where the catalog records its versions, with what an operation did to it."""
     group: str
     file: CatalogFile
-    held: list
+    rows: list            # its storage rows (StorageRow), the online tiers first
     outcome: str = ''
 
     @property
-    def active(self) -> HeldVersion | None:
-        return active_version(self.held)
+    def active(self) -> StorageRow | None:
+        return active_version(self.rows)
 
     def as_dict(self) -> dict:
-        def held_dict(h: HeldVersion) -> dict:
+        def row_dict(h: StorageRow) -> dict:
             version = VERSIONS.get((self.group, h.type))
             return {'storage_id': h.backend.storage_id, 'type': h.type,
                     'version': version.label if version else 'unknown', 'backend_type': h.backend.type,
@@ -4560,11 +4563,11 @@ class FileState:
                     'object_name': version.object_name(self.file.object_name) if version else None}
         return {'group': self.group, 'file_id': self.file.file_id, 'object_name': self.file.object_name,
                 'file_size': self.file.file_size, 'sha256': self.file.sha256, 'outcome': self.outcome,
-                'active': held_dict(self.active) if self.active else None,
-                'held': [held_dict(h) for h in self.held]}
+                'active': row_dict(self.active) if self.active else None,
+                'rows': [row_dict(h) for h in self.rows]}
 
 
-def active_version(held: list[HeldVersion]) -> HeldVersion | None:
+def active_version(held: list[StorageRow]) -> StorageRow | None:
     """The active copy: the one held by the S3 backend with the lowest priority number that
     records the file (held_versions lists them by priority)."""
     return next((h for h in held if h.backend.type == 's3'), None)
@@ -4572,7 +4575,7 @@ def active_version(held: list[HeldVersion]) -> HeldVersion | None:
 
 def file_state(conn, group: str, file_id: int, outcome: str = '') -> FileState:
     file = fetch_file(conn, group, file_id)
-    held = held_versions(conn, group, file_id)
+    held = storage_rows(conn, group, file_id)
     conn.commit()
     return FileState(group, file, held, outcome)
 
@@ -4598,7 +4601,7 @@ def active_original(conn, backends: BackendCache, group: str, file_id: int) -> t
     NotFound('file') when the catalog does not know the file, NotFound('original') when the
     active tier holds a version instead, or no online tier records the file."""
     file = fetch_file(conn, group, file_id)
-    held = held_versions(conn, group, file_id)
+    held = storage_rows(conn, group, file_id)
     conn.commit()
     active = active_version(held)
     if active is not None and active.type == 10:        # gzip is the original: served decompressed
@@ -4617,7 +4620,7 @@ def record_archived(conn, group: str, file_id: int, storage_id: int, sha256_hex:
     that records another version of the file (VersionConflict)."""
     file = fetch_file(conn, group, file_id)
     backend_row = _fetch_backend_or_404(conn, storage_id)
-    held = held_versions(conn, group, file_id, lock=True)
+    held = storage_rows(conn, group, file_id, lock=True)
     try:
         if (sha256_hex or '').strip().lower() != file.sha256:
             raise InvalidArchive(f"sha256 {sha256_hex} is not the catalog's sha256 of {group} file {file_id}")
@@ -4640,9 +4643,9 @@ def record_archived(conn, group: str, file_id: int, storage_id: int, sha256_hex:
     return file_state(conn, group, file_id, 'exists' if there is not None else 'created')
 
 
-def _locked_active(conn, group: str, file_id: int) -> tuple[CatalogFile, list[HeldVersion], HeldVersion]:
+def _locked_active(conn, group: str, file_id: int) -> tuple[CatalogFile, list[StorageRow], StorageRow]:
     file = fetch_file(conn, group, file_id)
-    held = held_versions(conn, group, file_id, lock=True)
+    held = storage_rows(conn, group, file_id, lock=True)
     active = active_version(held)
     if active is None:
         raise NotFound(f'no online tier records {group} file {file_id}', 'original')
@@ -4809,7 +4812,7 @@ def restore_original(conn, backends: BackendCache, group: str, file_id: int, chu
     if length < file.file_size:
         raise ChecksumMismatch(f'{length:,} bytes offered, the catalog says {file.file_size:,}: not the original',
                                file.object_name)
-    held = held_versions(conn, group, file_id, lock=True)
+    held = storage_rows(conn, group, file_id, lock=True)
     try:
         active = active_version(held)
         if active is not None:
@@ -4927,7 +4930,7 @@ def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str
         selection = Selection(batch, source_id, target_id, version.type, frame.options.limit)
         selection.check(frame.reader)
         job = CopyJob(source, target, version, frame.recorder(selection.group, (target,)))
-        return frame.run(job, selection, _copy_title(batch, version, source, target))
+        return frame.carry_out(job, selection, _copy_title(batch, version, source, target))
 
 
 def plan_copy(settings: Settings, source_id: int, target_id: int, batch_id: str, *, version_type: int = 0,
@@ -4980,7 +4983,7 @@ class ArchiveJob(BatchJob):
     def work(self, file: CatalogFile) -> ArchiveStep:
         return self.archiver.archive_original(file, self.can_release(file))
 
-    def held(self) -> int:
+    def waiting(self) -> int:
         return len(self.awaiting)
 
     def done(self, file: CatalogFile, future: Future) -> None:
@@ -5142,13 +5145,13 @@ def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id:
     with BatchFrame(settings, 'archive', options) as frame:
         batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies, verified_within_days)
         active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
-        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True,
+        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, for_archive=True,
                               verified_within_days=verified_within_days)
         selection.check(frame.reader)
         archiver = (ServiceArchiver(frame.service, batch.group, active, archive, version) if frame.service
                     else Archiver(batch.group, active, archive, version))
         recorder = frame.recorder(selection.group, (archive, active), every_rows=200, every_seconds=2.0)
-        return frame.run(ArchiveJob(archiver, recorder, min_copies, verified_within_days), selection,
+        return frame.carry_out(ArchiveJob(archiver, recorder, min_copies, verified_within_days), selection,
                          _archive_title(batch, version, active, archive))
 
 
@@ -5176,7 +5179,7 @@ def plan_archive(settings: Settings, active_id: int, archive_id: int, batch_id: 
         frame = on_error.enter_context(BatchFrame(settings, 'archive', options))
         batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies, verified_within_days)
         active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
-        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, archive=True,
+        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, for_archive=True,
                               verified_within_days=verified_within_days)
         notes = archive_notes(selection.counts(frame.reader))
         on_error.pop_all()
@@ -5310,7 +5313,7 @@ class RestoreJob(BatchJob):
         self.marks = marks                   # the fixity log marks restores that finished
         self.awaiting: list[RestoreStep] = []
 
-    def held(self) -> int:
+    def waiting(self) -> int:
         return len(self.awaiting)
 
     def versions_at_active(self, file: CatalogFile) -> list[Version]:
@@ -5504,7 +5507,7 @@ def restore_batch(settings: Settings, archive_id: int, active_id: int, batch_id:
         recorder = frame.recorder(selection.group, (active,), every_rows=200, every_seconds=2.0)
         job = RestoreJob(archive, active, recorder, batch.group, frame.service,
                          marks=has_fixity_log(frame.reader))
-        return frame.run(job, selection, _restore_title(batch, archive, active))
+        return frame.carry_out(job, selection, _restore_title(batch, archive, active))
 
 
 def plan_restore(settings: Settings, archive_id: int, active_id: int, batch_id: str, *,
@@ -5852,7 +5855,7 @@ def export_batch(settings: Settings, batch_id: str, directory: str, *, version_t
         except OSError as exc:
             raise ConfigError(f'cannot make the folder {folder}: {exc.strerror}') from None
         job = ExportJob(folder, online, frame.recorder(selection.group, ()), version)
-        report = frame.run(job, selection, title)
+        report = frame.carry_out(job, selection, title)
     plan = recall_plan(job.offline, labels)
     result = ExportReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(RunReport)},
                           directory=folder, manifest=folder / EXPORT_MANIFEST, recall=plan, offline=len(job.offline))
@@ -5885,7 +5888,7 @@ def plan_export(settings: Settings, batch_id: str, directory: str, *, version_ty
 def _one_file(conn, settings: Settings, group: str, file_id: int, source_id: int, target_id: int,
               source_path: str | None, target_path: str | None, source_writing: bool = False):
     file = fetch_file(conn, group, file_id)
-    held = {h.backend.storage_id: h.type for h in held_versions(conn, group, file_id)}
+    held = {h.backend.storage_id: h.type for h in storage_rows(conn, group, file_id)}
     conn.commit()
     if source_id == target_id:
         raise ConfigError('source and target are the same backend')
@@ -5996,7 +5999,7 @@ def archive_file(settings: Settings, group: str, file_id: int, active_id: int, a
 # --- verify ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class HeldFile:
+class RecordedCopy:
     """A file the catalog records on a backend: which group, which version, under which name."""
     group: str
     file: CatalogFile
@@ -6011,8 +6014,8 @@ class HeldFile:
         return self.version.object_name(self.file.object_name) if self.version else self.file.object_name
 
 
-def held_files(conn, storage_id: int, batch=None, *, by_last_check: bool = False,
-               not_checked_within: float | None = None) -> tuple[Iterator[HeldFile], dict]:
+def recorded_copies(conn, storage_id: int, batch=None, *, by_last_check: bool = False,
+               not_checked_within: float | None = None) -> tuple[Iterator[RecordedCopy], dict]:
     """Every file the catalog records on the backend (of the batch, if given), and the totals.
 
     Streamed in folder order (by the folders of the name, part by part, then by name; COLLATE
@@ -6048,10 +6051,10 @@ def held_files(conn, storage_id: int, batch=None, *, by_last_check: bool = False
         conn.rollback()
         raise selection_error(batch, exc) if batch else exc
 
-    def stream() -> Iterator[HeldFile]:
+    def stream() -> Iterator[RecordedCopy]:
         query = f'SELECT * FROM ({union}) AS held ORDER BY {order}'
         for group, file_id, object_name, file_size, sha256, version_type, _ in streamed_rows(conn, query):
-            yield HeldFile(group, CatalogFile(file_id, object_name, int(file_size), (sha256 or '').strip().lower()),
+            yield RecordedCopy(group, CatalogFile(file_id, object_name, int(file_size), (sha256 or '').strip().lower()),
                            version_type)
     return stream(), {'files': files, 'original_bytes': original_bytes, 'versions': versions}
 
@@ -6080,7 +6083,7 @@ class VerifyReport(RunReport):
     checks_logged: int = 0               # rows appended to the fixity log
 
 
-def verify_file(backend: Backend, held: HeldFile, progress: Callable[[int], None]) -> int:
+def verify_file(backend: Backend, held: RecordedCopy, progress: Callable[[int], None]) -> int:
     """Read the stored file once and check it; returns the bytes read."""
     file, version = held.file, held.version
     if version.type == 0:
@@ -6116,7 +6119,7 @@ class CheckLog:
             self.refused = (f'this catalog role may not append to it: a role granted INSERT on {FIXITY_TABLE} '
                             'keeps them')
 
-    def add(self, held: HeldFile, outcome: str, detail: str | None = None) -> None:
+    def add(self, held: RecordedCopy, outcome: str, detail: str | None = None) -> None:
         if self.refused:
             self.not_logged += 1
         elif self.writers:
@@ -6174,7 +6177,7 @@ class ScrubBudget:
             return True
         return False
 
-    def take(self, items: Iterator[HeldFile]) -> Iterator[HeldFile]:
+    def take(self, items: Iterator[RecordedCopy]) -> Iterator[RecordedCopy]:
         """The items, until the budget is spent (asking for the next one only while it is not)."""
         taken = 0
         while not self.out_of_time():
@@ -6201,14 +6204,14 @@ class Verifier:
         self.run, self.report = run, report
         self.checks = checks
         self.checked_copies = 0         # copies checked (sound, missing or corrupt): rows for the fixity log
-        self.rows_to_remove: list[HeldFile] = []
+        self.rows_to_remove: list[RecordedCopy] = []
 
-    def check_done(self, held: HeldFile, outcome: str, detail: str = '') -> None:
+    def check_done(self, held: RecordedCopy, outcome: str, detail: str = '') -> None:
         self.checked_copies += 1
         if self.checks:
             self.checks.add(held, outcome, detail)
 
-    def finding(self, kind: str, held: HeldFile | None, name: str, reason: str = '') -> None:
+    def finding(self, kind: str, held: RecordedCopy | None, name: str, reason: str = '') -> None:
         self.report.found[kind].append((name, reason))
         self.report.failures.append((name, reason or kind))
         if held:
@@ -6220,7 +6223,7 @@ class Verifier:
             self.run.log_entry(kind, '', 0, name, reason)
         log.warning('%s %s%s', kind.upper(), name, f': {reason}' if reason else '')
 
-    def checked(self, held: HeldFile, future: Future) -> None:
+    def checked(self, held: RecordedCopy, future: Future) -> None:
         try:
             nbytes = future.result()
         except Cancelled:
@@ -6238,7 +6241,7 @@ class Verifier:
             self.run.outcome(held.file, 'sound', nbytes)
             self.check_done(held, 'ok')
 
-    def checkable(self, held: HeldFile) -> bool:
+    def checkable(self, held: RecordedCopy) -> bool:
         if held.version is None:
             self.finding('unchecked', held, held.file.object_name, f'version type {held.version_type} is unknown to '
                                                                     'this tool')
@@ -6250,7 +6253,7 @@ class Verifier:
             return False
         return True
 
-    def walk_alongside(self, items: Iterator[HeldFile], backend: Backend) -> Iterator[HeldFile]:
+    def walk_alongside(self, items: Iterator[RecordedCopy], backend: Backend) -> Iterator[RecordedCopy]:
         """Merge the catalog's files (in folder order) with a walk of the backend's folders, one
         folder at a time: what only the catalog has is missing, what only the disk has is
         unknown, what both have is checked. Memory holds one folder, whatever the disk's size."""
@@ -6355,7 +6358,7 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
                                path_option='--path')
         backend.check(writing=False)
         walk = backend.lists_files and batch is None and not scrub
-        files, totals = held_files(reader, storage_id, batch, by_last_check=not walk,
+        files, totals = recorded_copies(reader, storage_id, batch, by_last_check=not walk,
                                    not_checked_within=not_checked_within)
         report = VerifyReport('verify', backend.describe() + (f", batch '{batch.id}'" if batch else ''),
                               batch_id=batch.id if batch else None, storage_id=storage_id,
@@ -6373,7 +6376,7 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
             if walk:
                 items = verifier.walk_alongside(items, backend)
 
-            def check(held: HeldFile) -> int:
+            def check(held: RecordedCopy) -> int:
                 budget.start()
                 return verify_file(backend, held, run.progress)
             try:

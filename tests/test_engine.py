@@ -152,7 +152,7 @@ def test_record_archived_inserts_once_and_refuses_what_it_should(world, one_file
     assert record(archive, image.sha256.upper()).outcome == 'created'
     state = record(archive, image.sha256)
     assert state.outcome == 'exists' and world.rows(archive) == {image.file_id: 0}
-    assert [(h['storage_id'], h['type']) for h in state.as_dict()['held']] == [(active, 0), (archive, 0)]
+    assert [(h['storage_id'], h['type']) for h in state.as_dict()['rows']] == [(active, 0), (archive, 0)]
     world.query('UPDATE mm_files_image_storage SET type = 10 WHERE storage_id = %s', (archive,))
     with pytest.raises(ms.VersionConflict):
         record(archive, image.sha256)

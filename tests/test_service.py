@@ -166,7 +166,7 @@ def test_post_archive_records_once_and_refuses_what_it_must(online):
     first = service.request('POST', path, json_body={'storage_id': online.archive, 'sha256': image.sha256})
     assert first.status == 201, first.data
     state = json.loads(first.data)
-    assert state['outcome'] == 'created' and {(h['storage_id'], h['type']) for h in state['held']} == {
+    assert state['outcome'] == 'created' and {(h['storage_id'], h['type']) for h in state['rows']} == {
         (online.active, 0), (online.archive, 0)}
     again = service.request('POST', path, json_body={'storage_id': online.archive, 'sha256': image.sha256})
     assert again.status == 200 and json.loads(again.data)['outcome'] == 'exists'
