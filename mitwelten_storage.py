@@ -1993,10 +1993,9 @@ class S3Backend(Backend):
         if meta is not None:
             meta['etag'] = response.get('ETag')
         body = response['Body']
-        raw = getattr(body, '_raw_stream', None)
-        fp = getattr(raw, '_fp', None)
-        if into is not None and hasattr(fp, 'readinto') and hasattr(raw, 'release_conn'):
-            yield from self._read_into(body, raw, fp, response.get('ContentLength'), into)
+        stream = raw_http_stream(body) if into is not None else None
+        if stream is not None:
+            yield from self._read_into(body, *stream, response.get('ContentLength'), into)
             return
         try:
             # A camera image in one read: far less per-byte Python than 1 MiB chunks. Larger
@@ -2085,6 +2084,18 @@ class S3Backend(Backend):
                 return None     # a server without tagging, or an object gone: nothing to carry over
             raise
         return {tag['Key']: tag['Value'] for tag in response.get('TagSet', [])} or None
+
+
+def raw_http_stream(body) -> tuple | None:
+    """urllib3's response and http.client's file under botocore's StreamingBody, to receive an
+    object with readinto into a reused buffer (S3Backend._read_into). They are private
+    attributes of both libraries: where a version no longer has them, None, and the object is
+    read through the public API instead (tests/test_copy.py runs both ways)."""
+    raw = getattr(body, '_raw_stream', None)
+    fp = getattr(raw, '_fp', None)
+    if hasattr(fp, 'readinto') and hasattr(raw, 'release_conn'):
+        return raw, fp
+    return None
 
 
 class ChunkReader(io.RawIOBase):

@@ -62,6 +62,25 @@ def test_copy_s3_to_local_copies_checks_and_records_every_original(world):
     assert {p: p.stat().st_mtime_ns for p in (disk / 'archive').rglob('*.jpg')} == mtimes
 
 
+@pytest.mark.parametrize('stream', ['received into the buffer', 'read through the public API'])
+def test_copy_from_s3_with_and_without_the_private_stream(world, monkeypatch, stream):
+    """S3 objects are received straight into a reused buffer through private attributes of
+    botocore and urllib3; where a library version lacks them, the public API does the same job."""
+    used = []
+    real = ms.raw_http_stream
+    if stream == 'read through the public API':
+        monkeypatch.setattr(ms, 'raw_http_stream', lambda body: used.append('public') or None)
+    else:
+        monkeypatch.setattr(ms, 'raw_http_stream', lambda body: used.append('private') or real(body))
+    source = world.create_s3_backend()
+    target, disk = world.create_local_backend()
+    files = world.images_on_s3(6, source)
+    report = world.copy(source, target, jobs=2)
+    assert report.exit_status == 0 and report.count('copied') == 6, report.failures
+    assert archive_files(disk) == expected(files)
+    assert used and set(used) == {'public' if 'public' in stream else 'private'}
+
+
 def test_copy_audio_recordings_s3_to_local(world):
     source = world.create_s3_backend()
     target, disk = world.create_local_backend()
