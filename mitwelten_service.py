@@ -64,7 +64,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Annotated, Iterator
+from typing import Annotated, Iterator, Literal
 
 # Installed with pip or pipx, the mitwelten-service command is there without the `service` extra too
 # (pip installs every entry point): run as a command, say what to install rather than fail with a
@@ -637,6 +637,10 @@ class Service:
 class ArchiveRecord(BaseModel):
     storage_id: int = Field(description='the archive backend (priority 2) that holds the checked original')
     sha256: str = Field(pattern=r'^[0-9a-fA-F]{64}$', description="the original's sha256, hex")
+    outcome: Literal['ok', 'repaired'] = Field('ok', description="the workstation's check of its copy, for the "
+                                                                 "fixity log: 'repaired' where it wrote it again")
+    event: Literal['archive', 'release'] = Field('archive', description="'release': proven before asking for a "
+                                                                        'release (rule 3)')
 
 
 class ScaledRequest(BaseModel):
@@ -976,7 +980,8 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
                          **problems(401, 403, 404, 409, 413, 422)})
     def post_archive(kind: Kind, file_id: FileId, body: ArchiveRecord, claims: dict = Depends(writer)):
         with service().pool.connection() as conn:
-            state = ms.record_archived(conn, kind.group, file_id, body.storage_id, body.sha256)
+            state = ms.record_archived(conn, kind.group, file_id, body.storage_id, body.sha256, outcome=body.outcome,
+                                       event=body.event, agent=f"mitwelten-service {claims.get('sub', '?')}")
         return JSONResponse(state.as_dict(), status_code=201 if state.outcome == 'created' else 200)
 
     @app.post('/{kind}/{file_id}/scaled', response_model=FileStateModel,

@@ -4083,9 +4083,12 @@ class ServiceClient:
                                   f'{file.object_name} ({reason})')
             log.debug('resuming %s at byte %d after: %s', file.object_name, received, reason)
 
-    def record_archived(self, group: str, file: CatalogFile, storage_id: int) -> str:
-        response = self.request('POST', self.path(group, file.file_id, 'archive'),
-                                body={'storage_id': storage_id, 'sha256': file.sha256})
+    def record_archived(self, group: str, file: CatalogFile, storage_id: int, *, outcome: str = 'ok',
+                        event: str = 'archive') -> str:
+        body = {'storage_id': storage_id, 'sha256': file.sha256}
+        if (outcome, event) != ('ok', 'archive'):
+            body.update(outcome=outcome, event=event)
+        response = self.request('POST', self.path(group, file.file_id, 'archive'), body=body)
         return 'created' if response.status == 201 else 'exists'
 
     def make_version_in_place(self, group: str, file: CatalogFile, version_type: int) -> dict:
@@ -4217,6 +4220,9 @@ class ServiceArchiver(Archiver):
     def release_original(self, step: ArchiveStep) -> str:
         if step.archive_holds:
             self.prove_archive_copy(step)
+            if step.proof in SOUND_OUTCOMES:      # the workstation may only read the catalog: the service logs it
+                self.client.record_archived(self.group, step.file, self.archive.row.storage_id, outcome=step.proof,
+                                            event='release')
         if self.version is not None:
             state = self.client.make_version_in_place(self.group, step.file, self.version.type)
             step.released_before = state.get('outcome') == 'already replaced'
@@ -4623,10 +4629,12 @@ def active_original(conn, backends: BackendCache, group: str, file_id: int) -> t
     return file, backends.get(active.backend)
 
 
-def record_archived(conn, group: str, file_id: int, storage_id: int, sha256_hex: str) -> FileState:
+def record_archived(conn, group: str, file_id: int, storage_id: int, sha256_hex: str, *, outcome: str = 'ok',
+                    event: str = 'archive', agent: str | None = None) -> FileState:
     """Record that archive backend `storage_id` holds the checked original of the file (a
-    workstation wrote and checked it there). Deletes nothing. Outcome 'created', or 'exists'
-    when it was recorded already. Refuses an unknown file or backend (NotFound), a sha256 that
+    workstation wrote and checked it there, or proved it before a release: `event` 'release',
+    `outcome` 'repaired' where it wrote it again), and log that check in the fixity log.
+    Deletes nothing. Outcome 'created', or 'exists' when it was recorded already. Refuses an unknown file or backend (NotFound), a sha256 that
     is not the catalog's or a backend that is not an archive (InvalidArchive), and a backend
     that records another version of the file (VersionConflict)."""
     file = fetch_file(conn, group, file_id)
@@ -4642,6 +4650,9 @@ def record_archived(conn, group: str, file_id: int, storage_id: int, sha256_hex:
         if there is not None and there.type != 0:
             raise VersionConflict(f'{backend_row.describe()} records version {there.type} of {group} file {file_id}, '
                                   'not its original')
+        if outcome not in SOUND_OUTCOMES or event not in ('archive', 'release'):
+            raise InvalidArchive(f"a check recorded with an archive is 'ok' or 'repaired', at 'archive' or 'release', "
+                                 f'not {outcome!r} at {event!r}')
         if there is None:
             with conn.cursor() as cur:
                 cur.execute(sql.SQL('INSERT INTO {} (file_id, storage_id, type, created_at, updated_at) '
@@ -4651,7 +4662,18 @@ def record_archived(conn, group: str, file_id: int, storage_id: int, sha256_hex:
     except BaseException:
         conn.rollback()
         raise
+    _log_check_now(conn, group, FixityCheck(file_id, storage_id, 0, outcome, event, 'checked by the workstation'),
+                   agent)
     return file_state(conn, group, file_id, 'exists' if there is not None else 'created')
+
+
+def _log_check_now(conn, group: str, check: FixityCheck, agent: str | None = None) -> None:
+    """One check appended to the fixity log at once (a per-file operation is one file), where
+    the log is there and this role may append to it."""
+    if has_fixity_log(conn) and may_append_fixity(conn):
+        with conn.cursor() as cur:
+            append_fixity(cur, GROUPS[group], [check], agent or fixity_agent())
+        conn.commit()
 
 
 def _locked_active(conn, group: str, file_id: int) -> tuple[CatalogFile, list[StorageRow], StorageRow]:

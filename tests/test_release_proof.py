@@ -144,6 +144,9 @@ def test_through_the_service_the_workstation_proves_its_disk_copy_first(world, s
     assert files_under(disk / 'archive') == {f.object_name: f.data for f in files}
     assert_every_released_original_is_sound_on_disk(world, bucket, active, disk, files)
     assert not any(f.object_name in bucket_keys(world, bucket) for f in files)
+    # The workstation may only read the catalog: the service logged its proofs.
+    releases = {(file_id, outcome) for file_id, outcome, event in fixity(world, archive) if event == 'release'}
+    assert releases == {(f.file_id, 'repaired') for f in files[:3]} | {(files[3].file_id, 'ok')}
 
 
 def test_too_few_copies_reachable_means_no_download_and_no_version(world):
