@@ -1402,6 +1402,70 @@ def write_chunks(handle, chunks: Iterable[bytes], direct: bool) -> bool:
     return accepted
 
 
+class SyncfsGroup:
+    """The grouped syncfs of a disk that writes in groups (`copy`): files written and checked
+    under their temporary names wait here; `sync` makes them durable together with one syncfs()
+    of the file system (not an fsync per file), then renames them into place; their folders are
+    fsynced by the backend's sync, before the catalog records them. A failed sync, or a failed
+    fsync of any file of the disk (`fail`), leaves none of the waiting files under its final name
+    and fails every later sync of the run, so that nothing written since the last good sync is
+    recorded (rule 1): the next run writes them again."""
+
+    def __init__(self):
+        self.files: list[tuple[Path, Path]] = []     # (temporary name, final name)
+        self.error: OSError | None = None
+        self._lock = threading.Lock()                  # one sync at a time
+        self._files_lock = threading.Lock()
+
+    def add(self, tmp: Path, final: Path) -> bool:
+        """A file written and checked under `tmp`; whether the group is full and due a sync."""
+        with self._files_lock:
+            self.files.append((tmp, final))
+            return len(self.files) >= SYNC_GROUP
+
+    def fail(self, exc: OSError) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+
+    def sync(self, root: Path, lock_fd: int, renamed: Callable[[Path], None]) -> None:
+        """One syncfs() through `lock_fd` (open on the disk since the run began, so it reports
+        every write-back error since), then the renames; `renamed(folder)` for each."""
+        with self._lock:
+            if self.error is not None:
+                raise self.error
+            with self._files_lock:
+                files, self.files = self.files, []
+            if not files:
+                return
+            try:
+                fault_point('fsync', root)
+                if SYNCFS(lock_fd) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f'syncfs: {os.strerror(err)}', str(root))
+            except OSError as exc:
+                self.error = exc
+                for tmp, _ in files:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                raise
+            except BaseException:       # interrupted: whether the group is durable is not known
+                self.error = OSError(errno.EINTR, 'interrupted while making a group of files durable', str(root))
+                raise
+            try:
+                for tmp, final in files:
+                    crash_point('before-rename')
+                    fault_point('rename', final)
+                    os.replace(tmp, final)
+                    renamed(final.parent)
+            except BaseException as exc:
+                # Some of the group are not under their final names: none of the rows waiting
+                # for this sync may be recorded, so every later sync of the run fails too.
+                self.error = exc if isinstance(exc, OSError) else OSError(
+                    errno.EINTR, 'interrupted while renaming a group of files', str(root))
+                raise
+
+
 # --- archive disks: identity and whereabouts -------------------------------------------------------
 
 def read_dot_file(root: Path) -> dict[str, str]:
@@ -1634,9 +1698,7 @@ class LocalBackend(Backend):
         # Writing in groups (`copy`, where syncfs exists, see group_writes): files written and
         # checked under their temporary names, made durable together, then renamed.
         self._lock_fd: int | None = None
-        self._unsynced_files: list[tuple[Path, Path]] = []
-        self._group_lock = threading.Lock()
-        self._sync_error: OSError | None = None
+        self._group = SyncfsGroup()
 
     def location(self) -> str:
         return str(self.root)
@@ -1800,10 +1862,7 @@ class LocalBackend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        with self._dirs_lock:
-            self._unsynced_files.append((tmp, final))
-            due = len(self._unsynced_files) >= SYNC_GROUP
-        if due:
+        if self._group.add(tmp, final):
             self._sync_group()
 
     def _write_file(self, tmp: Path, object_name: str, chunks: Iterable[bytes], size: int) -> None:
@@ -1829,49 +1888,10 @@ class LocalBackend(Backend):
     def _fsync_failed(self, exc: OSError) -> None:
         """A file's fsync failed: the disk may have lost what it holds of anything written since
         the last good sync, so every later sync of the run fails and nothing more is recorded."""
-        with self._group_lock:
-            if self._sync_error is None:
-                self._sync_error = exc
+        self._group.fail(exc)
 
     def _sync_group(self) -> None:
-        """One syncfs() for the files written so far in the group, then their renames (their
-        folders are fsynced by sync(), before the catalog records them). A failed sync leaves
-        none of them under its final name and fails every later sync of the run, so nothing
-        written since the last good sync is recorded (rule 1); the next run writes them again."""
-        with self._group_lock:
-            if self._sync_error is not None:
-                raise self._sync_error
-            with self._dirs_lock:
-                files, self._unsynced_files = self._unsynced_files, []
-            if not files:
-                return
-            try:
-                fault_point('fsync', self.root)
-                if SYNCFS(self._lock_fd) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f'syncfs: {os.strerror(err)}', str(self.root))
-            except OSError as exc:
-                self._sync_error = exc
-                for tmp, _ in files:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                raise
-            except BaseException:       # interrupted: whether the group is durable is not known
-                self._sync_error = OSError(errno.EINTR, 'interrupted while making a group of files durable',
-                                           str(self.root))
-                raise
-            try:
-                for tmp, final in files:
-                    crash_point('before-rename')
-                    fault_point('rename', final)
-                    os.replace(tmp, final)
-                    self._changed(final.parent)
-            except BaseException as exc:
-                # Some of the group are not under their final names: none of the rows waiting
-                # for this sync may be recorded, so every later sync of the run fails too.
-                self._sync_error = exc if isinstance(exc, OSError) else OSError(
-                    errno.EINTR, 'interrupted while renaming a group of files', str(self.root))
-                raise
+        self._group.sync(self.root, self._lock_fd, self._changed)
 
     def delete(self, object_name: str) -> None:
         path = self.path(object_name)
