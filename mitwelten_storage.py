@@ -7819,7 +7819,11 @@ examples:
   mitwelten_storage.py archive -s 1 -t 3 fs1_images --replace-with 1
   mitwelten_storage.py archive -s 1 -t 3 fs1_images --replace-with 1 --via https://storage.mitwelten.org
   mitwelten_storage.py verify 3 --fix
+  mitwelten_storage.py verify 3 --not-checked-within 30 --max-time 240
   mitwelten_storage.py report 3
+  mitwelten_storage.py info --due
+  mitwelten_storage.py restore -s 3 -t 1 fs1_images
+  mitwelten_storage.py export fs1_images --to ~/work/fs1
   mitwelten_storage.py coverage --at-risk                          # exit 1 when a file has < 2 sound copies
   mitwelten_storage.py whereis image 1234
 
