@@ -8225,6 +8225,12 @@ def exit_status_of(command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of the output went away (`… | head`): stop quietly, as other tools do; the
+        # rest of the output goes nowhere rather than raise again at exit.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURES
     except (StorageError, psycopg2.Error, botocore.exceptions.BotoCoreError,
             botocore.exceptions.ClientError, OSError) as exc:
         print(f'error: {describe_exception(exc)}', file=sys.stderr)
