@@ -892,6 +892,7 @@ class Recorder:
         self.type_changes: list[tuple[int, int, int, int]] = []
         self.removals: list[tuple[int, int]] = []
         self.checks: list[FixityCheck] = []       # for the fixity log, with the next commit
+        self.type_changes_missed: set[tuple[int, int]] = set()   # (file_id, storage_id): the row had changed
         self.last_flush = time.monotonic()
         self.recorded = 0               # inserts recorded
         self.unrecorded = 0             # inserts dropped: their files are written but not recorded
@@ -981,12 +982,14 @@ class CatalogWriter(Recorder):
                         'ON CONFLICT (file_id, storage_id) DO NOTHING').format(table).as_string(cur),
                         [(file.file_id, storage_id, version_type) for file, storage_id, version_type in self.inserts],
                         template='(%s, %s, %s, now(), now())', page_size=1000)
+                applied = set()
                 if self.type_changes:
-                    psycopg2.extras.execute_values(cur, sql.SQL(
+                    applied = {tuple(row) for row in psycopg2.extras.execute_values(cur, sql.SQL(
                         'UPDATE {} AS s SET type = v.new_type, updated_at = now() '
                         'FROM (VALUES %s) AS v (file_id, storage_id, old_type, new_type) '
-                        'WHERE s.file_id = v.file_id AND s.storage_id = v.storage_id AND s.type = v.old_type'
-                    ).format(table).as_string(cur), self.type_changes, page_size=1000)
+                        'WHERE s.file_id = v.file_id AND s.storage_id = v.storage_id AND s.type = v.old_type '
+                        'RETURNING s.file_id, s.storage_id').format(table).as_string(cur), self.type_changes,
+                        page_size=1000, fetch=True)}
                 if self.removals:
                     psycopg2.extras.execute_values(cur, sql.SQL(
                         'DELETE FROM {} AS s USING (VALUES %s) AS v (file_id, storage_id) '
@@ -1001,6 +1004,9 @@ class CatalogWriter(Recorder):
             raise
         crash_point('after-commit')
         self.recorded += len(self.inserts)
+        # A type change that found the row changed meanwhile (another run) did not apply.
+        self.type_changes_missed.update((file_id, storage_id) for file_id, storage_id, *_ in self.type_changes
+                                        if (file_id, storage_id) not in applied)
         self.inserts.clear()
         self.type_changes.clear()
         self.removals.clear()
@@ -5470,7 +5476,11 @@ class RestoreJob(BatchJob):
             crash_point('after-restore-commit')
             steps, self.awaiting = self.awaiting, []
             for step in steps:
-                if step.version_name:
+                if (step.file.file_id, self.active_id) in self.recorder.type_changes_missed:
+                    # Another run changed the row meanwhile: the version it records stays.
+                    self.run.failure(step.file, 'restored, but its row at ACTIVE was changed by another run meanwhile: '
+                                                'its version is left in place; run restore again')
+                elif step.version_name:
                     self.pipeline.submit(self.remove_version, step, self.version_removed)
                 else:
                     self.restored(step)

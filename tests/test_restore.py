@@ -317,3 +317,26 @@ def test_restore_to_a_disk_from_a_bucket(world):
     assert files_under(disk / 'archive') == {f.object_name: f.data for f in files}
     assert world.rows(disk_id) == {f.file_id: 0 for f in files}
     assert [p for p in disk.rglob('*') if p.name.endswith(ms.TMP_SUFFIX)] == []
+
+
+def test_a_row_changed_by_another_run_meanwhile_keeps_its_version(world):
+    """Between the restore's write and its commit another run changes the row at ACTIVE (here a
+    trigger makes the update find nothing to change, as a changed row would): the version that
+    row records is not deleted; the file is named; the next run, once the row is as it was,
+    finishes the restore."""
+    bucket, active, archive, disk, files = archived(world, 3, replace_with=1)
+    contested = files[1]
+    world.query(f'''CREATE FUNCTION "{world.schema}".hold_row() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN IF NEW.file_id = {contested.file_id} THEN RETURN NULL; END IF; RETURN NEW; END $$''')
+    world.query(f'CREATE TRIGGER hold BEFORE UPDATE ON mm_files_image_storage FOR EACH ROW '
+                f'EXECUTE FUNCTION "{world.schema}".hold_row()')
+    report = restore(world, archive, active)
+    assert report.count('restored') == 2 and [name for name, _ in report.failures] == [contested.object_name]
+    assert 'changed by another run' in report.failures[0][1]
+    webp = contested.object_name.replace('.jpg', '.webp')
+    assert world.rows(active)[contested.file_id] == 1 and world.s3_bytes(bucket, webp) is not None
+    world.query('DROP TRIGGER hold ON mm_files_image_storage')
+    again = restore(world, archive, active)
+    assert again.exit_status == 0 and again.count('restored') == 1, again.failures
+    assert world.rows(active) == {f.file_id: 0 for f in files}
+    assert bucket_keys(world, bucket) == {f.object_name for f in files}
