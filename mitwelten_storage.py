@@ -3456,7 +3456,7 @@ class BackgroundCounts:
 
 class BatchJob:
     """One kind of batch run: what to do with each file (on a worker thread) and with what that
-    returns (on the run's thread). The frame, `BatchFrame.run`, does the rest."""
+    returns (on the run's thread). The frame, `BatchFrame.carry_out`, does the rest."""
 
     command = ''
 
