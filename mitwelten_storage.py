@@ -2819,9 +2819,19 @@ def audio_libraries():
     return numpy, soundfile
 
 
+_PYDUB_IMPORT = threading.Lock()
+
+
 def pydub_library():
     """pydub's AudioSegment and CouldntDecodeError, imported where a recording that is neither a
-    WAV nor one libsndfile reads is converted (and by ffmpeg_executable)."""
+    WAV nor one libsndfile reads is converted (and by ffmpeg_executable). Once, under a lock:
+    the warning filters set around the import are the process's, not the thread's."""
+    with _PYDUB_IMPORT:
+        return _import_pydub()
+
+
+@functools.cache
+def _import_pydub():
     with warnings.catch_warnings():
         # pydub warns at import when ffmpeg is not on PATH (we point it at imageio-ffmpeg's binary)
         # and, on Python 3.11 and 3.12, that the audioop module it uses is deprecated.
