@@ -90,26 +90,21 @@ import warnings
 import zlib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import botocore.exceptions
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
-from PIL import Image, UnidentifiedImageError
 from psycopg2 import sql
 # boto3 itself is imported where an S3 backend is opened: it takes a tenth of a second to load,
 # which a run from disk to disk (a researcher at a workstation) need not pay; numpy and soundfile
-# where a FLAC is made or checked (audio_libraries). tqdm is imported by the command line only.
-
-with warnings.catch_warnings():
-    # pydub warns at import when ffmpeg is not on PATH (we point it at imageio-ffmpeg's binary)
-    # and, on Python 3.11 and 3.12, that the audioop module it uses is deprecated.
-    warnings.simplefilter('ignore', RuntimeWarning)
-    warnings.simplefilter('ignore', DeprecationWarning)
-    from pydub import AudioSegment
-    from pydub.exceptions import CouldntDecodeError
+# where a FLAC is made or checked (audio_libraries), Pillow where a WebP is made or checked
+# (image_library), pydub where a recording is neither WAV nor read by libsndfile (pydub_library).
+# tqdm is imported by the command line only.
+if TYPE_CHECKING:
+    from PIL import Image
 
 __version__ = '1.4.0'
 
@@ -2541,6 +2536,13 @@ def check_gzip(packed: bytes, file: CatalogFile) -> None:
 WEBP_QUALITY = 80
 
 
+def image_library():
+    """Pillow, imported where a WebP is first made or checked: a run without pictures to
+    convert does not pay for its import."""
+    from PIL import Image
+    return Image
+
+
 def fitted_size(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
     """The size of an image of `size` scaled down (never up) to fit in `box`, aspect kept: the
     same rounding as Pillow's thumbnail()."""
@@ -2560,6 +2562,7 @@ def downscaled(original: bytes, file: CatalogFile, box: tuple[int, int]) -> tupl
     (Pillow's draft: the DCT does the first step of the downscale), then resampled with
     LANCZOS. Truncated or unreadable images fail: LOAD_TRUNCATED_IMAGES stays off, so no
     half-grey picture is ever made."""
+    Image = image_library()
     try:
         with Image.open(io.BytesIO(original)) as image:
             target = fitted_size(image.size, box)
@@ -2574,7 +2577,7 @@ def downscaled(original: bytes, file: CatalogFile, box: tuple[int, int]) -> tupl
                 image = image.resize(target, Image.Resampling.LANCZOS)
             else:
                 image = image.copy()
-    except UnidentifiedImageError:
+    except Image.UnidentifiedImageError:
         raise ConversionError('not an image that can be read (cannot make a WebP of it)', file.object_name) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ConversionError(f'cannot make a WebP of it: {exc}', file.object_name) from None
@@ -2599,6 +2602,7 @@ def check_webp(data: bytes, file: CatalogFile, box: tuple[int, int],
     """A WebP version decodes, at a size that fits the box. Just made (`expected_size` given),
     the encoder's own output is checked by its header alone: decoding it again would cost a
     tenth of the conversion, and `verify` decodes every stored one."""
+    Image = image_library()
     try:
         with Image.open(io.BytesIO(data)) as image:
             if expected_size is None:
@@ -2622,6 +2626,17 @@ def check_webp(data: bytes, file: CatalogFile, box: tuple[int, int],
 # that same file, block by block, and compared with the original's samples. A WAV never goes
 # through a subprocess. Recordings in other containers are read by libsndfile where it can
 # (AIFF, W64, RF64, CAF, …), and by pydub through ffmpeg where it cannot (MP3, AAC, …).
+#
+# Why the check compares samples rather than leaning on libFLAC's MD5 alone: STREAMINFO's MD5 is
+# what libFLAC computed of the samples it was handed, and a decoder with MD5 checking proves only
+# that the stream decodes to those. The rule (SPEC "Versions": decodes to exactly the original's
+# samples) needs the link to the original too, which is the MD5 of the original's samples
+# (hashlib, about 7.5 ms for 60 s at 48 kHz) compared with STREAMINFO's. And it would not be
+# cheaper: per 60 s of 16-bit mono (2026-12), libsndfile's decode is 29 ms, the sample-for-sample
+# comparison in numpy under 2 ms, an MD5 of the decoded samples 7.5 ms; soundfile has no switch
+# for libFLAC's MD5 checking, and the decode is the cost either way. So the decode is compared
+# with the original's samples (a proof without a hash), and STREAMINFO's MD5 with the original's
+# (so that `verify`, which has no original, can check the stored FLAC by its MD5).
 
 FLAC_BLOCK_FRAMES = 1 << 16     # frames per block when widening 24-bit samples and decoding
 FLAC_LEVEL = 5                  # libFLAC's default, as ffmpeg's -compression_level 5
@@ -2642,6 +2657,29 @@ def audio_libraries():
     return numpy, soundfile
 
 
+_PYDUB_IMPORT = threading.Lock()
+
+
+def pydub_library():
+    """pydub's AudioSegment and CouldntDecodeError, imported where a recording that is neither a
+    WAV nor one libsndfile reads is converted (and by ffmpeg_executable). Once, under a lock:
+    the warning filters set around the import are the process's, not the thread's."""
+    with _PYDUB_IMPORT:
+        return _import_pydub()
+
+
+@functools.cache
+def _import_pydub():
+    with warnings.catch_warnings():
+        # pydub warns at import when ffmpeg is not on PATH (we point it at imageio-ffmpeg's binary)
+        # and, on Python 3.11 and 3.12, that the audioop module it uses is deprecated.
+        warnings.simplefilter('ignore', RuntimeWarning)
+        warnings.simplefilter('ignore', DeprecationWarning)
+        from pydub import AudioSegment
+        from pydub.exceptions import CouldntDecodeError
+    return AudioSegment, CouldntDecodeError
+
+
 @functools.cache
 def ffmpeg_executable() -> str:
     """ffmpeg from PATH, else the one in the imageio-ffmpeg wheel, for pydub (recordings that are
@@ -2650,7 +2688,7 @@ def ffmpeg_executable() -> str:
     if not found:
         import imageio_ffmpeg
         found = imageio_ffmpeg.get_ffmpeg_exe()
-    AudioSegment.converter = found
+    pydub_library()[0].converter = found
     return found
 
 
@@ -2756,6 +2794,7 @@ def read_other_recording(original: bytes, file: CatalogFile) -> PcmAudio:
     except soundfile.LibsndfileError:
         pass
     ffmpeg_executable()
+    AudioSegment, CouldntDecodeError = pydub_library()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', RuntimeWarning)      # pydub's own note that ffprobe is missing

@@ -17,6 +17,7 @@ import datetime as dt
 import io
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -50,6 +51,7 @@ TOOL = [sys.executable, str(ROOT / 'mitwelten_storage.py')]
 class Sample:
     seconds: float
     peak_mb: float
+    cpu_seconds: float = 0.0      # user + system of the whole process tree
 
 
 def tree(pid: int) -> list[int]:
@@ -68,7 +70,10 @@ def tree(pid: int) -> list[int]:
 
 def measure(argv: list[str], env: dict, cwd: Path | None = None) -> Sample:
     """Run a command, timing it and sampling the peak resident memory (VmHWM) of the largest
-    process in its tree as it runs (for a shell loop: the largest ffmpeg, not the shell)."""
+    process in its tree as it runs (for a shell loop: the largest ffmpeg, not the shell). Its CPU
+    time is what this process's waited-for children used meanwhile: the command and everything
+    it waited for (the services started here run on and are not counted)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = [0]
@@ -90,9 +95,11 @@ def measure(argv: list[str], env: dict, cwd: Path | None = None) -> Sample:
     process.wait()
     seconds = time.perf_counter() - started
     watcher.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     if process.returncode != 0:
         raise RuntimeError(f'{argv[0]} … exited {process.returncode}: {stderr.decode(errors="replace")[-2000:]}')
-    return Sample(seconds, peak[0] / 1024)
+    return Sample(seconds, peak[0] / 1024, cpu)
 
 
 @dataclass
@@ -108,6 +115,10 @@ class Contender:
     def peak_mb(self) -> float:
         return max(s.peak_mb for s in self.samples)
 
+    @property
+    def cpu_seconds(self) -> float:
+        return statistics.median(s.cpu_seconds for s in self.samples)
+
 
 def print_table(title: str, contenders: list[Contender], megabytes: float, files: int, reference: str,
                 note: str = '', extra: dict | None = None) -> list[str]:
@@ -115,17 +126,28 @@ def print_table(title: str, contenders: list[Contender], megabytes: float, files
     rounds = len(contenders[0].samples)
     lines = [f'\n### {title}', '', f'{files} files, {megabytes:,.0f} MB; median of {rounds} rounds; '
                                     f'ratio = time / time of {reference}' + (f'. {note}' if note else ''), '',
-             '| contender | seconds | MB/s | files/s | peak RSS MB (largest process) | ratio |' + (' ' + ' | '.join(extra) + ' |'
-                                                                               if extra else ''),
-             '|---|---:|---:|---:|---:|---:|' + ('---:|' * len(extra) if extra else '')]
+             '| contender | seconds | MB/s | files/s | peak RSS MB (largest process) | ratio | ratio per round (median, range) '
+             '| CPU s | CPU ratio |' +
+             (' ' + ' | '.join(extra) + ' |' if extra else ''),
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' * len(extra) if extra else '')]
+    reference_samples = next(c for c in contenders if c.name == reference).samples
+    base_cpu = statistics.median(s.cpu_seconds for s in reference_samples) or 1e-9
     for c in contenders:
         row = (f'| {c.name} | {c.seconds:.2f} | {megabytes / c.seconds:,.0f} | {files / c.seconds:,.1f} | '
-               f'{c.peak_mb:,.0f} | {c.seconds / base:.2f} |')
+               f'{c.peak_mb:,.0f} | {c.seconds / base:.2f} | {per_round(c.samples, reference_samples)} | '
+               f'{c.cpu_seconds:.2f} | {c.cpu_seconds / base_cpu:.2f} |')
         if extra:
             row += ' ' + ' | '.join(values.get(c.name, '') for values in extra.values()) + ' |'
         lines.append(row)
     print('\n'.join(lines), flush=True)
     return lines
+
+
+def per_round(samples: list, reference: list) -> str:
+    """The ratio of the times within each round (the contenders ran back to back), its median and
+    range: on a shared machine the load changes from round to round."""
+    ratios = [a.seconds / b.seconds for a, b in zip(samples, reference)]
+    return f'{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})'
 
 
 def machine() -> str:
@@ -354,20 +376,23 @@ def bench_flac(stage: Stage, recordings: list, rounds: int) -> list[str]:
     megabytes = sum(len(f.data) for f in recordings) / 1e6
     wavs = [disk / 'archive' / f.object_name for f in recordings]
     ffmpeg = ms.ffmpeg_executable()
-    script = 'for f in "$@"; do "$FFMPEG" -loglevel error -nostdin -i "$f" "$OUT/$(basename "${f%.wav}").flac" || ' \
-             'exit 1; done'
+    # One ffmpeg process per file, as many at once as there are cores (xargs -P), as a user
+    # would run it from a shell.
+    one = '"$FFMPEG" -loglevel error -nostdin -i "$1" "$OUT/$(basename "${1%.wav}").flac"'
+    script = f'printf "%s\\0" "$@" | xargs -0 -n 1 -P {len(os.sched_getaffinity(0))} sh -c \'{one}\' sh'
     commands = {
         'mitwelten-storage copy --type 1 (decoded and compared)':
             tool_copy(stage, 'tool-flac', disk_id, 'all_audio', '--type', '1'),
-        'ffmpeg command line, one process per file':
-            into_fresh_dir(stage, 'ffmpeg-flac', lambda d: ['sh', '-c', f'FFMPEG="{ffmpeg}" OUT="{d}"; {script}', 'sh',
-                                                            *map(str, wavs)]),
+        f'ffmpeg command line, one process per file, {len(os.sched_getaffinity(0))} at once':
+            into_fresh_dir(stage, 'ffmpeg-flac', lambda d: ['sh', '-c', f'export FFMPEG="{ffmpeg}" OUT="{d}"; {script}',
+                                                            'sh', *map(str, wavs)]),
     }
     names = list(commands)
 
     def check(name: str, folder: Path, root: Path) -> None:
         if len(list(folder.rglob('*.flac'))) != len(recordings):
             raise RuntimeError(f'{name} made too few FLAC files')
+        shutil.rmtree(root)                  # 60 files make 300 MB a round
     contenders = {c.name: c for c in alternate(commands, rounds, stage.env, check)}
     return print_table('3. FLAC of 60 s 48 kHz WAV recordings, local disk → local disk', list(contenders.values()),
                        megabytes, len(recordings), names[1])
@@ -484,7 +509,7 @@ def main() -> int:
     parser.add_argument('--only', default='copy,copy-large,copy-rclone,webp,flac,memory,selection,service,coverage')
     parser.add_argument('--copy-files', type=int, default=100)
     parser.add_argument('--webp-files', type=int, default=24)
-    parser.add_argument('--flac-files', type=int, default=20)
+    parser.add_argument('--flac-files', type=int, default=60)
     args = parser.parse_args()
     only = set(args.only.split(','))
     header = ['## Benchmarks', '', f'Machine: {machine()}.', '',
@@ -499,9 +524,8 @@ def main() -> int:
     try:
         with throwaway_services() as services:
             stage = Stage(services, workdir)
-            print(f'\n(generating {max(args.copy_files, args.webp_files)} 16 MP images and {args.flac_files} '
-                  'recordings …)', flush=True)
-            images = sample_data.camera_images(max(args.copy_files, args.webp_files, 40))
+            needs_images = only & {'copy', 'copy-large', 'webp', 'memory'}
+            images = sample_data.camera_images(max(args.copy_files, args.webp_files, 40)) if needs_images else []
             if 'copy' in only:
                 lines += bench_copy(stage, images[:args.copy_files], args.rounds,
                                     '1. Copy of originals, S3 → local disk', 'copy-source')
