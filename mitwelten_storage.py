@@ -2454,8 +2454,9 @@ def checked_range(backend: Backend, file: CatalogFile, first: int, last: int, *,
 # formed from the original's, its content type, how it is made from the original (in memory),
 # and how stored bytes of it are checked. Type 0 is the original everywhere.
 
-# One more than the cores: a conversion also waits (on ffmpeg's pipes, on the GIL), and a core
-# should not idle meanwhile (FLAC of 20 recordings on 2 cores: 2.74 s with 2 slots, 2.61 with 3).
+# One more than the cores: a conversion also waits (for the GIL, for its bytes from S3 or the
+# disk), and a core should not idle meanwhile (FLAC of 60 recordings on 2 cores, 2026-12-02:
+# 4.91 s with 3 slots, 5.42 s with 2, the same CPU seconds).
 CPU_SLOTS = threading.BoundedSemaphore(1 + (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
                                             else os.cpu_count() or 2))
 
@@ -2639,7 +2640,7 @@ def check_webp(data: bytes, file: CatalogFile, box: tuple[int, int],
 # (so that `verify`, which has no original, can check the stored FLAC by its MD5).
 
 FLAC_BLOCK_FRAMES = 1 << 16     # frames per block when widening 24-bit samples and decoding
-FLAC_LEVEL = 5                  # libFLAC's default, as ffmpeg's -compression_level 5
+FLAC_LEVEL = 5                  # libFLAC's default, as ffmpeg's -compression_level 5 (of 0 to 8)
 PCM_DTYPES = {16: 'int16', 24: 'int32'}      # how libsndfile hands over samples of each width
 PCM_SUBTYPES = {16: 'PCM_16', 24: 'PCM_24'}
 WAVE_FORMAT_PCM, WAVE_FORMAT_EXTENSIBLE = 0x0001, 0xFFFE
@@ -2895,6 +2896,7 @@ def make_flac(original: bytes, file: CatalogFile) -> bytes:
     with memory_file() as (sink, read_back):
         try:
             with _sound_file(sink, 'w', audio.sample_rate, audio.channels, PCM_SUBTYPES[audio.bits], format='FLAC',
+                             # libsndfile takes the level as a fraction of libFLAC's 0..8
                              compression_level=FLAC_LEVEL / 8) as encoder:
                 for key, value in audio.tags.items():
                     setattr(encoder, key, value)
