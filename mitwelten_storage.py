@@ -100,8 +100,8 @@ import psycopg2.extras
 from psycopg2 import sql
 # boto3 itself is imported where an S3 backend is opened: it takes a tenth of a second to load,
 # which a run from disk to disk (a researcher at a workstation) need not pay; numpy and soundfile
-# where a FLAC is made or checked (audio_libraries), Pillow where a WebP is made or checked
-# (image_library), pydub where a recording is neither WAV nor read by libsndfile (pydub_library).
+# where a FLAC is made or checked (_audio_libraries), Pillow where a WebP is made or checked
+# (_image_library), pydub where a recording is neither WAV nor read by libsndfile (_pydub_library).
 # tqdm is imported by the command line only.
 if TYPE_CHECKING:
     from PIL import Image
@@ -138,7 +138,7 @@ TOOL_DIR = Path(__file__).resolve().parent
 DATA_PACKAGE = 'mitwelten_storage_data'
 
 
-def shipped_file(clone_path: str) -> Path:
+def _shipped_file(clone_path: str) -> Path:
     """A file shipped with the tool: beside this file in a clone (`sql/schema.sql`, `batches.py`),
     else, installed, in DATA_PACKAGE under its own name. A clone is known by its sql/schema.sql, so
     an installed tool never takes another package's top-level file for its own. Found nowhere: the
@@ -154,7 +154,7 @@ def shipped_file(clone_path: str) -> Path:
     return installed if installed.is_file() else beside
 
 
-SCHEMA_FILE = shipped_file('sql/schema.sql')
+SCHEMA_FILE = _shipped_file('sql/schema.sql')
 DEFAULT_SCHEMA = 'prod'
 DEFAULT_JOBS = 8
 CHUNK = 1024 * 1024
@@ -165,7 +165,7 @@ DIRECT_ALIGN = 4096
 _thread_io = threading.local()
 
 
-def io_buffer() -> memoryview:
+def _io_buffer() -> memoryview:
     """This thread's transfer buffer (IO_BUFFER_SIZE bytes, page-aligned, reused)."""
     view = getattr(_thread_io, 'view', None)
     if view is None:
@@ -173,7 +173,7 @@ def io_buffer() -> memoryview:
     return view
 
 
-def buffer_address(view: memoryview) -> int | None:
+def _buffer_address(view: memoryview) -> int | None:
     """The address of a writable buffer's first byte, None for a read-only one."""
     try:
         return ctypes.addressof(ctypes.c_char.from_buffer(view))
@@ -364,7 +364,7 @@ FAULT_POINTS = frozenset({
 })
 
 
-class FaultHooks:
+class _FaultHooks:
     """Test hooks for rules 1 and 5, from the environment, read when first used:
 
     MITWELTEN_CRASH_AT=POINT:N  the process kills itself with SIGKILL the N-th time it passes
@@ -418,7 +418,7 @@ class FaultHooks:
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path) if path is not None else None)
 
 
-FAULTS = FaultHooks()
+FAULTS = _FaultHooks()
 crash_point = FAULTS.crash_point
 fault_point = FAULTS.fault_point
 
@@ -468,7 +468,7 @@ class Settings:
                    attempts=env_number('MITWELTEN_ATTEMPTS', cls.attempts, int, 1))
 
 
-def describe_dsn(dsn: str) -> str:
+def _describe_dsn(dsn: str) -> str:
     """The connection target without its password, for messages."""
     try:
         params = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
@@ -531,7 +531,7 @@ def s3_session(location: S3Location):
     return session
 
 
-def s3_client(location: S3Location, settings: Settings, pool_size: int = 10):
+def _s3_client(location: S3Location, settings: Settings, pool_size: int = 10):
     """An S3 client for the server of `location`, with its credentials (see s3_session) and the
     settings' timeouts and attempts (botocore's standard retry mode backs off between them)."""
     from botocore.config import Config
@@ -545,7 +545,7 @@ def s3_client(location: S3Location, settings: Settings, pool_size: int = 10):
         request_checksum_calculation='when_required', response_checksum_validation='when_required'))
 
 
-def s3_error_code(exc: BaseException) -> str | None:
+def _s3_error_code(exc: BaseException) -> str | None:
     """The S3 error code of a botocore ClientError ('NoSuchKey', '404', 'AccessDenied', …)."""
     if isinstance(exc, botocore.exceptions.ClientError):
         return exc.response.get('Error', {}).get('Code')
@@ -561,7 +561,7 @@ S3_CONNECTION_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions
 # =================================================================================================
 
 @dataclasses.dataclass(frozen=True)
-class Group:
+class _Group:
     """A kind of file in the catalog: its table and its storage table."""
     name: str
     files_table: str
@@ -569,12 +569,12 @@ class Group:
 
 
 GROUPS = {
-    'image': Group('image', 'files_image', 'mm_files_image_storage'),
-    'audio': Group('audio', 'files_audio', 'mm_files_audio_storage'),
+    'image': _Group('image', 'files_image', 'mm_files_image_storage'),
+    'audio': _Group('audio', 'files_audio', 'mm_files_audio_storage'),
 }
 
 
-def find_group(name: str) -> Group:
+def _find_group(name: str) -> _Group:
     try:
         return GROUPS[name]
     except KeyError:
@@ -637,7 +637,7 @@ def connect_catalog(settings: Settings, *, require_tables: bool = True):
         conn = psycopg2.connect(settings.dsn, application_name='mitwelten-storage', connect_timeout=15,
                                 keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
     except psycopg2.OperationalError as exc:
-        raise CatalogUnavailable(f'cannot connect to the catalog, {describe_dsn(settings.dsn)}: {pg_error_line(exc)} '
+        raise CatalogUnavailable(f'cannot connect to the catalog, {_describe_dsn(settings.dsn)}: {pg_error_line(exc)} '
                                  '(set --db or MITWELTEN_DB)') from None
     except psycopg2.ProgrammingError as exc:
         raise ConfigError(f'--db / MITWELTEN_DB is not a valid connection string: {exc}') from None
@@ -647,14 +647,14 @@ def connect_catalog(settings: Settings, *, require_tables: bool = True):
             cur.execute('SELECT to_regclass(%s)', ('storage_backend',))
             if cur.fetchone()[0] is None:
                 conn.close()
-                raise ConfigError(f"schema '{settings.schema}' in {describe_dsn(settings.dsn)} has no "
+                raise ConfigError(f"schema '{settings.schema}' in {_describe_dsn(settings.dsn)} has no "
                                   'table storage_backend: run `mitwelten_storage.py init-db`, or name '
                                   'the right schema with --schema / MITWELTEN_DB_SCHEMA')
     conn.commit()
     return conn
 
 
-def streamed_rows(conn, query, params=None, itersize: int = 2000, columns: list | None = None) -> Iterator[tuple]:
+def _streamed_rows(conn, query, params=None, itersize: int = 2000, columns: list | None = None) -> Iterator[tuple]:
     """The rows of a query from a server-side cursor, `itersize` at a time: a selection of
     millions of files is never held whole. The cursor's transaction ends when the rows do.
     `columns`, if given, is filled with the column names once the first rows have come."""
@@ -723,7 +723,7 @@ def _fixity_note_once(key: str, message: str) -> None:
         log.info(message)
 
 
-def has_fixity_log(conn, *, end_transaction: bool = True) -> bool:
+def _has_fixity_log(conn, *, end_transaction: bool = True) -> bool:
     """Whether the catalog's schema has the fixity log, readable by this role; says once per
     process that `init-db` would keep it when it has not (a run's threads ask too: the lock
     keeps it to once). A role that may not read it (granted its rights before the table was
@@ -743,7 +743,7 @@ def has_fixity_log(conn, *, end_transaction: bool = True) -> bool:
     return bool(present and readable)
 
 
-def may_append_fixity(conn) -> bool:
+def _may_append_fixity(conn) -> bool:
     """Whether this catalog role may append to the fixity log (INSERT, and its sequence); says
     once when it may not: the log is optional, so a role without the right records its copies
     all the same, and only their checks go unlogged."""
@@ -760,7 +760,7 @@ def may_append_fixity(conn) -> bool:
     return allowed
 
 
-def last_check_join(group: Group, copy: str, alias: str, has_log: bool) -> str:
+def _last_check_join(group: _Group, copy: str, alias: str, has_log: bool) -> str:
     """SQL: a LEFT JOIN LATERAL that gives `alias.outcome`, `alias.checked_at` and `alias.event`,
     the last check in the fixity log of the copy whose storage row is `copy` (NULLs where there
     is none since the copy was written, or no log at all)."""
@@ -773,21 +773,21 @@ def last_check_join(group: Group, copy: str, alias: str, has_log: bool) -> str:
             f'ORDER BY x.checked_at DESC, x.check_id DESC LIMIT 1) {alias} ON true')
 
 
-def last_checked_sql(copy: str, check: str) -> str:
+def _last_checked_sql(copy: str, check: str) -> str:
     """SQL: when the copy whose storage row is `copy` (its last check joined as `check`, see
-    last_check_join) was last proven: its last check in the fixity log, else its writing (the
+    _last_check_join) was last proven: its last check in the fixity log, else its writing (the
     row's created_at); NULL where neither is known (never checked)."""
     return f'coalesce({check}.checked_at, {copy}.created_at)'
 
 
-def damaged_sql(check: str) -> str:
+def _damaged_sql(check: str) -> str:
     """SQL: true where the last check joined as `check` found the copy missing or corrupt."""
     return f"coalesce({check}.outcome IN ({', '.join(repr(o) for o in DAMAGED_OUTCOMES)}), false)"
 
 
-def sound_original_sql(copy: str, check: str, verified_within_days: float | None = None) -> str:
+def _sound_original_sql(copy: str, check: str, verified_within_days: float | None = None) -> str:
     """SQL: true where the storage row `copy` (with its last check joined as `check`, see
-    last_check_join) is a sound copy of the original: the original or gzip of it, not found
+    _last_check_join) is a sound copy of the original: the original or gzip of it, not found
     missing or corrupt by its last check (rule 8); with `verified_within_days`, its last check
     (or its writing) passed within that many days."""
     types = ', '.join(map(str, ORIGINAL_COPY_TYPES))
@@ -799,10 +799,10 @@ def sound_original_sql(copy: str, check: str, verified_within_days: float | None
     return condition
 
 
-def copy_last_check(conn, group: Group, file_id: int, storage_id: int) -> tuple[str | None, dt.datetime | None]:
+def _copy_last_check(conn, group: _Group, file_id: int, storage_id: int) -> tuple[str | None, dt.datetime | None]:
     """The outcome and time of the last check of one file's copy at one backend, (None, None)
     where none is logged since it was written."""
-    check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+    check = _last_check_join(group, 's', 'c', _has_fixity_log(conn))
     with conn.cursor() as cur:
         cur.execute(f'SELECT c.outcome, c.checked_at FROM {group.storage_table} s {check} '
                     'WHERE s.file_id = %s AND s.storage_id = %s', (file_id, storage_id))
@@ -811,7 +811,7 @@ def copy_last_check(conn, group: Group, file_id: int, storage_id: int) -> tuple[
     return row or (None, None)
 
 
-def sound_originals_elsewhere(conn, group: Group, file_ids: list[int], excluding: int | Iterable[int], *,
+def sound_originals_elsewhere(conn, group: _Group, file_ids: list[int], excluding: int | Iterable[int], *,
                               verified_within_days: float | None = None,
                               end_transaction: bool = True) -> dict[int, int]:
     """For each file, how many backends other than `excluding` (one storage id or several)
@@ -821,11 +821,11 @@ def sound_originals_elsewhere(conn, group: Group, file_ids: list[int], excluding
     if not file_ids:
         return {}
     excluded = [excluding] if isinstance(excluding, int) else list(excluding)
-    check = last_check_join(group, 's', 'c', has_fixity_log(conn, end_transaction=end_transaction))
+    check = _last_check_join(group, 's', 'c', _has_fixity_log(conn, end_transaction=end_transaction))
     with conn.cursor() as cur:
         cur.execute(f'SELECT s.file_id, count(*) FROM {group.storage_table} s {check} '
                     f'WHERE s.file_id = ANY(%s) AND s.storage_id <> ALL(%s) AND '
-                    f'{sound_original_sql("s", "c", verified_within_days)} GROUP BY s.file_id',
+                    f'{_sound_original_sql("s", "c", verified_within_days)} GROUP BY s.file_id',
                     (list(file_ids), excluded))
         counts = dict(cur.fetchall())
     if end_transaction:
@@ -844,7 +844,7 @@ def fixity_agent() -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class FixityCheck:
+class _FixityCheck:
     """One check of one copy, for the fixity log."""
     file_id: int
     storage_id: int
@@ -854,7 +854,7 @@ class FixityCheck:
     detail: str | None = None
 
 
-def append_fixity(cur, group: Group, checks: list[FixityCheck], agent: str) -> None:
+def _append_fixity(cur, group: _Group, checks: list[_FixityCheck], agent: str) -> None:
     """Append checks to the fixity log in one statement (the caller commits)."""
     if checks:
         psycopg2.extras.execute_values(
@@ -864,7 +864,7 @@ def append_fixity(cur, group: Group, checks: list[FixityCheck], agent: str) -> N
             page_size=1000)
 
 
-class Recorder:
+class _Recorder:
     """Collects what a run has done, as row changes, and records them in batches: inserts (a
     backend now holds a version), type changes (a backend's version replaced) and removals.
 
@@ -873,10 +873,10 @@ class Recorder:
     sync fails, the pending changes are dropped, never recorded, and nothing more is recorded
     by this recorder: on a disk that failed an fsync, nothing written since its last good sync
     can be trusted. The next run finds such files, checks them and records them, or writes them
-    again. Subclasses say where the changes go: CatalogWriter (the catalog) and ServiceRecorder
+    again. Subclasses say where the changes go: CatalogWriter (the catalog) and _ServiceRecorder
     (the storage service)."""
 
-    def __init__(self, conn, group: Group, backends: tuple = (), every_rows: int = 500,
+    def __init__(self, conn, group: _Group, backends: tuple = (), every_rows: int = 500,
                  every_seconds: float = 5.0):
         self.conn = conn                # for the counts of copies elsewhere (and a CatalogWriter's commits)
         self.group = group
@@ -886,7 +886,7 @@ class Recorder:
         self.inserts: list[tuple[CatalogFile, int, int]] = []
         self.type_changes: list[tuple[int, int, int, int]] = []
         self.removals: list[tuple[int, int]] = []
-        self.checks: list[FixityCheck] = []       # for the fixity log, with the next commit
+        self.checks: list[_FixityCheck] = []       # for the fixity log, with the next commit
         self.type_changes_missed: set[tuple[int, int]] = set()   # (file_id, storage_id): the row had changed
         self.last_flush = time.monotonic()
         self.recorded = 0               # inserts recorded
@@ -910,7 +910,7 @@ class Recorder:
     def remove(self, file_id: int, storage_id: int) -> None:
         self.removals.append((file_id, storage_id))
 
-    def log_check(self, check: FixityCheck) -> None:
+    def log_check(self, check: _FixityCheck) -> None:
         """A check of a copy, for the fixity log: appended with the next commit, and only if
         the changes it came with are recorded (a check whose copy is dropped unrecorded is
         dropped too)."""
@@ -961,7 +961,7 @@ class Recorder:
                                          verified_within_days=verified_within_days)
 
 
-class CatalogWriter(Recorder):
+class CatalogWriter(_Recorder):
     """Records a run's changes in the catalog, a commit per batch (`execute_values`)."""
 
     def _record(self) -> list[tuple[int, str]]:
@@ -991,7 +991,7 @@ class CatalogWriter(Recorder):
                         'WHERE s.file_id = v.file_id AND s.storage_id = v.storage_id').format(table)
                         .as_string(cur), self.removals, page_size=1000)
                 if log_checks:
-                    append_fixity(cur, self.group, self.checks, fixity_agent())
+                    _append_fixity(cur, self.group, self.checks, fixity_agent())
             self.conn.commit()
         except psycopg2.Error:
             with contextlib.suppress(psycopg2.Error):
@@ -1012,7 +1012,7 @@ class CatalogWriter(Recorder):
 
     def keeps_fixity_log(self) -> bool:
         if self._has_log is None:
-            self._has_log = has_fixity_log(self.conn) and may_append_fixity(self.conn)
+            self._has_log = _has_fixity_log(self.conn) and _may_append_fixity(self.conn)
         return self._has_log
 
 
@@ -1032,7 +1032,7 @@ def batches_file() -> tuple[Path, str]:
     here = Path('batches.py')
     if here.is_file():
         return here.absolute(), 'the current folder'
-    return shipped_file('batches.py'), 'shipped with the tool'
+    return _shipped_file('batches.py'), 'shipped with the tool'
 
 
 def load_batches(path: Path | None = None) -> dict:
@@ -1085,7 +1085,7 @@ def selection_error(batch, exc: psycopg2.Error) -> StorageError:
 
 
 @dataclasses.dataclass(frozen=True)
-class Selection:
+class _Selection:
     """The files of a batch that SOURCE holds, streamed in file_id order: a production batch
     holds 1.7 million files and is never loaded whole.
 
@@ -1103,7 +1103,7 @@ class Selection:
     verified_within_days: float | None = None   # archive: other copies count if checked within
 
     @property
-    def group(self) -> Group:
+    def group(self) -> _Group:
         return GROUPS[self.batch.group]
 
     def _archive_columns(self, has_log: bool) -> str:
@@ -1113,9 +1113,9 @@ class Selection:
             return '0, false'
         storage = self.group.storage_table
         damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
-        return (f'(SELECT count(*) FROM {storage} o {last_check_join(self.group, "o", "oc", has_log)} '
+        return (f'(SELECT count(*) FROM {storage} o {_last_check_join(self.group, "o", "oc", has_log)} '
                 'WHERE o.file_id = b.file_id AND o.storage_id NOT IN (%(source)s, %(target)s) AND '
-                f'{sound_original_sql("o", "oc", self.verified_within_days)}), '
+                f'{_sound_original_sql("o", "oc", self.verified_within_days)}), '
                 f'coalesce(tc.outcome IN ({damaged}), false)')
 
     @property
@@ -1127,8 +1127,8 @@ class Selection:
         """copy's source copy (`s`, its last check `sc`) may be read (rule 8): a sound copy of the
         original when the original is copied, else at least not found damaged by its last check."""
         if self.version_type == 0:
-            return f'({sound_original_sql("s", "sc")})'
-        return f'NOT {damaged_sql("sc")}'
+            return f'({_sound_original_sql("s", "sc")})'
+        return f'NOT {_damaged_sql("sc")}'
 
     def _query(self, conn, head: str, tail: str) -> str:
         storage = self.group.storage_table
@@ -1138,9 +1138,9 @@ class Selection:
                  f'JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s AND s.type IN %(types)s\n'
                  f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n')
         if self.for_archive:
-            joins += last_check_join(self.group, 't', 'tc', has_fixity_log(conn)) + '\n'
+            joins += _last_check_join(self.group, 't', 'tc', _has_fixity_log(conn)) + '\n'
         else:
-            joins += last_check_join(self.group, 's', 'sc', has_fixity_log(conn)) + '\n'
+            joins += _last_check_join(self.group, 's', 'sc', _has_fixity_log(conn)) + '\n'
         with conn.cursor() as cur:
             head = cur.mogrify(head, params).decode() if '%(' in head else head
             tail = cur.mogrify(joins + tail, params).decode()
@@ -1186,9 +1186,9 @@ class Selection:
 
     def files(self, conn) -> Iterator[CatalogFile]:
         head = (f'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type, '
-                f'{self._archive_columns(has_fixity_log(conn))} FROM (')
+                f'{self._archive_columns(_has_fixity_log(conn))} FROM (')
         tail = f'WHERE {self._todo} ORDER BY b.file_id' + (f' LIMIT {int(self.limit)}' if self.limit is not None else '')
-        rows = streamed_rows(conn, self._query(conn, head, tail))
+        rows = _streamed_rows(conn, self._query(conn, head, tail))
         last_id = None
         try:
             for file_id, object_name, file_size, sha256, source_type, target_type, elsewhere, damaged in rows:
@@ -1210,7 +1210,7 @@ def fetch_file(conn, group: str, file_id: int) -> CatalogFile:
     """One file's row in files_image / files_audio; NotFound if the catalog has no such file."""
     with conn.cursor() as cur:
         cur.execute(sql.SQL(f'SELECT {FILE_COLUMNS} FROM {{}} WHERE file_id = %s').format(
-            sql.Identifier(find_group(group).files_table)), (file_id,))
+            sql.Identifier(_find_group(group).files_table)), (file_id,))
         row = cur.fetchone()
     if row is None:
         raise NotFound(f'no {group} file with id {file_id} in the catalog', 'file')
@@ -1219,18 +1219,18 @@ def fetch_file(conn, group: str, file_id: int) -> CatalogFile:
 
 
 @dataclasses.dataclass(frozen=True)
-class StorageRow:
+class _StorageRow:
     """A storage row of one file: which backend holds which version of it."""
     backend: BackendRow
     type: int
 
 
-def storage_rows(conn, group: str, file_id: int, *, lock: bool = False) -> list[StorageRow]:
+def _storage_rows(conn, group: str, file_id: int, *, lock: bool = False) -> list[_StorageRow]:
     """The file's storage rows with their backends, the online tiers first (by priority, then
     id). With `lock`, the rows are locked (SELECT … FOR UPDATE) until the transaction ends, so
     that two requests for one file, from any number of processes, never both act on it; a lock
     not had within 30 s is Busy."""
-    group = find_group(group)
+    group = _find_group(group)
     select = sql.SQL(f'SELECT s.type, {", ".join("b." + c for c in BACKEND_COLUMNS.split(", "))} '
                      'FROM {} s JOIN storage_backend b ON b.storage_id = s.storage_id '
                      'WHERE s.file_id = %s ORDER BY b.priority, b.storage_id'
@@ -1248,7 +1248,7 @@ def storage_rows(conn, group: str, file_id: int, *, lock: bool = False) -> list[
         except psycopg2.errors.LockNotAvailable:
             conn.rollback()
             raise Busy(f'{group.name} file {file_id} is being changed by another request; try again') from None
-        return [StorageRow(BackendRow(*row[1:]), row[0]) for row in cur.fetchall()]
+        return [_StorageRow(BackendRow(*row[1:]), row[0]) for row in cur.fetchall()]
 
 
 # =================================================================================================
@@ -1268,7 +1268,7 @@ RUN_MARK = uuid.uuid4().hex[:10]
 _TMP_NUMBERS = itertools.count()
 
 
-def safe_object_parts(object_name: str) -> list[str]:
+def _safe_object_parts(object_name: str) -> list[str]:
     """The path parts of an object name, refusing any name that could lead outside a backend's
     root (rule 4): absolute names, '..', '.', empty parts, control characters."""
     if not object_name or object_name.startswith('/'):
@@ -1281,18 +1281,18 @@ def safe_object_parts(object_name: str) -> list[str]:
     return parts
 
 
-def sha256_hex_to_b64(sha256_hex: str) -> str:
+def _sha256_hex_to_b64(sha256_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
 
 
 def repr_digest(sha256_hex: str) -> str:
     """The Repr-Digest header (RFC 9530) of an original whose sha256 this is."""
-    return f'sha-256=:{sha256_hex_to_b64(sha256_hex)}:'
+    return f'sha-256=:{_sha256_hex_to_b64(sha256_hex)}:'
 
 
 # --- durable files -------------------------------------------------------------------------------
 
-def full_fsync(fd: int) -> None:
+def _full_fsync(fd: int) -> None:
     """fsync that reaches the disk: on macOS plain fsync stops at the drive's cache."""
     if hasattr(fcntl, 'F_FULLFSYNC'):
         try:
@@ -1304,12 +1304,12 @@ def full_fsync(fd: int) -> None:
     os.fsync(fd)
 
 
-def fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path) -> None:
     """Make a folder's entries (renames, new files, removals) durable."""
     fault_point('fsync', path)
     fd = os.open(path, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
     try:
-        full_fsync(fd)
+        _full_fsync(fd)
     finally:
         os.close(fd)
 
@@ -1334,26 +1334,26 @@ SYNCFS = _libc_syncfs()
 SYNC_GROUP = 32     # files made durable and renamed together, while a copy runs
 
 
-def temporary_name(final: Path) -> Path:
+def _temporary_name(final: Path) -> Path:
     """A hidden name beside `final` (the rename stays atomic), marked as this run's and
     recognisable by its suffix for the clean-up of a killed run's leftovers."""
     return final.with_name(f'.{final.name[:200]}.{RUN_MARK}-{next(_TMP_NUMBERS)}{TMP_SUFFIX}')
 
 
 @contextlib.contextmanager
-def atomic_file(final: Path, *, sync_folder: bool = True,
+def _atomic_file(final: Path, *, sync_folder: bool = True,
                 on_fsync_error: Callable[[OSError], None] | None = None) -> Iterator[Path]:
     """Rule 2: yields a temporary path beside `final` for the caller to write and close; when the
     block ends without error the file is fsynced and renamed to `final`, so `final` is either
     its old self or the whole new file, never half written. On error the temporary file goes.
     With `sync_folder`, the folder is fsynced at once; without, the caller syncs it later (a
     backend batches the folders of many files into one fsync each before a catalog commit)."""
-    tmp = temporary_name(final)
+    tmp = _temporary_name(final)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
         try:
-            full_fsync(fd)
+            _full_fsync(fd)
         except OSError as exc:
             if on_fsync_error:
                 on_fsync_error(exc)
@@ -1368,13 +1368,13 @@ def atomic_file(final: Path, *, sync_folder: bool = True,
             os.unlink(tmp)
         raise
     if sync_folder:
-        fsync_dir(final.parent)
+        _fsync_dir(final.parent)
 
 
-def write_chunks(handle, chunks: Iterable[bytes], direct: bool) -> bool:
+def _write_chunks(handle, chunks: Iterable[bytes], direct: bool) -> bool:
     """The O_DIRECT writer: write `chunks` to `handle` (an unbuffered file opened with O_DIRECT
     when `direct`). Whole, aligned blocks of an aligned chunk (the transfer buffer, see
-    io_buffer) go straight to the disk, past the page cache; the tail that is not a whole block,
+    _io_buffer) go straight to the disk, past the page cache; the tail that is not a whole block,
     or a chunk that is not aligned, turns O_DIRECT off for the rest of the file. Returns False
     when the file system refused O_DIRECT halfway (EINVAL), after writing the rest buffered."""
     fd = handle.fileno()
@@ -1383,7 +1383,7 @@ def write_chunks(handle, chunks: Iterable[bytes], direct: bool) -> bool:
         view = memoryview(chunk).cast('B')
         if direct:
             whole = len(view) - len(view) % DIRECT_ALIGN
-            address = buffer_address(view) if whole else None
+            address = _buffer_address(view) if whole else None
             if address is not None and address % DIRECT_ALIGN == 0:
                 part = view[:whole]
                 try:
@@ -1403,7 +1403,7 @@ def write_chunks(handle, chunks: Iterable[bytes], direct: bool) -> bool:
     return accepted
 
 
-class SyncfsGroup:
+class _SyncfsGroup:
     """The grouped syncfs of a disk that writes in groups (`copy`): files written and checked
     under their temporary names wait here; `sync` makes them durable together with one syncfs()
     of the file system (not an fsync per file), then renames them into place; their folders are
@@ -1481,7 +1481,7 @@ def read_dot_file(root: Path) -> dict[str, str]:
     return values
 
 
-def parse_timestamp(text: str) -> dt.datetime | None:
+def _parse_timestamp(text: str) -> dt.datetime | None:
     try:
         value = dt.datetime.fromisoformat(text.strip())
     except ValueError:
@@ -1500,7 +1500,7 @@ def dot_file_mismatch(root: Path, backend_row: BackendRow) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         return f'cannot read {dot_path}: {exc}'
     found_id = values.get('storage_id', '?')
-    created = parse_timestamp(values.get('created_at', ''))
+    created = _parse_timestamp(values.get('created_at', ''))
     if found_id != str(backend_row.storage_id) or created != backend_row.created_at:
         return (f'wrong disk at {root}: its {DOT_FILE} says storage_id={found_id}, created_at='
                 f"{values.get('created_at', '?')}, but the catalog's backend {backend_row.storage_id} was created "
@@ -1508,7 +1508,7 @@ def dot_file_mismatch(root: Path, backend_row: BackendRow) -> str | None:
     return None
 
 
-def normal_path(path: str | Path) -> Path:
+def _normal_path(path: str | Path) -> Path:
     """A folder's path as the file system means it, for comparing one path with another: `~`
     expanded, made absolute, '.', '..' and trailing or doubled slashes gone, and symbolic links
     resolved as far as the path exists. A url_prefix stored as typed ('/media/archive07/', as
@@ -1516,10 +1516,10 @@ def normal_path(path: str | Path) -> Path:
     return Path(os.path.expanduser(str(path))).resolve(strict=False)
 
 
-def same_folder(a: str | Path, b: str | Path) -> bool:
+def _same_folder(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name one folder: the same normalised path, or (a bind mount, a link
     on the way) the same folder on the same file system."""
-    if normal_path(a) == normal_path(b):
+    if _normal_path(a) == _normal_path(b):
         return True
     try:
         first, second = os.stat(a), os.stat(b)
@@ -1531,7 +1531,7 @@ def same_folder(a: str | Path, b: str | Path) -> bool:
 DEFAULT_MOUNT_ROOTS = ('/Volumes', '/media/*', '/run/media/*/*', '/mnt')
 
 
-def mount_roots() -> list[str]:
+def _mount_roots() -> list[str]:
     """Where disks get mounted (glob patterns): macOS, Linux desktops, by hand.
     MITWELTEN_MOUNT_ROOTS (separated by ':') replaces the list."""
     configured = os.environ.get('MITWELTEN_MOUNT_ROOTS')
@@ -1540,18 +1540,18 @@ def mount_roots() -> list[str]:
     return list(DEFAULT_MOUNT_ROOTS)
 
 
-def find_disk(backend_row: BackendRow) -> Path | None:
+def _find_disk(backend_row: BackendRow) -> Path | None:
     """The folder, under the mount roots, whose dot-file matches the backend: each root itself
     and the folders in it (a disk, or a backend folder at the top of a disk)."""
-    found = find_disks(backend_row)
+    found = _find_disks(backend_row)
     return found[0] if found else None
 
 
-def find_disks(backend_row: BackendRow) -> list[Path]:
+def _find_disks(backend_row: BackendRow) -> list[Path]:
     """Every folder under the mount roots whose dot-file matches the backend, each folder once
     (one reached through two paths counts once). More than one is a disk and its copy."""
     found: list[Path] = []
-    for pattern in mount_roots():
+    for pattern in _mount_roots():
         for candidate in sorted(glob.glob(os.path.expanduser(pattern))):
             places = [Path(candidate)]
             with contextlib.suppress(OSError), os.scandir(candidate) as entries:
@@ -1559,12 +1559,12 @@ def find_disks(backend_row: BackendRow) -> list[Path]:
             for place in places:
                 with contextlib.suppress(OSError):
                     if ((place / DOT_FILE).is_file() and dot_file_mismatch(place, backend_row) is None
-                            and not any(same_folder(place, known) for known in found)):
+                            and not any(_same_folder(place, known) for known in found)):
                         found.append(place)
     return found
 
 
-def two_claims(backend_row: BackendRow, first: Path, second: Path) -> ConfigError:
+def _two_claims(backend_row: BackendRow, first: Path, second: Path) -> ConfigError:
     """Two folders whose dot-files both match one backend: a disk copied whole (`rsync -a`, its
     dot-file with it). Which one the catalog's rows speak of cannot be told, so neither is used."""
     return ConfigError(f'two folders claim to be backend {backend_row.storage_id}: {first} and {second} (both have its '
@@ -1573,12 +1573,12 @@ def two_claims(backend_row: BackendRow, first: Path, second: Path) -> ConfigErro
                        'and `copy`)')
 
 
-def disk_whereabouts(backend_row: BackendRow) -> Path | None:
+def _disk_whereabouts(backend_row: BackendRow) -> Path | None:
     """Where the disk of a local backend is mounted now: at its recorded path when its dot-file
-    matches there, else wherever find_disk finds it under the mount roots; None when offline."""
+    matches there, else wherever _find_disk finds it under the mount roots; None when offline."""
     if dot_file_mismatch(Path(backend_row.url_prefix), backend_row) is None:
         return Path(backend_row.url_prefix)
-    return find_disk(backend_row)
+    return _find_disk(backend_row)
 
 
 # --- the interface ---------------------------------------------------------------------------------
@@ -1593,7 +1593,7 @@ class Backend:
     lists_files = False             # can list what it holds: `verify` finds files the catalog does not know
     adopts_found_files = False      # a file found there unrecorded (a killed run's) is checked and recorded
     root: Path | None = None        # the folder it lives in, where `report` writes (disks only)
-    writes_from_buffer = False      # writes best from this thread's io_buffer() (O_DIRECT): read into it
+    writes_from_buffer = False      # writes best from this thread's _io_buffer() (O_DIRECT): read into it
     group_writes = False            # makes new files durable in groups, by `sync` (a constructor option)
     read_etags = False              # `read` takes meta={} and fills in the object's 'etag' (S3's ETag)
 
@@ -1699,7 +1699,7 @@ class LocalBackend(Backend):
         # Writing in groups (`copy`, where syncfs exists, see group_writes): files written and
         # checked under their temporary names, made durable together, then renamed.
         self._lock_fd: int | None = None
-        self._group = SyncfsGroup()
+        self._group = _SyncfsGroup()
 
     def location(self) -> str:
         return str(self.root)
@@ -1710,9 +1710,9 @@ class LocalBackend(Backend):
         the usual mount roots; a path given by the user is used as it is."""
         problem = dot_file_mismatch(self.root, self.row)
         if problem and not self.given_path:
-            found = find_disks(self.row)
+            found = _find_disks(self.row)
             if len(found) > 1:
-                raise two_claims(self.row, found[0], found[1])
+                raise _two_claims(self.row, found[0], found[1])
             if found:
                 log.info('%s is not at its recorded path; found it at %s (its %s matches)',
                          self.describe(), found[0], DOT_FILE)
@@ -1721,17 +1721,17 @@ class LocalBackend(Backend):
             hint = self.path_option or ('--target-path' if writing else '--source-path')
             if not self.root.is_dir():
                 raise ConfigError(f'{self.describe()} is not mounted: {self.root} does not exist and no disk with '
-                                  f'its {DOT_FILE} is mounted under {", ".join(mount_roots()) or "(no mount roots)"}; '
+                                  f'its {DOT_FILE} is mounted under {", ".join(_mount_roots()) or "(no mount roots)"}; '
                                   f'pass {hint} where the disk is mounted now')
             raise ConfigError(f'refusing to use {self.describe()}: {problem}')
         if self.given_path:
             # The folder given matches; the disk itself may be online too, at its recorded path or
             # under the mount roots: then the folder given is a copy, or the disk is the copy.
             recorded = Path(self.row.url_prefix)
-            elsewhere = ([recorded] if dot_file_mismatch(recorded, self.row) is None else []) + find_disks(self.row)
+            elsewhere = ([recorded] if dot_file_mismatch(recorded, self.row) is None else []) + _find_disks(self.row)
             for other in elsewhere:
-                if not same_folder(other, self.root):
-                    raise two_claims(self.row, self.root, other)
+                if not _same_folder(other, self.root):
+                    raise _two_claims(self.row, self.root, other)
         storage_dir = read_dot_file(self.root).get('storage_dir') or 'archive'
         if '/' in storage_dir or storage_dir in ('.', '..'):
             raise ConfigError(f"{self.root / DOT_FILE}: storage_dir '{storage_dir}' must be a folder name")
@@ -1770,7 +1770,7 @@ class LocalBackend(Backend):
         return self.group_writes and SYNCFS is not None and self._lock_fd is not None
 
     def path(self, object_name: str) -> Path:
-        return self.archive.joinpath(*safe_object_parts(object_name))
+        return self.archive.joinpath(*_safe_object_parts(object_name))
 
     def _ensure_dir(self, directory: Path) -> None:
         """Create `directory` under the archive root, refusing to pass through symlinks, so no
@@ -1851,12 +1851,12 @@ class LocalBackend(Backend):
         self._ensure_dir(final.parent)
         self._remove_leftovers(final.parent)
         if not self._grouped:
-            with atomic_file(final, sync_folder=False, on_fsync_error=self._fsync_failed) as tmp:
+            with _atomic_file(final, sync_folder=False, on_fsync_error=self._fsync_failed) as tmp:
                 self._write_file(tmp, object_name, chunks, size)
             self._changed(final.parent)
             return
         # In a group: no fsync of its own; _sync_group() makes the group durable, then renames.
-        tmp = temporary_name(final)
+        tmp = _temporary_name(final)
         try:
             self._write_file(tmp, object_name, chunks, size)
         except BaseException:
@@ -1880,7 +1880,7 @@ class LocalBackend(Backend):
         if fd is None:
             fd = os.open(tmp, flags, 0o644)
         with open(fd, 'wb', buffering=0) as handle:    # chunks are large: no second buffer
-            if not write_chunks(handle, chunks, direct):
+            if not _write_chunks(handle, chunks, direct):
                 self.direct_io = False                 # refused halfway: not again in this run
             written = os.fstat(handle.fileno()).st_size
         if written != size:
@@ -1908,7 +1908,7 @@ class LocalBackend(Backend):
         path = self.path(object_name)
         fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))    # its data, if not on the disk yet
         try:
-            full_fsync(fd)
+            _full_fsync(fd)
         except OSError as exc:
             self._fsync_failed(exc)
             raise
@@ -1926,7 +1926,7 @@ class LocalBackend(Backend):
             directories, self._unsynced_dirs = list(self._unsynced_dirs), set()
         try:
             while directories:
-                fsync_dir(directories[-1])
+                _fsync_dir(directories[-1])
                 directories.pop()
         finally:
             if directories:
@@ -1957,7 +1957,7 @@ class LocalBackend(Backend):
 
 # --- S3 buckets --------------------------------------------------------------------------------------
 
-def is_md5_etag(etag: str) -> bool:
+def _is_md5_etag(etag: str) -> bool:
     return bool(re.fullmatch(r'[0-9a-f]{32}', etag))
 
 
@@ -1976,7 +1976,7 @@ class S3Backend(Backend):
         from boto3.s3.transfer import TransferConfig
         self.row = backend_row
         self.where = S3Location.parse(backend_row.url_prefix)
-        self.client = s3_client(self.where, settings, pool_size=max(10, jobs + 4))
+        self.client = _s3_client(self.where, settings, pool_size=max(10, jobs + 4))
         self.transfer_config = TransferConfig(multipart_threshold=self.SINGLE_PUT_LIMIT,
                                               multipart_chunksize=16 * 1024 * 1024, max_concurrency=2)
 
@@ -1984,17 +1984,17 @@ class S3Backend(Backend):
         return self.where.url
 
     def key(self, object_name: str) -> str:
-        safe_object_parts(object_name)
+        _safe_object_parts(object_name)
         return self.where.prefix + object_name
 
     def check(self, writing: bool) -> None:
-        check_bucket(self.client, self.where, self.describe())
+        _check_bucket(self.client, self.where, self.describe())
 
     def size(self, object_name: str) -> int | None:
         try:
             head = self.client.head_object(Bucket=self.where.bucket, Key=self.key(object_name))
         except botocore.exceptions.ClientError as exc:
-            if s3_error_code(exc) in S3_NOT_FOUND:
+            if _s3_error_code(exc) in S3_NOT_FOUND:
                 return None
             raise
         return head['ContentLength']
@@ -2007,7 +2007,7 @@ class S3Backend(Backend):
         try:
             response = self.client.get_object(Bucket=self.where.bucket, Key=self.key(object_name), **extra)
         except botocore.exceptions.ClientError as exc:
-            if s3_error_code(exc) in S3_NOT_FOUND:
+            if _s3_error_code(exc) in S3_NOT_FOUND:
                 raise SourceMissing(f'object {self.key(object_name)} is missing in {self.describe()}',
                                     object_name) from None
             raise
@@ -2069,12 +2069,12 @@ class S3Backend(Backend):
         if size <= self.SINGLE_PUT_LIMIT:
             data = b''.join(chunks)   # a checksum mismatch raises here, before anything is sent
             if sha256_hex:
-                extra['ChecksumSHA256'] = sha256_hex_to_b64(sha256_hex)
+                extra['ChecksumSHA256'] = _sha256_hex_to_b64(sha256_hex)
             response = self.client.put_object(Bucket=self.where.bucket, Key=key, Body=data, **extra)
             # Servers that verify ChecksumSHA256 have refused a corrupted body already; for
             # the others, a plain (unencrypted, single-part) object's ETag is its MD5.
             etag = response.get('ETag', '').strip('"')
-            if (not response.get('ServerSideEncryption') and is_md5_etag(etag)
+            if (not response.get('ServerSideEncryption') and _is_md5_etag(etag)
                     and etag != hashlib.md5(data).hexdigest()):
                 self._delete_key(key)
                 raise FileFailure(f'{self.describe()} stored {key} with a different MD5 than was sent',
@@ -2082,7 +2082,7 @@ class S3Backend(Backend):
         else:
             # Every part is sent with its SHA-256, which the server checks; the whole was
             # checked against the catalog's as it was read (CheckedStream).
-            self.client.upload_fileobj(ChunkReader(chunks), self.where.bucket, key,
+            self.client.upload_fileobj(_ChunkReader(chunks), self.where.bucket, key,
                                        ExtraArgs={**extra, 'ChecksumAlgorithm': 'SHA256'}, Config=self.transfer_config)
             stored = self.size(object_name)
             if stored != size:
@@ -2101,7 +2101,7 @@ class S3Backend(Backend):
         try:
             response = self.client.get_object_tagging(Bucket=self.where.bucket, Key=self.key(object_name))
         except botocore.exceptions.ClientError as exc:
-            if s3_error_code(exc) in ('NotImplemented', *S3_NOT_FOUND):
+            if _s3_error_code(exc) in ('NotImplemented', *S3_NOT_FOUND):
                 return None     # a server without tagging, or an object gone: nothing to carry over
             raise
         return {tag['Key']: tag['Value'] for tag in response.get('TagSet', [])} or None
@@ -2119,7 +2119,7 @@ def raw_http_stream(body) -> tuple | None:
     return None
 
 
-class ChunkReader(io.RawIOBase):
+class _ChunkReader(io.RawIOBase):
     """A read()-able view of a chunk iterator, for boto3's upload_fileobj."""
 
     def __init__(self, chunks: Iterable[bytes]):
@@ -2141,7 +2141,7 @@ class ChunkReader(io.RawIOBase):
         return data
 
 
-def connection_problem(exc: BaseException) -> str:
+def _connection_problem(exc: BaseException) -> str:
     """What went wrong on the way to a server ('Connection refused', 'no answer in time'), for a
     message that names the server itself."""
     if isinstance(exc, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
@@ -2151,18 +2151,18 @@ def connection_problem(exc: BaseException) -> str:
     return found.group(1).strip() if found else type(error).__name__
 
 
-def check_bucket(client, where: S3Location, what: str) -> None:
+def _check_bucket(client, where: S3Location, what: str) -> None:
     try:
         client.head_bucket(Bucket=where.bucket)
     except botocore.exceptions.NoCredentialsError:
         raise ConfigError(f'no S3 credentials for {where.netloc}: set AWS_ACCESS_KEY_ID and '
                           f"AWS_SECRET_ACCESS_KEY, or create an AWS profile named '{where.netloc}'") from None
     except S3_CONNECTION_ERRORS as exc:
-        raise ConfigError(f'cannot reach the S3 server {where.endpoint} ({what}): {connection_problem(exc)}; '
+        raise ConfigError(f'cannot reach the S3 server {where.endpoint} ({what}): {_connection_problem(exc)}; '
                           'check the server and the network (timeouts: MITWELTEN_CONNECT_TIMEOUT, '
                           'MITWELTEN_READ_TIMEOUT, MITWELTEN_ATTEMPTS)') from None
     except botocore.exceptions.ClientError as exc:
-        code = s3_error_code(exc)
+        code = _s3_error_code(exc)
         if code in ('404', 'NoSuchBucket', 'NotFound'):
             raise ConfigError(f"bucket '{where.bucket}' does not exist at {where.endpoint} ({what})") from None
         if code in ('403', 'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch'):
@@ -2192,7 +2192,7 @@ def open_backend(backend_row: BackendRow, settings: Settings, *, path: str | Non
 #
 # An original counts only once its bytes hash to the catalog's sha256 (and have its size).
 
-def check_original(file: CatalogFile, size: int, sha256_hex: str) -> None:
+def _check_original(file: CatalogFile, size: int, sha256_hex: str) -> None:
     if size != file.file_size:
         raise ChecksumMismatch(f'{size:,} bytes, the catalog says {file.file_size:,}: not the original',
                                file.object_name)
@@ -2201,8 +2201,8 @@ def check_original(file: CatalogFile, size: int, sha256_hex: str) -> None:
                                'original', file.object_name)
 
 
-def check_original_bytes(data: bytes, file: CatalogFile) -> None:
-    check_original(file, len(data), hashlib.sha256(data).hexdigest())
+def _check_original_bytes(data: bytes, file: CatalogFile) -> None:
+    _check_original(file, len(data), hashlib.sha256(data).hexdigest())
 
 
 class CheckedStream:
@@ -2237,7 +2237,7 @@ class CheckedStream:
                 held = chunk
             else:
                 yield chunk
-        check_original(self.file, total, digest.hexdigest())
+        _check_original(self.file, total, digest.hexdigest())
         if held is not None:
             yield held
 
@@ -2257,7 +2257,7 @@ def read_original(backend: Backend, file: CatalogFile, progress: Callable[[int],
 GZIP_PIECE = 1024 * 1024        # decompressed output per step: memory stays bounded, whatever the ratio
 
 
-def gunzipped(chunks: Iterable[bytes], object_name: str) -> Iterator[bytes]:
+def _gunzipped(chunks: Iterable[bytes], object_name: str) -> Iterator[bytes]:
     """The decompressed bytes of a gzip stream, as it streams (zlib, gzip header and trailer:
     its CRC-32 and length are checked by zlib); ChecksumMismatch for a damaged or cut-off one."""
     inflater = zlib.decompressobj(wbits=31)
@@ -2276,7 +2276,7 @@ def gunzipped(chunks: Iterable[bytes], object_name: str) -> Iterator[bytes]:
         raise ChecksumMismatch('the gzip copy ends early: not the whole original', object_name)
 
 
-def original_from(backend: Backend, file: CatalogFile, held_type: int,
+def _original_from(backend: Backend, file: CatalogFile, held_type: int,
                   into: memoryview | None = None) -> Iterator[bytes]:
     """The original's bytes from a backend that holds it as `held_type`: the original itself
     (type 0), or gzip of it (type 10), decompressed as it streams. Unchecked: pass it through a
@@ -2284,12 +2284,12 @@ def original_from(backend: Backend, file: CatalogFile, held_type: int,
     if held_type == 0:
         return backend.read_original(file, into=into)
     if held_type == 10:
-        return gunzipped(backend.read(with_suffix('.gz')(file.object_name), into=into), file.object_name)
+        return _gunzipped(backend.read(_with_suffix('.gz')(file.object_name), into=into), file.object_name)
     raise VersionConflict(f'{backend.describe()} holds version {held_type} of {file.object_name}, not its original '
                           'nor gzip of it')
 
 
-class GzipHeldOriginal(Backend):
+class _GzipHeldOriginal(Backend):
     """A backend that holds a file's original as gzip (type 10), presented as holding the
     original itself: its size is the catalog's, its reads decompress as they stream (a range
     is cut from the decompressed bytes), so that whoever reads originals from a backend (the
@@ -2299,7 +2299,7 @@ class GzipHeldOriginal(Backend):
     def __init__(self, backend: Backend, file: CatalogFile):
         self.inner, self.file = backend, file
         self.row, self.kind = backend.row, backend.kind
-        self.gz_name = with_suffix('.gz')(file.object_name)
+        self.gz_name = _with_suffix('.gz')(file.object_name)
 
     def location(self) -> str:
         return self.inner.location()
@@ -2321,7 +2321,7 @@ class GzipHeldOriginal(Backend):
             yield from self.inner.read(object_name, start=start, end=end, piece=piece)
             return
         position = 0
-        for chunk in gunzipped(self.inner.read(self.gz_name, piece=piece), object_name):
+        for chunk in _gunzipped(self.inner.read(self.gz_name, piece=piece), object_name):
             first, position = position, position + len(chunk)
             if position <= start:
                 continue
@@ -2437,7 +2437,7 @@ def checked_range(backend: Backend, file: CatalogFile, first: int, last: int, *,
                 yield held
             held = chunk if (low, high) == (start, offset) else bytes(chunk[low - start:high - start])
     try:
-        check_original(file, offset, digest.hexdigest())
+        _check_original(file, offset, digest.hexdigest())
     except ChecksumMismatch:
         if checked is not None and backend.read_etags:
             checked.add_bad(backend, file, meta.get('etag'), digest.hexdigest())
@@ -2462,7 +2462,7 @@ CPU_SLOTS = threading.BoundedSemaphore(1 + (len(os.sched_getaffinity(0)) if hasa
 
 
 @dataclasses.dataclass(frozen=True)
-class Version:
+class _Version:
     group: str
     type: int
     label: str
@@ -2494,11 +2494,11 @@ class Version:
             self.checker(stored, file)
 
 
-def same_name(name: str) -> str:
+def _same_name(name: str) -> str:
     return name
 
 
-def with_extension(extension: str) -> Callable[[str], str]:
+def _with_extension(extension: str) -> Callable[[str], str]:
     """'a/b/c.jpg' -> 'a/b/c.webp': the extension of the last part replaced (or added)."""
     def name(original: str) -> str:
         folder, _, base = original.rpartition('/')
@@ -2507,7 +2507,7 @@ def with_extension(extension: str) -> Callable[[str], str]:
     return name
 
 
-def with_suffix(suffix: str) -> Callable[[str], str]:
+def _with_suffix(suffix: str) -> Callable[[str], str]:
     return lambda original: original + suffix
 
 
@@ -2526,7 +2526,7 @@ def check_gzip(packed: bytes, file: CatalogFile) -> None:
     except (OSError, EOFError, zlib.error) as exc:
         raise ConversionError(f'gzip version does not decompress: {exc}', file.object_name) from None
     try:
-        check_original_bytes(unpacked, file)
+        _check_original_bytes(unpacked, file)
     except ChecksumMismatch as exc:
         raise ConversionError(f'gzip version does not decompress to the original: {exc}',
                               file.object_name) from None
@@ -2537,7 +2537,7 @@ def check_gzip(packed: bytes, file: CatalogFile) -> None:
 WEBP_QUALITY = 80
 
 
-def image_library():
+def _image_library():
     """Pillow, imported where a WebP is first made or checked: a run without pictures to
     convert does not pay for its import."""
     from PIL import Image
@@ -2563,7 +2563,7 @@ def downscaled(original: bytes, file: CatalogFile, box: tuple[int, int]) -> tupl
     (Pillow's draft: the DCT does the first step of the downscale), then resampled with
     LANCZOS. Truncated or unreadable images fail: LOAD_TRUNCATED_IMAGES stays off, so no
     half-grey picture is ever made."""
-    Image = image_library()
+    Image = _image_library()
     try:
         with Image.open(io.BytesIO(original)) as image:
             target = fitted_size(image.size, box)
@@ -2585,7 +2585,7 @@ def downscaled(original: bytes, file: CatalogFile, box: tuple[int, int]) -> tupl
     return image, keep
 
 
-def make_webp(original: bytes, file: CatalogFile, box: tuple[int, int]) -> bytes:
+def _make_webp(original: bytes, file: CatalogFile, box: tuple[int, int]) -> bytes:
     """WebP of the original fitting in `box`, Pillow's encoder at quality 80."""
     image, keep = downscaled(original, file, box)
     out = io.BytesIO()
@@ -2594,16 +2594,16 @@ def make_webp(original: bytes, file: CatalogFile, box: tuple[int, int]) -> bytes
     except (OSError, ValueError) as exc:
         raise ConversionError(f'cannot encode the WebP version: {exc}', file.object_name) from None
     webp = out.getvalue()
-    check_webp(webp, file, box, expected_size=image.size)
+    _check_webp(webp, file, box, expected_size=image.size)
     return webp
 
 
-def check_webp(data: bytes, file: CatalogFile, box: tuple[int, int],
+def _check_webp(data: bytes, file: CatalogFile, box: tuple[int, int],
                expected_size: tuple[int, int] | None = None) -> None:
     """A WebP version decodes, at a size that fits the box. Just made (`expected_size` given),
     the encoder's own output is checked by its header alone: decoding it again would cost a
     tenth of the conversion, and `verify` decodes every stored one."""
-    Image = image_library()
+    Image = _image_library()
     try:
         with Image.open(io.BytesIO(data)) as image:
             if expected_size is None:
@@ -2650,7 +2650,7 @@ INFO_TAGS = {b'INAM': 'title', b'IART': 'artist', b'ICMT': 'comment', b'ICRD': '
              b'ISFT': 'software', b'IPRD': 'album', b'IGNR': 'genre', b'ITRK': 'tracknumber'}
 
 
-def audio_libraries():
+def _audio_libraries():
     """numpy and soundfile, imported where a FLAC is first made or checked: a run without
     recordings does not pay their tenth of a second of import."""
     import numpy
@@ -2661,7 +2661,7 @@ def audio_libraries():
 _PYDUB_IMPORT = threading.Lock()
 
 
-def pydub_library():
+def _pydub_library():
     """pydub's AudioSegment and CouldntDecodeError, imported where a recording that is neither a
     WAV nor one libsndfile reads is converted (and by ffmpeg_executable). Once, under a lock:
     the warning filters set around the import are the process's, not the thread's."""
@@ -2689,12 +2689,12 @@ def ffmpeg_executable() -> str:
     if not found:
         import imageio_ffmpeg
         found = imageio_ffmpeg.get_ffmpeg_exe()
-    pydub_library()[0].converter = found
+    _pydub_library()[0].converter = found
     return found
 
 
 @dataclasses.dataclass(frozen=True)
-class PcmAudio:
+class _PcmAudio:
     """The samples of a recording: interleaved, signed little-endian, as in a WAV's data chunk."""
     channels: int
     sample_rate: int
@@ -2707,7 +2707,7 @@ class PcmAudio:
         return len(self.samples) // (self.channels * self.bits // 8)
 
 
-def is_wav(data: bytes) -> bool:
+def _is_wav(data: bytes) -> bool:
     return data[:4] == b'RIFF' and data[8:12] == b'WAVE'
 
 
@@ -2722,11 +2722,11 @@ def _info_tags(chunk: memoryview) -> dict:
     return tags
 
 
-def read_wav(original: bytes, file: CatalogFile) -> PcmAudio:
+def _read_wav(original: bytes, file: CatalogFile) -> _PcmAudio:
     """The PCM samples of a WAV, by its own RIFF walk (libsndfile's reader opens a truncated WAV
     without complaint), refusing what FLAC cannot hold losslessly and recordings cut short."""
     view = memoryview(original)
-    if len(view) < 12 or not is_wav(original):
+    if len(view) < 12 or not _is_wav(original):
         raise ConversionError('not a WAV recording: no RIFF/WAVE header', file.object_name)
     fmt, tags, pos = None, {}, 12
     while pos + 8 <= len(view):
@@ -2750,11 +2750,11 @@ def read_wav(original: bytes, file: CatalogFile) -> PcmAudio:
         tag = WAVE_FORMAT_PCM
     if tag != WAVE_FORMAT_PCM:
         raise ConversionError(f'not a WAV recording of PCM samples (audio format 0x{tag:X})', file.object_name)
-    return checked_pcm(channels, sample_rate, bits, block_align, view[body:], size, tags, file)
+    return _checked_pcm(channels, sample_rate, bits, block_align, view[body:], size, tags, file)
 
 
-def checked_pcm(channels: int, sample_rate: int, bits: int, block_align: int, data: memoryview, declared: int,
-                tags: dict, file: CatalogFile) -> PcmAudio:
+def _checked_pcm(channels: int, sample_rate: int, bits: int, block_align: int, data: memoryview, declared: int,
+                tags: dict, file: CatalogFile) -> _PcmAudio:
     if bits not in PCM_DTYPES:
         raise ConversionError(f'unsupported sample format: {bits}-bit PCM (FLAC versions are made of 16- and 24-bit '
                               'recordings)', file.object_name)
@@ -2765,7 +2765,7 @@ def checked_pcm(channels: int, sample_rate: int, bits: int, block_align: int, da
                               f'says {declared:,}', file.object_name)
     if declared == 0:
         raise ConversionError('empty recording: it holds no samples', file.object_name)
-    return PcmAudio(channels, sample_rate, bits, data[:declared], tags)
+    return _PcmAudio(channels, sample_rate, bits, data[:declared], tags)
 
 
 LOSSY_SUBTYPES = {'MPEG_LAYER_I', 'MPEG_LAYER_II', 'MPEG_LAYER_III', 'VORBIS', 'OPUS', 'ALAW', 'ULAW', 'GSM610',
@@ -2773,12 +2773,12 @@ LOSSY_SUBTYPES = {'MPEG_LAYER_I', 'MPEG_LAYER_II', 'MPEG_LAYER_III', 'VORBIS', '
                   'NMS_ADPCM_24', 'NMS_ADPCM_32', 'DWVW_12', 'DWVW_16', 'DWVW_24', 'DPCM_8', 'DPCM_16'}
 
 
-def read_other_recording(original: bytes, file: CatalogFile) -> PcmAudio:
+def _read_other_recording(original: bytes, file: CatalogFile) -> _PcmAudio:
     """A recording that is not a WAV, as 16- or 24-bit samples: through libsndfile where it
     reads the container (AIFF, W64, RF64, CAF, FLAC, …), else through pydub and ffmpeg (ALAC in
     MP4, for one), decoded to 24 bits (exact for 16- and 24-bit sources; pydub asks ffprobe
     what the recording holds). Lossy recordings are refused: a FLAC of one is no better."""
-    np, soundfile = audio_libraries()
+    np, soundfile = _audio_libraries()
     try:
         with soundfile.SoundFile(io.BytesIO(original)) as source:
             subtype, channels, sample_rate = source.subtype, source.channels, source.samplerate
@@ -2791,11 +2791,11 @@ def read_other_recording(original: bytes, file: CatalogFile) -> PcmAudio:
                                       '24-bit recordings)', file.object_name)
             samples = source.read(dtype=PCM_DTYPES[bits])
         data = samples.tobytes() if bits == 16 else _pack24(samples, np.empty(samples.size * 3, np.uint8)).tobytes()
-        return checked_pcm(channels, sample_rate, bits, channels * bits // 8, memoryview(data), len(data), {}, file)
+        return _checked_pcm(channels, sample_rate, bits, channels * bits // 8, memoryview(data), len(data), {}, file)
     except soundfile.LibsndfileError:
         pass
     ffmpeg_executable()
-    AudioSegment, CouldntDecodeError = pydub_library()
+    AudioSegment, CouldntDecodeError = _pydub_library()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', RuntimeWarning)      # pydub's own note that ffprobe is missing
@@ -2809,11 +2809,11 @@ def read_other_recording(original: bytes, file: CatalogFile) -> PcmAudio:
                               file.object_name) from None
     wav = io.BytesIO()
     segment.export(wav, format='wav')
-    return read_wav(wav.getvalue(), file)
+    return _read_wav(wav.getvalue(), file)
 
 
 @contextlib.contextmanager
-def memory_file(data: bytes | None = None):
+def _memory_file(data: bytes | None = None):
     """A file in memory for libsndfile: (what SoundFile opens, a function returning its bytes)."""
     if not hasattr(os, 'memfd_create'):
         buffer = io.BytesIO(data) if data is not None else io.BytesIO()
@@ -2832,7 +2832,7 @@ def memory_file(data: bytes | None = None):
 
 
 def _sound_file(target, *args, **kwargs):
-    _, soundfile = audio_libraries()
+    _, soundfile = _audio_libraries()
     if isinstance(target, int):
         return soundfile.SoundFile(target, *args, closefd=False, **kwargs)
     return soundfile.SoundFile(target, *args, **kwargs)
@@ -2842,7 +2842,7 @@ def _widen24(samples: memoryview, first: int, count: int, out) -> object:
     """3-byte samples [first, first + count) as int32 shifted left by 8 (as libsndfile gives
     24-bit samples): one numpy pass over 4-byte windows every 3 bytes; a bijection, so equal
     int32 values mean equal bytes."""
-    np, _ = audio_libraries()
+    np, _ = _audio_libraries()
     inside = max(0, min(count, len(samples) // 3 - 1 - first))
     if inside:
         window = np.ndarray((inside,), '<i4', buffer=samples, offset=3 * first, strides=(3,))
@@ -2855,7 +2855,7 @@ def _widen24(samples: memoryview, first: int, count: int, out) -> object:
 
 def _pack24(block, out) -> object:
     """int32 samples shifted left by 8 back to their 3 little-endian bytes."""
-    np, _ = audio_libraries()
+    np, _ = _audio_libraries()
     wide = block.reshape(-1).view(np.uint8).reshape(-1, 4)
     packed = out[:3 * len(wide)].reshape(-1, 3)
     packed[:, 0], packed[:, 1], packed[:, 2] = wide[:, 1], wide[:, 2], wide[:, 3]
@@ -2887,13 +2887,13 @@ def _stream_info(head: bytes, file: CatalogFile) -> dict:
     return info
 
 
-def make_flac(original: bytes, file: CatalogFile) -> bytes:
+def _make_flac(original: bytes, file: CatalogFile) -> bytes:
     """Lossless FLAC of a recording, counted only once it decodes to exactly the original's
     samples and its STREAMINFO carries their count and MD5 (16- and 24-bit, 1 to 8 channels,
     the sample rates FLAC's streamable subset allows)."""
-    np, soundfile = audio_libraries()
-    audio = read_wav(original, file) if is_wav(original) else read_other_recording(original, file)
-    with memory_file() as (sink, read_back):
+    np, soundfile = _audio_libraries()
+    audio = _read_wav(original, file) if _is_wav(original) else _read_other_recording(original, file)
+    with _memory_file() as (sink, read_back):
         try:
             with _sound_file(sink, 'w', audio.sample_rate, audio.channels, PCM_SUBTYPES[audio.bits], format='FLAC',
                              # libsndfile takes the level as a fraction of libFLAC's 0..8
@@ -2918,7 +2918,7 @@ def make_flac(original: bytes, file: CatalogFile) -> bytes:
             os.lseek(sink, 0, os.SEEK_SET)
         else:
             sink.seek(0)
-        decode_flac_checked(sink, info, audio.samples, file)
+        _decode_flac_checked(sink, info, audio.samples, file)
         flac = read_back()
     if (info['channels'], info['sample_rate'], info['bits'], info['frames']) != (
             audio.channels, audio.sample_rate, audio.bits, audio.frames):
@@ -2934,14 +2934,14 @@ def check_flac(flac: bytes, file: CatalogFile) -> None:
     """A stored FLAC decodes, to as many samples as its STREAMINFO says, whose MD5 is the one
     it records (what `flac -t` checks)."""
     info = _stream_info(flac[:42], file)
-    with memory_file(flac) as (source, _):
-        decode_flac_checked(source, info, None, file)
+    with _memory_file(flac) as (source, _):
+        _decode_flac_checked(source, info, None, file)
 
 
-def decode_flac_checked(source, info: dict, expected: memoryview | None, file: CatalogFile) -> None:
+def _decode_flac_checked(source, info: dict, expected: memoryview | None, file: CatalogFile) -> None:
     """Decode block by block: against `expected` (the original's samples) sample for sample, or,
     without it, against the MD5 STREAMINFO records; and count the frames."""
-    np, soundfile = audio_libraries()
+    np, soundfile = _audio_libraries()
     bits, channels = info['bits'], info['channels']
     digest = hashlib.md5() if expected is None else None
     block = np.empty((FLAC_BLOCK_FRAMES, channels), PCM_DTYPES[bits])
@@ -2988,21 +2988,21 @@ WEBP_LARGE, WEBP_SMALL = (1920, 1440), (640, 480)
 
 
 def _webp(box: tuple[int, int]) -> tuple[Callable, Callable]:
-    return (lambda data, file: make_webp(data, file, box)), (lambda data, file: check_webp(data, file, box))
+    return (lambda data, file: _make_webp(data, file, box)), (lambda data, file: _check_webp(data, file, box))
 
 
-VERSIONS: dict[tuple[str, int], Version] = {(v.group, v.type): v for v in [
-    Version('image', 0, ORIGINAL, None, same_name, None, check_original_bytes, exact=True),
-    Version('image', 1, 'WebP 1920×1440', 'image/webp', with_extension('.webp'), *_webp(WEBP_LARGE)),
-    Version('image', 2, 'WebP 640×480', 'image/webp', with_extension('.webp'), *_webp(WEBP_SMALL)),
-    Version('image', 10, 'gzip -9', 'application/gzip', with_suffix('.gz'), make_gzip, check_gzip, exact=True),
-    Version('audio', 0, ORIGINAL, None, same_name, None, check_original_bytes, exact=True),
-    Version('audio', 1, 'FLAC', 'audio/flac', with_extension('.flac'), make_flac, check_flac),
-    Version('audio', 10, 'gzip -9', 'application/gzip', with_suffix('.gz'), make_gzip, check_gzip, exact=True),
+VERSIONS: dict[tuple[str, int], _Version] = {(v.group, v.type): v for v in [
+    _Version('image', 0, ORIGINAL, None, _same_name, None, _check_original_bytes, exact=True),
+    _Version('image', 1, 'WebP 1920×1440', 'image/webp', _with_extension('.webp'), *_webp(WEBP_LARGE)),
+    _Version('image', 2, 'WebP 640×480', 'image/webp', _with_extension('.webp'), *_webp(WEBP_SMALL)),
+    _Version('image', 10, 'gzip -9', 'application/gzip', _with_suffix('.gz'), make_gzip, check_gzip, exact=True),
+    _Version('audio', 0, ORIGINAL, None, _same_name, None, _check_original_bytes, exact=True),
+    _Version('audio', 1, 'FLAC', 'audio/flac', _with_extension('.flac'), _make_flac, check_flac),
+    _Version('audio', 10, 'gzip -9', 'application/gzip', _with_suffix('.gz'), make_gzip, check_gzip, exact=True),
 ]}
 
 
-def find_version(group: str, version_type: int) -> Version:
+def find_version(group: str, version_type: int) -> _Version:
     try:
         return VERSIONS[(group, version_type)]
     except KeyError:
@@ -3014,13 +3014,13 @@ ORIGINAL_CONTENT_TYPES = {'.jpg': 'image/jpeg', '.jpeg': 'image/jpeg', '.png': '
                           '.tiff': 'image/tiff', '.wav': 'audio/wav', '.flac': 'audio/flac', '.mp3': 'audio/mpeg'}
 
 
-def content_type_of(version: Version, object_name: str) -> str:
+def content_type_of(version: _Version, object_name: str) -> str:
     if version.content_type:
         return version.content_type
     return ORIGINAL_CONTENT_TYPES.get(Path(object_name).suffix.lower(), 'application/octet-stream')
 
 
-def sound_copy_at(backend: Backend, file: CatalogFile, version: Version) -> bool:
+def _sound_copy_at(backend: Backend, file: CatalogFile, version: _Version) -> bool:
     """Whether the backend holds a sound copy of the file's version, recorded or not: there,
     of the original's size (for an original), and passing the version's check."""
     object_name = version.object_name(file.object_name)
@@ -3048,7 +3048,7 @@ def human_bytes(n: float | None) -> str:
     return f'{n:.1f} TB'
 
 
-def default_log_dir() -> Path:
+def _default_log_dir() -> Path:
     if os.environ.get('MITWELTEN_LOG_DIR'):
         return Path(os.environ['MITWELTEN_LOG_DIR'])
     state = os.environ.get('XDG_STATE_HOME') or Path.home() / '.local' / 'state'
@@ -3134,7 +3134,7 @@ class Run:
         self.report = report
         self.stall_after = stall_after         # seconds without data before the progress says it waits
         # Once the run has decided to stop, the files in flight get this many seconds without data
-        # before they are abandoned: half of stall_after, which BatchFrame sets to min(10, the read
+        # before they are abandoned: half of stall_after, which _BatchFrame sets to min(10, the read
         # timeout), so a run stops within one read timeout of its decision.
         self.abandon_after = stall_after / 2 if abandon_after is None else abandon_after
         self.stopped_at: float | None = None
@@ -3143,7 +3143,7 @@ class Run:
         self.total_files = total_files
         self.total_bytes = total_bytes
         self.backends = backends               # for naming the one a fault belongs to
-        self.log_dir = Path(options.log_dir) if options.log_dir else default_log_dir()
+        self.log_dir = Path(options.log_dir) if options.log_dir else _default_log_dir()
         self.progress_shown = options.progress or Progress()
         self.stop_requested = False
         self.halted = False
@@ -3267,7 +3267,7 @@ class Run:
         """Name the file's failure; stop the run when no further file can succeed (a disk full
         or gone; a server that stopped answering)."""
         self.failure(file, describe_exception(exc))
-        reason = fatal_reason(exc, self.backends)
+        reason = _fatal_reason(exc, self.backends)
         if reason:
             self.stop(reason)
 
@@ -3358,7 +3358,7 @@ def describe_exception(exc: BaseException) -> str:
     return f'{type(exc).__name__}: {exc}'
 
 
-def fatal_reason(exc: BaseException, backends: Iterable[Backend]) -> str | None:
+def _fatal_reason(exc: BaseException, backends: Iterable[Backend]) -> str | None:
     """Why no further file can succeed (so the run stops), or None for a failure of one file."""
     if isinstance(exc, TokenRefused):
         return str(exc)
@@ -3468,19 +3468,19 @@ class Pipeline:
         self.run.abandoned(in_flight)
 
 
-# --- the frame of a batch run (copy, archive, restore, export) ----------------------------------------------------------
+# --- the frame of a batch run (copy, archive, restore, export) -----------------------------------
 
-class BackgroundCounts:
+class _BackgroundCounts:
     """The selection's counts, on a connection of their own, while the run already transfers:
     on a batch of a million files the count takes seconds the first file need not wait for.
     Only the progress totals and the summary's notes depend on them."""
 
-    def __init__(self, settings: Settings, selection: Selection):
+    def __init__(self, settings: Settings, selection: _Selection):
         self.result: dict = {}
         self.thread = threading.Thread(target=self._count, args=(settings, selection), name='counts', daemon=True)
         self.thread.start()
 
-    def _count(self, settings: Settings, selection: Selection) -> None:
+    def _count(self, settings: Settings, selection: _Selection) -> None:
         try:
             conn = connect_catalog(settings)
             try:
@@ -3495,14 +3495,14 @@ class BackgroundCounts:
         return self.result
 
 
-class BatchJob:
+class _BatchJob:
     """One kind of batch run: what to do with each file (on a worker thread) and with what that
-    returns (on the run's thread). The frame, `BatchFrame.carry_out`, does the rest."""
+    returns (on the run's thread). The frame, `_BatchFrame.carry_out`, does the rest."""
 
     command = ''
 
     def __init__(self, recorder, backends: tuple, locked: tuple):
-        self.recorder = recorder        # CatalogWriter, or ServiceRecorder through the service
+        self.recorder = recorder        # CatalogWriter, or _ServiceRecorder through the service
         self.backends = backends        # source and target, to name the one a fault belongs to
         self.locked = locked            # backends held (`writing`) for the run
         self.run: Run | None = None
@@ -3553,7 +3553,7 @@ class BatchJob:
         return []
 
 
-class BatchFrame:
+class _BatchFrame:
     """What every batch run shares (copy and archive): the options checked, the catalog
     connections (one per role: `reader` streams the selection, the recorder's writes, the
     counts' own), the backends opened and checked (or reached through the storage service),
@@ -3568,7 +3568,7 @@ class BatchFrame:
         self.service = None
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> 'BatchFrame':
+    def __enter__(self) -> '_BatchFrame':
         self.reader = connect_catalog(self.settings)
         self._stack.callback(self.reader.close)
         return self
@@ -3593,8 +3593,8 @@ class BatchFrame:
             if active is not None and active.storage_id != source_id:
                 raise ConfigError(f'through the service (--via) the source must be the active tier, the S3 backend '
                                   f'with the lowest priority number: {active.describe()}, not {source_row.describe()}')
-            self.service = ServiceClient.from_options(options, self.settings)
-            source = ServiceSource(source_row, self.service, group)
+            self.service = _ServiceClient.from_options(options, self.settings)
+            source = _ServiceSource(source_row, self.service, group)
             if target_row.priority != ARCHIVE_PRIORITY:
                 raise ConfigError(f'{target_row.describe()} has priority {target_row.priority}: through the service '
                                   f'(--via) the target must be an archive backend (priority {ARCHIVE_PRIORITY})')
@@ -3607,17 +3607,17 @@ class BatchFrame:
         target.check(writing=True)
         return source, target
 
-    def recorder(self, group: Group, backends: tuple, **timing):
+    def recorder(self, group: _Group, backends: tuple, **timing):
         """Who records what the run did: the catalog (a CatalogWriter on a connection of its
         own), or, through the service, the service (the workstation may only read the catalog)."""
         if self.service:
-            return ServiceRecorder(self.service, self.connection(), group, backends, jobs=self.options.jobs)
+            return _ServiceRecorder(self.service, self.connection(), group, backends, jobs=self.options.jobs)
         return CatalogWriter(self.connection(), group, backends, **timing)
 
-    def carry_out(self, job: BatchJob, selection: Selection, title: str) -> RunReport:
+    def carry_out(self, job: _BatchJob, selection: _Selection, title: str) -> RunReport:
         """Run the job over the selection, in a Run (log, progress, signals), and return its report."""
         report = RunReport(self.command, title)
-        counts = BackgroundCounts(self.settings, selection)
+        counts = _BackgroundCounts(self.settings, selection)
         with contextlib.ExitStack() as locks:
             for backend in job.locked:
                 locks.enter_context(backend.writing())
@@ -3630,7 +3630,8 @@ class BatchFrame:
                     run.set_totals(counts.result)
                     job.between(idle)
                 try:
-                    pipeline.drive(selection.files(self.reader), job.work, job.done, between=between, waiting=job.waiting)
+                    pipeline.drive(selection.files(self.reader), job.work, job.done, between=between,
+                                   waiting=job.waiting)
                 except KeyboardInterrupt:
                     report.stopped = ('stopped at once by a second interrupt (Ctrl-C or SIGTERM): the files in flight '
                                       'were abandoned (the next run removes their temporary files)')
@@ -3640,7 +3641,7 @@ class BatchFrame:
                     self._end(job, run, counts)
         return report
 
-    def _end(self, job: BatchJob, run: Run, counts: BackgroundCounts) -> None:
+    def _end(self, job: _BatchJob, run: Run, counts: _BackgroundCounts) -> None:
         try:
             job.finish()
         except Exception as exc:
@@ -3656,10 +3657,10 @@ class BatchFrame:
         if run.fault is not None:
             report.stopped = explain_fault(run.fault, report, job.backends)
         elif report.stopped and report.unrecorded:
-            report.stopped += f'; {unrecorded_sentence(report, job.backends)}'
+            report.stopped += f'; {_unrecorded_sentence(report, job.backends)}'
 
 
-def unrecorded_sentence(report: RunReport, backends: tuple) -> str:
+def _unrecorded_sentence(report: RunReport, backends: tuple) -> str:
     target = backends[-1] if backends else None
     if not report.unrecorded:
         return 'every file written was recorded'
@@ -3670,7 +3671,7 @@ def unrecorded_sentence(report: RunReport, backends: tuple) -> str:
 
 def explain_fault(exc: BaseException, report: RunReport, backends: tuple) -> str:
     """What stopped a run, the counts that matter, and what to do: one line for the summary."""
-    written = unrecorded_sentence(report, backends)
+    written = _unrecorded_sentence(report, backends)
     if catalog_outage(exc):
         return (f'the catalog went away ({pg_error_line(exc)}) after {report.recorded} files were recorded; '
                 f'{written}. Run the same command again once the database is back')
@@ -3678,10 +3679,11 @@ def explain_fault(exc: BaseException, report: RunReport, backends: tuple) -> str
         return (f'{exc}: nothing written to it since its last successful sync is recorded; {written}. Check the disk '
                 f'(`verify {exc.backend.row.storage_id}`), then run the same command again')
     if isinstance(exc, OSError):
-        reason = fatal_reason(exc, backends) or describe_exception(exc)
+        reason = _fatal_reason(exc, backends) or describe_exception(exc)
         return f'{reason} after {report.recorded} files were recorded; {written}'
     if isinstance(exc, psycopg2.Error):
-        return f'the catalog refused a change ({pg_error_line(exc)}) after {report.recorded} files were recorded; {written}'
+        return (f'the catalog refused a change ({pg_error_line(exc)}) after {report.recorded} files were recorded; '
+                f'{written}')
     if isinstance(exc, StorageError):
         return f'{exc}; {report.recorded} files were recorded; {written}'
     return (f'unexpected error: {type(exc).__name__}: {exc} (the log has the details); '
@@ -3696,8 +3698,8 @@ class Plan:
     command: str
     title: str
     notes: list
-    frame: 'BatchFrame'
-    selection: Selection
+    frame: '_BatchFrame'
+    selection: _Selection
     action: Callable[[CatalogFile], str]
 
     def __enter__(self) -> 'Plan':
@@ -3724,7 +3726,7 @@ class Plan:
 # Batch runs (copy_batch, archive_batch), the one-file API (copy_file, archive_file) and the
 # service's per-file operations (make_version_in_place, delete_original) all call these.
 
-def transfer(file: CatalogFile, source: Backend, target: Backend, version: Version,
+def _transfer(file: CatalogFile, source: Backend, target: Backend, version: _Version,
              progress: Callable[[int], None] = lambda n: None, copy_tags: bool = False) -> tuple[str, int]:
     """Copy one file's version from source to target, checked and written atomically; record
     nothing (the caller does, once the target is synced). Returns ('copied' | 'made' | 'found',
@@ -3733,14 +3735,14 @@ def transfer(file: CatalogFile, source: Backend, target: Backend, version: Versi
     object_name = version.object_name(file.object_name)
     target.tidy(object_name)
     content_type = content_type_of(version, object_name)
-    if target.adopts_found_files and version.exact and sound_copy_at(target, file, version):
+    if target.adopts_found_files and version.exact and _sound_copy_at(target, file, version):
         target.will_sync(object_name)      # the killed run may not have synced its rename
         progress(file.file_size)
         return 'found', file.file_size
     if file.source_type == version.type:
         tags = source.tags(object_name) if copy_tags else None
         if version.type == 0:
-            into = io_buffer() if target.writes_from_buffer else None
+            into = _io_buffer() if target.writes_from_buffer else None
             chunks = CheckedStream(source.read_original(file, into=into), file, progress)
             target.write(object_name, chunks, file.file_size, content_type, file.sha256, tags)
             crash_point('after-write')
@@ -3758,17 +3760,17 @@ def transfer(file: CatalogFile, source: Backend, target: Backend, version: Versi
     return 'made', len(data)
 
 
-def copy_check(file: CatalogFile, source: Backend, target: Backend, version: Version, outcome: str) -> FixityCheck:
+def _copy_check(file: CatalogFile, source: Backend, target: Backend, version: _Version, outcome: str) -> _FixityCheck:
     """The fixity log's row for a copy written (or found) at TARGET: it was checked on the way
     (the original's sha256 as it streamed, a version's own check), so the copy is proven now."""
     detail = {'copied': f'copied from backend {source.row.storage_id}',
               'made': f'made from the original at backend {source.row.storage_id}',
               'found': 'found written by an earlier run, read back and checked'}.get(outcome, outcome)
-    return FixityCheck(file.file_id, target.row.storage_id, version.type, 'ok', 'copy', detail)
+    return _FixityCheck(file.file_id, target.row.storage_id, version.type, 'ok', 'copy', detail)
 
 
 @dataclasses.dataclass
-class ArchiveStep:
+class _ArchiveStep:
     """What archiving the original of one file did, for releasing it at ACTIVE."""
     file: CatalogFile
     original: bytes | None = None        # the checked original, where it was read (to repair the archive copy)
@@ -3791,27 +3793,27 @@ class ArchiveStep:
         return self.archived_now or self.file.target_type == 0
 
 
-class Archiver:
+class _Archiver:
     """The model process for one file, in its two halves: archive the original (read it from
     ACTIVE once, check it, write it to ARCHIVE, make the version in memory), and, once the
     archive's row is committed and enough sound copies are recorded elsewhere, release the
     original at ACTIVE: prove the archive copy it relies on (rule 3), then put the version in
     its place, or delete it."""
 
-    def __init__(self, group: str, active: Backend, archive: Backend | None, version: Version | None,
+    def __init__(self, group: str, active: Backend, archive: Backend | None, version: _Version | None,
                  progress: Callable[[int], None] = lambda n: None):
         self.active, self.archive, self.version = active, archive, version
         self.original = VERSIONS[(group, 0)]
         self.progress = progress
 
-    def archive_original(self, file: CatalogFile, can_release: bool = True) -> ArchiveStep:
+    def archive_original(self, file: CatalogFile, can_release: bool = True) -> _ArchiveStep:
         """Read the original from ACTIVE once and check it; write it to ARCHIVE unless it is
         recorded there (and not found damaged by its last check), or found there sound; make
         the version. Nothing at ACTIVE changes here. Where the original cannot be released in
         this run (`can_release` False: too few copies would remain), nothing is read but what
         ARCHIVE lacks, and no version is made. A version that cannot be made fails only the
         release (rule 7)."""
-        step = ArchiveStep(file)
+        step = _ArchiveStep(file)
         if file.target_type not in (None, 0):
             raise FileFailure(f'{self.archive.describe()} holds version {file.target_type} of this file, so its '
                               'original cannot be archived there', file.object_name)
@@ -3830,7 +3832,7 @@ class Archiver:
             if file.target_damaged:
                 step.repaired = 'its last check found it missing or corrupt'
             if self.archive.adopts_found_files and not file.target_damaged and \
-                    sound_copy_at(self.archive, file, self.original):
+                    _sound_copy_at(self.archive, file, self.original):
                 self.archive.will_sync(file.object_name)    # found sound: proven again at the release
             else:
                 self.archive.write(file.object_name, [original], file.file_size,
@@ -3843,15 +3845,15 @@ class Archiver:
             self.make_version(step, original)
         return step
 
-    def original_missing(self, step: ArchiveStep, exc: SourceMissing) -> ArchiveStep:
+    def original_missing(self, step: _ArchiveStep, exc: SourceMissing) -> _ArchiveStep:
         """The original is not at ACTIVE, though the catalog says it is: an earlier run was cut
         off after removing it. Its release only fixes the row, if the version is in place."""
         step.missing = True
         if self.version is not None:
-            step.version_present = sound_copy_at(self.active, step.file, self.version)
+            step.version_present = _sound_copy_at(self.active, step.file, self.version)
         return step
 
-    def make_version(self, step: ArchiveStep, original: bytes) -> None:
+    def make_version(self, step: _ArchiveStep, original: bytes) -> None:
         try:
             step.version_bytes = self.version.make(original, step.file)
         except ConversionError as exc:
@@ -3859,7 +3861,7 @@ class Archiver:
             return
         step.tags = self.active.tags(step.file.object_name)
 
-    def prove_archive_copy(self, step: ArchiveStep) -> None:
+    def prove_archive_copy(self, step: _ArchiveStep) -> None:
         """Rule 3: the archive copy the release relies on, proven now. Written in this run from
         the checked original, it is; else it is read back from ARCHIVE and hashed. A copy that is
         missing, of the wrong size or hash is written again, atomically and durably, from the
@@ -3891,7 +3893,7 @@ class Archiver:
                               f'({describe_exception(exc)}): the original stays online', file.object_name) from None
         step.proven, step.proof = True, 'repaired'
 
-    def release_original(self, step: ArchiveStep, commit: Callable[[], None] | None = None) -> str:
+    def release_original(self, step: _ArchiveStep, commit: Callable[[], None] | None = None) -> str:
         """With the original's copies recorded elsewhere: prove the archive copy (rule 3), then
         put the version in its place at ACTIVE (written before the original is deleted), or
         delete it. Returns 'replaced' or 'deleted'. A batch run records the change after this
@@ -3940,17 +3942,17 @@ class Archiver:
 KINDS = {'image': 'images', 'audio': 'audio'}        # a group's name in the service's paths
 PROBLEM = 'urn:mitwelten:storage:problem:'           # the prefix of the service's problem types
 
-def read_token_file(path: str) -> str:
+def _read_token_file(path: str) -> str:
     return Path(path).expanduser().read_text(encoding='utf-8').strip()
 
 
-def token_from_env(given: str | None = None) -> str:
+def _token_from_env(given: str | None = None) -> str:
     """The bearer token: given, else MITWELTEN_TOKEN, else the file MITWELTEN_TOKEN_FILE names."""
     token = (given or os.environ.get('MITWELTEN_TOKEN') or '').strip()
     path = os.environ.get('MITWELTEN_TOKEN_FILE')
     if not token and path:
         try:
-            token = read_token_file(path)
+            token = _read_token_file(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f'MITWELTEN_TOKEN_FILE={path}: cannot read the token: '
                               f'{getattr(exc, "strerror", None) or exc}') from None
@@ -3959,7 +3961,7 @@ def token_from_env(given: str | None = None) -> str:
     return token
 
 
-class ServiceClient:
+class _ServiceClient:
     """The storage service as a workstation reaches it: urllib3 (boto3 brings it) with a pool of
     connections sized to --jobs, the settings' timeouts, and retries with backoff of requests
     that did not get an answer (every request of the service is idempotent)."""
@@ -3978,8 +3980,8 @@ class ServiceClient:
             timeout=urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout))
 
     @classmethod
-    def from_options(cls, options: RunOptions, settings: Settings) -> 'ServiceClient':
-        return cls(options.via, token_from_env(options.token), settings, options.jobs)
+    def from_options(cls, options: RunOptions, settings: Settings) -> '_ServiceClient':
+        return cls(options.via, _token_from_env(options.token), settings, options.jobs)
 
     def describe(self) -> str:
         return f'the storage service at {self.base}'
@@ -4008,7 +4010,7 @@ class ServiceClient:
         attempt = 0
         while attempt < self.settings.attempts:
             if attempt:
-                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random_fraction()))
+                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + _random_fraction()))
             attempt += 1
             if token:
                 headers['Authorization'] = f'Bearer {self.token}'
@@ -4045,7 +4047,7 @@ class ServiceClient:
         if not path:
             return False
         with contextlib.suppress(OSError, UnicodeDecodeError):
-            token = read_token_file(path)
+            token = _read_token_file(path)
             if token and token != self.token:
                 self.token = token
                 return True
@@ -4177,17 +4179,17 @@ class ServiceClient:
         return 'restored' if response.status == 201 else 'exists'
 
 
-def random_fraction() -> float:
+def _random_fraction() -> float:
     return int.from_bytes(os.urandom(2), 'big') / 65536
 
 
-class ServiceSource(Backend):
+class _ServiceSource(Backend):
     """The active S3 backend, as the storage service presents it: originals only, read with
     GET …/original. Nothing is written through it; the service changes ACTIVE itself."""
 
     kind = 's3'
 
-    def __init__(self, backend_row: BackendRow, client: ServiceClient, group: str):
+    def __init__(self, backend_row: BackendRow, client: _ServiceClient, group: str):
         self.row = backend_row
         self.client = client
         self.group = group
@@ -4210,12 +4212,12 @@ class ServiceSource(Backend):
     size = read = write = delete = _only_originals
 
 
-class ServiceRecorder(Recorder):
+class _ServiceRecorder(_Recorder):
     """Records what a run wrote through the service (POST …/archive, one request per file, as
     many at once as --jobs), after syncing the disk (rule 1). What the service changes at ACTIVE
     it records itself, so type changes and removals handed here are nothing more to do."""
 
-    def __init__(self, client: ServiceClient, conn, group: Group, backends: tuple, jobs: int = DEFAULT_JOBS,
+    def __init__(self, client: _ServiceClient, conn, group: _Group, backends: tuple, jobs: int = DEFAULT_JOBS,
                  every_rows: int = 200, every_seconds: float = 2.0):
         super().__init__(conn, group, backends, every_rows, every_seconds)
         self.client = client
@@ -4260,31 +4262,31 @@ class ServiceRecorder(Recorder):
 
 
 
-class ServiceArchiver(Archiver):
+class _ServiceArchiver(_Archiver):
     """Archiving through the service: the original is read from it and archived here; the
     version is made by the service next to the data, which then replaces the original (or
     deletes it) and records that itself, in the same crash-safe order. The workstation proves
     its disk copy before it asks (rule 3)."""
 
-    def __init__(self, client: ServiceClient, group: str, active: Backend, archive: Backend,
-                 version: Version | None):
+    def __init__(self, client: _ServiceClient, group: str, active: Backend, archive: Backend,
+                 version: _Version | None):
         super().__init__(group, active, archive, version)
         self.client = client
         self.group = group
 
-    def archive_original(self, file: CatalogFile, can_release: bool = True) -> ArchiveStep:
+    def archive_original(self, file: CatalogFile, can_release: bool = True) -> _ArchiveStep:
         if file.target_type == 0 and not file.target_damaged:    # archived already: proven at the release
             self.progress(file.file_size)
-            return ArchiveStep(file, kept=None if can_release else 'too few copies')
+            return _ArchiveStep(file, kept=None if can_release else 'too few copies')
         return super().archive_original(file, can_release)
 
-    def original_missing(self, step: ArchiveStep, exc: SourceMissing) -> ArchiveStep:
+    def original_missing(self, step: _ArchiveStep, exc: SourceMissing) -> _ArchiveStep:
         raise exc       # the service records what it changes as it changes it: no row to fix here
 
-    def make_version(self, step: ArchiveStep, original: bytes) -> None:
+    def make_version(self, step: _ArchiveStep, original: bytes) -> None:
         pass                                     # the service makes it, next to the data
 
-    def release_original(self, step: ArchiveStep) -> str:
+    def release_original(self, step: _ArchiveStep) -> str:
         if step.archive_holds:
             self.prove_archive_copy(step)
             if step.proof in SOUND_OUTCOMES:      # the workstation may only read the catalog: the service logs it
@@ -4312,13 +4314,13 @@ class ServiceArchiver(Archiver):
 # --- init-db -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class SchemaReady:
+class _SchemaReady:
     schema: str
     where: str
     tables: int
 
 
-def init_db(settings: Settings) -> SchemaReady:
+def init_db(settings: Settings) -> _SchemaReady:
     """Create the schema (if missing) and apply sql/schema.sql; idempotent."""
     conn = connect_catalog(settings, require_tables=False)
     try:
@@ -4334,7 +4336,7 @@ def init_db(settings: Settings) -> SchemaReady:
         raise ConfigError(f"cannot create the catalog schema '{settings.schema}': {pg_error_line(exc)}") from None
     finally:
         conn.close()
-    return SchemaReady(settings.schema, describe_dsn(settings.dsn), tables)
+    return _SchemaReady(settings.schema, _describe_dsn(settings.dsn), tables)
 
 
 # --- create --------------------------------------------------------------------------------------------
@@ -4372,7 +4374,7 @@ PRIORITY_TIERS = {0: 'online S3, public', 1: 'online S3, not public', 2: 'offlin
 ARCHIVE_PRIORITY = 2
 
 
-def check_priority(kind: str, priority: int) -> None:
+def _check_priority(kind: str, priority: int) -> None:
     """Priorities are the tiers of SPEC.md: 0 online S3, public; 1 online S3, not public; 2
     offline archive disks. A disk is offline storage, so never 0 or 1 (the service and `--via`
     would take it for an online tier, and `export` would read from it first); an S3 bucket is
@@ -4389,17 +4391,17 @@ def check_priority(kind: str, priority: int) -> None:
                           f'priority 0 ({PRIORITY_TIERS[0]}) or 1 ({PRIORITY_TIERS[1]})')
 
 
-def overlapping_backend(conn, root: Path) -> str | None:
+def _overlapping_backend(conn, root: Path) -> str | None:
     """Why a disk at `root` would overlap a local backend: the same folder, a folder inside
     another backend's root (its archive/ folder, say), or a folder holding one. Paths are
     compared normalised, links resolved; a disk's dot-file found above `root` counts too (a
     disk of another catalog, or one mounted elsewhere than its recorded path)."""
-    resolved = normal_path(root)
+    resolved = _normal_path(root)
     for row in fetch_backends(conn):
         if row.type != 'local':
             continue
-        other = normal_path(row.url_prefix)
-        if other == resolved or same_folder(other, root):
+        other = _normal_path(row.url_prefix)
+        if other == resolved or _same_folder(other, root):
             return f'{root} is already registered as storage backend {row.storage_id}'
         if other in resolved.parents:
             return (f'{root} is inside the root of backend {row.storage_id} ({row.url_prefix}): a backend cannot be '
@@ -4414,9 +4416,9 @@ def overlapping_backend(conn, root: Path) -> str | None:
     return None
 
 
-def write_text_file(path: Path, text: str) -> None:
+def _write_text_file(path: Path, text: str) -> None:
     """A small text file written atomically (rule 2)."""
-    with atomic_file(path) as tmp:
+    with _atomic_file(path) as tmp:
         tmp.write_text(text, encoding='utf-8')
 
 
@@ -4425,7 +4427,7 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
     catalog row, the dot-file, README.md and archive/. Refuses, leaving nothing behind, a
     missing folder, one that is already a backend, a path already registered, one inside
     another local backend's root or holding one, and a priority below the archive tier."""
-    check_priority('local', priority)
+    _check_priority('local', priority)
     root = Path(path).expanduser().absolute()
     if not root.is_dir():
         raise ConfigError(f'{root} does not exist or is not a folder: mount the disk first')
@@ -4443,22 +4445,22 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
     conn = connect_catalog(settings)
     created: list[Path] = []
     try:
-        overlap = overlapping_backend(conn, root)
+        overlap = _overlapping_backend(conn, root)
         if overlap:
             raise ConfigError(overlap)
         backend_row = _insert_backend(conn, str(root), 'local', priority, label)
         dot_lines = [f'storage_id={backend_row.storage_id}', f'created_at={backend_row.created_at}',
                      'storage_dir=archive', f'url_prefix={root}', f'device_label={label}']
         try:
-            write_text_file(root / DOT_FILE, '\n'.join(dot_lines) + '\n')
+            _write_text_file(root / DOT_FILE, '\n'.join(dot_lines) + '\n')
             created.append(root / DOT_FILE)
-            write_text_file(root / 'README.md', DISK_README.format(
+            _write_text_file(root / 'README.md', DISK_README.format(
                 storage_id=backend_row.storage_id, created_at=backend_row.created_at.strftime('%Y-%m-%d %H:%M:%S %Z'),
                 label=label, priority=priority, tier=PRIORITY_TIERS.get(priority, 'custom tier'), root=root))
             created.append(root / 'README.md')
             os.mkdir(root / 'archive')
             created.append(root / 'archive')
-            fsync_dir(root)
+            _fsync_dir(root)
             conn.commit()
         except BaseException as exc:
             conn.rollback()
@@ -4475,9 +4477,9 @@ def create_local_backend(settings: Settings, path: str, priority: int, label: st
 
 def create_s3_backend(settings: Settings, url: str, priority: int, notes: str) -> BackendRow:
     """Register a bucket (with optional prefix) as an S3 backend, after checking it exists."""
-    check_priority('s3', priority)
+    _check_priority('s3', priority)
     where = S3Location.parse(url)
-    check_bucket(s3_client(where, settings), where, f'new backend {where.url}')
+    _check_bucket(_s3_client(where, settings), where, f'new backend {where.url}')
     conn = connect_catalog(settings)
     try:
         backend_row = _insert_backend(conn, where.url, 's3', priority, notes.strip())
@@ -4505,7 +4507,7 @@ def _insert_backend(conn, url_prefix: str, kind: str, priority: int, notes: str)
 
 # --- info ----------------------------------------------------------------------------------------------
 
-def version_counts(conn) -> dict[int, list[dict]]:
+def _version_counts(conn) -> dict[int, list[dict]]:
     """Per backend: files per group and version, with the bytes of the originals (the catalog
     records the size of originals only). One aggregate query per group."""
     counts: dict[int, list[dict]] = {}
@@ -4533,7 +4535,7 @@ def list_backends(settings: Settings, *, conn=None) -> list[dict]:
     conn = conn or connect_catalog(settings)
     try:
         backend_rows = fetch_backends(conn)
-        counts = version_counts(conn)
+        counts = _version_counts(conn)
     finally:
         if own:
             conn.close()
@@ -4543,19 +4545,19 @@ def list_backends(settings: Settings, *, conn=None) -> list[dict]:
                  'priority': backend_row.priority, 'notes': backend_row.notes,
                  'created_at': backend_row.created_at.isoformat(), 'versions': counts.get(backend_row.storage_id, [])}
         if backend_row.type == 'local':
-            entry.update(disk_status(backend_row))
+            entry.update(_disk_status(backend_row))
         listing.append(entry)
     return listing
 
 
-def disk_status(backend_row: BackendRow) -> dict:
+def _disk_status(backend_row: BackendRow) -> dict:
     """Whether a disk is online (its dot-file found, matching, at the recorded path or under the
     mount roots), where it is mounted, and whether that is elsewhere than recorded."""
-    mounted_at = disk_whereabouts(backend_row)
+    mounted_at = _disk_whereabouts(backend_row)
     # Elsewhere than recorded: compared normalised, so that '/media/archive07/' as stored by the
     # earlier script is where '/media/archive07' is.
     return {'online': mounted_at is not None, 'mounted_at': str(mounted_at) if mounted_at else None,
-            'moved': mounted_at is not None and not same_folder(mounted_at, backend_row.url_prefix)}
+            'moved': mounted_at is not None and not _same_folder(mounted_at, backend_row.url_prefix)}
 
 
 DEFAULT_CHECK_EVERY_DAYS = 365.0
@@ -4574,12 +4576,12 @@ def due_checks(settings: Settings, every_days: float = DEFAULT_CHECK_EVERY_DAYS,
     conn = conn or connect_catalog(settings)
     try:
         backend_rows = fetch_backends(conn)
-        has_log = has_fixity_log(conn)
+        has_log = _has_fixity_log(conn)
         parts = []
         for group in GROUPS.values():
-            parts.append(f'SELECT s.storage_id, {last_checked_sql("s", "c")} AS last_checked, '
-                         f'{damaged_sql("c")} AS damaged FROM {group.storage_table} s '
-                         f'{last_check_join(group, "s", "c", has_log)}')
+            parts.append(f'SELECT s.storage_id, {_last_checked_sql("s", "c")} AS last_checked, '
+                         f'{_damaged_sql("c")} AS damaged FROM {group.storage_table} s '
+                         f'{_last_check_join(group, "s", "c", has_log)}')
         union = '\nUNION ALL\n'.join(parts)
         with conn.cursor() as cur:
             cur.execute(f"SELECT storage_id, count(*), count(*) FILTER (WHERE last_checked IS NULL OR last_checked < "
@@ -4601,7 +4603,7 @@ def due_checks(settings: Settings, every_days: float = DEFAULT_CHECK_EVERY_DAYS,
                  'newest_check': newest.isoformat() if newest else None,
                  'checked_in_full': oldest.isoformat() if oldest and not never else None}
         if backend_row.type == 'local':
-            entry.update(disk_status(backend_row))
+            entry.update(_disk_status(backend_row))
         listing.append(entry)
     return listing
 
@@ -4631,15 +4633,15 @@ class FileState:
     """A file and where the catalog records its versions, with what an operation did to it."""
     group: str
     file: CatalogFile
-    rows: list            # its storage rows (StorageRow), the online tiers first
+    rows: list            # its storage rows (_StorageRow), the online tiers first
     outcome: str = ''
 
     @property
-    def active(self) -> StorageRow | None:
-        return active_version(self.rows)
+    def active(self) -> _StorageRow | None:
+        return _active_version(self.rows)
 
     def as_dict(self) -> dict:
-        def row_dict(h: StorageRow) -> dict:
+        def row_dict(h: _StorageRow) -> dict:
             version = VERSIONS.get((self.group, h.type))
             return {'storage_id': h.backend.storage_id, 'type': h.type,
                     'version': version.label if version else 'unknown', 'backend_type': h.backend.type,
@@ -4651,7 +4653,7 @@ class FileState:
                 'rows': [row_dict(h) for h in self.rows]}
 
 
-def active_version(held: list[StorageRow]) -> StorageRow | None:
+def _active_version(held: list[_StorageRow]) -> _StorageRow | None:
     """The active copy: the one held by the S3 backend with the lowest priority number that
     records the file (held_versions lists them by priority)."""
     return next((h for h in held if h.backend.type == 's3'), None)
@@ -4659,7 +4661,7 @@ def active_version(held: list[StorageRow]) -> StorageRow | None:
 
 def file_state(conn, group: str, file_id: int, outcome: str = '') -> FileState:
     file = fetch_file(conn, group, file_id)
-    held = storage_rows(conn, group, file_id)
+    held = _storage_rows(conn, group, file_id)
     conn.commit()
     return FileState(group, file, held, outcome)
 
@@ -4681,15 +4683,15 @@ def _copies_elsewhere(conn, group: str, file_id: int, storage_id: int) -> int:
 def active_original(conn, backends: BackendCache, group: str, file_id: int) -> tuple[CatalogFile, Backend]:
     """The file and the backend of its active copy (the S3 backend with the lowest priority
     number that records it: the one the writes act on too), which must be the original, or gzip
-    of it (type 10: the backend is then a GzipHeldOriginal, which reads it decompressed).
+    of it (type 10: the backend is then a _GzipHeldOriginal, which reads it decompressed).
     NotFound('file') when the catalog does not know the file, NotFound('original') when the
     active tier holds a version instead, or no online tier records the file."""
     file = fetch_file(conn, group, file_id)
-    held = storage_rows(conn, group, file_id)
+    held = _storage_rows(conn, group, file_id)
     conn.commit()
-    active = active_version(held)
+    active = _active_version(held)
     if active is not None and active.type == 10:        # gzip is the original: served decompressed
-        return file, GzipHeldOriginal(backends.get(active.backend), file)
+        return file, _GzipHeldOriginal(backends.get(active.backend), file)
     if active is None or active.type != 0:
         raise NotFound(f'the original of {group} file {file_id} is no longer online (it is archived; the online '
                        'tier holds a version of it, if any)', 'original')
@@ -4701,12 +4703,13 @@ def record_archived(conn, group: str, file_id: int, storage_id: int, sha256_hex:
     """Record that archive backend `storage_id` holds the checked original of the file (a
     workstation wrote and checked it there, or proved it before a release: `event` 'release',
     `outcome` 'repaired' where it wrote it again), and log that check in the fixity log.
-    Deletes nothing. Outcome 'created', or 'exists' when it was recorded already. Refuses an unknown file or backend (NotFound), a sha256 that
-    is not the catalog's or a backend that is not an archive (InvalidArchive), and a backend
-    that records another version of the file (VersionConflict)."""
+    Deletes nothing. Outcome 'created', or 'exists' when it was recorded already. Refuses an
+    unknown file or backend (NotFound), a sha256 that is not the catalog's or a backend that is
+    not an archive (InvalidArchive), and a backend that records another version of the file
+    (VersionConflict)."""
     file = fetch_file(conn, group, file_id)
     backend_row = _fetch_backend_or_404(conn, storage_id)
-    held = storage_rows(conn, group, file_id, lock=True)
+    held = _storage_rows(conn, group, file_id, lock=True)
     try:
         if (sha256_hex or '').strip().lower() != file.sha256:
             raise InvalidArchive(f"sha256 {sha256_hex} is not the catalog's sha256 of {group} file {file_id}")
@@ -4729,24 +4732,24 @@ def record_archived(conn, group: str, file_id: int, storage_id: int, sha256_hex:
     except BaseException:
         conn.rollback()
         raise
-    _log_check_now(conn, group, FixityCheck(file_id, storage_id, 0, outcome, event, 'checked by the workstation'),
+    _log_check_now(conn, group, _FixityCheck(file_id, storage_id, 0, outcome, event, 'checked by the workstation'),
                    agent)
     return file_state(conn, group, file_id, 'exists' if there is not None else 'created')
 
 
-def _log_check_now(conn, group: str, check: FixityCheck, agent: str | None = None) -> None:
+def _log_check_now(conn, group: str, check: _FixityCheck, agent: str | None = None) -> None:
     """One check appended to the fixity log at once (a per-file operation is one file), where
     the log is there and this role may append to it."""
-    if has_fixity_log(conn) and may_append_fixity(conn):
+    if _has_fixity_log(conn) and _may_append_fixity(conn):
         with conn.cursor() as cur:
-            append_fixity(cur, GROUPS[group], [check], agent or fixity_agent())
+            _append_fixity(cur, GROUPS[group], [check], agent or fixity_agent())
         conn.commit()
 
 
-def _locked_active(conn, group: str, file_id: int) -> tuple[CatalogFile, list[StorageRow], StorageRow]:
+def _locked_active(conn, group: str, file_id: int) -> tuple[CatalogFile, list[_StorageRow], _StorageRow]:
     file = fetch_file(conn, group, file_id)
-    held = storage_rows(conn, group, file_id, lock=True)
-    active = active_version(held)
+    held = _storage_rows(conn, group, file_id, lock=True)
+    active = _active_version(held)
     if active is None:
         raise NotFound(f'no online tier records {group} file {file_id}', 'original')
     return file, held, active
@@ -4785,7 +4788,7 @@ def make_version_in_place(conn, backends: BackendCache, group: str, file_id: int
             # Done before. A request cut off between its commit and the delete left the
             # original beside its version: it goes now, if its copies elsewhere still stand.
             if (version_name != file.object_name and copies >= min_copies
-                    and backend.size(file.object_name) is not None and sound_copy_at(backend, file, version)):
+                    and backend.size(file.object_name) is not None and _sound_copy_at(backend, file, version)):
                 backend.delete(file.object_name)
             conn.commit()
             return file_state(conn, group, file_id, 'already replaced')
@@ -4799,8 +4802,8 @@ def make_version_in_place(conn, backends: BackendCache, group: str, file_id: int
         # the version's write and the original's delete (a request is answered only once its
         # row is committed; a request cut off after the commit and repeated deletes the
         # original left beside the version, above).
-        archiver = Archiver(group, backend, None, version)
-        step = ArchiveStep(file)
+        archiver = _Archiver(group, backend, None, version)
+        step = _ArchiveStep(file)
         try:
             step.original = read_original(backend, file)
         except SourceMissing as exc:
@@ -4850,7 +4853,7 @@ def delete_original(conn, backends: BackendCache, group: str, file_id: int, sha2
         def commit() -> None:
             _set_type(conn, group, file_id, active.backend.storage_id, None)
             conn.commit()
-        Archiver(group, backends.get(active.backend), None, None).release_original(ArchiveStep(file), commit=commit)
+        _Archiver(group, backends.get(active.backend), None, None).release_original(_ArchiveStep(file), commit=commit)
     except BaseException:
         with contextlib.suppress(psycopg2.Error):
             conn.rollback()
@@ -4867,7 +4870,7 @@ def _versions_left_removed(backend: Backend, file: CatalogFile, group: str) -> l
         name = version.object_name(file.object_name)
         if g != group or version_type == 0 or name == file.object_name:
             continue
-        if backend.size(name) is not None and sound_copy_at(backend, file, version):
+        if backend.size(name) is not None and _sound_copy_at(backend, file, version):
             backend.delete(name)
             crash_point('after-version-delete')
             removed.append(name)
@@ -4886,9 +4889,9 @@ def _sound_original_at(backend: Backend, file: CatalogFile) -> bool:
 def _log_restored(conn, group: str, file_id: int, storage_id: int, detail: str, agent: str | None = None) -> None:
     """The fixity row of an original restored at a backend (appended once its version object is
     gone: what tells a later restore that this one finished)."""
-    if has_fixity_log(conn):
+    if _has_fixity_log(conn):
         with conn.cursor() as cur:
-            append_fixity(cur, GROUPS[group], [FixityCheck(file_id, storage_id, 0, 'ok', 'restore', detail)],
+            _append_fixity(cur, GROUPS[group], [_FixityCheck(file_id, storage_id, 0, 'ok', 'restore', detail)],
                           agent or fixity_agent())
         conn.commit()
 
@@ -4912,13 +4915,13 @@ def restore_original(conn, backends: BackendCache, group: str, file_id: int, chu
     if length < file.file_size:
         raise ChecksumMismatch(f'{length:,} bytes offered, the catalog says {file.file_size:,}: not the original',
                                file.object_name)
-    held = storage_rows(conn, group, file_id, lock=True)
+    held = _storage_rows(conn, group, file_id, lock=True)
     try:
-        active = active_version(held)
+        active = _active_version(held)
         if active is not None:
             backend_row, old_type = active.backend, active.type
         else:                   # released with --delete-original: back to the active tier
-            backend_row = min((row for row in fetch_backends_in(conn) if row.type == 's3'),
+            backend_row = min((row for row in _fetch_backends_in(conn) if row.type == 's3'),
                               key=lambda row: (row.priority, row.storage_id), default=None)
             if backend_row is None:
                 raise NotFound('the catalog has no S3 backend to restore the original to', 'backend')
@@ -4956,7 +4959,7 @@ def restore_original(conn, backends: BackendCache, group: str, file_id: int, chu
     return file_state(conn, group, file_id, 'restored')
 
 
-def fetch_backends_in(conn) -> list[BackendRow]:
+def _fetch_backends_in(conn) -> list[BackendRow]:
     """The backends, inside the caller's transaction (no commit: its row locks stay)."""
     with conn.cursor() as cur:
         cur.execute(f'SELECT {BACKEND_COLUMNS} FROM storage_backend ORDER BY storage_id')
@@ -4965,16 +4968,16 @@ def fetch_backends_in(conn) -> list[BackendRow]:
 
 # --- copy ------------------------------------------------------------------------------------------------
 
-class CopyJob(BatchJob):
+class _CopyJob(_BatchJob):
     command = 'copy'
 
-    def __init__(self, source: Backend, target: Backend, version: Version, recorder):
+    def __init__(self, source: Backend, target: Backend, version: _Version, recorder):
         super().__init__(recorder, (source, target), (target,))
         self.source, self.target, self.version = source, target, version
         self.copy_tags = source.keeps_tags and target.keeps_tags
 
     def work(self, file: CatalogFile) -> tuple[str, int]:
-        return transfer(file, self.source, self.target, self.version, self.run.progress, self.copy_tags)
+        return _transfer(file, self.source, self.target, self.version, self.run.progress, self.copy_tags)
 
     def done(self, file: CatalogFile, future: Future) -> None:
         try:
@@ -4985,14 +4988,14 @@ class CopyJob(BatchJob):
             self.failed(file, exc)
             return
         self.record(file, self.target.row.storage_id, self.version.type)
-        self.recorder.log_check(copy_check(file, self.source, self.target, self.version, outcome))
+        self.recorder.log_check(_copy_check(file, self.source, self.target, self.version, outcome))
         self.run.outcome(file, outcome, nbytes)
 
     def notes(self, counts: dict) -> list[str]:
-        return copy_notes(counts)
+        return _copy_notes(counts)
 
 
-def copy_notes(counts: dict) -> list[str]:
+def _copy_notes(counts: dict) -> list[str]:
     """What the selection's counts tell about a copy."""
     notes = []
     if not counts['at_source']:
@@ -5010,7 +5013,7 @@ def copy_notes(counts: dict) -> list[str]:
     return notes
 
 
-def _copy_title(batch, version: Version, source: Backend, target: Backend) -> str:
+def _copy_title(batch, version: _Version, source: Backend, target: Backend) -> str:
     what = 'originals' if version.type == 0 else f'{version.label} versions'
     return f"{what} of batch '{batch.id}' from {source.describe()} to {target.describe()}"
 
@@ -5020,16 +5023,16 @@ def copy_batch(settings: Settings, source_id: int, target_id: int, batch_id: str
     """Copy version `version_type` of every file in the batch that SOURCE holds and TARGET does
     not: the bytes where SOURCE holds that version, made in memory from SOURCE's original
     otherwise. Each file is read, checked, written at the target atomically, then recorded."""
-    with BatchFrame(settings, 'copy', options) as frame:
+    with _BatchFrame(settings, 'copy', options) as frame:
         batch = find_batch(batch_id)
         version = find_version(batch.group, version_type)
         # Nothing but the catalog waits on a copied file: the target may make them durable in groups.
         source, target = frame.open_pair(source_id, target_id, batch.group, group_writes=True)
         if frame.service and version.type != 0:
             raise ConfigError('through the service (--via) only originals are copied: leave out --type')
-        selection = Selection(batch, source_id, target_id, version.type, frame.options.limit)
+        selection = _Selection(batch, source_id, target_id, version.type, frame.options.limit)
         selection.check(frame.reader)
-        job = CopyJob(source, target, version, frame.recorder(selection.group, (target,)))
+        job = _CopyJob(source, target, version, frame.recorder(selection.group, (target,)))
         return frame.carry_out(job, selection, _copy_title(batch, version, source, target))
 
 
@@ -5038,12 +5041,12 @@ def plan_copy(settings: Settings, source_id: int, target_id: int, batch_id: str,
     """What copy_batch would do (a dry run): backends checked, nothing written. Close the plan
     (or use it in a `with`) once read."""
     with contextlib.ExitStack() as on_error:
-        frame = on_error.enter_context(BatchFrame(settings, 'copy', options))
+        frame = on_error.enter_context(_BatchFrame(settings, 'copy', options))
         batch = find_batch(batch_id)
         version = find_version(batch.group, version_type)
         source, target = frame.open_pair(source_id, target_id, batch.group)
-        selection = Selection(batch, source_id, target_id, version.type, frame.options.limit)
-        notes = copy_notes(selection.counts(frame.reader))
+        selection = _Selection(batch, source_id, target_id, version.type, frame.options.limit)
+        notes = _copy_notes(selection.counts(frame.reader))
         on_error.pop_all()
     action = lambda f: 'copy' if f.source_type == version.type else f'make {version.label} of'
     return Plan('copy', _copy_title(batch, version, source, target), notes, frame, selection, action)
@@ -5051,7 +5054,7 @@ def plan_copy(settings: Settings, source_id: int, target_id: int, batch_id: str,
 
 # --- archive -------------------------------------------------------------------------------------------
 
-class ArchiveJob(BatchJob):
+class _ArchiveJob(_BatchJob):
     """`archive` over a batch: each file's original archived on a worker; the rows committed in
     batches; then, for the files with enough sound copies recorded elsewhere (rule 3), the
     archive copy proven and the original released at ACTIVE, and the change recorded. A file
@@ -5060,14 +5063,14 @@ class ArchiveJob(BatchJob):
 
     command = 'archive'
 
-    def __init__(self, archiver: Archiver, recorder, min_copies: int, verified_within_days: float | None = None):
+    def __init__(self, archiver: _Archiver, recorder, min_copies: int, verified_within_days: float | None = None):
         super().__init__(recorder, (archiver.active, archiver.archive), (archiver.archive, archiver.active))
         self.archiver = archiver
         self.min_copies = min_copies
         self.verified_within_days = verified_within_days
         self.active_id = archiver.active.row.storage_id
         self.archive_id = archiver.archive.row.storage_id
-        self.awaiting: list[ArchiveStep] = []   # archived; waiting for the archive rows' commit
+        self.awaiting: list[_ArchiveStep] = []   # archived; waiting for the archive rows' commit
         self.kept = 0
         self.repaired: list[str] = []
 
@@ -5080,7 +5083,7 @@ class ArchiveJob(BatchJob):
         backends the selection counted, and the archive copy (written or proven in this run)."""
         return file.copies_elsewhere + 1 >= self.min_copies
 
-    def work(self, file: CatalogFile) -> ArchiveStep:
+    def work(self, file: CatalogFile) -> _ArchiveStep:
         return self.archiver.archive_original(file, self.can_release(file))
 
     def waiting(self) -> int:
@@ -5104,10 +5107,10 @@ class ArchiveJob(BatchJob):
         else:
             self.awaiting.append(step)
 
-    def check(self, step: ArchiveStep, event: str, outcome: str | None = None) -> None:
+    def check(self, step: _ArchiveStep, event: str, outcome: str | None = None) -> None:
         """The archive copy's check, for the fixity log (with the next commit)."""
         outcome = outcome or ('repaired' if step.repaired else 'ok')
-        self.recorder.log_check(FixityCheck(step.file.file_id, self.archive_id, 0, outcome, event, step.repaired))
+        self.recorder.log_check(_FixityCheck(step.file.file_id, self.archive_id, 0, outcome, event, step.repaired))
         if outcome == 'repaired':
             self.repaired.append(step.file.object_name)
             self.run.log_entry('repaired', step.file.file_id, step.file.file_size, step.file.object_name,
@@ -5120,14 +5123,15 @@ class ArchiveJob(BatchJob):
             # as the catalog records them now, and the archive copy, proven at the release.
             self.flush()
             steps, self.awaiting = self.awaiting, []
-            others = self.recorder.originals_elsewhere([s.file.file_id for s in steps], (self.active_id, self.archive_id),
+            others = self.recorder.originals_elsewhere([s.file.file_id for s in steps],
+                                                       (self.active_id, self.archive_id),
                                                        verified_within_days=self.verified_within_days)
             for step in steps:
                 self.decide(step, others.get(step.file.file_id, 0) + (1 if step.archive_holds else 0))
         elif idle or self.recorder.due():
             self.flush()
 
-    def decide(self, step: ArchiveStep, copies: int) -> None:
+    def decide(self, step: _ArchiveStep, copies: int) -> None:
         file = step.file
         if step.version_failed:
             self.run.failure(file, f'archived, version failed: {step.version_failed}')      # rule 7
@@ -5140,12 +5144,12 @@ class ArchiveJob(BatchJob):
         else:
             self.keep(step, f'{copies} sound originals recorded elsewhere, --min-copies {self.min_copies}')
 
-    def keep(self, step: ArchiveStep, why: str) -> None:
+    def keep(self, step: _ArchiveStep, why: str) -> None:
         self.kept += 1
         self.run.outcome(step.file, 'kept', step.file.file_size if step.archived_now else 0,
                          why + (f'; archived at {self.archive_id}' if step.archived_now else ''))
 
-    def released(self, step: ArchiveStep, future: Future) -> None:
+    def released(self, step: _ArchiveStep, future: Future) -> None:
         file = step.file
         try:
             outcome = future.result()
@@ -5178,7 +5182,7 @@ class ArchiveJob(BatchJob):
             detail += f'; {outcome} already (by another run)'
         self.run.outcome(file, outcome, file.file_size, detail)
 
-    def release_checked(self, step: ArchiveStep) -> None:
+    def release_checked(self, step: _ArchiveStep) -> None:
         """The archive copy proven at the release (read back, or written again), for the fixity log."""
         if step.proof in SOUND_OUTCOMES:
             self.check(step, 'release', step.proof)
@@ -5196,10 +5200,10 @@ class ArchiveJob(BatchJob):
                 + (f' and {len(self.repaired) - 10} more (see the log)' if len(self.repaired) > 10 else ''))
 
     def notes(self, counts: dict) -> list[str]:
-        return archive_notes(counts)
+        return _archive_notes(counts)
 
 
-def archive_notes(counts: dict) -> list[str]:
+def _archive_notes(counts: dict) -> list[str]:
     """What the selection's counts tell about an archive run."""
     return ([f"{counts['other_version']} files fail: the archive holds another version of them"]
             if counts['other_version'] else [])
@@ -5220,7 +5224,7 @@ def _archive_request(batch_id: str, replace_with: int | None, delete_originals: 
     return batch, version
 
 
-def _archive_title(batch, version: Version | None, active: Backend, archive: Backend) -> str:
+def _archive_title(batch, version: _Version | None, active: Backend, archive: Backend) -> str:
     then = f'replacing them with {version.label} versions' if version else 'deleting them there'
     return f"originals of batch '{batch.id}' from {active.describe()} to {archive.describe()}, {then}"
 
@@ -5242,20 +5246,20 @@ def archive_batch(settings: Settings, active_id: int, archive_id: int, batch_id:
     the delete finds the original gone, the version there and the copies recorded, and only
     fixes the row. Through the service (options.via), the service makes the version and
     changes ACTIVE and its rows, in the same order."""
-    with BatchFrame(settings, 'archive', options) as frame:
+    with _BatchFrame(settings, 'archive', options) as frame:
         batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies, verified_within_days)
         active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
-        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, for_archive=True,
+        selection = _Selection(batch, active_id, archive_id, 0, frame.options.limit, for_archive=True,
                               verified_within_days=verified_within_days)
         selection.check(frame.reader)
-        archiver = (ServiceArchiver(frame.service, batch.group, active, archive, version) if frame.service
-                    else Archiver(batch.group, active, archive, version))
+        archiver = (_ServiceArchiver(frame.service, batch.group, active, archive, version) if frame.service
+                    else _Archiver(batch.group, active, archive, version))
         recorder = frame.recorder(selection.group, (archive, active), every_rows=200, every_seconds=2.0)
-        return frame.carry_out(ArchiveJob(archiver, recorder, min_copies, verified_within_days), selection,
+        return frame.carry_out(_ArchiveJob(archiver, recorder, min_copies, verified_within_days), selection,
                          _archive_title(batch, version, active, archive))
 
 
-def planned_archive_action(file: CatalogFile, version: Version | None, min_copies: int) -> str:
+def _planned_archive_action(file: CatalogFile, version: _Version | None, min_copies: int) -> str:
     """What the real run will do with the file, as a dry run says it: the same decisions."""
     at_active = 'replace' if version else 'delete'
     if file.target_type not in (None, 0):
@@ -5276,14 +5280,14 @@ def plan_archive(settings: Settings, active_id: int, archive_id: int, batch_id: 
                  verified_within_days: float | None = None, options: RunOptions | None = None) -> Plan:
     """What archive_batch would do (a dry run): backends checked, nothing changed."""
     with contextlib.ExitStack() as on_error:
-        frame = on_error.enter_context(BatchFrame(settings, 'archive', options))
+        frame = on_error.enter_context(_BatchFrame(settings, 'archive', options))
         batch, version = _archive_request(batch_id, replace_with, delete_originals, min_copies, verified_within_days)
         active, archive = frame.open_pair(active_id, archive_id, batch.group, source_writing=True)
-        selection = Selection(batch, active_id, archive_id, 0, frame.options.limit, for_archive=True,
+        selection = _Selection(batch, active_id, archive_id, 0, frame.options.limit, for_archive=True,
                               verified_within_days=verified_within_days)
-        notes = archive_notes(selection.counts(frame.reader))
+        notes = _archive_notes(selection.counts(frame.reader))
         on_error.pop_all()
-    action = lambda f: planned_archive_action(f, version, min_copies)
+    action = lambda f: _planned_archive_action(f, version, min_copies)
     return Plan('archive', _archive_title(batch, version, active, archive), notes, frame, selection, action)
 
 
@@ -5302,7 +5306,7 @@ def plan_archive(settings: Settings, active_id: int, archive_id: int, batch_id: 
 # name), and only a version object found there costs a read.
 
 @dataclasses.dataclass(frozen=True)
-class RestoreFile(CatalogFile):
+class _RestoreFile(CatalogFile):
     """A file of a restore's selection: source_type is what ARCHIVE holds (0, 10 or None),
     target_type what ACTIVE holds; with the last check of ARCHIVE's copy, and whether it is
     only left to finish (ACTIVE holds the restored original; a version object may be left)."""
@@ -5312,7 +5316,7 @@ class RestoreFile(CatalogFile):
 
 
 @dataclasses.dataclass(frozen=True)
-class RestoreSelection(Selection):
+class _RestoreSelection(_Selection):
     """The files of a batch to restore from SOURCE (ARCHIVE) to TARGET (ACTIVE): ARCHIVE records
     the original or gzip of it, and ACTIVE holds it only as a version, not at all, or as an
     original found damaged by its last check; and the files whose restore was cut off before it
@@ -5320,7 +5324,7 @@ class RestoreSelection(Selection):
 
     def _query(self, conn, head: str, tail: str) -> str:
         group = self.group
-        has_log = has_fixity_log(conn)
+        has_log = _has_fixity_log(conn)
         storage = group.storage_table
         types = ', '.join(map(str, ORIGINAL_COPY_TYPES))
         damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
@@ -5332,9 +5336,9 @@ class RestoreSelection(Selection):
             mark = 'LEFT JOIN LATERAL (SELECT NULL::int AS found) tm ON true'
         joins = (') AS b\n'
                  f'LEFT JOIN {storage} s ON s.file_id = b.file_id AND s.storage_id = %(source)s\n'
-                 f"{last_check_join(group, 's', 'sc', has_log)}\n"
+                 f"{_last_check_join(group, 's', 'sc', has_log)}\n"
                  f'LEFT JOIN {storage} t ON t.file_id = b.file_id AND t.storage_id = %(target)s\n'
-                 f"{last_check_join(group, 't', 'tc', has_log)}\n{mark}\n")
+                 f"{_last_check_join(group, 't', 'tc', has_log)}\n{mark}\n")
         restorable = (f's.type IN ({types}) AND (t.file_id IS NULL OR t.type <> 0 OR '
                       f'coalesce(tc.outcome IN ({damaged}), false))')
         unfinished = ("(t.type = 0 AND coalesce(t.updated_at > coalesce(t.created_at, '-infinity'), false) "
@@ -5368,19 +5372,19 @@ class RestoreSelection(Selection):
         return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
                 'at_source': at_source}
 
-    def files(self, conn) -> Iterator[RestoreFile]:
+    def files(self, conn) -> Iterator[_RestoreFile]:
         head = ('SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type, sc.outcome, sc.checked_at, '
                 'NOT coalesce(({restorable}), false) FROM (')
         tail = ('WHERE {todo} ORDER BY b.file_id'
                 + (f' LIMIT {int(self.limit)}' if self.limit is not None else ''))
-        rows = streamed_rows(conn, self._query(conn, head, tail))
+        rows = _streamed_rows(conn, self._query(conn, head, tail))
         last_id = None
         try:
             for file_id, object_name, size, sha256, source_type, target_type, outcome, checked_at, unfinished in rows:
                 if file_id == last_id:
                     continue
                 last_id = file_id
-                yield RestoreFile(file_id, object_name, int(size), (sha256 or '').strip().lower(), source_type,
+                yield _RestoreFile(file_id, object_name, int(size), (sha256 or '').strip().lower(), source_type,
                                   target_type, archive_outcome=outcome, archive_checked_at=checked_at,
                                   unfinished=bool(unfinished))
         except psycopg2.Error as exc:
@@ -5388,15 +5392,15 @@ class RestoreSelection(Selection):
 
 
 @dataclasses.dataclass
-class RestoreStep:
+class _RestoreStep:
     """What restoring one file did at ACTIVE, for recording it and removing the version."""
-    file: RestoreFile
+    file: _RestoreFile
     outcome: str = 'restored'
     found: bool = False                  # ACTIVE held the original already, unrecorded (a killed run wrote it)
     version_name: str | None = None      # the version object to remove once the row says type 0
 
 
-class RestoreJob(BatchJob):
+class _RestoreJob(_BatchJob):
     """`restore` over a batch: each original read from ARCHIVE, checked and written to ACTIVE on
     a worker; the rows committed in batches (type 0 at ACTIVE); then each file's version object
     at ACTIVE deleted, and its fixity row appended. Through the service (`client`), each
@@ -5404,23 +5408,23 @@ class RestoreJob(BatchJob):
 
     command = 'restore'
 
-    def __init__(self, archive: Backend, active: Backend, recorder, group: str, client: ServiceClient | None = None,
+    def __init__(self, archive: Backend, active: Backend, recorder, group: str, client: _ServiceClient | None = None,
                  marks: bool = True):
         super().__init__(recorder, (archive, active), () if client else (active,))
         self.archive, self.active, self.group, self.client = archive, active, group, client
         self.archive_id, self.active_id = archive.row.storage_id, active.row.storage_id
         self.original = VERSIONS[(group, 0)]
         self.marks = marks                   # the fixity log marks restores that finished
-        self.awaiting: list[RestoreStep] = []
+        self.awaiting: list[_RestoreStep] = []
 
     def waiting(self) -> int:
         return len(self.awaiting)
 
-    def versions_at_active(self, file: CatalogFile) -> list[Version]:
+    def versions_at_active(self, file: CatalogFile) -> list[_Version]:
         return [v for (g, t), v in VERSIONS.items() if g == self.group and t != 0
                 and v.object_name(file.object_name) != file.object_name]
 
-    def work(self, file: RestoreFile) -> RestoreStep:
+    def work(self, file: _RestoreFile) -> _RestoreStep:
         if file.unfinished and (self.client is None or file.source_type not in ORIGINAL_COPY_TYPES):
             return self.finish_earlier(file)
         if file.archive_outcome in DAMAGED_OUTCOMES:
@@ -5431,30 +5435,30 @@ class RestoreJob(BatchJob):
         from_gzip = file.source_type == 10
         if self.client is not None:
             outcome = self.client.restore_original(self.group, file, lambda: CheckedStream(
-                original_from(self.archive, file, file.source_type), file, self.run.progress, withhold_last=True))
-            return RestoreStep(file, 'restored' if outcome == 'restored' else 'restored already')
+                _original_from(self.archive, file, file.source_type), file, self.run.progress, withhold_last=True))
+            return _RestoreStep(file, 'restored' if outcome == 'restored' else 'restored already')
         name = file.object_name
         self.active.tidy(name)
-        step = RestoreStep(file)
+        step = _RestoreStep(file)
         if file.target_type not in (None, 0):
             step.version_name = find_version(self.group, file.target_type).object_name(name)
-        if self.active.adopts_found_files and sound_copy_at(self.active, file, self.original):
+        if self.active.adopts_found_files and _sound_copy_at(self.active, file, self.original):
             self.active.will_sync(name)       # a killed run wrote it; its rename may not be synced
             self.run.progress(file.file_size)
             step.found = True
             return step
-        into = io_buffer() if self.active.writes_from_buffer and not from_gzip else None
-        chunks = CheckedStream(original_from(self.archive, file, file.source_type, into=into), file, self.run.progress)
+        into = _io_buffer() if self.active.writes_from_buffer and not from_gzip else None
+        chunks = CheckedStream(_original_from(self.archive, file, file.source_type, into=into), file, self.run.progress)
         self.active.write(name, chunks, file.file_size, content_type_of(self.original, name), file.sha256,
                           tags=None)
         crash_point('after-restore-write')
         return step
 
-    def finish_earlier(self, file: RestoreFile) -> RestoreStep:
+    def finish_earlier(self, file: _RestoreFile) -> _RestoreStep:
         """A restore cut off after its commit: ACTIVE's row says original. The original there is
         checked; then any version object left beside it (a sound copy of one of the file's
         versions, so never someone else's file) is removed."""
-        step = RestoreStep(file, 'finished')
+        step = _RestoreStep(file, 'finished')
         versions = self.versions_at_active(file)
         if not self.marks and all(self.active.size(v.object_name(file.object_name)) is None for v in versions):
             step.outcome = 'nothing left'
@@ -5467,12 +5471,12 @@ class RestoreJob(BatchJob):
                               file.object_name) from None
         for version in versions:
             if self.active.size(version.object_name(file.object_name)) is not None \
-                    and sound_copy_at(self.active, file, version):
+                    and _sound_copy_at(self.active, file, version):
                 self.active.delete(version.object_name(file.object_name))
                 crash_point('after-version-delete')
         return step
 
-    def done(self, file: RestoreFile, future: Future) -> None:
+    def done(self, file: _RestoreFile, future: Future) -> None:
         try:
             step = future.result()
         except Cancelled:
@@ -5480,7 +5484,7 @@ class RestoreJob(BatchJob):
         except Exception as exc:
             if isinstance(exc, (ChecksumMismatch, SourceMissing)) and not file.unfinished and self.client is None:
                 # Read from ARCHIVE and found damaged: the fixity log says so (rule 8).
-                self.recorder.log_check(FixityCheck(file.file_id, self.archive_id, file.source_type,
+                self.recorder.log_check(_FixityCheck(file.file_id, self.archive_id, file.source_type,
                                                     'corrupt' if isinstance(exc, ChecksumMismatch) else 'missing',
                                                     'restore', str(exc)))
             self.failed(file, exc)
@@ -5491,7 +5495,7 @@ class RestoreJob(BatchJob):
             return
         if step.outcome == 'finished':
             if self.marks:
-                self.recorder.log_check(FixityCheck(file.file_id, self.active_id, 0, 'ok', 'restore',
+                self.recorder.log_check(_FixityCheck(file.file_id, self.active_id, 0, 'ok', 'restore',
                                                     'restored earlier; the version object left beside it removed'))
             self.run.outcome(file, 'finished', file.file_size,
                              'restored earlier; the version object left beside it removed')
@@ -5499,7 +5503,7 @@ class RestoreJob(BatchJob):
         if self.client is not None:
             self.run.outcome(file, step.outcome, file.file_size, f'from {self.archive_id} through the service')
             return
-        self.recorder.log_check(FixityCheck(file.file_id, self.archive_id, file.source_type, 'ok', 'restore',
+        self.recorder.log_check(_FixityCheck(file.file_id, self.archive_id, file.source_type, 'ok', 'restore',
                                             'read and checked to restore the original at '
                                             f'{self.active_id}'))
         if file.target_type is None:
@@ -5528,12 +5532,12 @@ class RestoreJob(BatchJob):
         elif idle or self.recorder.due():
             self.flush()
 
-    def remove_version(self, step: RestoreStep) -> RestoreStep:
+    def remove_version(self, step: _RestoreStep) -> _RestoreStep:
         self.active.delete(step.version_name)
         crash_point('after-version-delete')
         return step
 
-    def version_removed(self, step: RestoreStep, future: Future) -> None:
+    def version_removed(self, step: _RestoreStep, future: Future) -> None:
         try:
             future.result()
         except Cancelled:
@@ -5544,9 +5548,9 @@ class RestoreJob(BatchJob):
             return
         self.restored(step)
 
-    def restored(self, step: RestoreStep) -> None:
+    def restored(self, step: _RestoreStep) -> None:
         file = step.file
-        self.recorder.log_check(FixityCheck(file.file_id, self.active_id, 0, 'ok', 'restore',
+        self.recorder.log_check(_FixityCheck(file.file_id, self.active_id, 0, 'ok', 'restore',
                                             f'restored from {self.archive_id}'))
         detail = f'from {self.archive_id}' + (' (gzip)' if file.source_type == 10 else '')
         if step.found:
@@ -5567,7 +5571,7 @@ class RestoreJob(BatchJob):
         return notes
 
 
-def _restore_pair(frame: BatchFrame, archive_id: int, active_id: int, group: str) -> tuple[Backend, Backend]:
+def _restore_pair(frame: _BatchFrame, archive_id: int, active_id: int, group: str) -> tuple[Backend, Backend]:
     """ARCHIVE (read) and ACTIVE (written), opened and checked; through the service, ACTIVE must
     be the active tier and is written by the service."""
     if archive_id == active_id:
@@ -5582,8 +5586,8 @@ def _restore_pair(frame: BatchFrame, archive_id: int, active_id: int, group: str
             raise ConfigError(f'through the service (--via) ACTIVE must be the active tier, the S3 backend with the '
                               f'lowest priority number' + (f': {tier.describe()}' if tier else '')
                               + f', not {active_row.describe()}')
-        frame.service = ServiceClient.from_options(options, frame.settings)
-        active = ServiceSource(active_row, frame.service, group)
+        frame.service = _ServiceClient.from_options(options, frame.settings)
+        active = _ServiceSource(active_row, frame.service, group)
     else:
         active = open_backend(active_row, frame.settings, path=options.target_path, jobs=options.jobs)
     archive.check(writing=False)
@@ -5603,14 +5607,14 @@ def restore_batch(settings: Settings, archive_id: int, active_id: int, batch_id:
     durably; record it there as type 0; only then delete the version object at ACTIVE. A kill
     at any moment and the same command again end consistent: a version object left beside a
     restored original is removed by the next run."""
-    with BatchFrame(settings, 'restore', options) as frame:
+    with _BatchFrame(settings, 'restore', options) as frame:
         batch = find_batch(batch_id)
         archive, active = _restore_pair(frame, archive_id, active_id, batch.group)
-        selection = RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
+        selection = _RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
         selection.check(frame.reader)
         recorder = frame.recorder(selection.group, (active,), every_rows=200, every_seconds=2.0)
-        job = RestoreJob(archive, active, recorder, batch.group, frame.service,
-                         marks=has_fixity_log(frame.reader))
+        job = _RestoreJob(archive, active, recorder, batch.group, frame.service,
+                         marks=_has_fixity_log(frame.reader))
         return frame.carry_out(job, selection, _restore_title(batch, archive, active))
 
 
@@ -5618,14 +5622,14 @@ def plan_restore(settings: Settings, archive_id: int, active_id: int, batch_id: 
                  options: RunOptions | None = None) -> Plan:
     """What restore_batch would do (a dry run): backends checked, nothing changed."""
     with contextlib.ExitStack() as on_error:
-        frame = on_error.enter_context(BatchFrame(settings, 'restore', options))
+        frame = on_error.enter_context(_BatchFrame(settings, 'restore', options))
         batch = find_batch(batch_id)
         archive, active = _restore_pair(frame, archive_id, active_id, batch.group)
-        selection = RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
-        notes = RestoreJob.notes(None, selection.counts(frame.reader))
+        selection = _RestoreSelection(batch, archive_id, active_id, 0, frame.options.limit)
+        notes = _RestoreJob.notes(None, selection.counts(frame.reader))
         on_error.pop_all()
 
-    def action(f: RestoreFile) -> str:
+    def action(f: _RestoreFile) -> str:
         if f.unfinished:
             return 'finish the earlier restore of'
         if f.archive_outcome in DAMAGED_OUTCOMES:
@@ -5647,7 +5651,7 @@ EXPORT_MANIFEST = 'manifest-sha256.txt'
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportFile(CatalogFile):
+class _ExportFile(CatalogFile):
     """A file of an export: read from backend `source_id` (which holds it as `source_type`), or,
     with no source online, held soundly on the offline disks `offline`. `others`: the further
     backends online that hold it soundly, (storage_id, type) in order, should the first fail."""
@@ -5657,7 +5661,7 @@ class ExportFile(CatalogFile):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportSelection(Selection):
+class _ExportSelection(_Selection):
     """Every file of the batch, with the backend to read it from: the first of `order` (the
     backends reachable now, most accessible first) that holds a sound copy (rule 8) of the
     version (for originals: the original or gzip of it); else the `offline` disks that do."""
@@ -5666,9 +5670,9 @@ class ExportSelection(Selection):
 
     def _held_query(self, conn, head: str, tail: str) -> str:
         group = self.group
-        check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+        check = _last_check_join(group, 's', 'c', _has_fixity_log(conn))
         if self.version_type == 0:
-            sound = sound_original_sql('s', 'c')
+            sound = _sound_original_sql('s', 'c')
         else:
             damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
             sound = f's.type = {int(self.version_type)} AND (c.outcome IS NULL OR c.outcome NOT IN ({damaged}))'
@@ -5690,19 +5694,19 @@ class ExportSelection(Selection):
             raise selection_error(self.batch, exc) from None
         return {'todo': todo, 'todo_bytes': todo_bytes, 'done': 0, 'other_version': 0, 'at_source': held}
 
-    def files(self, conn) -> Iterator[ExportFile]:
+    def files(self, conn) -> Iterator[_ExportFile]:
         query = self._held_query(conn, 'SELECT b.file_id, b.object_name, b.file_size, b.sha256, h.ids, h.types FROM (',
                                  'ORDER BY b.file_id')
         last_id = None
         try:
-            for file_id, object_name, size, sha256, ids, types in streamed_rows(conn, query):
+            for file_id, object_name, size, sha256, ids, types in _streamed_rows(conn, query):
                 if file_id == last_id:
                     continue
                 last_id = file_id
                 held = dict(zip(ids or (), types or ()))
                 sources = [i for i in self.order if i in held]
                 source = sources[0] if sources else None
-                yield ExportFile(file_id, object_name, int(size or 0), (sha256 or '').strip().lower(),
+                yield _ExportFile(file_id, object_name, int(size or 0), (sha256 or '').strip().lower(),
                                  held.get(source, 0), None, source_id=source,
                                  offline=tuple(sorted(i for i in held if i in self.offline)),
                                  others=tuple((i, held[i]) for i in sources[1:]))
@@ -5711,7 +5715,7 @@ class ExportSelection(Selection):
 
 
 @dataclasses.dataclass(frozen=True)
-class RecallStep:
+class _RecallStep:
     """One disk to mount: its id and label, and how many of the files still missing it brings."""
     storage_id: int
     label: str
@@ -5721,7 +5725,7 @@ class RecallStep:
         return f'mount backend {self.storage_id} "{self.label}" for {self.files:,} files'
 
 
-def recall_plan(offline: dict[int, tuple], labels: dict[int, str]) -> list[RecallStep]:
+def recall_plan(offline: dict[int, tuple], labels: dict[int, str]) -> list[_RecallStep]:
     """The fewest disks to mount to get every file (greedy set cover: each time the disk that
     holds the most of the files left; ties by storage id)."""
     left = {file_id: set(ids) for file_id, ids in offline.items() if ids}
@@ -5732,7 +5736,7 @@ def recall_plan(offline: dict[int, tuple], labels: dict[int, str]) -> list[Recal
             for storage_id in ids:
                 counts[storage_id] = counts.get(storage_id, 0) + 1
         best = min(counts, key=lambda storage_id: (-counts[storage_id], storage_id))
-        steps.append(RecallStep(best, labels.get(best) or f'backend {best}', counts[best]))
+        steps.append(_RecallStep(best, labels.get(best) or f'backend {best}', counts[best]))
         left = {file_id: ids for file_id, ids in left.items() if best not in ids}
     return steps
 
@@ -5752,7 +5756,7 @@ class ExportReport(RunReport):
         return EXIT_FAILURES if status == EXIT_OK and self.offline else status
 
 
-def read_export_manifest(path: Path) -> dict[str, str]:
+def _read_export_manifest(path: Path) -> dict[str, str]:
     """The entries of an earlier export's manifest: relative path -> sha256."""
     entries = {}
     with contextlib.suppress(OSError, UnicodeDecodeError):
@@ -5766,14 +5770,14 @@ def read_export_manifest(path: Path) -> dict[str, str]:
     return entries
 
 
-class ExportJob(BatchJob):
+class _ExportJob(_BatchJob):
     """`export` over a batch: each file checked in DIR (kept if sound), else read from its source,
     checked, written atomically; the source's check appended to the fixity log; the manifest
     written at the end."""
 
     command = 'export'
 
-    def __init__(self, directory: Path, sources: dict[int, Backend], recorder, version: Version):
+    def __init__(self, directory: Path, sources: dict[int, Backend], recorder, version: _Version):
         super().__init__(recorder, tuple(sources.values()), ())
         self.directory = directory
         self.root = directory.resolve()
@@ -5785,7 +5789,7 @@ class ExportJob(BatchJob):
 
     def target(self, file: CatalogFile) -> tuple[str, Path]:
         name = self.version.object_name(file.object_name)
-        return name, self.directory.joinpath(*safe_object_parts(name))
+        return name, self.directory.joinpath(*_safe_object_parts(name))
 
     def sound_in_folder(self, file: CatalogFile, path: Path) -> str | None:
         """The sha256 of the file in DIR if it is there and sound (a regular file, not a link)."""
@@ -5802,7 +5806,7 @@ class ExportJob(BatchJob):
             return None
         return file.sha256 if self.version.type == 0 else hashlib.sha256(data).hexdigest()
 
-    def work(self, file: ExportFile) -> tuple:
+    def work(self, file: _ExportFile) -> tuple:
         """('present' | 'exported' | 'offline', sha256, bytes, the source used, the checks of
         sources that failed theirs); a source whose copy is damaged or missing is passed over
         for the next one that holds the file soundly."""
@@ -5823,7 +5827,7 @@ class ExportJob(BatchJob):
                 digest, size = self.fetch(file, name, path, self.sources[storage_id], held_type)
             except (ChecksumMismatch, SourceMissing, ConversionError) as exc:
                 outcome = 'missing' if isinstance(exc, SourceMissing) else 'corrupt'
-                damaged.append(FixityCheck(file.file_id, storage_id, held_type, outcome, 'export', str(exc)))
+                damaged.append(_FixityCheck(file.file_id, storage_id, held_type, outcome, 'export', str(exc)))
                 if number == len(sources) - 1:
                     exc.damaged = damaged
                     raise
@@ -5833,10 +5837,10 @@ class ExportJob(BatchJob):
             return 'exported', digest, size, (storage_id, held_type), damaged
         raise AssertionError('unreachable')
 
-    def fetch(self, file: ExportFile, name: str, path: Path, source: Backend, held_type: int) -> tuple[str, int]:
+    def fetch(self, file: _ExportFile, name: str, path: Path, source: Backend, held_type: int) -> tuple[str, int]:
         """Read the file's version from `source`, check it, write it atomically at `path`."""
         if self.version.type == 0:
-            chunks = CheckedStream(original_from(source, file, held_type), file, self.run.progress)
+            chunks = CheckedStream(_original_from(source, file, held_type), file, self.run.progress)
         else:
             data = b''.join(source.read(name))
             self.version.check(data, file)
@@ -5846,14 +5850,14 @@ class ExportJob(BatchJob):
             raise UnsafeObjectName(f'{path.parent} leads outside {self.directory}', file.object_name)
         path.parent.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
-        with atomic_file(path) as tmp, open(tmp, 'xb') as out:
+        with _atomic_file(path) as tmp, open(tmp, 'xb') as out:
             for chunk in chunks:
                 digest.update(chunk)
                 size += len(chunk)
                 out.write(chunk)
         return digest.hexdigest(), size
 
-    def done(self, file: ExportFile, future: Future) -> None:
+    def done(self, file: _ExportFile, future: Future) -> None:
         name = self.version.object_name(file.object_name)
         try:
             outcome, digest, size, source, damaged = future.result()
@@ -5875,7 +5879,7 @@ class ExportJob(BatchJob):
         self.entries[name] = digest
         if outcome == 'exported':
             storage_id, held_type = source
-            self.recorder.log_check(FixityCheck(file.file_id, storage_id, held_type, 'ok', 'export',
+            self.recorder.log_check(_FixityCheck(file.file_id, storage_id, held_type, 'ok', 'export',
                                                 f'exported to {self.directory}'))
             self.run.outcome(file, 'exported', size, f'from {storage_id}'
                              + (' (gzip)' if held_type == 10 and self.version.type == 0 else ''))
@@ -5890,15 +5894,15 @@ class ExportJob(BatchJob):
         """DIR/manifest-sha256.txt: every file of the batch in DIR so far (this run's, and an
         earlier run's where this one did not get to it and the file is still there)."""
         manifest = self.directory / EXPORT_MANIFEST
-        entries = {name: digest for name, digest in read_export_manifest(manifest).items()
+        entries = {name: digest for name, digest in _read_export_manifest(manifest).items()
                    if name not in self.visited and (self.directory / name).is_file()}
         entries.update(self.entries)
-        with atomic_file(manifest) as tmp, open(tmp, 'x', encoding='utf-8') as out:
+        with _atomic_file(manifest) as tmp, open(tmp, 'x', encoding='utf-8') as out:
             for name in sorted(entries):
                 out.write(manifest_line(entries[name], name))
 
 
-def _export_sources(frame: BatchFrame, from_ids: list[int] | None) -> tuple[dict[int, Backend], dict[int, Backend],
+def _export_sources(frame: _BatchFrame, from_ids: list[int] | None) -> tuple[dict[int, Backend], dict[int, Backend],
                                                                            dict[int, str]]:
     """The backends to read from, most accessible first (S3 tiers by priority, then disks
     online), the disks not mounted, and every backend's label; with `from_ids`, those only,
@@ -5927,7 +5931,7 @@ def _export_sources(frame: BatchFrame, from_ids: list[int] | None) -> tuple[dict
     return online, offline, labels
 
 
-def _export_request(frame: BatchFrame, batch_id: str, directory: str, version_type: int,
+def _export_request(frame: _BatchFrame, batch_id: str, directory: str, version_type: int,
                     from_ids: list[int] | None):
     batch = find_batch(batch_id)
     version = find_version(batch.group, version_type)
@@ -5937,7 +5941,7 @@ def _export_request(frame: BatchFrame, batch_id: str, directory: str, version_ty
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f'--to {folder} is not a folder')
     online, offline, labels = _export_sources(frame, from_ids)
-    selection = ExportSelection(batch, 0, 0, version.type, None, order=tuple(online),
+    selection = _ExportSelection(batch, 0, 0, version.type, None, order=tuple(online),
                                 offline=frozenset(offline))
     selection.check(frame.reader)
     what = 'originals' if version.type == 0 else f'{version.label} versions'
@@ -5951,14 +5955,14 @@ def export_batch(settings: Settings, batch_id: str, directory: str, *, version_t
     folder, each from the most accessible backend that holds it soundly, checked, with
     manifest-sha256.txt; a recall plan for the files held only on disks that are not mounted.
     Writes nothing to the catalog but the fixity log. Run again, it continues."""
-    with BatchFrame(settings, 'export', options) as frame:
+    with _BatchFrame(settings, 'export', options) as frame:
         batch, version, folder, online, labels, selection, title = _export_request(
             frame, batch_id, directory, version_type, from_ids)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f'cannot make the folder {folder}: {exc.strerror}') from None
-        job = ExportJob(folder, online, frame.recorder(selection.group, ()), version)
+        job = _ExportJob(folder, online, frame.recorder(selection.group, ()), version)
         report = frame.carry_out(job, selection, title)
     plan = recall_plan(job.offline, labels)
     result = ExportReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(RunReport)},
@@ -5973,12 +5977,12 @@ def plan_export(settings: Settings, batch_id: str, directory: str, *, version_ty
                 from_ids: list[int] | None = None, options: RunOptions | None = None) -> Plan:
     """What export_batch would do (a dry run): where each file would be read from."""
     with contextlib.ExitStack() as on_error:
-        frame = on_error.enter_context(BatchFrame(settings, 'export', options))
+        frame = on_error.enter_context(_BatchFrame(settings, 'export', options))
         batch, version, folder, online, labels, selection, title = _export_request(
             frame, batch_id, directory, version_type, from_ids)
         on_error.pop_all()
 
-    def action(f: ExportFile) -> str:
+    def action(f: _ExportFile) -> str:
         if f.source_id is not None:
             return f'read from backend {f.source_id}' + (' (gzip)' if f.source_type == 10 and version.type == 0 else '')
         if f.offline:
@@ -5992,7 +5996,7 @@ def plan_export(settings: Settings, batch_id: str, directory: str, *, version_ty
 def _one_file(conn, settings: Settings, group: str, file_id: int, source_id: int, target_id: int,
               source_path: str | None, target_path: str | None, source_writing: bool = False):
     file = fetch_file(conn, group, file_id)
-    held = {h.backend.storage_id: h.type for h in storage_rows(conn, group, file_id)}
+    held = {h.backend.storage_id: h.type for h in _storage_rows(conn, group, file_id)}
     conn.commit()
     if source_id == target_id:
         raise ConfigError('source and target are the same backend')
@@ -6008,7 +6012,7 @@ def _one_file(conn, settings: Settings, group: str, file_id: int, source_id: int
 def _damaged_at(conn, group: str, file_id: int, storage_id: int) -> bool:
     """Whether the last check of the file's copy at the backend found it missing or corrupt."""
     group = GROUPS[group]
-    check = last_check_join(group, 's', 'c', has_fixity_log(conn))
+    check = _last_check_join(group, 's', 'c', _has_fixity_log(conn))
     damaged = ', '.join(f"'{o}'" for o in DAMAGED_OUTCOMES)
     with conn.cursor() as cur:
         cur.execute(f'SELECT coalesce(c.outcome IN ({damaged}), false) FROM {group.storage_table} s {check} '
@@ -6034,15 +6038,16 @@ def copy_file(settings: Settings, group: str, file_id: int, source_id: int, targ
                 raise VersionConflict(f'{target.describe()} holds version {file.target_type} of {group} file '
                                       f'{file_id} (one version per backend)')
             return file_state(conn, group, file_id, 'exists')
-        outcome, checked_at = copy_last_check(conn, GROUPS[group], file_id, source_id)
+        outcome, checked_at = _copy_last_check(conn, GROUPS[group], file_id, source_id)
         if outcome in DAMAGED_OUTCOMES:
             raise DamagedCopy(f'{source.describe()} holds a copy of {group} file {file_id} that its last check '
-                              f'({checked_at.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M} UTC) found {outcome}: copy it from another backend')
+                              f'({checked_at.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M} UTC) found {outcome}: '
+                              'copy it from another backend')
         with target.writing():
-            outcome, _ = transfer(file, source, target, version, copy_tags=source.keeps_tags and target.keeps_tags)
+            outcome, _ = _transfer(file, source, target, version, copy_tags=source.keeps_tags and target.keeps_tags)
             writer = CatalogWriter(conn, GROUPS[group], (target,))
             writer.add(file, target_id, version.type)
-            writer.log_check(copy_check(file, source, target, version, outcome))
+            writer.log_check(_copy_check(file, source, target, version, outcome))
             writer.flush()
         return file_state(conn, group, file_id, outcome)
     finally:
@@ -6067,16 +6072,17 @@ def archive_file(settings: Settings, group: str, file_id: int, active_id: int, a
         if file.source_type != 0:
             raise NotFound(f'{active.describe()} holds version {file.source_type} of {group} file {file_id}, not '
                            'its original', 'original')
-        archiver = Archiver(group, active, archive, version)
+        archiver = _Archiver(group, active, archive, version)
         writer = CatalogWriter(conn, GROUPS[group], (archive, active))
         others = writer.originals_elsewhere([file_id], (active_id, archive_id)).get(file_id, 0)
-        file = dataclasses.replace(file, copies_elsewhere=others, target_damaged=_damaged_at(conn, group, file_id, archive_id))
+        file = dataclasses.replace(file, copies_elsewhere=others,
+                                   target_damaged=_damaged_at(conn, group, file_id, archive_id))
         with archive.writing(), active.writing():
             step = archiver.archive_original(file, can_release=others + 1 >= min_copies)
             if step.archived_now:
                 writer.add(file, archive_id, 0)
                 if step.proven:
-                    writer.log_check(FixityCheck(file_id, archive_id, 0, 'repaired' if step.repaired else 'ok',
+                    writer.log_check(_FixityCheck(file_id, archive_id, 0, 'repaired' if step.repaired else 'ok',
                                                  'archive', step.repaired))
             writer.flush()
             if step.version_failed:
@@ -6087,7 +6093,7 @@ def archive_file(settings: Settings, group: str, file_id: int, active_id: int, a
                 outcome = archiver.release_original(step)
             finally:
                 if step.proof:
-                    writer.log_check(FixityCheck(file_id, archive_id, 0, step.proof, 'release', step.repaired))
+                    writer.log_check(_FixityCheck(file_id, archive_id, 0, step.proof, 'release', step.repaired))
                     with contextlib.suppress(Exception):
                         writer.flush()
             if outcome == 'replaced':
@@ -6103,14 +6109,14 @@ def archive_file(settings: Settings, group: str, file_id: int, active_id: int, a
 # --- verify ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class RecordedCopy:
+class _RecordedCopy:
     """A file the catalog records on a backend: which group, which version, under which name."""
     group: str
     file: CatalogFile
     version_type: int
 
     @property
-    def version(self) -> Version | None:
+    def version(self) -> _Version | None:
         return VERSIONS.get((self.group, self.version_type))
 
     @property
@@ -6118,8 +6124,8 @@ class RecordedCopy:
         return self.version.object_name(self.file.object_name) if self.version else self.file.object_name
 
 
-def recorded_copies(conn, storage_id: int, batch=None, *, by_last_check: bool = False,
-               not_checked_within: float | None = None) -> tuple[Iterator[RecordedCopy], dict]:
+def _recorded_copies(conn, storage_id: int, batch=None, *, by_last_check: bool = False,
+               not_checked_within: float | None = None) -> tuple[Iterator[_RecordedCopy], dict]:
     """Every file the catalog records on the backend (of the batch, if given), and the totals.
 
     Streamed in folder order (by the folders of the name, part by part, then by name; COLLATE
@@ -6130,12 +6136,12 @@ def recorded_copies(conn, storage_id: int, batch=None, *, by_last_check: bool = 
     the copies whose last check is older, or missing."""
     groups = [GROUPS[batch.group]] if batch else list(GROUPS.values())
     scrub = by_last_check or not_checked_within is not None
-    has_log = scrub and has_fixity_log(conn)
+    has_log = scrub and _has_fixity_log(conn)
     parts = []
     for group in groups:
         source = f'({batch_sql(batch)})' if batch else group.files_table
-        check = last_check_join(group, 's', 'c', has_log) if scrub else ''
-        last = last_checked_sql('s', 'c') if scrub else 'NULL::timestamptz'
+        check = _last_check_join(group, 's', 'c', has_log) if scrub else ''
+        last = _last_checked_sql('s', 'c') if scrub else 'NULL::timestamptz'
         due = (f" AND ({last} IS NULL OR {last} < now() - interval '1 day' * {float(not_checked_within)!r})"
                if not_checked_within is not None else '')
         parts.append(f"SELECT '{group.name}' AS grp, f.file_id, f.object_name, f.file_size, f.sha256, s.type, "
@@ -6155,10 +6161,10 @@ def recorded_copies(conn, storage_id: int, batch=None, *, by_last_check: bool = 
         conn.rollback()
         raise selection_error(batch, exc) if batch else exc
 
-    def stream() -> Iterator[RecordedCopy]:
+    def stream() -> Iterator[_RecordedCopy]:
         query = f'SELECT * FROM ({union}) AS held ORDER BY {order}'
-        for group, file_id, object_name, file_size, sha256, version_type, _ in streamed_rows(conn, query):
-            yield RecordedCopy(group, CatalogFile(file_id, object_name, int(file_size), (sha256 or '').strip().lower()),
+        for group, file_id, object_name, file_size, sha256, version_type, _ in _streamed_rows(conn, query):
+            yield _RecordedCopy(group, CatalogFile(file_id, object_name, int(file_size), (sha256 or '').strip().lower()),
                            version_type)
     return stream(), {'files': files, 'original_bytes': original_bytes, 'versions': versions}
 
@@ -6187,7 +6193,7 @@ class VerifyReport(RunReport):
     checks_logged: int = 0               # rows appended to the fixity log
 
 
-def verify_file(backend: Backend, held: RecordedCopy, progress: Callable[[int], None]) -> int:
+def verify_file(backend: Backend, held: _RecordedCopy, progress: Callable[[int], None]) -> int:
     """Read the stored file once and check it; returns the bytes read."""
     file, version = held.file, held.version
     if version.type == 0:
@@ -6200,13 +6206,13 @@ def verify_file(backend: Backend, held: RecordedCopy, progress: Callable[[int], 
     return len(data)
 
 
-class CheckLog:
+class _CheckLog:
     """verify's checks, for the fixity log: a row per copy checked (sound 'ok', 'missing',
     'corrupt'; a copy that could not be checked gets none: it was not checked), appended by a
     CatalogWriter per group on a connection of the log's own, a batch every `every_rows` rows or
     `every_seconds` seconds (as copy's rows are), never a round trip per file.
 
-    Without the table nothing is kept (has_fixity_log says once that `init-db` would keep it).
+    Without the table nothing is kept (_has_fixity_log says once that `init-db` would keep it).
     When the catalog refuses the rows (a read-only role) or goes away, the checks still stand:
     the run goes on, and its report says how many were not logged and why."""
 
@@ -6218,16 +6224,16 @@ class CheckLog:
         self.not_logged = 0
         self.conn = connect_catalog(settings)
         self.writers = ({name: CatalogWriter(self.conn, group, (), every_rows, every_seconds)
-                         for name, group in GROUPS.items()} if has_fixity_log(self.conn) else {})
-        if self.writers and not may_append_fixity(self.conn):
+                         for name, group in GROUPS.items()} if _has_fixity_log(self.conn) else {})
+        if self.writers and not _may_append_fixity(self.conn):
             self.refused = (f'this catalog role may not append to it: a role granted INSERT on {FIXITY_TABLE} '
                             'keeps them')
 
-    def add(self, held: RecordedCopy, outcome: str, detail: str | None = None) -> None:
+    def add(self, held: _RecordedCopy, outcome: str, detail: str | None = None) -> None:
         if self.refused:
             self.not_logged += 1
         elif self.writers:
-            self.writers[held.group].log_check(FixityCheck(held.file.file_id, self.storage_id, held.version_type,
+            self.writers[held.group].log_check(_FixityCheck(held.file.file_id, self.storage_id, held.version_type,
                                                            outcome, 'verify', detail or None))
 
     def between(self, idle: bool) -> None:
@@ -6266,7 +6272,7 @@ class CheckLog:
 
 
 @dataclasses.dataclass
-class ScrubBudget:
+class _ScrubBudget:
     """How much one slice of a scrub may check: at most `max_files` copies, or as many as it can
     start within `max_minutes`. Once spent, no new file is started; the files in flight finish
     and are logged."""
@@ -6281,7 +6287,7 @@ class ScrubBudget:
             return True
         return False
 
-    def take(self, items: Iterator[RecordedCopy]) -> Iterator[RecordedCopy]:
+    def take(self, items: Iterator[_RecordedCopy]) -> Iterator[_RecordedCopy]:
         """The items, until the budget is spent (asking for the next one only while it is not)."""
         taken = 0
         while not self.out_of_time():
@@ -6300,22 +6306,22 @@ class ScrubBudget:
             raise Cancelled()
 
 
-class Verifier:
+class _Verifier:
     """What `verify` finds, as it finds it: each missing, corrupt, unknown or unchecked file
     counted, logged and named, and each check of a copy handed to the fixity log."""
 
-    def __init__(self, run: Run, report: VerifyReport, checks: CheckLog | None = None):
+    def __init__(self, run: Run, report: VerifyReport, checks: _CheckLog | None = None):
         self.run, self.report = run, report
         self.checks = checks
         self.checked_copies = 0         # copies checked (sound, missing or corrupt): rows for the fixity log
-        self.rows_to_remove: list[RecordedCopy] = []
+        self.rows_to_remove: list[_RecordedCopy] = []
 
-    def check_done(self, held: RecordedCopy, outcome: str, detail: str = '') -> None:
+    def check_done(self, held: _RecordedCopy, outcome: str, detail: str = '') -> None:
         self.checked_copies += 1
         if self.checks:
             self.checks.add(held, outcome, detail)
 
-    def finding(self, kind: str, held: RecordedCopy | None, name: str, reason: str = '') -> None:
+    def finding(self, kind: str, held: _RecordedCopy | None, name: str, reason: str = '') -> None:
         self.report.found[kind].append((name, reason))
         self.report.failures.append((name, reason or kind))
         if held:
@@ -6327,7 +6333,7 @@ class Verifier:
             self.run.log_entry(kind, '', 0, name, reason)
         log.warning('%s %s%s', kind.upper(), name, f': {reason}' if reason else '')
 
-    def checked(self, held: RecordedCopy, future: Future) -> None:
+    def checked(self, held: _RecordedCopy, future: Future) -> None:
         try:
             nbytes = future.result()
         except Cancelled:
@@ -6338,26 +6344,26 @@ class Verifier:
             self.finding('corrupt', held, held.stored_name, str(exc))
         except Exception as exc:
             self.finding('unchecked', held, held.stored_name, describe_exception(exc))
-            reason = fatal_reason(exc, self.run.backends)
+            reason = _fatal_reason(exc, self.run.backends)
             if reason:
                 self.run.stop(reason)
         else:
             self.run.outcome(held.file, 'sound', nbytes)
             self.check_done(held, 'ok')
 
-    def checkable(self, held: RecordedCopy) -> bool:
+    def checkable(self, held: _RecordedCopy) -> bool:
         if held.version is None:
             self.finding('unchecked', held, held.file.object_name, f'version type {held.version_type} is unknown to '
                                                                     'this tool')
             return False
         try:
-            safe_object_parts(held.stored_name)
+            _safe_object_parts(held.stored_name)
         except UnsafeObjectName as exc:
             self.finding('corrupt', held, held.stored_name, str(exc))
             return False
         return True
 
-    def walk_alongside(self, items: Iterator[RecordedCopy], backend: Backend) -> Iterator[RecordedCopy]:
+    def walk_alongside(self, items: Iterator[_RecordedCopy], backend: Backend) -> Iterator[_RecordedCopy]:
         """Merge the catalog's files (in folder order) with a walk of the backend's folders, one
         folder at a time: what only the catalog has is missing, what only the disk has is
         unknown, what both have is checked. Memory holds one folder, whatever the disk's size."""
@@ -6462,25 +6468,25 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
                                path_option='--path')
         backend.check(writing=False)
         walk = backend.lists_files and batch is None and not scrub
-        files, totals = recorded_copies(reader, storage_id, batch, by_last_check=not walk,
+        files, totals = _recorded_copies(reader, storage_id, batch, by_last_check=not walk,
                                    not_checked_within=not_checked_within)
         report = VerifyReport('verify', backend.describe() + (f", batch '{batch.id}'" if batch else ''),
                               batch_id=batch.id if batch else None, storage_id=storage_id,
                               with_batch=batch is not None, lists_files=backend.lists_files,
                               files_root=backend.files_location(), walked=walk, scrub=scrub,
                               not_checked_within=not_checked_within)
-        budget = ScrubBudget(max_files, max_minutes)
+        budget = _ScrubBudget(max_files, max_minutes)
         # Versions' sizes are not in the catalog: with versions on the backend, count files only.
         total_bytes = totals['original_bytes'] if not totals['versions'] and max_files is None else None
         total_files = min(totals['files'], max_files) if max_files is not None else totals['files']
         with Run(report, options, total_files, total_bytes, backends=(backend,)) as run:
-            checks = CheckLog(settings, storage_id, report)
-            verifier = Verifier(run, report, checks)
+            checks = _CheckLog(settings, storage_id, report)
+            verifier = _Verifier(run, report, checks)
             items = (held for held in files if verifier.checkable(held))
             if walk:
                 items = verifier.walk_alongside(items, backend)
 
-            def check(held: RecordedCopy) -> int:
+            def check(held: _RecordedCopy) -> int:
                 budget.start()
                 return verify_file(backend, held, run.progress)
             try:
@@ -6488,7 +6494,7 @@ def verify_backend(settings: Settings, storage_id: int, batch_id: str | None = N
             except Exception as exc:
                 run.stop_for(exc)
                 reason = (f'the catalog went away ({pg_error_line(exc)})' if catalog_outage(exc) else
-                          fatal_reason(exc, (backend,)) or describe_exception(exc))
+                          _fatal_reason(exc, (backend,)) or describe_exception(exc))
                 report.stopped = f'{reason}: not every file was checked; run verify again'
             finally:
                 checks.close()
@@ -6530,7 +6536,7 @@ DUE_EVERY_DAYS = 365
 
 
 @dataclasses.dataclass
-class CoverageRow:
+class _CoverageRow:
     """One group of files: how many, how many bytes, and how many of them have 0, 1, 2, 3 or more
     sound copies of the original. `online`: files with a sound original on an S3 tier;
     `offline_only`: files whose sound originals are all on disks; `never_checked`: files with a
@@ -6565,7 +6571,7 @@ class CoverageRow:
 
 
 @dataclasses.dataclass
-class AtRiskFile:
+class _AtRiskFile:
     """A file with fewer sound copies of its original than asked for, and where its copies are
     (every version, sound or not)."""
     group: str
@@ -6579,7 +6585,7 @@ class AtRiskFile:
 
 
 @dataclasses.dataclass
-class CoverageReport:
+class _CoverageReport:
     """What `coverage` found: rows by the dimension, each group's total, and the files at risk."""
     by: str
     batch: str | None
@@ -6596,10 +6602,10 @@ class CoverageReport:
                 'at_risk': [entry.as_dict() for entry in self.at_risk or []]}
 
 
-def _last_checks_cte(group: Group, has_log: bool, file_id: int | None = None) -> str:
+def _last_checks_cte(group: _Group, has_log: bool, file_id: int | None = None) -> str:
     """SQL for a CTE body: the newest fixity row of every copy (file, backend, version) of the
     group, read in one pass over the log (DISTINCT ON), not one index probe per copy. Joined
-    with the condition that it is no older than the copy's storage row (see last_check_join)."""
+    with the condition that it is no older than the copy's storage row (see _last_check_join)."""
     if not has_log:
         return ('SELECT NULL::integer AS file_id, NULL::integer AS storage_id, NULL::smallint AS type, '
                 'NULL::text AS outcome, NULL::timestamptz AS checked_at, NULL::text AS event WHERE false')
@@ -6609,7 +6615,7 @@ def _last_checks_cte(group: Group, has_log: bool, file_id: int | None = None) ->
             'ORDER BY x.file_id, x.storage_id, x.type, x.checked_at DESC, x.check_id DESC')
 
 
-def _copies_ctes(group: Group, has_log: bool, file_id: int | None = None, files: str | None = None) -> str:
+def _copies_ctes(group: _Group, has_log: bool, file_id: int | None = None, files: str | None = None) -> str:
     """SQL: the CTEs `lc` (last checks) and `copies`: every storage row of the group, whether it
     is on an S3 tier, whether it is a sound copy of the original (rule 8), whether its
     last check found it damaged, and when it was last checked (its writing where no check since);
@@ -6621,14 +6627,14 @@ def _copies_ctes(group: Group, has_log: bool, file_id: int | None = None, files:
             # which backends are S3 tiers: one array, made once (InitPlan), not a join per copy
             "copies AS (SELECT s.file_id, s.storage_id, s.type, s.storage_id = ANY(ARRAY(SELECT storage_id "
             "FROM storage_backend WHERE type = 's3')) AS s3, "
-            f'{sound_original_sql("s", "lc")} AS sound, coalesce(lc.outcome IN ({damaged}), false) AS damaged, '
+            f'{_sound_original_sql("s", "lc")} AS sound, coalesce(lc.outcome IN ({damaged}), false) AS damaged, '
             'lc.outcome, lc.event, coalesce(lc.checked_at, s.created_at) AS last_check '
             f'FROM {group.storage_table} s '
             'LEFT JOIN lc ON lc.file_id = s.file_id AND lc.storage_id = s.storage_id AND lc.type = s.type '
             f"AND lc.checked_at >= coalesce(s.created_at, '-infinity'){where})")
 
 
-def _coverage_query(group: Group, by: str, selection: str | None, batches: list, has_log: bool) -> str:
+def _coverage_query(group: _Group, by: str, selection: str | None, batches: list, has_log: bool) -> str:
     """SQL: one pass over the group's files and copies, giving a row per key of the dimension
     and a total row (is_total). `selection` is a batch's SELECT (None: every file of the group);
     for `by == 'batch'`, `batches` are the batches whose files make the rows."""
@@ -6720,7 +6726,7 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _at_risk_query(group: Group, selection: str | None, below: int, has_log: bool) -> str:
+def _at_risk_query(group: _Group, selection: str | None, below: int, has_log: bool) -> str:
     """SQL: the files with fewer than `below` sound copies of the original, fewest first, then by
     name, each with its copies (every version) as JSON, looked up for these files only."""
     where = f'f.file_id IN (SELECT file_id FROM ({selection}) sel)' if selection else 'TRUE'
@@ -6732,14 +6738,14 @@ def _at_risk_query(group: Group, selection: str | None, below: int, has_log: boo
             f'WHERE {where} AND coalesce(a.n, 0) < {int(below)})\n'
             'SELECT r.file_id, r.object_name, r.n, w.places FROM risky r CROSS JOIN LATERAL ('
             "SELECT coalesce(json_agg(json_build_object('storage_id', s.storage_id, 'type', s.type, 'sound', "
-            f"{sound_original_sql('s', 'lcx')}, 'outcome', lcx.outcome, 'last_check', "
+            f"{_sound_original_sql('s', 'lcx')}, 'outcome', lcx.outcome, 'last_check', "
             'coalesce(lcx.checked_at, s.created_at)) ORDER BY b.priority, s.storage_id), \'[]\') AS places '
             f'FROM {group.storage_table} s JOIN storage_backend b ON b.storage_id = s.storage_id '
-            f"{last_check_join(group, 's', 'lcx', has_log)} WHERE s.file_id = r.file_id) w "
+            f"{_last_check_join(group, 's', 'lcx', has_log)} WHERE s.file_id = r.file_id) w "
             'ORDER BY r.n, r.object_name COLLATE "C"')
 
 
-def _coverage_groups(batch_id: str | None, by: str) -> list[tuple[Group, str | None, list]]:
+def _coverage_groups(batch_id: str | None, by: str) -> list[tuple[_Group, str | None, list]]:
     """The groups to count, each with its selection (a batch's SELECT, or None for every file)
     and, for `--by batch`, the batches that make its rows."""
     if batch_id is not None:
@@ -6759,7 +6765,7 @@ def _sort_key(by: str, key):
 
 
 def coverage(settings: Settings, batch_id: str | None = None, *, by: str = 'deployment',
-             at_risk_below: int | None = None, conn=None) -> CoverageReport:
+             at_risk_below: int | None = None, conn=None) -> _CoverageReport:
     """Count the files of BATCH (every file of both groups without one) by the number of
     backends holding a sound copy of their original, grouped `by` a dimension (see
     COVERAGE_DIMENSIONS; 'deployment_month' too, for the page's chart). With `at_risk_below`,
@@ -6773,7 +6779,7 @@ def coverage(settings: Settings, batch_id: str | None = None, *, by: str = 'depl
     conn = conn or connect_catalog(settings)
     rows, totals, at_risk = [], [], [] if at_risk_below is not None else None
     try:
-        has_log = has_fixity_log(conn)
+        has_log = _has_fixity_log(conn)
         backends = {b.storage_id: b for b in fetch_backends(conn)}
         made = dt.datetime.now(dt.timezone.utc)
         for group, selection, batches in groups:
@@ -6810,7 +6816,7 @@ def coverage(settings: Settings, batch_id: str | None = None, *, by: str = 'depl
                     key = int(key)
                 elif by in ('deployment', 'deployment_month') and key is not None:
                     key = int(key)
-                row = CoverageRow(group.name, key, label, files, int(size), dict(zip(COPY_BUCKETS, (c0, c1, c2, c3))),
+                row = _CoverageRow(group.name, key, label, files, int(size), dict(zip(COPY_BUCKETS, (c0, c1, c2, c3))),
                                   online, offline, never, oldest, damaged, originals, versions, key2)
                 if is_total:
                     row.key, row.label = None, 'all'
@@ -6821,12 +6827,12 @@ def coverage(settings: Settings, batch_id: str | None = None, *, by: str = 'depl
             rows += group_rows
             if at_risk is not None:
                 for file_id, object_name, n, copies in risky:
-                    at_risk.append(AtRiskFile(group.name, file_id, object_name, n,
+                    at_risk.append(_AtRiskFile(group.name, file_id, object_name, n,
                                               [_copy_place(group.name, object_name, c, backends) for c in copies]))
     finally:
         if own:
             conn.close()
-    return CoverageReport(by, batch_id, rows, totals, at_risk, at_risk_below, has_log, made)
+    return _CoverageReport(by, batch_id, rows, totals, at_risk, at_risk_below, has_log, made)
 
 
 def _copy_place(group: str, object_name: str, copy: dict, backends: dict) -> dict:
@@ -6841,7 +6847,7 @@ def _copy_place(group: str, object_name: str, copy: dict, backends: dict) -> dic
 
 
 @dataclasses.dataclass
-class DueBackend:
+class _DueBackend:
     """A backend with copies due a check: not checked (nor written) within `every_days`."""
     storage_id: int
     type: str
@@ -6858,14 +6864,14 @@ class DueBackend:
         return entry
 
 
-def copies_due(settings: Settings, every_days: float = DUE_EVERY_DAYS, *, conn=None) -> list[DueBackend]:
+def copies_due(settings: Settings, every_days: float = DUE_EVERY_DAYS, *, conn=None) -> list[_DueBackend]:
     """Per backend, its copies and how many are due a check (last checked, or written, longer
     ago than `every_days`, or never): one aggregate query per group."""
     own = conn is None
     conn = conn or connect_catalog(settings)
     found: dict[int, list] = {}
     try:
-        has_log = has_fixity_log(conn)
+        has_log = _has_fixity_log(conn)
         backends = {b.storage_id: b for b in fetch_backends(conn)}
         for group in GROUPS.values():
             with conn.cursor() as cur:
@@ -6888,14 +6894,14 @@ def copies_due(settings: Settings, every_days: float = DUE_EVERY_DAYS, *, conn=N
         backend = backends.get(storage_id)
         if backend is None or not n_due:
             continue
-        due.append(DueBackend(storage_id, backend.type, backend.notes, backend.priority, copies, n_due, never, oldest))
+        due.append(_DueBackend(storage_id, backend.type, backend.notes, backend.priority, copies, n_due, never, oldest))
     return due
 
 
 # --- whereis -----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Whereabouts:
+class _Whereabouts:
     """Every copy of one file: which backend, which version, where, whether it is online now,
     when it was last checked and how that went; and, for an original offline only, the disks
     to mount."""
@@ -6912,15 +6918,15 @@ def _iso(value) -> str | None:
     return value.isoformat() if isinstance(value, (dt.datetime, dt.date)) else value
 
 
-def where_is(settings: Settings, group: str, file: str | int, *, conn=None) -> Whereabouts:
+def where_is(settings: Settings, group: str, file: str | int, *, conn=None) -> _Whereabouts:
     """Every copy of one file, found by its file_id or its object_name. NotFound('file') when
     the catalog does not know it. Disks are online when their dot-file is found at their path or
     under the mount roots (as `info` finds them); S3 tiers are online when configured."""
-    group_ = find_group(group)
+    group_ = _find_group(group)
     own = conn is None
     conn = conn or connect_catalog(settings)
     try:
-        has_log = has_fixity_log(conn)
+        has_log = _has_fixity_log(conn)
         columns = 'f.file_id, f.object_name, f.file_size, f.sha256, f.time, f.deployment_id, n.node_label'
         head = (f'SELECT {columns} FROM {group_.files_table} f LEFT JOIN deployments d ON d.deployment_id = '
                 'f.deployment_id LEFT JOIN nodes n ON n.node_id = d.node_id WHERE ')
@@ -6951,7 +6957,7 @@ def where_is(settings: Settings, group: str, file: str | int, *, conn=None) -> W
         version = VERSIONS.get((group_.name, version_type))
         stored_name = version.object_name(object_name) if version else object_name
         if backend.type == 'local':
-            mounted_at = disk_whereabouts(backend)
+            mounted_at = _disk_whereabouts(backend)
             online = mounted_at is not None
             root = mounted_at or Path(backend.url_prefix)
             location = str(root / 'archive' / stored_name)
@@ -6978,7 +6984,7 @@ def where_is(settings: Settings, group: str, file: str | int, *, conn=None) -> W
                'sha256': (sha256 or '').strip().lower(), 'time': _iso(taken), 'deployment_id': deployment_id,
                'node_label': node_label, 'sound_copies': len(sound_copies), 'online_original': online_original,
                'offline_only': offline_only, 'disks_to_mount': to_mount}
-    return Whereabouts(group_.name, summary, copies)
+    return _Whereabouts(group_.name, summary, copies)
 
 
 # --- report ------------------------------------------------------------------------------------------------
@@ -6987,7 +6993,7 @@ REPORT_FILES = ('manifest-sha256.txt', 'REPORT.md', 'archive_index.db')
 
 
 @dataclasses.dataclass(frozen=True)
-class DiskReport:
+class _DiskReport:
     """What `report` wrote onto a disk."""
     root: Path
     written: list
@@ -7005,7 +7011,7 @@ def manifest_line(sha256_hex: str, relative_path: str) -> str:
     return f'{sha256_hex}  {relative_path}\n'
 
 
-def write_report(settings: Settings, storage_id: int, *, path: str | None = None) -> DiskReport:
+def write_report(settings: Settings, storage_id: int, *, path: str | None = None) -> _DiskReport:
     """Write onto a local disk what makes it readable without the database: a sha256 manifest
     of its originals, REPORT.md, and archive_index.db (SQLite) with the catalog rows of
     everything on it. Each file is written atomically."""
@@ -7023,7 +7029,7 @@ def write_report(settings: Settings, storage_id: int, *, path: str | None = None
             _write_report_md(conn, backend, settings, made, manifest, index_rows)
     finally:
         conn.close()
-    return DiskReport(backend.root, [backend.root / name for name in REPORT_FILES], manifest['originals'],
+    return _DiskReport(backend.root, [backend.root / name for name in REPORT_FILES], manifest['originals'],
                       manifest['bytes'], index_rows)
 
 
@@ -7032,12 +7038,12 @@ def _write_manifest(conn, backend: LocalBackend) -> dict:
     disk (the BagIt manifest convention), which `sha256sum -c` accepts from the disk's root."""
     originals = size = 0
     prefix = backend.archive.name
-    with atomic_file(backend.root / 'manifest-sha256.txt') as tmp, open(tmp, 'x', encoding='utf-8') as manifest:
+    with _atomic_file(backend.root / 'manifest-sha256.txt') as tmp, open(tmp, 'x', encoding='utf-8') as manifest:
         for group in GROUPS.values():
             query = sql.SQL('SELECT f.object_name, f.sha256, f.file_size FROM {} s JOIN {} f ON f.file_id = s.file_id '
                             'WHERE s.storage_id = %s AND s.type = 0 ORDER BY f.object_name COLLATE "C"').format(
                 sql.Identifier(group.storage_table), sql.Identifier(group.files_table))
-            for object_name, sha256_hex, file_size in streamed_rows(conn, query, (backend.row.storage_id,), 5000):
+            for object_name, sha256_hex, file_size in _streamed_rows(conn, query, (backend.row.storage_id,), 5000):
                 manifest.write(manifest_line(sha256_hex.strip().lower(), f'{prefix}/{object_name}'))
                 originals += 1
                 size += file_size
@@ -7059,7 +7065,7 @@ def _sqlite_value(value):
 def _copy_query(conn, index, table: str, query: sql.Composable, params=()) -> int:
     """Stream a query's rows into a new SQLite table of the same column names."""
     columns: list[str] = []
-    rows = streamed_rows(conn, query, params, 5000, columns)
+    rows = _streamed_rows(conn, query, params, 5000, columns)
     first = next(rows, None)
     index.execute(f'CREATE TABLE {table} ({", ".join(columns)})')
     insert = f'INSERT INTO {table} VALUES ({", ".join("?" for _ in columns)})'
@@ -7075,8 +7081,8 @@ def _write_index(conn, backend: LocalBackend, made: dt.datetime) -> dict:
     storage_id = backend.row.storage_id
     counts = {}
     final = backend.root / 'archive_index.db'
-    has_log = has_fixity_log(conn)
-    with atomic_file(final) as tmp:
+    has_log = _has_fixity_log(conn)
+    with _atomic_file(final) as tmp:
         index = sqlite3.connect(tmp)
         try:
             with index:
@@ -7092,8 +7098,8 @@ def _write_index(conn, backend: LocalBackend, made: dt.datetime) -> dict:
                         'AS check_event FROM {} s JOIN {} f ON f.file_id = s.file_id {check} '
                         'WHERE s.storage_id = %s ORDER BY f.file_id').format(
                         sql.Identifier(group.storage_table), sql.Identifier(group.files_table),
-                        last=sql.SQL(last_checked_sql('s', 'c')),
-                        check=sql.SQL(last_check_join(group, 's', 'c', has_log))),
+                        last=sql.SQL(_last_checked_sql('s', 'c')),
+                        check=sql.SQL(_last_check_join(group, 's', 'c', has_log))),
                         (storage_id,))
                 on_disk = sql.SQL(' UNION ').join(
                     sql.SQL('SELECT f.deployment_id FROM {} s JOIN {} f ON f.file_id = s.file_id WHERE s.storage_id = {}')
@@ -7197,7 +7203,7 @@ def _write_report_md(conn, backend: LocalBackend, settings: Settings, made: dt.d
               '    sqlite3 archive_index.db "SELECT min(checked_at) FROM files_image"          # the oldest last check',
               '    sqlite3 archive_index.db "SELECT object_name FROM files_image WHERE outcome IN '
               "('missing', 'corrupt')\"", '']
-    write_text_file(backend.root / 'REPORT.md', '\n'.join(lines))
+    _write_text_file(backend.root / 'REPORT.md', '\n'.join(lines))
 
 
 # =================================================================================================
@@ -7207,7 +7213,7 @@ def _write_report_md(conn, backend: LocalBackend, settings: Settings, made: dt.d
 # Everything the tool prints is printed here: results on stdout, messages on stderr (through
 # the logger's handler, which keeps the progress bar intact).
 
-def format_summary(report: RunReport) -> str:
+def _format_summary(report: RunReport) -> str:
     seconds = max(report.seconds, 1e-9)
     lines = [f'{report.command} {report.title}']
     parts = [f'{n} {outcome}' for outcome, n in sorted(report.counts.items()) if n]
@@ -7239,11 +7245,11 @@ def format_summary(report: RunReport) -> str:
     return '\n'.join(lines)
 
 
-def n_copies(n: int) -> str:
+def _n_copies(n: int) -> str:
     return f'{n:,} {"copy" if n == 1 else "copies"}'
 
 
-def format_verify_report(report: VerifyReport) -> str:
+def _format_verify_report(report: VerifyReport) -> str:
     lines = [f'verify {report.title}']
     found = report.found
     sound = report.count('sound')
@@ -7269,12 +7275,13 @@ def format_verify_report(report: VerifyReport) -> str:
                          'in flight were finished and logged')
         if report.not_checked_within is not None:
             within = f'{report.not_checked_within:g} days'
-            lines.append(f'  {n_copies(report.remaining)} {"remains" if report.remaining == 1 else "remain"} due (not '
+            lines.append(f'  {_n_copies(report.remaining)} {"remains" if report.remaining == 1 else "remain"} due (not '
                          f'checked within {within}): run the same command again to go on' if report.remaining else
                          f'  no copies remain due: all were checked within {within}')
         elif report.remaining:
-            lines.append(f'  {n_copies(report.remaining)} {"was" if report.remaining == 1 else "were"} not reached by this '
-                         'slice: the next one starts with them (least recently checked first)')
+            were = 'was' if report.remaining == 1 else 'were'
+            lines.append(f'  {_n_copies(report.remaining)} {were} not reached by this slice: the next one starts '
+                         'with them (least recently checked first)')
         else:
             lines.append('  every copy selected was checked')
     for note in report.notes:
@@ -7302,7 +7309,7 @@ def format_verify_report(report: VerifyReport) -> str:
     return '\n'.join(lines)
 
 
-def print_plan(plan: Plan) -> RunReport:
+def _print_plan(plan: Plan) -> RunReport:
     report = RunReport(plan.command, plan.title)
     print(f'dry run: would {plan.command} {plan.title}')
     with plan:
@@ -7317,7 +7324,7 @@ def print_plan(plan: Plan) -> RunReport:
     return report
 
 
-def print_recall_plan(report: ExportReport) -> None:
+def _print_recall_plan(report: ExportReport) -> None:
     if report.manifest and report.manifest.exists():
         print(f'  check the folder without the database: cd {report.directory} && sha256sum -c {EXPORT_MANIFEST}')
     if report.recall:
@@ -7327,7 +7334,7 @@ def print_recall_plan(report: ExportReport) -> None:
         print('then run the same command again')
 
 
-def print_backends(listing: list[dict]) -> None:
+def _print_backends(listing: list[dict]) -> None:
     if not listing:
         print('no storage backends yet: add one with `create`')
         return
@@ -7350,7 +7357,7 @@ def print_backends(listing: list[dict]) -> None:
             print(f"      mounted at {entry['mounted_at']}, not at its recorded path")
 
 
-def print_due(listing: list[dict], every_days: float) -> None:
+def _print_due(listing: list[dict], every_days: float) -> None:
     if not listing:
         print('no storage backends yet: add one with `create`')
         return
@@ -7372,18 +7379,18 @@ def print_due(listing: list[dict], every_days: float) -> None:
     due = [e for e in listing if e['due']]
     for e in due:
         offline = e['type'] == 'local' and not e.get('online')
-        print(f"  backend {e['storage_id']}{' (' + e['notes'] + ')' if e['notes'] else ''}: {n_copies(e['due'])} due"
+        print(f"  backend {e['storage_id']}{' (' + e['notes'] + ')' if e['notes'] else ''}: {_n_copies(e['due'])} due"
               + (': mount it, then' if offline else ':') + f" verify {e['storage_id']} --not-checked-within "
               f'{every_days:g} [--max-time MIN]')
     for e in listing:
         if e['damaged']:
-            print(f"  backend {e['storage_id']}: {n_copies(e['damaged'])} found missing or corrupt by their last "
+            print(f"  backend {e['storage_id']}: {_n_copies(e['damaged'])} found missing or corrupt by their last "
                   f"check, counting for nothing: verify {e['storage_id']} --fix, then copy them back")
     if not due:
         print(f'  no copies are due: every copy was checked within {every_days:g} days')
 
 
-def print_batches(batches: dict, as_json: bool) -> None:
+def _print_batches(batches: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps([{'id': b.id, 'group': b.group, 'description': b.description} for b in batches.values()],
                          indent=2))
@@ -7394,7 +7401,7 @@ def print_batches(batches: dict, as_json: bool) -> None:
         print(f'{batch.id.ljust(width)}  {batch.group.ljust(5)}  {batch.description}')
 
 
-def print_disk_report(result: DiskReport) -> None:
+def _print_disk_report(result: _DiskReport) -> None:
     for path in result.written:
         print(f'wrote {path}')
     print(f'  {result.originals:,} originals in the manifest ({human_bytes(result.original_bytes)}); check them '
@@ -7409,17 +7416,17 @@ def _day(value: dt.datetime | None) -> str:
     return value.astimezone(dt.timezone.utc).strftime('%Y-%m-%d') if value else '–'
 
 
-def coverage_key_text(row: CoverageRow) -> str:
+def _coverage_key_text(row: _CoverageRow) -> str:
     if row.key is None:
         return 'all' if row.label == 'all' else '(none)'
     return f'{row.key} {row.label}' if row.label else str(row.key)
 
 
-def copies_text(copies: int) -> str:
+def _copies_text(copies: int) -> str:
     return f"{copies} sound cop{'y' if copies == 1 else 'ies'}"
 
 
-def where_text(place: dict) -> str:
+def _where_text(place: dict) -> str:
     """One copy of an at-risk file: `backend 3 "Archive 07" (original, corrupt)`."""
     label = f' "{place["label"]}"' if place['label'] else ''
     state = ''
@@ -7428,7 +7435,7 @@ def where_text(place: dict) -> str:
     return f"backend {place['storage_id']}{label} ({place['version']}{state})"
 
 
-def print_coverage(report: CoverageReport) -> None:
+def _print_coverage(report: _CoverageReport) -> None:
     what = f"batch '{report.batch}'" if report.batch else 'every file of both groups'
     print(f'coverage of {what}, by {report.by}: files counted by the backends that hold a sound copy of their '
           'original (the original or its gzip, not found missing or corrupt by its last check)')
@@ -7440,7 +7447,7 @@ def print_coverage(report: CoverageReport) -> None:
         group_rows = [r for r in report.rows if r.group == group]
         totals = [r for r in report.totals if r.group == group]
         for row in group_rows + ([] if (overlapping and group_rows) else totals):
-            lines.append((row.group, coverage_key_text(row), f'{row.files:,}', human_bytes(row.bytes),
+            lines.append((row.group, _coverage_key_text(row), f'{row.files:,}', human_bytes(row.bytes),
                           *(f'{row.copies[k]:,}' for k in COPY_BUCKETS), f'{row.online:,}', f'{row.offline_only:,}',
                           f'{row.never_checked:,}', f'{row.damaged:,}', _day(row.oldest_check)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -7465,15 +7472,15 @@ def print_coverage(report: CoverageReport) -> None:
     if report.at_risk is not None:
         below = report.at_risk_below
         if not report.at_risk:
-            print(f'at risk: none; every file has at least {copies_text(below)}')
+            print(f'at risk: none; every file has at least {_copies_text(below)}')
         else:
-            print(f'at risk: {len(report.at_risk):,} files with fewer than {copies_text(below)} of the original:')
+            print(f'at risk: {len(report.at_risk):,} files with fewer than {_copies_text(below)} of the original:')
             for entry in report.at_risk:
-                where = '; '.join(where_text(place) for place in entry.where) or 'no copy recorded anywhere'
-                print(f'  {entry.group} {entry.file_id} {entry.object_name}: {copies_text(entry.copies)}; {where}')
+                where = '; '.join(_where_text(place) for place in entry.where) or 'no copy recorded anywhere'
+                print(f'  {entry.group} {entry.file_id} {entry.object_name}: {_copies_text(entry.copies)}; {where}')
 
 
-def print_whereis(found: Whereabouts) -> None:
+def _print_whereis(found: _Whereabouts) -> None:
     f = found.file
     print(f"{f['group']} {f['file_id']} {f['object_name']}: {human_bytes(f['file_size'])}, sha256 {f['sha256']}")
     print(f"  taken {f['time'] or '?'} by node {f['node_label'] or '?'} (deployment {f['deployment_id']})")
@@ -7491,7 +7498,7 @@ def print_whereis(found: Whereabouts) -> None:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         for row in rows:
             print('  ' + '  '.join(cell.ljust(w) for cell, w in zip(row, widths)) + '  ' + row[-1])
-    print(f"  {copies_text(f['sound_copies'])} of the original"
+    print(f"  {_copies_text(f['sound_copies'])} of the original"
           + ('; online now' if f['online_original'] else '; none online now' if f['sound_copies'] else ''))
     if f['disks_to_mount']:
         print('  the original is offline only: mount ' + ' or '.join(
@@ -7538,7 +7545,7 @@ def _legend() -> str:
                                           for k in COPY_BUCKETS) + '</p>'
 
 
-def _group_cards(total: CoverageRow) -> str:
+def _group_cards(total: _CoverageRow) -> str:
     cards = [(f'{total.files:,}', f'{total.group} files, {human_bytes(total.bytes)}', '#1f3a4d')]
     cards += [(f'{total.copies[k]:,}', COPY_WORDS[k], COPY_COLOURS[k]) for k in COPY_BUCKETS]
     cards += [(f'{total.online:,}', 'original online (S3)', '#90a4ae'),
@@ -7550,7 +7557,7 @@ def _group_cards(total: CoverageRow) -> str:
         f'data-card="{_e(text)}">{_e(value)}</b><span>{_e(text)}</span></div>' for value, text, colour in cards) + '</div>'
 
 
-def _share_bar(row: CoverageRow, width: int = 1000, height: int = 26) -> str:
+def _share_bar(row: _CoverageRow, width: int = 1000, height: int = 26) -> str:
     """One stacked bar: the row's files by copies, left to right from 0 to 3+."""
     parts, x = [], 0.0
     for k in COPY_BUCKETS:
@@ -7576,7 +7583,7 @@ def _months_between(first: str, last: str) -> list[str]:
     return months
 
 
-def _heatmap(grid: CoverageReport, limit: int = 200) -> str:
+def _heatmap(grid: _CoverageReport, limit: int = 200) -> str:
     """Deployments (rows) by months (columns), each cell its files by copies, stacked: the holes
     of single copies show as orange and red; the deployments with the most holes come first."""
     cells = {}
@@ -7595,7 +7602,7 @@ def _heatmap(grid: CoverageReport, limit: int = 200) -> str:
     groups = list(GROUPS)
 
     def worst(key) -> tuple:
-        counts = collections_sum(cells[key].values())
+        counts = _collections_sum(cells[key].values())
         return (groups.index(key[0]), -counts['0'], -counts['1'], key[1] if key[1] is not None else -1)
     ordered = sorted(cells, key=worst)
     shown, hidden = ordered[:limit], ordered[limit:]
@@ -7615,7 +7622,7 @@ def _heatmap(grid: CoverageReport, limit: int = 200) -> str:
         group, deployment = key
         name = f'{group} {deployment if deployment is not None else "?"} {labels[key] or ""}'.strip()
         parts.append(f'<text x="0" y="{y + 14}">{_e(name[:30])}</text>')
-        counts = collections_sum(cells[key].values())
+        counts = _collections_sum(cells[key].values())
         files = sum(counts.values())
         risky = ', '.join(f'{counts[k]:,} {COPY_WORDS[k]}' for k in ('0', '1') if counts[k])
         parts.append(f'<text x="{left + cell_w * len(months) + 8}" y="{y + 14}">{files:,} files'
@@ -7650,7 +7657,7 @@ def _heatmap(grid: CoverageReport, limit: int = 200) -> str:
             + ''.join(parts) + '</svg>' + note)
 
 
-def collections_sum(rows) -> dict:
+def _collections_sum(rows) -> dict:
     total = dict.fromkeys(COPY_BUCKETS, 0)
     for row in rows:
         for k in COPY_BUCKETS:
@@ -7658,7 +7665,7 @@ def collections_sum(rows) -> dict:
     return total
 
 
-def _tier_chart(tiers: CoverageReport, backends: dict) -> str:
+def _tier_chart(tiers: _CoverageReport, backends: dict) -> str:
     """Per tier, per backend: the sound originals it holds, its other versions, its damaged copies."""
     per_backend: dict[int, dict] = {}
     for row in tiers.rows:
@@ -7696,7 +7703,7 @@ def _tier_chart(tiers: CoverageReport, backends: dict) -> str:
     return legend + f'<svg width="{width}" height="{y}" viewBox="0 0 {width} {y}" role="img">' + ''.join(parts) + '</svg>'
 
 
-def _coverage_table(report: CoverageReport) -> str:
+def _coverage_table(report: _CoverageReport) -> str:
     fields = ('files', 'bytes', *COPY_BUCKETS, 'online', 'offline_only', 'never_checked', 'damaged', 'oldest_check')
     heads = ('files', 'bytes', '0 copies', '1', '2', '3+', 'online', 'offline only', 'never checked', 'damaged',
              'oldest check')
@@ -7723,7 +7730,7 @@ def _coverage_table(report: CoverageReport) -> str:
                     value = getattr(row, field)
                     shown, css = f'{value:,}', ''
                 cells.append(f'<td data-field="{field}" data-value="{_e(value)}"{css}>{_e(shown)}</td>')
-            label = coverage_key_text(row)
+            label = _coverage_key_text(row)
             lines.append(f'<tr class="{"total" if is_total else "row"}" data-group="{_e(row.group)}" '
                          f'data-key="{_e(key)}"><td class="k">{_e(row.group)}</td><td class="k">{_e(label)}</td>'
                          + ''.join(cells) + '</tr>')
@@ -7750,22 +7757,22 @@ def _due_table(due: list, every_days: int) -> str:
     return '\n'.join(lines)
 
 
-def _at_risk_list(report: CoverageReport, limit: int = 500) -> str:
+def _at_risk_list(report: _CoverageReport, limit: int = 500) -> str:
     if report.at_risk is None:
         return ''
     if not report.at_risk:
-        return (f'<section><h2>At risk</h2><p class="ok">No file has fewer than {copies_text(report.at_risk_below)} '
+        return (f'<section><h2>At risk</h2><p class="ok">No file has fewer than {_copies_text(report.at_risk_below)} '
                 'of its original.</p></section>')
-    items = ''.join(f'<li><code>{_e(a.group)} {a.file_id} {_e(a.object_name)}</code>: {copies_text(a.copies)}; '
-                    f'{_e("; ".join(where_text(p) for p in a.where) or "no copy recorded anywhere")}</li>'
+    items = ''.join(f'<li><code>{_e(a.group)} {a.file_id} {_e(a.object_name)}</code>: {_copies_text(a.copies)}; '
+                    f'{_e("; ".join(_where_text(p) for p in a.where) or "no copy recorded anywhere")}</li>'
                     for a in report.at_risk[:limit])
     more = f'<p class="note">… and {len(report.at_risk) - limit:,} more (see `coverage --at-risk`).</p>' \
         if len(report.at_risk) > limit else ''
     return (f'<section><h2>At risk: {len(report.at_risk):,} files with fewer than '
-            f'{copies_text(report.at_risk_below)}</h2><ul>{items}</ul>{more}</section>')
+            f'{_copies_text(report.at_risk_below)}</h2><ul>{items}</ul>{more}</section>')
 
 
-def coverage_page(settings: Settings, report: CoverageReport, grid: CoverageReport, tiers: CoverageReport,
+def _coverage_page(settings: Settings, report: _CoverageReport, grid: _CoverageReport, tiers: _CoverageReport,
                   due: list, backends: dict, every_days: int = DUE_EVERY_DAYS) -> str:
     """The page `coverage --html` writes, from what the engine counted."""
     what = f"batch {report.batch}" if report.batch else 'every file of both groups'
@@ -7804,7 +7811,7 @@ days ago, or never: scrub them with <code>verify STORAGE</code>.</p>{_due_table(
 """
 
 
-def write_coverage_page(settings: Settings, report: CoverageReport, page: Path) -> None:
+def _write_coverage_page(settings: Settings, report: _CoverageReport, page: Path) -> None:
     """coverage --html: the page, from the report and three more counts (deployment by month,
     per backend, due a check), written atomically."""
     conn = connect_catalog(settings)
@@ -7816,12 +7823,12 @@ def write_coverage_page(settings: Settings, report: CoverageReport, page: Path) 
     finally:
         conn.close()
     try:
-        write_text_file(page, coverage_page(settings, report, grid, tiers, due, backends))
+        _write_text_file(page, _coverage_page(settings, report, grid, tiers, due, backends))
     except OSError as exc:
         raise ConfigError(f'--html {page}: cannot write it: {exc.strerror or exc}') from None
 
 
-class TqdmProgress(Progress):
+class _TqdmProgress(Progress):
     """The progress bar (bytes, files, rate, time left) on stderr, on a terminal only."""
 
     def __init__(self):
@@ -7847,7 +7854,7 @@ class TqdmProgress(Progress):
         self.bar.close()
 
 
-class MessageHandler(logging.Handler):
+class _MessageHandler(logging.Handler):
     """The logger's messages on stderr, above the progress bar: notices as 'note: …', warnings
     and errors as they are ('FAILED name: reason', 'stopping: …')."""
 
@@ -7893,7 +7900,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f'{self.prog}: error: {message}\n')
 
 
-def non_negative_int(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -7903,7 +7910,7 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def non_negative_number(text: str) -> float:
+def _non_negative_number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -7913,21 +7920,21 @@ def non_negative_number(text: str) -> float:
     return value
 
 
-def positive_number(text: str) -> float:
-    value = non_negative_number(text)
+def _positive_number(text: str) -> float:
+    value = _non_negative_number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"'{text}' must be more than 0")
     return value
 
 
-def positive_int(text: str) -> int:
-    value = non_negative_int(text)
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
     return value
 
 
-def storage_ids(text: str) -> list[int]:
+def _storage_ids(text: str) -> list[int]:
     try:
         ids = [int(part) for part in text.split(',') if part.strip()]
     except ValueError:
@@ -7937,7 +7944,7 @@ def storage_ids(text: str) -> list[int]:
     return ids
 
 
-def build_parser() -> ArgumentParser:
+def _build_parser() -> ArgumentParser:
     """The command line: one subparser per command, each naming the function that runs it
     (`set_defaults(func=…)`); the options copy, archive and restore share come from one parent."""
     # prog: as it was called, `mitwelten_storage.py` from a clone, `mitwelten-storage` installed
@@ -7962,10 +7969,11 @@ def build_parser() -> ArgumentParser:
     # disks are, and the storage service.
     batch_run = ArgumentParser(add_help=False)
     batch_run.add_argument('batch', help='batch id from the batches file (see `info --batches`)')
-    batch_run.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+    batch_run.add_argument('--jobs', type=_positive_int, default=DEFAULT_JOBS, metavar='N',
                            help=f'parallel transfers (default {DEFAULT_JOBS})')
-    batch_run.add_argument('--dry-run', action='store_true', help='say what would be done, file by file; change nothing')
-    batch_run.add_argument('--limit', type=non_negative_int, metavar='N', help='do at most N files')
+    batch_run.add_argument('--dry-run', action='store_true',
+                           help='say what would be done, file by file; change nothing')
+    batch_run.add_argument('--limit', type=_non_negative_int, metavar='N', help='do at most N files')
     batch_run.add_argument('--source-path', metavar='P', help='where the source disk is mounted, if not at its '
                                                               'recorded path')
     batch_run.add_argument('--target-path', metavar='P', help='where the target disk is mounted, if not at its '
@@ -7973,11 +7981,11 @@ def build_parser() -> ArgumentParser:
     batch_run.add_argument('--via', metavar='URL', help='through the storage service at URL: no S3 keys needed '
                                                         '(token: $MITWELTEN_TOKEN or $MITWELTEN_TOKEN_FILE)')
 
-    command('init-db', cmd_init_db, 'create the catalog schema and tables (idempotent)')
+    command('init-db', _cmd_init_db, 'create the catalog schema and tables (idempotent)')
 
-    create = command('create', cmd_create, 'register a new backend: a local disk or an S3 bucket',
+    create = command('create', _cmd_create, 'register a new backend: a local disk or an S3 bucket',
                      examples='examples:\n  create -t local -p 2 -n "Archive 07" /media/archive07\n'
-                              '  create -t s3 -p 0 -n "active" http://minio:9000/mitwelten\n\n' + priority_table())
+                              '  create -t s3 -p 0 -n "active" http://minio:9000/mitwelten\n\n' + _priority_table())
     create.add_argument('-t', '--type', choices=('local', 's3'), required=True)
     create.add_argument('-p', '--priority', type=int, required=True,
                         help='the tier (see below): S3 0 or 1; a local disk 2, or above for a tier of your own')
@@ -7986,27 +7994,27 @@ def build_parser() -> ArgumentParser:
     create.add_argument('location', metavar='PATH|URL',
                         help='local: the folder where the disk is mounted; s3: http[s]://HOST[:PORT]/BUCKET[/PREFIX]')
 
-    info = command('info', cmd_info, 'list the backends (or, with --batches, the batches)')
+    info = command('info', _cmd_info, 'list the backends (or, with --batches, the batches)')
     info.add_argument('--batches', action='store_true',
                       help='list the batches defined in the batches file (and say on stderr which file)')
     info.add_argument('--json', action='store_true', help='print JSON instead of a table')
     info.add_argument('--due', action='store_true',
                       help='per backend: copies due a check (last checked more than --every days ago, or never), '
                            'the oldest last check, and since when the backend has been checked in full')
-    info.add_argument('--every', type=positive_number, metavar='DAYS',
+    info.add_argument('--every', type=_positive_number, metavar='DAYS',
                       help=f'with --due: how often every copy should be checked (default {DEFAULT_CHECK_EVERY_DAYS:g})')
 
-    copy = command('copy', cmd_copy, 'copy a batch of files from one backend to another', parents=(batch_run,),
+    copy = command('copy', _cmd_copy, 'copy a batch of files from one backend to another', parents=(batch_run,),
                    examples='examples:\n  copy -s 1 -t 3 all_images --dry-run\n  copy -s 1 -t 3 fs1_images --jobs 16\n'
                             '  copy -s 3 -t 4 all_images --source-path /Volumes/archive07\n'
-                            '  copy -s 1 -t 2 all_images --type 2\n\n' + version_table())
+                            '  copy -s 1 -t 2 all_images --type 2\n\n' + _version_table())
     copy.add_argument('-s', '--source', type=int, required=True, metavar='ID', help='source storage id')
     copy.add_argument('-t', '--target', type=int, required=True, metavar='ID', help='target storage id')
-    copy.add_argument('--type', type=non_negative_int, default=0, dest='version_type', metavar='N',
+    copy.add_argument('--type', type=_non_negative_int, default=0, dest='version_type', metavar='N',
                       help='version to copy (default 0, the original; see below)')
 
     archive = command(
-        'archive', cmd_archive, 'archive originals from the active tier and replace them there with a version '
+        'archive', _cmd_archive, 'archive originals from the active tier and replace them there with a version '
                                 '(or delete them)', parents=(batch_run,),
         description='For every file of the batch whose original ACTIVE holds: read it once and check it, write '
                     'it to ARCHIVE and record it, then put version N in its place at ACTIVE (--replace-with N) '
@@ -8016,22 +8024,22 @@ def build_parser() -> ArgumentParser:
                     'from the checked original if it is missing or damaged).',
         examples='examples:\n  archive -s 1 -t 3 fs1_images --replace-with 1\n'
                  '  archive -s 1 -t 3 fs1_audio --replace-with 1 --min-copies 2\n'
-                 '  archive -s 2 -t 3 all_images --delete-original --dry-run\n\n' + version_table())
+                 '  archive -s 2 -t 3 all_images --delete-original --dry-run\n\n' + _version_table())
     archive.add_argument('-s', '--source', type=int, required=True, metavar='ACTIVE', help='active storage id')
     archive.add_argument('-t', '--target', type=int, required=True, metavar='ARCHIVE', help='archive storage id')
     then = archive.add_mutually_exclusive_group(required=True)
-    then.add_argument('--replace-with', type=non_negative_int, metavar='N',
+    then.add_argument('--replace-with', type=_non_negative_int, metavar='N',
                       help='put version N in place of the original at ACTIVE')
     then.add_argument('--delete-original', action='store_true', help='delete the original at ACTIVE')
-    archive.add_argument('--min-copies', type=positive_int, default=1, metavar='N',
+    archive.add_argument('--min-copies', type=_positive_int, default=1, metavar='N',
                          help='sound originals that must be recorded on other backends (default 1), the archive '
                               'copy (proven at the release) included')
-    archive.add_argument('--verified-within', type=positive_number, metavar='DAYS', dest='verified_within',
+    archive.add_argument('--verified-within', type=_positive_number, metavar='DAYS', dest='verified_within',
                          help='count the copies on other backends than ARCHIVE only where their last check passed '
                               'within DAYS days')
 
     verify = command(
-        'verify', cmd_verify, 'check the files the catalog records on a backend',
+        'verify', _cmd_verify, 'check the files the catalog records on a backend',
         description='Checks every file the catalog records on STORAGE (in BATCH, if given): there, and sound '
                     '(originals hash to the catalog sha256, gzip versions decompress to it, WebP and FLAC versions '
                     'decode). Lists what is missing or corrupt and, on a disk, files the catalog does not know.',
@@ -8046,17 +8054,17 @@ def build_parser() -> ArgumentParser:
                         help='remove the catalog rows of missing and corrupt files (never a file), so `copy` puts '
                              'them back')
     verify.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
-    verify.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+    verify.add_argument('--jobs', type=_positive_int, default=DEFAULT_JOBS, metavar='N',
                         help=f'files checked in parallel (default {DEFAULT_JOBS})')
-    verify.add_argument('--not-checked-within', type=non_negative_number, metavar='DAYS',
+    verify.add_argument('--not-checked-within', type=_non_negative_number, metavar='DAYS',
                         help='check only the copies whose last check is older than DAYS (or missing)')
-    verify.add_argument('--max-files', type=positive_int, metavar='N',
+    verify.add_argument('--max-files', type=_positive_int, metavar='N',
                         help='a slice of a scrub: check at most N copies, the least recently checked first')
-    verify.add_argument('--max-time', type=positive_number, metavar='MIN',
+    verify.add_argument('--max-time', type=_positive_number, metavar='MIN',
                         help='a slice of a scrub: start no new check after MIN minutes (those in flight finish)')
 
     restore = command(
-        'restore', cmd_restore, 'bring originals back from an archive to the active tier (archive backwards)',
+        'restore', _cmd_restore, 'bring originals back from an archive to the active tier (archive backwards)',
         parents=(batch_run,),
         description='For every file of the batch whose original ARCHIVE holds soundly (the original, or gzip of it) '
                     'and ACTIVE holds only as a version (or not at all): read it from ARCHIVE and check it, write it '
@@ -8069,7 +8077,7 @@ def build_parser() -> ArgumentParser:
     restore.add_argument('-t', '--target', type=int, required=True, metavar='ACTIVE', help='active storage id')
 
     export = command(
-        'export', cmd_export, "copy a batch's originals into a plain folder (a working copy), with a recall plan",
+        'export', _cmd_export, "copy a batch's originals into a plain folder (a working copy), with a recall plan",
         description='Copies the originals (or version --type N) of the batch into DIR, a plain folder, each checked, '
                     'with manifest-sha256.txt (`sha256sum -c` from DIR). Each file is read from the most accessible '
                     'backend that holds it soundly: S3 tiers by priority, then disks that are mounted. Files held '
@@ -8079,16 +8087,16 @@ def build_parser() -> ArgumentParser:
                  '  export fs1_images --to ~/work/fs1 --from 3,7')
     export.add_argument('batch', help='batch id from the batches file (see `info --batches`)')
     export.add_argument('--to', required=True, metavar='DIR', help='the folder to write into (made if missing)')
-    export.add_argument('--type', type=non_negative_int, default=0, dest='version_type', metavar='N',
+    export.add_argument('--type', type=_non_negative_int, default=0, dest='version_type', metavar='N',
                         help='version to export (default 0, the original)')
-    export.add_argument('--from', dest='from_ids', type=storage_ids, metavar='S,…',
+    export.add_argument('--from', dest='from_ids', type=_storage_ids, metavar='S,…',
                         help='read only from these backends, in this order')
-    export.add_argument('--jobs', type=positive_int, default=DEFAULT_JOBS, metavar='N',
+    export.add_argument('--jobs', type=_positive_int, default=DEFAULT_JOBS, metavar='N',
                         help=f'parallel transfers (default {DEFAULT_JOBS})')
     export.add_argument('--dry-run', action='store_true', help='say where each file would be read from; write nothing')
 
     report = command(
-        'report', cmd_report, 'write REPORT.md, a sha256 manifest and a SQLite index onto a disk',
+        'report', _cmd_report, 'write REPORT.md, a sha256 manifest and a SQLite index onto a disk',
         description='Writes onto a local disk what makes it readable without the database: REPORT.md, '
                     'manifest-sha256.txt (for `sha256sum -c` from the disk\'s root) and archive_index.db (SQLite).',
         examples='example:\n  report 3\n  cd /media/archive07 && sha256sum -c manifest-sha256.txt')
@@ -8096,7 +8104,7 @@ def build_parser() -> ArgumentParser:
     report.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
 
     coverage_ = command(
-        'coverage', cmd_coverage, 'is every original safe? files counted by their sound copies',
+        'coverage', _cmd_coverage, 'is every original safe? files counted by their sound copies',
         description='Counts the files of BATCH (every file of both groups without one), grouped --by a dimension, '
                     'by the number of backends that hold a sound copy of their original: the original or its gzip, '
                     'not found missing or corrupt by its last check. Exit 0; with --at-risk, exit 1 when some file '
@@ -8106,7 +8114,7 @@ def build_parser() -> ArgumentParser:
     coverage_.add_argument('batch', nargs='?', help='only the files of this batch')
     coverage_.add_argument('--by', choices=COVERAGE_DIMENSIONS, default='deployment',
                            help='the rows: one per batch, deployment (default), node, tag, month or backend')
-    coverage_.add_argument('--at-risk', type=positive_int, nargs='?', const=DEFAULT_AT_RISK, metavar='N',
+    coverage_.add_argument('--at-risk', type=_positive_int, nargs='?', const=DEFAULT_AT_RISK, metavar='N',
                            help=f'list the files with fewer than N sound copies (default {DEFAULT_AT_RISK}), and where '
                                 'their copies are; exit 1 when there are any')
     coverage_.add_argument('--json', action='store_true', help='print JSON instead of a table')
@@ -8115,7 +8123,7 @@ def build_parser() -> ArgumentParser:
                                                           'due a check)')
 
     whereis = command(
-        'whereis', cmd_whereis, 'every copy of one file: where, which version, online now, last checked',
+        'whereis', _cmd_whereis, 'every copy of one file: where, which version, online now, last checked',
         examples='examples:\n  whereis image 1234\n'
                  '  whereis audio 4258-6870/2021-07-27/05/4258-6870_2021-07-27T05-00-00Z.wav')
     whereis.add_argument('group', choices=tuple(GROUPS), help='image or audio (their file ids overlap)')
@@ -8124,42 +8132,43 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def version_table() -> str:
+def _version_table() -> str:
     """The versions, for --help: from VERSIONS, the one table of them."""
     lines = ['versions (--type, --replace-with):']
     for group in GROUPS:
-        lines.append(f'  {group}: ' + ', '.join(f'{t} {v.label}' for (g, t), v in sorted(VERSIONS.items()) if g == group))
+        lines.append(f'  {group}: ' + ', '.join(f'{t} {v.label}' for (g, t), v in sorted(VERSIONS.items())
+                                                 if g == group))
     return '\n'.join(lines)
 
 
-def priority_table() -> str:
+def _priority_table() -> str:
     """The tiers, for --help: from PRIORITY_TIERS."""
     return 'priorities:\n' + '\n'.join(f'  {number}  {tier}' for number, tier in PRIORITY_TIERS.items())
 
 
 # --- the commands: each runs an operation and prints what it returned ------------------------------
 
-def run_options(args, **extra) -> RunOptions:
-    return RunOptions(jobs=args.jobs, progress=TqdmProgress(), handle_signals=True, **extra)
+def _run_options(args, **extra) -> RunOptions:
+    return RunOptions(jobs=args.jobs, progress=_TqdmProgress(), handle_signals=True, **extra)
 
 
-def batch_run_options(args) -> RunOptions:
-    return run_options(args, limit=args.limit, source_path=args.source_path, target_path=args.target_path,
+def _batch_run_options(args) -> RunOptions:
+    return _run_options(args, limit=args.limit, source_path=args.source_path, target_path=args.target_path,
                        via=args.via)
 
 
-def summed_up(report: RunReport) -> int:
-    print(format_summary(report))
+def _summed_up(report: RunReport) -> int:
+    print(_format_summary(report))
     return report.exit_status
 
 
-def cmd_init_db(args, settings: Settings) -> int:
+def _cmd_init_db(args, settings: Settings) -> int:
     ready = init_db(settings)
     print(f"catalog schema '{ready.schema}' is ready in {ready.where} ({ready.tables} tables)")
     return EXIT_OK
 
 
-def cmd_create(args, settings: Settings) -> int:
+def _cmd_create(args, settings: Settings) -> int:
     create = create_local_backend if args.type == 'local' else create_s3_backend
     backend_row = create(settings, args.location, args.priority, args.notes)
     print(f'created storage backend {backend_row.storage_id}: {backend_row.type} {backend_row.url_prefix} '
@@ -8167,65 +8176,65 @@ def cmd_create(args, settings: Settings) -> int:
     return EXIT_OK
 
 
-def cmd_info(args, settings: Settings) -> int:
+def _cmd_info(args, settings: Settings) -> int:
     if args.batches and (args.due or args.every):
         raise ConfigError('--batches and --due are separate listings: ask for one at a time')
     if args.batches:
         batches = load_batches()
         print('note: batches from {} ({})'.format(*batches_file()), file=sys.stderr)
-        print_batches(batches, args.json)
+        _print_batches(batches, args.json)
     elif args.due or args.every:
         every = args.every or DEFAULT_CHECK_EVERY_DAYS
         listing = due_checks(settings, every)
-        print(json.dumps(listing, indent=2)) if args.json else print_due(listing, every)
+        print(json.dumps(listing, indent=2)) if args.json else _print_due(listing, every)
     else:
         listing = list_backends(settings)
-        print(json.dumps(listing, indent=2)) if args.json else print_backends(listing)
+        print(json.dumps(listing, indent=2)) if args.json else _print_backends(listing)
     return EXIT_OK
 
 
-def cmd_copy(args, settings: Settings) -> int:
-    request = dict(version_type=args.version_type, options=batch_run_options(args))
+def _cmd_copy(args, settings: Settings) -> int:
+    request = dict(version_type=args.version_type, options=_batch_run_options(args))
     if args.dry_run:
-        return print_plan(plan_copy(settings, args.source, args.target, args.batch, **request)).exit_status
-    return summed_up(copy_batch(settings, args.source, args.target, args.batch, **request))
+        return _print_plan(plan_copy(settings, args.source, args.target, args.batch, **request)).exit_status
+    return _summed_up(copy_batch(settings, args.source, args.target, args.batch, **request))
 
 
-def cmd_archive(args, settings: Settings) -> int:
+def _cmd_archive(args, settings: Settings) -> int:
     request = dict(replace_with=args.replace_with, delete_originals=args.delete_original, min_copies=args.min_copies,
-                   verified_within_days=args.verified_within, options=batch_run_options(args))
+                   verified_within_days=args.verified_within, options=_batch_run_options(args))
     if args.dry_run:
-        return print_plan(plan_archive(settings, args.source, args.target, args.batch, **request)).exit_status
-    return summed_up(archive_batch(settings, args.source, args.target, args.batch, **request))
+        return _print_plan(plan_archive(settings, args.source, args.target, args.batch, **request)).exit_status
+    return _summed_up(archive_batch(settings, args.source, args.target, args.batch, **request))
 
 
-def cmd_restore(args, settings: Settings) -> int:
-    options = batch_run_options(args)
+def _cmd_restore(args, settings: Settings) -> int:
+    options = _batch_run_options(args)
     if args.dry_run:
-        return print_plan(plan_restore(settings, args.source, args.target, args.batch, options=options)).exit_status
-    return summed_up(restore_batch(settings, args.source, args.target, args.batch, options=options))
+        return _print_plan(plan_restore(settings, args.source, args.target, args.batch, options=options)).exit_status
+    return _summed_up(restore_batch(settings, args.source, args.target, args.batch, options=options))
 
 
-def cmd_export(args, settings: Settings) -> int:
-    request = dict(version_type=args.version_type, from_ids=args.from_ids, options=run_options(args))
+def _cmd_export(args, settings: Settings) -> int:
+    request = dict(version_type=args.version_type, from_ids=args.from_ids, options=_run_options(args))
     if args.dry_run:
-        return print_plan(plan_export(settings, args.batch, args.to, **request)).exit_status
+        return _print_plan(plan_export(settings, args.batch, args.to, **request)).exit_status
     report = export_batch(settings, args.batch, args.to, **request)
-    print(format_summary(report))
-    print_recall_plan(report)
+    print(_format_summary(report))
+    _print_recall_plan(report)
     return report.exit_status
 
 
-def cmd_verify(args, settings: Settings) -> int:
+def _cmd_verify(args, settings: Settings) -> int:
     report = verify_backend(settings, args.storage, args.batch, fix=args.fix, path=args.path,
-                            options=run_options(args), not_checked_within=args.not_checked_within,
+                            options=_run_options(args), not_checked_within=args.not_checked_within,
                             max_files=args.max_files, max_minutes=args.max_time)
-    print(format_verify_report(report))
+    print(_format_verify_report(report))
     return report.exit_status
 
 
-def cmd_report(args, settings: Settings) -> int:
-    print_disk_report(write_report(settings, args.storage, path=args.path))
+def _cmd_report(args, settings: Settings) -> int:
+    _print_disk_report(write_report(settings, args.storage, path=args.path))
     return EXIT_OK
 
 
@@ -8234,15 +8243,15 @@ def cmd_report(args, settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command line, in-process: the exit status. Leaves the logger and the batches file as
     it found them, so a caller (the tests) can call it again."""
-    args = build_parser().parse_args(argv)
-    with messages_on_stderr(), batches_from(args.batches_file):
-        return exit_status_of(lambda: args.func(args, Settings.from_env(args.db, args.schema)))
+    args = _build_parser().parse_args(argv)
+    with _messages_on_stderr(), _batches_from(args.batches_file):
+        return _exit_status_of(lambda: args.func(args, Settings.from_env(args.db, args.schema)))
 
 
 @contextlib.contextmanager
-def messages_on_stderr():
+def _messages_on_stderr():
     """The logger's messages on stderr (above the progress bar) while a command runs."""
-    handler, before = MessageHandler(), (log.level, log.propagate)
+    handler, before = _MessageHandler(), (log.level, log.propagate)
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -8255,7 +8264,7 @@ def messages_on_stderr():
 
 
 @contextlib.contextmanager
-def batches_from(path: str | None):
+def _batches_from(path: str | None):
     """--batches FILE for the command's duration."""
     global BATCHES_FILE
     given, BATCHES_FILE = BATCHES_FILE, path or BATCHES_FILE
@@ -8265,7 +8274,7 @@ def batches_from(path: str | None):
         BATCHES_FILE = given
 
 
-def exit_status_of(command: Callable[[], int]) -> int:
+def _exit_status_of(command: Callable[[], int]) -> int:
     """Run the command; an error it raises is a message on stderr and an exit status (rule 6)."""
     try:
         FAULTS.check()
@@ -8288,26 +8297,26 @@ def exit_status_of(command: Callable[[], int]) -> int:
         return EXIT_FAILURES
 
 
-def cmd_whereis(args, settings: Settings) -> int:
+def _cmd_whereis(args, settings: Settings) -> int:
     try:
         found = where_is(settings, args.group, args.file)
     except NotFound as exc:
         raise ConfigError(str(exc)) from None
-    print(json.dumps(found.as_dict(), indent=2)) if args.json else print_whereis(found)
+    print(json.dumps(found.as_dict(), indent=2)) if args.json else _print_whereis(found)
     return EXIT_OK
 
 
-def cmd_coverage(args, settings: Settings) -> int:
+def _cmd_coverage(args, settings: Settings) -> int:
     page = Path(args.html).expanduser() if args.html else None
     if page is not None and not page.parent.is_dir():
         raise ConfigError(f'--html {args.html}: the folder {page.parent} does not exist')
     report = coverage(settings, args.batch, by=args.by, at_risk_below=args.at_risk)
     if page is not None:
-        write_coverage_page(settings, report, page)
+        _write_coverage_page(settings, report, page)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
-        print_coverage(report)
+        _print_coverage(report)
         if page is not None:
             print(f'wrote {page}')
     return EXIT_FAILURES if report.at_risk else EXIT_OK
