@@ -7981,6 +7981,14 @@ def _build_parser() -> ArgumentParser:
     batch_run.add_argument('--via', metavar='URL', help='through the storage service at URL: no S3 keys needed '
                                                         '(token: $MITWELTEN_TOKEN or $MITWELTEN_TOKEN_FILE)')
 
+    _add_setup_commands(command, batch_run)
+    _add_batch_commands(command, batch_run)
+    _add_checking_commands(command, batch_run)
+    return parser
+
+
+def _add_setup_commands(command: Callable, batch_run: ArgumentParser) -> None:
+    """The commands that set up and list: init-db, create, info."""
     command('init-db', _cmd_init_db, 'create the catalog schema and tables (idempotent)')
 
     create = command('create', _cmd_create, 'register a new backend: a local disk or an S3 bucket',
@@ -8004,6 +8012,9 @@ def _build_parser() -> ArgumentParser:
     info.add_argument('--every', type=_positive_number, metavar='DAYS',
                       help=f'with --due: how often every copy should be checked (default {DEFAULT_CHECK_EVERY_DAYS:g})')
 
+
+def _add_batch_commands(command: Callable, batch_run: ArgumentParser) -> None:
+    """The commands that move files in batches: copy, archive, restore, export."""
     copy = command('copy', _cmd_copy, 'copy a batch of files from one backend to another', parents=(batch_run,),
                    examples='examples:\n  copy -s 1 -t 3 all_images --dry-run\n  copy -s 1 -t 3 fs1_images --jobs 16\n'
                             '  copy -s 3 -t 4 all_images --source-path /Volumes/archive07\n'
@@ -8038,31 +8049,6 @@ def _build_parser() -> ArgumentParser:
                          help='count the copies on other backends than ARCHIVE only where their last check passed '
                               'within DAYS days')
 
-    verify = command(
-        'verify', _cmd_verify, 'check the files the catalog records on a backend',
-        description='Checks every file the catalog records on STORAGE (in BATCH, if given): there, and sound '
-                    '(originals hash to the catalog sha256, gzip versions decompress to it, WebP and FLAC versions '
-                    'decode). Lists what is missing or corrupt and, on a disk, files the catalog does not know.',
-        examples='examples:\n  verify 3\n  verify 3 fs1_images --path /Volumes/archive07\n  verify 3 --fix\n'
-                 '  verify 3 --not-checked-within 30 --max-time 240     # a nightly slice of a monthly scrub\n\n'
-                 'Every check is logged in the fixity log (storage_fixity). Copies are checked least recently checked '
-                 'first;\nwith --not-checked-within, --max-files or --max-time (a scrub) the disk is not walked for '
-                 'unknown files:\na full pass (no batch, none of these options) does that.')
-    verify.add_argument('storage', type=int, metavar='STORAGE', help='storage id')
-    verify.add_argument('batch', nargs='?', help='only the files of this batch')
-    verify.add_argument('--fix', action='store_true',
-                        help='remove the catalog rows of missing and corrupt files (never a file), so `copy` puts '
-                             'them back')
-    verify.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
-    verify.add_argument('--jobs', type=_positive_int, default=DEFAULT_JOBS, metavar='N',
-                        help=f'files checked in parallel (default {DEFAULT_JOBS})')
-    verify.add_argument('--not-checked-within', type=_non_negative_number, metavar='DAYS',
-                        help='check only the copies whose last check is older than DAYS (or missing)')
-    verify.add_argument('--max-files', type=_positive_int, metavar='N',
-                        help='a slice of a scrub: check at most N copies, the least recently checked first')
-    verify.add_argument('--max-time', type=_positive_number, metavar='MIN',
-                        help='a slice of a scrub: start no new check after MIN minutes (those in flight finish)')
-
     restore = command(
         'restore', _cmd_restore, 'bring originals back from an archive to the active tier (archive backwards)',
         parents=(batch_run,),
@@ -8094,6 +8080,34 @@ def _build_parser() -> ArgumentParser:
     export.add_argument('--jobs', type=_positive_int, default=DEFAULT_JOBS, metavar='N',
                         help=f'parallel transfers (default {DEFAULT_JOBS})')
     export.add_argument('--dry-run', action='store_true', help='say where each file would be read from; write nothing')
+
+
+def _add_checking_commands(command: Callable, batch_run: ArgumentParser) -> None:
+    """The commands that check and tell what is safe: verify, report, coverage, whereis."""
+    verify = command(
+        'verify', _cmd_verify, 'check the files the catalog records on a backend',
+        description='Checks every file the catalog records on STORAGE (in BATCH, if given): there, and sound '
+                    '(originals hash to the catalog sha256, gzip versions decompress to it, WebP and FLAC versions '
+                    'decode). Lists what is missing or corrupt and, on a disk, files the catalog does not know.',
+        examples='examples:\n  verify 3\n  verify 3 fs1_images --path /Volumes/archive07\n  verify 3 --fix\n'
+                 '  verify 3 --not-checked-within 30 --max-time 240     # a nightly slice of a monthly scrub\n\n'
+                 'Every check is logged in the fixity log (storage_fixity). Copies are checked least recently checked '
+                 'first;\nwith --not-checked-within, --max-files or --max-time (a scrub) the disk is not walked for '
+                 'unknown files:\na full pass (no batch, none of these options) does that.')
+    verify.add_argument('storage', type=int, metavar='STORAGE', help='storage id')
+    verify.add_argument('batch', nargs='?', help='only the files of this batch')
+    verify.add_argument('--fix', action='store_true',
+                        help='remove the catalog rows of missing and corrupt files (never a file), so `copy` puts '
+                             'them back')
+    verify.add_argument('--path', metavar='P', help='where the disk is mounted, if not at its recorded path')
+    verify.add_argument('--jobs', type=_positive_int, default=DEFAULT_JOBS, metavar='N',
+                        help=f'files checked in parallel (default {DEFAULT_JOBS})')
+    verify.add_argument('--not-checked-within', type=_non_negative_number, metavar='DAYS',
+                        help='check only the copies whose last check is older than DAYS (or missing)')
+    verify.add_argument('--max-files', type=_positive_int, metavar='N',
+                        help='a slice of a scrub: check at most N copies, the least recently checked first')
+    verify.add_argument('--max-time', type=_positive_number, metavar='MIN',
+                        help='a slice of a scrub: start no new check after MIN minutes (those in flight finish)')
 
     report = command(
         'report', _cmd_report, 'write REPORT.md, a sha256 manifest and a SQLite index onto a disk',
@@ -8129,7 +8143,6 @@ def _build_parser() -> ArgumentParser:
     whereis.add_argument('group', choices=tuple(GROUPS), help='image or audio (their file ids overlap)')
     whereis.add_argument('file', metavar='FILE_ID|OBJECT_NAME', help="the file's id or its object name")
     whereis.add_argument('--json', action='store_true', help='print JSON instead of text')
-    return parser
 
 
 def _version_table() -> str:
