@@ -4952,7 +4952,7 @@ def restore_original(conn, backends: BackendCache, group: str, file_id: int, chu
         with contextlib.suppress(psycopg2.Error):
             conn.rollback()
         raise
-    if old_type not in (None, 0):
+    if old_type not in (None, 0) and find_version(group, old_type).object_name(name) != name:
         backend.delete(find_version(group, old_type).object_name(name))
         crash_point('after-version-delete')
     _log_restored(conn, group, file_id, backend_row.storage_id, 'restored from the bytes sent, checked', agent)
@@ -5441,7 +5441,10 @@ class _RestoreJob(_BatchJob):
         self.active.tidy(name)
         step = _RestoreStep(file)
         if file.target_type not in (None, 0):
-            step.version_name = find_version(self.group, file.target_type).object_name(name)
+            version_name = find_version(self.group, file.target_type).object_name(name)
+            # A version under the original's own name (an original named *.webp) is overwritten
+            # by the original, never deleted after it.
+            step.version_name = version_name if version_name != name else None
         if self.active.adopts_found_files and _sound_copy_at(self.active, file, self.original):
             self.active.will_sync(name)       # a killed run wrote it; its rename may not be synced
             self.run.progress(file.file_size)
