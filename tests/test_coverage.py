@@ -442,8 +442,8 @@ def test_a_copy_verify_found_corrupt_no_longer_counts(world):
     data[100] ^= 0xFF
     damaged.write_bytes(bytes(data))
     assert world.verify(disk).exit_status == 1
-    if not world.query("SELECT 1 FROM storage_fixity WHERE event = 'verify' AND outcome = 'corrupt'"):
-        pytest.skip('verify does not append to the fixity log on this branch yet')
+    assert world.query("SELECT file_id FROM storage_fixity WHERE event = 'verify' AND outcome = 'corrupt'") == [
+        (files[1].file_id,)]
     after = coverage_json(types.SimpleNamespace(world=world), '--at-risk')
     assert sum(r['copies']['1'] for r in after['rows']) == 1 and sum(r['damaged'] for r in after['rows']) == 1
     assert [(e['file_id'], e['copies']) for e in after['at_risk']] == [(files[1].file_id, 1)]
