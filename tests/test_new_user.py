@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
 import shutil
 import signal
@@ -22,9 +21,9 @@ import psycopg2.errors
 import pytest
 
 import mitwelten_storage as ms
-from conftest import ROOT, files_under, new_world, wait_for
+from conftest import ROOT, files_under, wait_for
 from test_faults import (QUICK, assert_recorded_files_are_whole, assert_summary, copy_started, own_postgres,  # noqa: F401
-                         own_s3, pg_world, rerun_completes, s3_world, small_tmpfs, temp_files)
+                         own_s3, pg_world, rerun_completes, s3_world, small_tmpfs)
 
 
 def nothing_written(world, before_files: dict, before_rows: int) -> None:
