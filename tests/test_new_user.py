@@ -293,7 +293,7 @@ def test_a_run_that_decided_to_stop_abandons_work_in_flight_that_moves_nothing(t
 def test_a_frozen_server_with_many_jobs_ends_with_the_summary_and_records_nothing_unfinished(s3_world, own_s3):
     """Issue 16: READ_TIMEOUT=4, ATTEMPTS=2, --jobs 8. The run stops with its summary; a file
     whose transfer was abandoned has no row, and the run again completes. (Measured by hand: the
-    decision came 12.1 s after the freeze, the summary 2.5 s later; before, 24.3 s.)"""
+    run decided to stop 12.1 s after the freeze and ended at 14.2 s; before this, at 24.3 s.)"""
     world = s3_world
     source = world.create_s3_backend()
     target, disk = world.create_local_backend()
