@@ -4384,7 +4384,7 @@ def _check_priority(kind: str, priority: int) -> None:
     if priority < 0:
         raise ConfigError(f'priority {priority} is negative: priorities are {tiers}')
     if kind == 'local' and priority < ARCHIVE_PRIORITY:
-        raise ConfigError(f'priority {priority} is the tier of {PRIORITY_TIERS[priority]} buckets: a local disk is '
+        raise ConfigError(f'priority {priority} is a tier of S3 buckets ({PRIORITY_TIERS[priority]}): a local disk is '
                           f'an offline archive, priority {ARCHIVE_PRIORITY} (or above, for a tier of your own)')
     if kind == 's3' and priority >= ARCHIVE_PRIORITY:
         raise ConfigError(f'priority {priority} is for offline archive disks: an S3 bucket is an online tier, '

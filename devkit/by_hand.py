@@ -62,6 +62,7 @@ The catalog has schema prod; backend 1 is the bucket {svc.s3_endpoint}/mitwelten
   python mitwelten_storage.py report 2
   psql "$MITWELTEN_DB" -c 'SELECT * FROM prod.storage_backend'     # if you have psql
 ''', flush=True)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))    # `kill` stops the services too
         try:
             signal.pause()
         except KeyboardInterrupt:

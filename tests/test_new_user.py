@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
 import shutil
 import signal
@@ -22,9 +21,9 @@ import psycopg2.errors
 import pytest
 
 import mitwelten_storage as ms
-from conftest import ROOT, files_under, new_world, wait_for
+from conftest import ROOT, files_under, wait_for
 from test_faults import (QUICK, assert_recorded_files_are_whole, assert_summary, copy_started, own_postgres,  # noqa: F401
-                         own_s3, pg_world, rerun_completes, s3_world, small_tmpfs, temp_files)
+                         own_s3, pg_world, rerun_completes, s3_world, small_tmpfs)
 
 
 def nothing_written(world, before_files: dict, before_rows: int) -> None:
@@ -298,7 +297,7 @@ def test_a_run_that_decided_to_stop_abandons_work_in_flight_that_moves_nothing(t
 def test_a_frozen_server_with_many_jobs_ends_with_the_summary_and_records_nothing_unfinished(s3_world, own_s3):
     """Issue 16: READ_TIMEOUT=4, ATTEMPTS=2, --jobs 8. The run stops with its summary; a file
     whose transfer was abandoned has no row, and the run again completes. (Measured by hand: the
-    decision came 12.1 s after the freeze, the summary 2.5 s later; before, 24.3 s.)"""
+    run decided to stop 12.1 s after the freeze and ended at 14.2 s; before this, at 24.3 s.)"""
     world = s3_world
     source = world.create_s3_backend()
     target, disk = world.create_local_backend()
