@@ -1157,32 +1157,37 @@ class _Selection:
                 '       count(*),\n'
                 f'       count(*) FILTER (WHERE {left_out})\n'
                 'FROM (')
-        try:
-            with conn.cursor() as cur:
-                cur.execute(self._query(conn, head, ''))
-                todo, todo_bytes, done, other, at_source, damaged = cur.fetchone()
-            conn.commit()
-        except psycopg2.Error as exc:
-            with contextlib.suppress(psycopg2.Error):
-                conn.rollback()
-            raise selection_error(self.batch, exc) from None
-        if self.limit is not None and todo > self.limit:
-            todo, todo_bytes = self.limit, None
+        todo, todo_bytes, done, other, at_source, damaged = self._one_row(conn, self._query(conn, head, ''))
+        todo, todo_bytes = self._limited(todo, todo_bytes)
         return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
                 'at_source': at_source, 'damaged_source': damaged}
 
     def check(self, conn) -> None:
         """Have PostgreSQL plan the selection (EXPLAIN: nothing runs), so that a batch whose SQL
         is wrong is a configuration error before a run starts, not a run stopped early."""
+        self._one_row(conn, self._query(conn, 'EXPLAIN SELECT b.file_id, b.object_name, b.file_size, b.sha256 FROM (',
+                                        ''))
+
+    def _one_row(self, conn, query: str) -> tuple:
+        """The first row of one of the selection's queries (its counts, or its plan), the
+        transaction ended; an error of the batch's SQL is a ConfigError naming the batch, a
+        catalog gone is the outage it is (selection_error)."""
         try:
             with conn.cursor() as cur:
-                cur.execute(self._query(conn, 'EXPLAIN SELECT b.file_id, b.object_name, b.file_size, b.sha256 FROM (',
-                                        ''))
+                cur.execute(query)
+                row = cur.fetchone()
             conn.commit()
+            return row
         except psycopg2.Error as exc:
             with contextlib.suppress(psycopg2.Error):
                 conn.rollback()
             raise selection_error(self.batch, exc) from None
+
+    def _limited(self, todo: int, todo_bytes: int | None) -> tuple[int, int | None]:
+        """The files (and bytes) to do under --limit: the bytes are not known then."""
+        if self.limit is not None and todo > self.limit:
+            return self.limit, None
+        return todo, todo_bytes
 
     def files(self, conn) -> Iterator[CatalogFile]:
         head = (f'SELECT b.file_id, b.object_name, b.file_size, b.sha256, s.type, t.type, '
@@ -5358,17 +5363,8 @@ class _RestoreSelection(_Selection):
                 '       count(*) FILTER (WHERE s.type IS NOT NULL AND s.type NOT IN (0, 10)),\n'
                 '       count(*) FILTER (WHERE s.type IS NOT NULL)\n'
                 'FROM (')
-        try:
-            with conn.cursor() as cur:
-                cur.execute(self._query(conn, head, ''))
-                todo, todo_bytes, done, other, at_source = cur.fetchone()
-            conn.commit()
-        except psycopg2.Error as exc:
-            with contextlib.suppress(psycopg2.Error):
-                conn.rollback()
-            raise selection_error(self.batch, exc) from None
-        if self.limit is not None and todo > self.limit:
-            todo, todo_bytes = self.limit, None
+        todo, todo_bytes, done, other, at_source = self._one_row(conn, self._query(conn, head, ''))
+        todo, todo_bytes = self._limited(todo, todo_bytes)
         return {'todo': todo, 'todo_bytes': todo_bytes, 'done': done, 'other_version': other,
                 'at_source': at_source}
 
@@ -5685,16 +5681,8 @@ class _ExportSelection(_Selection):
         return f'{head}\n{batch_sql(self.batch)}\n{joins}{tail}'
 
     def counts(self, conn) -> dict:
-        try:
-            with conn.cursor() as cur:
-                cur.execute(self._held_query(conn, 'SELECT count(*), coalesce(sum(b.file_size), 0), '
-                                                   'count(*) FILTER (WHERE h.ids IS NOT NULL) FROM (', ''))
-                todo, todo_bytes, held = cur.fetchone()
-            conn.commit()
-        except psycopg2.Error as exc:
-            with contextlib.suppress(psycopg2.Error):
-                conn.rollback()
-            raise selection_error(self.batch, exc) from None
+        todo, todo_bytes, held = self._one_row(conn, self._held_query(
+            conn, 'SELECT count(*), coalesce(sum(b.file_size), 0), count(*) FILTER (WHERE h.ids IS NOT NULL) FROM (', ''))
         return {'todo': todo, 'todo_bytes': todo_bytes, 'done': 0, 'other_version': 0, 'at_source': held}
 
     def files(self, conn) -> Iterator[_ExportFile]:
