@@ -187,6 +187,33 @@ class World:
             return None
 
 
+def copied_to_disk(world, count=6, **kwargs):
+    """Images on a new bucket, copied (and recorded) onto a new archive disk, 'Archive 07'."""
+    bucket = world.new_bucket()
+    source = world.create_s3_backend(bucket)
+    disk_id, disk = world.create_local_backend(label='Archive 07')
+    files = world.images_on_s3(count, source, **kwargs)
+    assert world.copy(source, disk_id).count('copied') == count
+    return bucket, source, disk_id, disk, files
+
+
+BATCH_CLASS = """
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class Batch:
+    id: str
+    group: str
+    description: str
+    sql: str
+"""
+
+
+def batches_py(*batches: str) -> str:
+    """A batches.py of a researcher's own: its Batch class and BATCHES, one `Batch(…)` each."""
+    return BATCH_CLASS + '\nBATCHES = [\n' + ''.join(f'    {batch},\n' for batch in batches) + ']\n'
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 import mitwelten_storage as ms
-from conftest import files_under
+from conftest import copied_to_disk, files_under
 
 
 def export(world, batch, folder, **kwargs) -> ms.ExportReport:
@@ -73,11 +73,7 @@ def test_export_from_s3_and_disks_with_a_recall_plan_then_continuing_after_mount
 
 
 def test_from_names_and_orders_the_backends(world, tmp_path):
-    bucket = world.new_bucket()
-    active = world.create_s3_backend(bucket)
-    disk, path = world.create_local_backend()
-    files = world.images_on_s3(3, active)
-    assert world.copy(active, disk).count('copied') == 3
+    bucket, active, disk, path, files = copied_to_disk(world, 3)
     report = export(world, 'all_images', tmp_path / 'a', from_ids=[disk, active])
     assert report.exit_status == 0 and report.counts == {'exported': 3}
     assert {storage_id for _, storage_id, _, _ in fixity(world)} == {disk}
@@ -170,11 +166,7 @@ def test_export_never_writes_outside_the_folder(world, tmp_path):
 
 
 def test_a_damaged_copy_is_passed_over_for_the_next_backend_in_the_same_run(world, tmp_path):
-    bucket = world.new_bucket()
-    active = world.create_s3_backend(bucket)
-    disk, path = world.create_local_backend()
-    files = world.images_on_s3(2, active)
-    assert world.copy(active, disk).count('copied') == 2
+    bucket, active, disk, path, files = copied_to_disk(world, 2)
     world.s3.put_object(Bucket=bucket, Key=files[0].object_name, Body=files[0].data[:-4] + b'XXXX')
     report = export(world, 'all_images', tmp_path / 'work')
     assert report.exit_status == 0 and report.counts == {'exported': 2}, report.failures

@@ -20,28 +20,16 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import mitwelten_storage as ms
-from conftest import ROOT
+from conftest import ROOT, batches_py
 
 try:
     import tomllib
 except ImportError:  # Python 3.10: pytest brings tomli there
     import tomli as tomllib
 
-MY_BATCHES = '''
-from dataclasses import dataclass
-
-@dataclass(frozen=True)
-class Batch:
-    id: str
-    group: str
-    description: str
-    sql: str
-
-BATCHES = [
-    Batch('mine', 'image', 'my own selection', 'SELECT file_id, object_name, file_size, sha256 FROM files_image'),
-    Batch('broken', 'image', 'a selection with a typo', 'SELECT file_id FROM files_imag'),
-]
-'''
+MY_BATCHES = batches_py(
+    "Batch('mine', 'image', 'my own selection', 'SELECT file_id, object_name, file_size, sha256 FROM files_image')",
+    "Batch('broken', 'image', 'a selection with a typo', 'SELECT file_id FROM files_imag')")
 
 
 def batches_file(folder: Path, name: str = 'batches.py') -> Path:

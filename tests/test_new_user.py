@@ -21,7 +21,7 @@ import psycopg2.errors
 import pytest
 
 import mitwelten_storage as ms
-from conftest import ROOT, files_under, wait_for
+from conftest import ROOT, batches_py, files_under, wait_for
 from test_faults import (QUICK, assert_recorded_files_are_whole, assert_summary, copy_started, own_postgres,  # noqa: F401
                          own_s3, pg_world, rerun_completes, s3_world, small_tmpfs)
 
@@ -126,24 +126,12 @@ def test_a_path_stored_with_a_trailing_slash_is_online_not_moved(world):
 
 # --- batches: a typo is a configuration error, an outage is not ------------------------------------
 
-BATCHES = '''
-from dataclasses import dataclass
-
-@dataclass(frozen=True)
-class Batch:
-    id: str
-    group: str
-    description: str
-    sql: str
-
-BATCHES = [
-    Batch('all_images', 'image', 'every image', 'SELECT file_id, object_name, file_size, sha256 FROM files_image'),
-    Batch('typo', 'image', 'a researcher typed SELET', 'SELET file_id, object_name, file_size, sha256 FROM files_image'),
-    Batch('slow', 'image', 'a selection that takes a while',
-          'SELECT f.file_id, f.object_name, f.file_size, f.sha256 FROM files_image f '
-          'CROSS JOIN LATERAL (SELECT pg_sleep(0.25)) AS pause'),
-]
-'''
+BATCHES = batches_py(
+    "Batch('all_images', 'image', 'every image', 'SELECT file_id, object_name, file_size, sha256 FROM files_image')",
+    "Batch('typo', 'image', 'a researcher typed SELET', 'SELET file_id, object_name, file_size, sha256 FROM files_image')",
+    "Batch('slow', 'image', 'a selection that takes a while', "
+    "'SELECT f.file_id, f.object_name, f.file_size, f.sha256 FROM files_image f '"
+    "'CROSS JOIN LATERAL (SELECT pg_sleep(0.25)) AS pause')")
 
 
 @pytest.fixture

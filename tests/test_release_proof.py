@@ -15,7 +15,7 @@ import hashlib
 import pytest
 
 import mitwelten_storage as ms
-from conftest import files_under
+from conftest import copied_to_disk, files_under
 from devkit import sample_data
 from test_via import NO_S3_KEYS, bucket_keys
 
@@ -33,15 +33,6 @@ def damage(disk, file, how: str) -> None:
         path.unlink()
     else:
         raise ValueError(how)
-
-
-def copied_to_disk(world, count=4, **kwargs):
-    bucket = world.new_bucket()
-    active = world.create_s3_backend(bucket)
-    archive, disk = world.create_local_backend(label='Archive 01')
-    files = world.images_on_s3(count, active, **kwargs)
-    assert world.copy(active, archive).count('copied') == count
-    return bucket, active, archive, disk, files
 
 
 def fixity(world, storage_id: int) -> list[tuple]:

@@ -10,19 +10,8 @@ import subprocess
 import pytest
 
 import mitwelten_storage as ms
-from conftest import files_under
+from conftest import copied_to_disk, files_under
 
-
-def copied_to_disk(world, count=6, **kwargs):
-    bucket = world.new_bucket()
-    source = world.create_s3_backend(bucket)
-    disk_id, disk = world.create_local_backend(label='Archive 07')
-    files = world.images_on_s3(count, source, **kwargs)
-    assert world.copy(source, disk_id).count('copied') == count
-    return bucket, source, disk_id, disk, files
-
-
-# --- verify ---------------------------------------------------------------------------------------
 
 def test_verify_of_a_sound_disk_and_bucket_exits_0(world):
     bucket, source, disk_id, disk, files = copied_to_disk(world)
