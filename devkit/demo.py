@@ -93,8 +93,9 @@ def main() -> int:
         say('And the recordings')
         run_tool('copy', '-s', 1, '-t', 2, 'all_audio', '--jobs', 4, env=env)
 
-        say('Archive: originals stay on the disk (already there and recorded: not written again); the active '
-            'bucket gets WebP 1920x1440 versions in their place')
+        say('Archive: the originals copied to the disk earlier are read back and hashed before each one leaves the '
+            'bucket (a damaged copy would be written again first); the bucket gets WebP 1920x1440 versions in '
+            'their place')
         run_tool('archive', '-s', 1, '-t', 2, 'all_images', '--replace-with', 1, env=env)
         say('... and the recordings become FLAC online, only once each FLAC decodes to exactly the original samples')
         run_tool('archive', '-s', 1, '-t', 2, 'all_audio', '--replace-with', 1, env=env)
